@@ -1,0 +1,62 @@
+"""Engine configuration, validated where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neo_serve.loader import DTYPES
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "reference", "flash")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How to run one model. `model` is a checkpoint directory in Hugging Face's layout."""
+
+    model: str
+    tokenizer: str | None = None  # directory with tokenizer files; defaults to `model`
+    dtype: str = "auto"  # auto (the checkpoint's) | float32 | bfloat16 | float16
+    num_stages: int = 1
+    device: str = "auto"  # auto: cuda when available, else cpu
+    kv_cache_tokens: int = 32768  # KV slots per stage (every stage holds its layers' share)
+    block_size: int | None = None  # KV allocation granularity; default 16, 256 with flash-attn
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    attention_backend: str = "auto"
+    seed: int = 0  # for unseeded requests' draws
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        for name in ("num_stages", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend == "auto":
+            from neo_serve.models.attention import flash_attn_available
+
+            return "flash" if self.resolved_device.startswith("cuda") and flash_attn_available() else "sdpa"
+        return self.attention_backend
+
+    @property
+    def resolved_block_size(self) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        # flash-attn's paged KV wants pages of a multiple of 256 slots.
+        return 256 if self.resolved_attention_backend == "flash" else 16

@@ -1,0 +1,289 @@
+"""The engine: requests in, tokens out, one `step()` at a time.
+
+    step() = schedule -> prepare (pack tensors) -> execute (stages) -> postprocess (sample,
+             detokenize, stop checks, free finished)
+
+The served pipeline calls the same pieces (`schedule_step`, `process_step`) with several
+micro-batches in flight; the offline `LLM` calls `step()` until nothing is left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from neo_serve.config import ModelConfig, load_model_config
+from neo_serve.engine.config import EngineConfig
+from neo_serve.engine.executor import Executor, LocalPipelineExecutor
+from neo_serve.engine.kv_cache import ExtentAllocator
+from neo_serve.engine.outputs import RequestOutput
+from neo_serve.engine.sampler import SamplingRow, sample, top_logprobs
+from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from neo_serve.engine.sequence import Request, Sequence
+from neo_serve.engine.worker import StageWorkerSpec, StepInput
+from neo_serve.errors import ConfigError, InvalidRequestError
+from neo_serve.models.attention import SequenceSlice
+from neo_serve.models.stages import partition_layers
+from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class PreparedStep:
+    """A scheduled batch and the tensors that run it; `sample_rows`/`prompt_rows` index logits."""
+
+    batch: ScheduledBatch
+    step_input: StepInput
+    sample_rows: list[int]  # per chunk: logits row of its sampled token, or -1
+    prompt_rows: list[tuple[int, int]]  # per chunk: (first logits row, count) of prompt logprobs
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, executor: Executor | None = None) -> None:
+        self.config = config
+        self.model_config: ModelConfig = load_model_config(config.model)
+        self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
+                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        block_size = config.resolved_block_size
+        num_blocks = config.kv_cache_tokens // block_size
+        if num_blocks * block_size < self.max_model_len:
+            raise ConfigError(f"kv_cache_tokens ({config.kv_cache_tokens}) must hold at least one sequence of "
+                              f"max_model_len ({self.max_model_len}) tokens; raise kv_cache_tokens or lower max_model_len")
+        self.stages = partition_layers(self.model_config, config.num_stages)
+        self.stage_specs = [
+            StageWorkerSpec(checkpoint=config.model, stage=stage, dtype=config.dtype,
+                            device=config.resolved_device, num_kv_slots=num_blocks * block_size,
+                            block_size=block_size, attention_backend=config.resolved_attention_backend)
+            for stage in self.stages
+        ]
+        self.executor: Executor = executor if executor is not None else LocalPipelineExecutor(self.stage_specs)
+        self.allocator = ExtentAllocator(num_blocks, block_size)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                                                   max_num_batched_tokens=config.max_num_batched_tokens),
+                                   self.allocator)
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError naming the bad field."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", field="request_id")
+        text, prompt_ids = self._tokenize(prompt)
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        request = Request(request_id, text, prompt_ids, params, max_tokens)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # token 0 has no context
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+            request.sequences.append(Sequence(request, index, detok, generator))
+        if max_tokens == 0:  # nothing to generate: only score the prompt, if asked
+            for seq in request.sequences:
+                seq.finish_reason = "length"
+                if seq.index > 0 or not request.needs_prompt_logprobs:
+                    self.scheduler.finish(seq)
+            if request.finished:
+                return request  # complete already; never enters the engine
+        self.requests[request_id] = request
+        for seq in request.sequences:
+            if not seq.finished:
+                self.scheduler.add(seq)
+        return request
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", field="prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", field="prompt")
+        vocab = self.model_config.vocab_size
+        for position, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise InvalidRequestError(
+                    f"prompt token {token!r} at position {position} is outside the vocabulary [0, {vocab})",
+                    field="prompt")
+        return None, list(prompt)
+
+    def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and params.max_tokens != 0):
+            raise InvalidRequestError(
+                f"prompt has {prompt_len} tokens; the context window is {self.max_model_len}", field="prompt")
+        if params.max_tokens is None:
+            return self.max_model_len - prompt_len
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
+                f"of {self.max_model_len} tokens", field="max_tokens")
+        return params.max_tokens
+
+    def abort_request(self, request_id: str) -> bool:
+        """Remove a request and free its KV now. Returns whether it was known."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.sequences:
+            if not seq.finished:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        prepared = self.schedule_step()
+        if prepared is None:
+            return []
+        logits = self.executor.execute(prepared.step_input)
+        return self.process_step(prepared, logits)
+
+    def schedule_step(self, busy: frozenset[Sequence] = frozenset()) -> PreparedStep | None:
+        batch = self.scheduler.schedule(busy)
+        if not batch.chunks:
+            return None
+        return self._prepare(batch)
+
+    def _prepare(self, batch: ScheduledBatch) -> PreparedStep:
+        input_ids: list[int] = []
+        slices: list[SequenceSlice] = []
+        logits_indices: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[tuple[int, int]] = []
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            metrics = seq.request.metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            query_start = len(input_ids)
+            input_ids.extend([seq.token_at(chunk.start)] if chunk.length == 1 else seq.tokens(chunk.start, chunk.end))
+            slices.append(SequenceSlice(query_start, chunk.length, chunk.start,
+                                        seq.extent.start * self.allocator.block_size))
+            # Prompt logprobs: the logits at position p score prompt token p + 1.
+            first_row = len(logits_indices)
+            if seq.index == 0 and seq.request.needs_prompt_logprobs:
+                scored_end = min(chunk.end, len(seq.prompt_ids) - 1)
+                logits_indices.extend(query_start + p - chunk.start for p in range(chunk.start, scored_end))
+            prompt_rows.append((first_row, len(logits_indices) - first_row))
+            if chunk.samples and seq.request.max_tokens > 0:
+                sample_rows.append(len(logits_indices))
+                logits_indices.append(query_start + chunk.length - 1)
+            else:
+                sample_rows.append(-1)
+        positions = torch.cat([torch.arange(s.context_len, s.total_len) for s in slices])
+        step_input = StepInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=positions,
+            sequences=tuple(slices),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            kv_copies=tuple(batch.kv_copies),
+        )
+        return PreparedStep(batch, step_input, sample_rows, prompt_rows)
+
+    def process_step(self, prepared: PreparedStep, logits: torch.Tensor) -> list[RequestOutput]:
+        """Apply a step's logits: prompt logprobs, sampling, detokenizing, stop checks."""
+        touched: dict[str, Request] = {}
+        to_sample: list[tuple[Sequence, int]] = []
+        for chunk, sample_row, (first_row, count) in zip(prepared.batch.chunks, prepared.sample_rows,
+                                                         prepared.prompt_rows):
+            seq = chunk.seq
+            request = seq.request
+            if request.request_id not in self.requests or seq.extent is None:
+                continue  # aborted or preempted while the step ran
+            seq.num_computed = chunk.end
+            if count:
+                self._record_prompt_logprobs(request, logits[first_row:first_row + count], chunk.start)
+                touched[request.request_id] = request
+            if sample_row >= 0:
+                to_sample.append((seq, sample_row))
+        if to_sample:
+            rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s, _ in to_sample]
+            samples = sample(logits[[r for _, r in to_sample]], rows, self.generator)
+            now = time.monotonic()
+            for (seq, _), result in zip(to_sample, samples):
+                self._append_token(seq, result.token_id, result.logprob, result.top_logprobs)
+                seq.request.metrics.first_token_time = seq.request.metrics.first_token_time or now
+                touched[seq.request.request_id] = seq.request
+        # A prompt-only request (max_tokens=0) ends once its prompt is scored.
+        for request in list(touched.values()):
+            if request.max_tokens == 0 and not request.needs_prompt_logprobs:
+                for seq in request.sequences:
+                    if not seq.finished:
+                        self.scheduler.finish(seq)
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self.requests.pop(request.request_id, None)
+            outputs.append(request.to_output())
+        return outputs
+
+    def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        count = request.params.prompt_logprobs
+        for offset in range(logprobs.shape[0]):
+            token = request.prompt_ids[start + offset + 1]
+            request.prompt_logprobs.append(top_logprobs(logprobs[offset], token, count))
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
+        params = seq.request.params
+        seq.output_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if top is not None:
+            seq.logprobs.append(top)
+        delta = seq.detokenizer.add(token)
+        seq.output_text += delta
+        eos = self.model_config.eos_token_id
+        if token in params.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif token == eos and not params.ignore_eos:
+            self._finish(seq, "stop", None)
+        elif params.stop and self._check_stop_strings(seq, len(delta)):
+            pass
+        elif len(seq.output_ids) >= seq.request.max_tokens or seq.total_len >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
+        text = seq.output_text
+        longest = max(len(s) for s in seq.request.params.stop)
+        search_from = max(0, len(text) - delta_len - longest + 1)
+        hits = [(index, stop) for stop in seq.request.params.stop
+                if (index := text.find(stop, search_from)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.output_text = text[:index]  # the stop string is not part of the output
+        self._finish(seq, "stop", stop, flush=False)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, *, flush: bool = True) -> None:
+        if flush:
+            seq.output_text += seq.detokenizer.flush()
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    # ---- introspection ------------------------------------------------------------------------
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use (the same on every stage)."""
+        return 1.0 - self.allocator.num_free_blocks / self.allocator.num_blocks
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

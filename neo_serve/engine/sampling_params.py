@@ -1,0 +1,95 @@
+"""Per-request sampling parameters, validated where they are built (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from neo_serve.errors import InvalidRequestError
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to generate for one request.
+
+    temperature 0 is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N` returns, for each
+    generated token, its log-probability and the N most likely alternatives; `prompt_logprobs=N`
+    the same for each prompt token (given the tokens before it). Log-probabilities are those of
+    the model's distribution, before temperature, penalties or truncation.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._check_int("n", self.n, low=1, high=MAX_N)
+        if self.max_tokens is not None:
+            self._check_int("max_tokens", self.max_tokens, low=0)
+        self._check_number("temperature", self.temperature, low=0.0)
+        self._check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        self._check_int("top_k", self.top_k, low=-1)
+        self._check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}", field="repetition_penalty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            self._check_number(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", field=name)
+        if self.seed is not None:
+            self._check_int("seed", self.seed)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                self._check_int(name, value, low=0, high=MAX_LOGPROBS)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop must be non-empty strings", field="stop")
+        for token_id in self.stop_token_ids:
+            self._check_int("stop_token_ids", token_id, low=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @staticmethod
+    def _check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequestError(f"{name} must be an integer, got {value!r}", field=name)
+        if low is not None and value < low:
+            raise InvalidRequestError(f"{name} must be >= {low}, got {value}", field=name)
+        if high is not None and value > high:
+            raise InvalidRequestError(f"{name} must be <= {high}, got {value}", field=name)
+
+    @staticmethod
+    def _check_number(name: str, value: object, *, low: float | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise InvalidRequestError(f"{name} must be a number, got {value!r}", field=name)
+        if low is not None and value < low:
+            raise InvalidRequestError(f"{name} must be >= {low}, got {value}", field=name)

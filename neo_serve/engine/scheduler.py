@@ -1,0 +1,168 @@
+"""Continuous batching with KV admission control and preemption by recompute.
+
+Every step: running sequences first (each decode takes one token, an unfinished prefill takes
+a chunk), then waiting ones in arrival order while the token budget, the sequence limit and the
+KV cache allow. A running sequence that outgrows its extent is extended or moved; if the cache
+is full, the most recently arrived running sequence is preempted: its KV is freed and it waits
+to be recomputed from its tokens (prompt + what it generated), losing nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from neo_serve.engine.kv_cache import ExtentAllocator, KVCopy
+from neo_serve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 1024  # tokens per step (decodes + prefill chunks)
+    lookahead_tokens: int = 32  # KV slots reserved beyond a sequence's current length
+    growth_fraction: float = 0.25  # an outgrown extent grows by this much of its length
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step (== seq.num_computed when scheduled)
+    length: int  # tokens computed this step
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.end == self.seq.total_len
+
+
+@dataclass
+class ScheduledBatch:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    kv_copies: list[KVCopy] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: ExtentAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in arrival order: the last is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its KV."""
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def schedule(self, busy: frozenset[Sequence] = frozenset()) -> ScheduledBatch:
+        """Pick this step's work. `busy`: sequences already in flight (pipelined micro-batches)."""
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[Sequence] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq in busy or seq.status is not SequenceStatus.RUNNING:
+                continue
+            length = min(seq.total_len - seq.num_computed, budget)
+            if length <= 0:
+                continue
+            if not self._reserve(seq, seq.num_computed + length, batch, scheduled | busy):
+                continue  # seq itself was preempted
+            batch.chunks.append(ScheduledChunk(seq, seq.num_computed, length))
+            scheduled.add(seq)
+            budget -= length
+        if batch.preempted:
+            return batch  # the cache is full: admit nobody new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            blocks = self.allocator.blocks_for(min(seq.total_len + self.config.lookahead_tokens,
+                                                   self._max_len(seq)))
+            extent = self.allocator.allocate(blocks)
+            if extent is None:
+                break
+            self.waiting.popleft()
+            seq.extent, seq.num_computed, seq.status = extent, 0, SequenceStatus.RUNNING
+            self.running.append(seq)
+            length = min(seq.total_len, budget)
+            batch.chunks.append(ScheduledChunk(seq, 0, length))
+            scheduled.add(seq)
+            budget -= length
+        return batch
+
+    def _max_len(self, seq: Sequence) -> int:
+        return len(seq.prompt_ids) + seq.request.max_tokens
+
+    def _reserve(self, seq: Sequence, needed_tokens: int, batch: ScheduledBatch,
+                 protected: set[Sequence] | frozenset[Sequence]) -> bool:
+        """Make seq's extent hold `needed_tokens`, preempting later arrivals if the cache is full.
+
+        `protected`: sequences already in this batch or in flight, which are never preempted."""
+        allocator = self.allocator
+        while seq.extent.length * allocator.block_size < needed_tokens:
+            need = allocator.blocks_for(needed_tokens) - seq.extent.length
+            grow = max(need, int(seq.extent.length * self.config.growth_fraction),
+                       allocator.blocks_for(self.config.lookahead_tokens))
+            grow = max(need, min(grow, allocator.blocks_for(self._max_len(seq)) - seq.extent.length))
+            if allocator.try_extend(seq.extent, grow) or allocator.try_extend(seq.extent, need):
+                return True
+            moved = allocator.allocate(seq.extent.length + grow)
+            if moved is not None:
+                batch.kv_copies.append(KVCopy(seq.extent.start * allocator.block_size,
+                                              moved.start * allocator.block_size, seq.num_computed))
+                allocator.free(seq.extent)
+                seq.extent = moved
+                return True
+            victim = self._pick_victim(protected)
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        return True
+
+    def _pick_victim(self, protected: set[Sequence] | frozenset[Sequence]) -> Sequence:
+        for candidate in reversed(self.running):
+            if candidate not in protected:
+                return candidate
+        raise RuntimeError("KV cache cannot hold a single sequence")  # prevented by engine checks
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        # Keep arrival order among the waiting: preempted sequences arrived before any waiting one.
+        self.waiting.appendleft(seq)
+        seq.request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.extent is not None:
+            self.allocator.free(seq.extent)
+            seq.extent = None
+        seq.num_computed = 0

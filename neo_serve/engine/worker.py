@@ -1,0 +1,78 @@
+"""A pipeline stage: its layers (loaded from the checkpoint) and the KV arena for them.
+
+The same class runs in-process (the offline `LLM`, single-stage serving) and inside a Ray
+actor (one per placement-group bundle in the served pipeline). It never sees requests: only
+the packed tensors of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neo_serve.config import load_model_config
+from neo_serve.engine.kv_cache import KVArena, KVCopy
+from neo_serve.loader import load_stage, resolve_dtype, CheckpointFiles
+from neo_serve.models.attention import AttentionMetadata, SequenceSlice, make_backend
+from neo_serve.models.stages import StageSpec
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One step's work, identical for every stage (sent once, shared by ObjectRef under Ray)."""
+
+    input_ids: torch.Tensor  # [tokens] long, packed over sequences
+    positions: torch.Tensor  # [tokens] long
+    sequences: tuple[SequenceSlice, ...]
+    logits_indices: torch.Tensor  # [rows] positions in the packed batch whose logits are needed
+    kv_copies: tuple[KVCopy, ...]  # extent moves to apply before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageWorkerSpec:
+    checkpoint: str
+    stage: StageSpec
+    dtype: str
+    device: str
+    num_kv_slots: int
+    block_size: int
+    attention_backend: str = "auto"
+
+
+class StageWorker:
+    def __init__(self, spec: StageWorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        config = load_model_config(spec.checkpoint)
+        files = CheckpointFiles.open(spec.checkpoint)
+        self.dtype = resolve_dtype(spec.dtype, config, files)
+        self.backend = make_backend(spec.attention_backend)
+        self.model = load_stage(spec.checkpoint, config, spec.stage, dtype=self.dtype, device=self.device,
+                                backend=self.backend, files=files)
+        self.kv = KVArena(spec.stage.num_layers, spec.num_kv_slots, config.num_heads, config.head_dim,
+                          self.dtype, self.device)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: token ids in; others: the previous stage's hidden states [tokens, hidden].
+
+        Returns hidden states for the next stage, or on the last stage float32 logits
+        [rows, vocab] for `step.logits_indices`.
+        """
+        if step.kv_copies:
+            self.kv.apply_copies(step.kv_copies)
+        meta = AttentionMetadata.build(step.sequences, self.spec.block_size, self.device)
+        positions = step.positions.to(self.device)
+        inputs = step.input_ids.to(self.device) if self.spec.stage.is_first else hidden.to(self.device)
+        hidden = self.model(inputs, positions, self.kv.tensor, meta)
+        if not self.spec.stage.is_last:
+            return hidden
+        return self.model.compute_logits(hidden[step.logits_indices.to(self.device)])
+
+    def ready(self) -> bool:
+        return True

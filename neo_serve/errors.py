@@ -1,0 +1,27 @@
+"""Exceptions a user can act on: each names the field, file or limit at fault."""
+
+from __future__ import annotations
+
+
+class NeoServeError(Exception):
+    """Base class of every error neo-serve raises on purpose."""
+
+
+class ConfigError(NeoServeError, ValueError):
+    """A checkpoint's config.json cannot be served (bad value, missing key)."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture is not one neo-serve implements."""
+
+
+class CheckpointError(NeoServeError):
+    """A checkpoint directory is incomplete, corrupted or in a refused format."""
+
+
+class InvalidRequestError(NeoServeError, ValueError):
+    """A request (prompt or sampling parameters) is invalid; `field` names the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

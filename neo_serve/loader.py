@@ -1,0 +1,169 @@
+"""A checkpoint directory -> the modules of one pipeline stage.
+
+Only safetensors are loaded (pickle `.bin` weights are refused: `neo-serve convert` turns them
+into safetensors). The stage is built on the meta device first and only its own tensors are
+read, so one stage of GPT-NeoX-20B never allocates the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from neo_serve.config import ModelConfig
+from neo_serve.errors import CheckpointError
+from neo_serve.models import build_stage_model
+from neo_serve.models.attention import AttentionBackend, SdpaBackend
+from neo_serve.models.stages import StageSpec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Buffers old checkpoints carry that the model recomputes (rotary tables, causal masks).
+LEGACY_TENSOR = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Which safetensors file holds each tensor."""
+
+    directory: Path
+    tensor_files: dict[str, Path]
+    dtype: torch.dtype  # the dtype of the stored floating-point tensors
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "CheckpointFiles":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        tensor_files = _index_tensors(directory)
+        dtype = _stored_dtype(next(iter(tensor_files.items())))
+        return cls(directory, tensor_files, dtype)
+
+
+def _index_tensors(directory: Path) -> dict[str, Path]:
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        missing = sorted({str(path.name) for path in files.values() if not path.is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing from {directory}: {', '.join(missing)}")
+        return files
+    single = directory / SINGLE_FILE
+    candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return {name: candidates[0] for name in _tensor_names(candidates[0])}
+    if len(candidates) > 1:
+        raise CheckpointError(f"{directory} has several .safetensors files but no {INDEX_FILE}")
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); neo-serve loads only "
+            f"safetensors. Convert once with: neo-serve convert {directory} <new-dir>")
+    raise CheckpointError(f"{directory} has no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as reader:
+            return list(reader.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors header ({exc})") from None
+
+
+def _stored_dtype(first: tuple[str, Path]) -> torch.dtype:
+    name, file = first
+    try:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():
+                dtype = reader.get_slice(key).get_dtype()
+                if dtype in ("F32", "BF16", "F16"):
+                    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors header ({exc})") from None
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, files: CheckpointFiles | None) -> torch.dtype:
+    """`auto` means the checkpoint's own dtype (config's, else the stored tensors')."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if config.checkpoint_dtype:
+            return DTYPES[config.checkpoint_dtype]
+        return files.dtype if files is not None else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def expected_tensors(config: ModelConfig) -> tuple[set[str], dict[str, str]]:
+    """Every tensor a complete checkpoint of this config holds, and which of them may be
+    omitted because they are tied to another (built on the meta device: no memory)."""
+    with init_empty_weights():
+        full = build_stage_model(config, StageSpec(0, 1, 0, config.num_layers), SdpaBackend())
+    return set(full.state_dict().keys()), full.tied_weights()
+
+
+def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, dtype: torch.dtype,
+               device: torch.device | str = "cpu", backend: AttentionBackend | None = None,
+               files: CheckpointFiles | None = None) -> nn.Module:
+    """Build stage `stage` of the model in `directory` and fill it from the checkpoint."""
+    files = files or CheckpointFiles.open(directory)
+    _check_tensor_names(files, config)
+    with init_empty_weights():
+        model = build_stage_model(config, stage, backend or SdpaBackend())
+    tied = model.tied_weights()
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for param_name in model.state_dict().keys():
+        source = param_name
+        if source not in files.tensor_files and param_name in tied:
+            source = tied[param_name]
+        by_file.setdefault(files.tensor_files[source], []).append((param_name, source))
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as reader:
+                for param_name, source in names:
+                    value = reader.get_tensor(source)
+                    _set_tensor(model, param_name, value, dtype, device, file)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
+    model.to(device)  # the non-persistent buffers (rotary tables) were built on the CPU
+    return model.eval()
+
+
+def _check_tensor_names(files: CheckpointFiles, config: ModelConfig) -> None:
+    expected, tied = expected_tensors(config)
+    stored = {name for name in files.tensor_files if not LEGACY_TENSOR.search(name)}
+    missing = sorted(name for name in expected - stored if tied.get(name) not in stored)
+    unexpected = sorted(stored - expected)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"{files.directory} does not match its config.json ({config.architecture}): "
+                              + "; ".join(problems))
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype,
+                device: torch.device | str, file: Path) -> None:
+    module_name, _, attr = name.rpartition(".")
+    current = getattr(model.get_submodule(module_name), attr)
+    if tuple(current.shape) != tuple(value.shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(value.shape)}, "
+                              f"config.json implies {tuple(current.shape)}")
+    set_module_tensor_to_device(model, name, device, value=value.to(dtype))

@@ -1,0 +1,215 @@
+"""Attention over the packed tokens of one step, behind one interface.
+
+A step's tokens from every scheduled sequence are packed into one `[tokens, heads, head_dim]`
+tensor. Each sequence owns one contiguous extent of the stage's KV arena (`[slots, heads,
+head_dim]` per layer), so its keys are a zero-copy view, which is what makes plain SDPA fast on
+CPU. Backends:
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention per sequence (default, CPU and GPU);
+- `reference`: explicit matmul + softmax, for checking the others;
+- `flash`: flash-attn 2 (`flash_attn_varlen_func` for fresh prefills, `flash_attn_with_kvcache`
+  with a block table over the arena for decodes and continued prefills), CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """Where one sequence's tokens sit in this step."""
+
+    query_start: int  # offset of its first new token in the packed batch
+    query_len: int  # new tokens this step
+    context_len: int  # tokens already in the KV cache before this step
+    kv_start: int  # first arena slot of its extent (its token 0 lives there)
+
+    @property
+    def total_len(self) -> int:
+        return self.context_len + self.query_len
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    sequences: tuple[SequenceSlice, ...]
+    slot_mapping: torch.Tensor  # [tokens] arena slot each new token's K/V is written to
+    block_size: int  # arena granularity (extents start on a block boundary)
+
+    @classmethod
+    def build(cls, sequences: tuple[SequenceSlice, ...], block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        slots: list[int] = []
+        for seq in sequences:
+            first = seq.kv_start + seq.context_len
+            slots.extend(range(first, first + seq.query_len))
+        return cls(sequences, torch.tensor(slots, dtype=torch.long, device=device), block_size)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata, *, scale: float,
+                 window: int | None) -> torch.Tensor:
+        """q, k, v: [tokens, heads, head_dim] (new tokens); caches: [slots, heads, head_dim].
+
+        Writes k, v into the caches at `meta.slot_mapping`, then returns [tokens, heads, head_dim].
+        `window`: a query at position p sees keys p-window+1 .. p (None: all keys up to p).
+        """
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+
+
+def visible_key_range(seq: SequenceSlice, window: int | None) -> tuple[int, int]:
+    """Positions [first, end) of keys any of this step's queries may see."""
+    first = 0 if window is None else max(0, seq.context_len - window + 1)
+    return first, seq.total_len
+
+
+def attention_mask(seq: SequenceSlice, key_first: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [query_len, keys] mask (True = attend), or None when no key must be hidden."""
+    key_end = seq.total_len
+    if seq.query_len == 1 and (window is None or key_end - key_first <= window):
+        return None  # a single query sees every key in its visible range
+    q_pos = torch.arange(seq.context_len, key_end, device=device).unsqueeze(1)  # [q, 1]
+    k_pos = torch.arange(key_first, key_end, device=device).unsqueeze(0)  # [1, k]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
+        write_kv(k, v, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        for seq in meta.sequences:
+            first, end = visible_key_range(seq, window)
+            q_seq = q[seq.query_start:seq.query_start + seq.query_len].transpose(0, 1)  # [heads, q, dim]
+            keys = k_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1)  # [heads, k, dim] view
+            values = v_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1)
+            if seq.context_len == 0 and window is None and seq.query_len > 1:
+                result = F.scaled_dot_product_attention(q_seq, keys, values, is_causal=True, scale=scale)
+            else:
+                mask = attention_mask(seq, first, window, q.device)
+                result = F.scaled_dot_product_attention(q_seq, keys, values, attn_mask=mask, scale=scale)
+            out[seq.query_start:seq.query_start + seq.query_len] = result.transpose(0, 1)
+        return out
+
+
+class ReferenceBackend:
+    """Textbook attention in float32, for tests: softmax(q k^T * scale + mask) v."""
+
+    name = "reference"
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
+        write_kv(k, v, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        for seq in meta.sequences:
+            q_seq = q[seq.query_start:seq.query_start + seq.query_len].float().transpose(0, 1)
+            keys = k_cache[seq.kv_start:seq.kv_start + seq.total_len].float().transpose(0, 1)
+            values = v_cache[seq.kv_start:seq.kv_start + seq.total_len].float().transpose(0, 1)
+            scores = q_seq @ keys.transpose(-1, -2) * scale  # [heads, q, k]
+            q_pos = torch.arange(seq.context_len, seq.total_len, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(seq.total_len, device=q.device).unsqueeze(0)
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= k_pos > q_pos - window
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            result = scores.softmax(dim=-1) @ values
+            out[seq.query_start:seq.query_start + seq.query_len] = result.transpose(0, 1).to(q.dtype)
+        return out
+
+
+class FlashAttentionBackend:
+    """flash-attn 2 on CUDA. The arena is viewed as pages of `block_size` slots.
+
+    flash-attn requires a page size that is a multiple of 256, so the KV cache's block size
+    must be too (checked at construction of the engine).
+    """
+
+    name = "flash"
+    PAGE_MULTIPLE = 256
+
+    def __init__(self, module=None) -> None:
+        self.flash = module if module is not None else importlib.import_module("flash_attn")
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
+        write_kv(k, v, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        # NOTE: flash-attn counts a window as (left, right) keys beside the query; (window-1, 0)
+        # is "query i sees keys i-window+1 .. i"; (-1, -1) is no window.
+        window_size = (window - 1, 0) if window is not None else (-1, -1)
+        fresh = [s for s in meta.sequences if s.context_len == 0]
+        decodes = [s for s in meta.sequences if s.context_len > 0 and s.query_len == 1]
+        continued = [s for s in meta.sequences if s.context_len > 0 and s.query_len > 1]
+        if fresh:
+            self._fresh_prefills(q, k, v, out, fresh, scale, window_size)
+        if decodes:
+            self._from_cache(q, out, k_cache, v_cache, decodes, meta.block_size, scale, window_size)
+        for seq in continued:  # different query lengths cannot share one kv-cache call
+            self._from_cache(q, out, k_cache, v_cache, [seq], meta.block_size, scale, window_size)
+        return out
+
+    def _fresh_prefills(self, q, k, v, out, seqs, scale, window_size):
+        index = torch.cat([torch.arange(s.query_start, s.query_start + s.query_len, device=q.device) for s in seqs])
+        lengths = torch.tensor([s.query_len for s in seqs], device=q.device, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        max_len = max(s.query_len for s in seqs)
+        result = self.flash.flash_attn_varlen_func(
+            q[index], k[index], v[index], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_len, max_seqlen_k=max_len, dropout_p=0.0, softmax_scale=scale,
+            causal=True, window_size=window_size)
+        out[index] = result
+
+    def _from_cache(self, q, out, k_cache, v_cache, seqs, block_size, scale, window_size):
+        slots, heads, dim = k_cache.shape
+        pages_k = k_cache.view(slots // block_size, block_size, heads, dim)
+        pages_v = v_cache.view(slots // block_size, block_size, heads, dim)
+        max_pages = max(-(-s.total_len // block_size) for s in seqs)
+        table = torch.zeros(len(seqs), max_pages, dtype=torch.int32, device=q.device)
+        for row, s in enumerate(seqs):
+            pages = -(-s.total_len // block_size)
+            first_page = s.kv_start // block_size
+            table[row, :pages] = torch.arange(first_page, first_page + pages, dtype=torch.int32)
+        query_len = seqs[0].query_len
+        index = torch.cat([torch.arange(s.query_start, s.query_start + query_len, device=q.device) for s in seqs])
+        q_batch = q[index].view(len(seqs), query_len, heads, dim)  # [batch, q, heads, dim]
+        cache_seqlens = torch.tensor([s.total_len for s in seqs], dtype=torch.int32, device=q.device)
+        result = self.flash.flash_attn_with_kvcache(
+            q_batch, pages_k, pages_v, cache_seqlens=cache_seqlens, block_table=table,
+            softmax_scale=scale, causal=True, window_size=window_size)
+        out[index] = result.reshape(-1, heads, dim)
+
+
+def flash_attn_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(name: str) -> AttentionBackend:
+    """`auto` picks flash-attn on CUDA when installed, otherwise SDPA."""
+    if name == "auto":
+        name = "flash" if flash_attn_available() else "sdpa"
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "flash":
+        return FlashAttentionBackend()
+    raise ValueError(f"attention backend {name!r} is not one of auto, sdpa, reference, flash")

@@ -1,0 +1,115 @@
+"""Tokenizer wrapper (Hugging Face `tokenizers`) and the incremental detokenizer for streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from neo_serve.errors import CheckpointError
+
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
+
+
+class Tokenizer:
+    """`tokenizer.json` (GPT-NeoX) or `vocab.json` + `merges.txt` (GPT-2 BPE, as GPT-Neo ships)."""
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(
+            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        if (directory / "tokenizer.json").is_file():
+            return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")))
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            return cls(_gpt2_bpe(vocab, merges, _special_tokens(directory)))
+        raise CheckpointError(f"{directory} has no tokenizer.json and no vocab.json + merges.txt")
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS is added: GPT-NeoX and GPT-Neo tokenizers add none.
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+
+def _special_tokens(directory: Path) -> list[str]:
+    """Special tokens named by tokenizer_config.json / special_tokens_map.json, else <|endoftext|>."""
+    tokens: list[str] = []
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value not in tokens:
+                tokens.append(value)
+        for entry in (data.get("added_tokens_decoder") or {}).values():
+            if entry.get("special") and entry.get("content") not in tokens:
+                tokens.append(entry["content"])
+    return tokens or list(DEFAULT_SPECIAL_TOKENS)
+
+
+def _gpt2_bpe(vocab: Path, merges: Path, special_tokens: list[str]) -> HFTokenizer:
+    tokenizer = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    # GPT-2's byte-level BPE: no prefix space, GPT-2's split regex, byte-level decoding.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    known = [t for t in special_tokens if tokenizer.token_to_id(t) is not None]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in known])
+    return tokenizer
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that are always whole characters.
+
+    Byte-level BPE splits multi-byte characters across tokens; decoding a partial character
+    gives U+FFFD. We decode a small window of recent tokens and hold back text that ends in
+    U+FFFD until the next token completes it.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly completed text (possibly empty)."""
+        self.ids.append(token_id)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end), as it decodes."""
+        return self._delta(final=True)
+
+    def _delta(self, *, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return ""
+        # Keep a short window: drop ids before the read offset once they are decoded.
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        if self.prefix_offset > self.CONTEXT_TOKENS:
+            drop = self.prefix_offset - self.CONTEXT_TOKENS
+            del self.ids[:drop]
+            self.prefix_offset -= drop
+            self.read_offset -= drop
+        return full[len(prefix):]
