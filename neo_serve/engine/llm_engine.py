@@ -152,8 +152,9 @@ class LLMEngine:
         logits = self.executor.execute(prepared.step_input)
         return self.process_step(prepared, logits)
 
-    def schedule_step(self, busy: frozenset[Sequence] = frozenset()) -> PreparedStep | None:
-        batch = self.scheduler.schedule(busy)
+    def schedule_step(self, busy: frozenset[Sequence] = frozenset(), max_seqs: int | None = None) -> PreparedStep | None:
+        """Schedule and pack one (micro-)batch; see Scheduler.schedule for busy / max_seqs."""
+        batch = self.scheduler.schedule(busy, max_seqs)
         if not batch.chunks:
             return None
         return self._prepare(batch)

@@ -80,13 +80,19 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
 
-    def schedule(self, busy: frozenset[Sequence] = frozenset()) -> ScheduledBatch:
-        """Pick this step's work. `busy`: sequences already in flight (pipelined micro-batches)."""
+    def schedule(self, busy: frozenset[Sequence] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+        """Pick this step's work.
+
+        busy: sequences already in flight (pipelined micro-batches), skipped and never preempted.
+        max_seqs: at most this many sequences in the batch (to split the running set into
+        micro-batches that keep every pipeline stage busy).
+        """
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        seq_budget = max_seqs if max_seqs is not None else self.config.max_num_seqs
         scheduled: set[Sequence] = set()
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(batch.chunks) >= seq_budget:
                 break
             if seq in busy or seq.status is not SequenceStatus.RUNNING:
                 continue
@@ -100,7 +106,8 @@ class Scheduler:
             budget -= length
         if batch.preempted:
             return batch  # the cache is full: admit nobody new this step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(batch.chunks) < seq_budget):
             seq = self.waiting[0]
             blocks = self.allocator.blocks_for(min(seq.total_len + self.config.lookahead_tokens,
                                                    self._max_len(seq)))
