@@ -141,7 +141,7 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
     model.to(device)  # the non-persistent buffers (rotary tables) were built on the CPU
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _check_tensor_names(files: CheckpointFiles, config: ModelConfig) -> None:
@@ -166,4 +166,4 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.d
     if tuple(current.shape) != tuple(value.shape):
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(value.shape)}, "
                               f"config.json implies {tuple(current.shape)}")
-    set_module_tensor_to_device(model, name, device, value=value.to(dtype))
+    set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)

@@ -20,7 +20,7 @@ from neo_serve.engine.sequence import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 256  # sequences running at once
     max_num_batched_tokens: int = 1024  # tokens per step (decodes + prefill chunks)
-    lookahead_tokens: int = 32  # KV slots reserved beyond a sequence's current length
+    lookahead_tokens: int = 16  # KV slots reserved beyond a sequence's current length
     growth_fraction: float = 0.25  # an outgrown extent grows by this much of its length
 
     def __post_init__(self) -> None:

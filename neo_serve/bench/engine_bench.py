@@ -1,0 +1,254 @@
+"""`neo-serve bench`: the engine against transformers on this machine, in one run.
+
+Workloads (on a random checkpoint shaped like Pythia-160M):
+- single: one request, 32-token prompt, 128 new tokens -> decode tokens/s, vs transformers
+  `generate` with its KV cache;
+- batch: 64 requests, prompts 32-256 tokens, 64-128 new tokens (fixed seed), all submitted at
+  once -> generated tokens/s, vs transformers `generate` in left-padded static batches of 8 (what
+  a Ray Serve user wrapping `generate` in `@serve.batch(max_batch_size=8)` gets).
+Limits: weight bytes per decode step over the measured memory bandwidth (single), and the
+workload's FLOPs over the measured matmul rate (batch).
+
+transformers is needed here (it is the baseline) but never by the engine itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from neo_serve.config import load_model_config
+from neo_serve.models.stages import first_stage_extra_params, layer_param_count, last_stage_extra_params
+
+REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def generated(self) -> int:
+        return sum(self.max_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def make_workloads(vocab: int, seed: int, num_requests: int) -> tuple[Workload, Workload]:
+    rng = random.Random(seed)
+    single = Workload([[rng.randrange(1, vocab) for _ in range(32)]], [128])
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(32, 256))] for _ in range(num_requests)]
+    batch = Workload(prompts, [rng.randint(64, 128) for _ in range(num_requests)])
+    return single, batch
+
+
+def build_checkpoint(config_path: Path, out: Path) -> Path:
+    """A random-weight checkpoint of the reference config's shape, with the demo's tokenizer."""
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoConfig, GPTNeoXForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    _train_tokenizer(out / "tokenizer.json")
+    return out
+
+
+def _train_tokenizer(file: Path, vocab_size: int = 8192) -> None:
+    """A byte-level BPE on a slice of the standard library: prompts are token ids, but the
+    engine detokenizes every generated token, as it does in service."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:100]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(file))
+
+
+# ---- machine limits ---------------------------------------------------------------------------
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: summing a large float32 tensor reads each byte once."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x.sum()
+    return repeats * x.numel() * 4 / (time.perf_counter() - start)
+
+
+def measure_matmul_rate(dtype: torch.dtype, rows: int = 256, repeats: int = 30) -> float:
+    """FLOP/s of a Pythia-160M-sized linear layer (768 -> 3072) on `rows` tokens."""
+    a = torch.randn(rows, 768, dtype=dtype)
+    w = torch.randn(3072, 768, dtype=dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(a, w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(a, w)
+    return repeats * 2 * rows * 768 * 3072 / (time.perf_counter() - start)
+
+
+def decode_weight_bytes(config, element: int) -> int:
+    """Bytes of weights read per decode step (every layer and the head; one embedding row)."""
+    return (config.num_layers * layer_param_count(config) + last_stage_extra_params(config)) * element
+
+
+def flops_per_token(config, *, with_head: bool) -> int:
+    params = config.num_layers * layer_param_count(config)
+    if with_head:
+        params += last_stage_extra_params(config)
+    return 2 * params
+
+
+# ---- runs -------------------------------------------------------------------------------------
+def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched_tokens: int) -> dict:
+    from neo_serve import LLM, SamplingParams
+
+    llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
+              kv_cache_tokens=max(32768, 2 * sum(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))))
+    llm.generate([workload.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    engine = llm.engine
+    for prompt, max_tokens in zip(workload.prompts, workload.max_tokens):
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    first_token_at: list[float] = []
+    start = time.perf_counter()
+    generated = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if not first_token_at and output.outputs[0].token_ids:
+                first_token_at.append(time.perf_counter())
+            if output.finished:
+                generated += sum(len(o.token_ids) for o in output.outputs)
+    elapsed = time.perf_counter() - start
+    assert generated == workload.generated, (generated, workload.generated)
+    result = {"seconds": elapsed, "generated": generated, "tokens_per_s": generated / elapsed}
+    if len(workload.prompts) == 1:
+        decode_time = elapsed - (first_token_at[0] - start)
+        result["decode_tokens_per_s"] = (generated - 1) / decode_time
+    return result
+
+
+def run_transformers(path: Path, dtype: str, workload: Workload, *, batch_size: int) -> dict:
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    model.generation_config.eos_token_id = None  # generate exactly the requested tokens
+    model.generation_config.pad_token_id = 0
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> None:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+
+    generate([workload.prompts[0][:16]], 4)  # warm-up
+    if len(workload.prompts) == 1:
+        start = time.perf_counter()
+        generate(workload.prompts, 1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(workload.prompts, workload.max_tokens[0])
+        elapsed = time.perf_counter() - start
+        return {"seconds": elapsed, "generated": workload.generated, "tokens_per_s": workload.generated / elapsed,
+                "decode_tokens_per_s": (workload.max_tokens[0] - 1) / (elapsed - prefill)}
+    start = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        group = workload.prompts[first:first + batch_size]
+        # A static batch runs until its longest request is done; only requested tokens count.
+        generate(group, max(workload.max_tokens[first:first + batch_size]))
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "generated": workload.generated, "tokens_per_s": workload.generated / elapsed}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(REPO_REFERENCE),
+                        help="config.json whose shape the random checkpoint takes (default: Pythia-160M)")
+    parser.add_argument("--checkpoint-dir", default=str(Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"))
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=8)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true", help="measure neo-serve only")
+    parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def run_engine_bench(args: argparse.Namespace) -> int:
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path} not found: pass --config with a Pythia-160M-like config.json")
+    path = build_checkpoint(config_path, Path(args.checkpoint_dir))
+    config = load_model_config(path)
+    single, batch = make_workloads(config.vocab_size, args.seed, args.requests)
+    bandwidth = measure_bandwidth()
+    machine = {"cpu": _cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__,
+               "python": platform.python_version(), "bandwidth_GBps": bandwidth / 1e9}
+    print(f"machine: {machine}")
+    results = {"machine": machine, "runs": []}
+    for dtype in args.dtypes.split(","):
+        element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        rate = measure_matmul_rate(DTYPES[dtype])
+        single_limit = bandwidth / decode_weight_bytes(config, element)
+        batch_flops = (batch.prompt_tokens * flops_per_token(config, with_head=False)
+                       + batch.generated * flops_per_token(config, with_head=True))
+        batch_limit = batch.generated / (batch_flops / rate)
+        row = {"dtype": dtype, "matmul_GFLOPs": rate / 1e9, "single_limit": single_limit, "batch_limit": batch_limit}
+        row["ours_single"] = run_neo_serve(path, dtype, single, max_num_batched_tokens=args.max_num_batched_tokens)
+        row["ours_batch"] = run_neo_serve(path, dtype, batch, max_num_batched_tokens=args.max_num_batched_tokens)
+        if not args.skip_transformers:
+            row["hf_single"] = run_transformers(path, dtype, single, batch_size=1)
+            row["hf_batch"] = run_transformers(path, dtype, batch, batch_size=args.hf_batch_size)
+        results["runs"].append(row)
+        print(json.dumps(row, indent=1))
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def format_table(results: dict) -> str:
+    lines = ["| dtype | workload | neo-serve tok/s | transformers tok/s | speed-up | limit tok/s | % of limit |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results["runs"]:
+        for kind, key, limit in (("single stream decode", "decode_tokens_per_s", row["single_limit"]),
+                                 ("64 concurrent", "tokens_per_s", row["batch_limit"])):
+            ours = row["ours_single" if kind.startswith("single") else "ours_batch"][key]
+            hf = row.get("hf_single" if kind.startswith("single") else "hf_batch", {}).get(key)
+            speedup = f"{ours / hf:.2f}x" if hf else "-"
+            hf_text = f"{hf:.1f}" if hf else "-"
+            lines.append(f"| {row['dtype']} | {kind} | {ours:.1f} | {hf_text} | {speedup} | {limit:.1f} | "
+                         f"{100 * ours / limit:.0f}% |")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,101 @@
+"""`neo-serve up | generate | bench | plan | convert`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from neo_serve import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, num_stages=args.stages)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    for output in llm.generate(args.prompt, params):
+        print(output.prompt + output.outputs[0].text)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from neo_serve.config import load_model_config
+    from neo_serve.plan import format_plan, plan_pipeline
+
+    config = load_model_config(args.config)
+    plan = plan_pipeline(config, num_stages=args.stages or args.gpus, gpu_memory=args.gpu_memory, dtype=args.dtype,
+                         memory_utilization=args.memory_utilization)
+    print(format_plan(plan, f"{config.architecture} ({args.config})"))
+    return 0 if plan.fits else 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from neo_serve.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst)
+    print(f"wrote safetensors checkpoint to {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from neo_serve.bench.engine_bench import run_engine_bench
+
+    return run_engine_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neo-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="serve checkpoints (default: the bundled demo) with Ray Serve")
+    try:
+        from neo_serve.serve.launcher import add_up_arguments, run_up
+    except ImportError as exc:  # ray[serve] is not installed
+        up.set_defaults(func=lambda _args, exc=exc: sys.exit(f"neo-serve up needs ray[serve]: {exc}"))
+    else:
+        add_up_arguments(up)
+        up.set_defaults(func=run_up)
+
+    gen = sub.add_parser("generate", help="generate offline with the in-process engine")
+    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("--model", default=str(DEMO_MODEL))
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--stages", type=int, default=1)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmark the engine against transformers on this machine")
+    from neo_serve.bench.engine_bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
+
+    plan = sub.add_parser("plan", help="stage split, weights and KV capacity per GPU, on the meta device")
+    plan.add_argument("--config", required=True, help="a checkpoint's config.json (or its directory)")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs per pipeline (one stage each)")
+    plan.add_argument("--stages", type=int, default=None, help="stages (default: --gpus)")
+    plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB")
+    plan.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    plan.add_argument("--memory-utilization", type=float, default=0.90)
+    plan.set_defaults(func=_plan)
+
+    convert = sub.add_parser("convert", help="pickle .bin checkpoint -> sharded safetensors")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

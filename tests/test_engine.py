@@ -1,0 +1,117 @@
+"""Continuous batching, KV admission and preemption, aborts, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from neo_serve import LLM, SamplingParams
+from neo_serve.engine.kv_cache import Extent, ExtentAllocator
+from neo_serve.errors import ConfigError, InvalidRequestError
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(neox_checkpoint):
+    return LLM(str(neox_checkpoint), dtype="float32", max_model_len=128, kv_cache_tokens=1024)
+
+
+def solo(llm, prompt, params=GREEDY):
+    return llm.generate([prompt], params)[0].outputs[0].token_ids
+
+
+def test_requests_join_and_leave_the_running_batch(llm):
+    engine = llm.engine
+    prompts = [list(range(5, 5 + n)) for n in (4, 30, 11, 57)]
+    expected = [solo(llm, p) for p in prompts]
+    short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    expected_short = solo(llm, prompts[1], short)
+    engine.add_request(prompts[0], GREEDY, request_id="a")
+    engine.add_request(prompts[1], short, request_id="short")
+    finished, batch_sizes = {}, []
+    for step in range(200):
+        if step == 3:
+            engine.add_request(prompts[2], GREEDY, request_id="c")  # joins mid-flight
+        if step == 7:
+            engine.add_request(prompts[3], GREEDY, request_id="d")
+        outputs = engine.step()
+        batch_sizes.append(engine.num_running())
+        for out in outputs:
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        if len(finished) == 4:
+            break
+    assert finished == {"a": expected[0], "short": expected_short, "c": expected[2], "d": expected[3]}
+    assert max(batch_sizes) >= 3  # they really ran together
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+
+
+def test_abort_frees_the_kv_at_once(llm):
+    engine = llm.engine
+    engine.add_request(list(range(1, 40)), SamplingParams(max_tokens=60, ignore_eos=True), request_id="gone")
+    engine.add_request(list(range(1, 10)), GREEDY, request_id="stays")
+    for _ in range(3):
+        engine.step()
+    assert engine.allocator.num_free_blocks < engine.allocator.num_blocks
+    assert engine.abort_request("gone")
+    assert all(seq.request.request_id != "gone" for seq in engine.scheduler.running)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+    assert not engine.abort_request("gone")
+
+
+def test_kv_admission_makes_requests_wait(neox_checkpoint):
+    llm = LLM(str(neox_checkpoint), dtype="float32", max_model_len=64, kv_cache_tokens=64)
+    prompts = [list(range(1, 41)), list(range(2, 42)), list(range(3, 43))]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, params)
+    engine.step()
+    assert engine.num_running() == 1 and engine.num_waiting() == 2  # 64 slots hold one 60-token sequence
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0].token_ids
+    assert list(outs.values()) == [solo(llm, p, params) for p in prompts]
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ("", GREEDY, "prompt"),
+    ([], GREEDY, "prompt"),
+    ([1, 2, 10**6], GREEDY, "prompt"),
+    ([1, -3], GREEDY, "prompt"),
+    (list(range(1, 120)), SamplingParams(max_tokens=20), "max_tokens"),
+    (list(range(1, 200)), SamplingParams(max_tokens=1), "prompt"),
+])
+def test_bad_requests_raise_and_others_keep_running(llm, prompt, params, field):
+    engine = llm.engine
+    engine.add_request([7, 8, 9], GREEDY, request_id="innocent")
+    engine.step()
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request(prompt, params)
+    assert info.value.field == field
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert outputs["innocent"].outputs[0].token_ids == solo(llm, [7, 8, 9])
+
+
+def test_kv_cache_smaller_than_context_is_a_config_error(neox_checkpoint):
+    with pytest.raises(ConfigError, match="kv_cache_tokens"):
+        LLM(str(neox_checkpoint), kv_cache_tokens=100, max_model_len=512)
+
+
+def test_extent_allocator_extends_moves_and_coalesces():
+    alloc = ExtentAllocator(num_blocks=10, block_size=16)
+    a, b = alloc.allocate(3), alloc.allocate(3)
+    assert (a.start, b.start) == (0, 3)
+    assert not alloc.try_extend(a, 1)  # b sits right after a
+    assert alloc.try_extend(b, 4) and b.length == 7 and alloc.num_free_blocks == 0
+    assert alloc.allocate(1) is None
+    alloc.free(a)
+    alloc.free(b)
+    assert alloc.num_free_blocks == 10 and alloc.allocate(10) == Extent(0, 10)

@@ -1,0 +1,126 @@
+"""Loading: only a stage's tensors, safetensors only, errors that name the tensors and files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from neo_serve import LLM, SamplingParams
+from neo_serve.cli import main as cli_main
+from neo_serve.config import load_model_config
+from neo_serve.errors import CheckpointError
+from neo_serve.loader import CheckpointFiles, load_stage, resolve_dtype
+from neo_serve.models import partition_layers
+
+
+def copy_checkpoint(src, tmp_path):
+    dst = tmp_path / "ck"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_stage_reads_only_its_own_tensors(neox_sharded_checkpoint, monkeypatch):
+    files = CheckpointFiles.open(neox_sharded_checkpoint)
+    assert len(set(files.tensor_files.values())) > 1  # really sharded
+    config = load_model_config(neox_sharded_checkpoint)
+    read: list[str] = []
+    import neo_serve.loader as loader
+
+    real_set = loader._set_tensor
+    monkeypatch.setattr(loader, "_set_tensor", lambda model, name, *a: (read.append(name), real_set(model, name, *a)))
+    stages = partition_layers(config, 2)
+    model = load_stage(neox_sharded_checkpoint, config, stages[1], dtype=torch.float32, files=files)
+    assert read and all(name.startswith(("gpt_neox.layers.2.", "gpt_neox.layers.3.", "gpt_neox.final_layer_norm",
+                                         "embed_out")) for name in read)
+    assert not any("embed_in" in name or "layers.0." in name for name in read)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # nothing left on meta
+    assert model.gpt_neox.embed_in is None and set(model.gpt_neox.layers.keys()) == {"2", "3"}
+
+
+def test_dtype_auto_follows_the_checkpoint(neox_checkpoint, tmp_path):
+    config = load_model_config(neox_checkpoint)
+    assert resolve_dtype("auto", config, CheckpointFiles.open(neox_checkpoint)) == torch.float32
+    half = copy_checkpoint(neox_checkpoint, tmp_path)
+    tensors = {k: v.to(torch.float16) for k, v in load_file(half / "model.safetensors").items()}
+    save_file(tensors, half / "model.safetensors")
+    raw = json.loads((half / "config.json").read_text())
+    raw.pop("dtype", None)
+    raw.pop("torch_dtype", None)
+    (half / "config.json").write_text(json.dumps(raw))
+    llm = LLM(str(half), dtype="auto")
+    assert llm.engine.executor.workers[0].dtype == torch.float16
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        worker = LLM(str(half), dtype=dtype).engine.executor.workers[0]
+        assert worker.model.embed_out.weight.dtype == expected
+
+
+def test_missing_shard_is_named(neox_sharded_checkpoint, tmp_path):
+    ck = copy_checkpoint(neox_sharded_checkpoint, tmp_path)
+    shard = sorted(ck.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        LLM(str(ck))
+
+
+def test_corrupted_header_is_named(neox_checkpoint, tmp_path):
+    ck = copy_checkpoint(neox_checkpoint, tmp_path)
+    weights = ck / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"{not json at all, broken header!"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LLM(str(ck))
+
+
+def test_missing_and_unexpected_tensors_are_named(neox_checkpoint, tmp_path):
+    ck = copy_checkpoint(neox_checkpoint, tmp_path)
+    tensors = load_file(ck / "model.safetensors")
+    del tensors["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"]
+    tensors["gpt_neox.layers.1.mystery.weight"] = torch.zeros(3)
+    save_file(tensors, ck / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        LLM(str(ck))
+    message = str(info.value)
+    assert "gpt_neox.layers.1.mlp.dense_h_to_4h.weight" in message and "gpt_neox.layers.1.mystery.weight" in message
+
+
+def test_legacy_buffers_are_ignored(neox_hub_checkpoint):
+    names = CheckpointFiles.open(neox_hub_checkpoint).tensor_files
+    assert "gpt_neox.layers.0.attention.masked_bias" in names and "gpt_neox.layers.0.attention.rotary_emb.inv_freq" in names
+    out = LLM(str(neox_hub_checkpoint)).generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoint, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy2(neox_checkpoint / name, pickled / name)
+    state = load_file(neox_checkpoint / "model.safetensors")
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="neo-serve convert"):
+        LLM(str(pickled))
+    converted = tmp_path / "converted"
+    assert cli_main(["convert", str(pickled), str(converted)]) == 0
+    assert (converted / "model.safetensors.index.json").is_file() and not list(converted.glob("*.bin"))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompt = [[5, 6, 7, 8]]
+    assert (LLM(str(converted)).generate(prompt, params)[0].outputs[0].token_ids
+            == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
+
+
+def test_convert_refuses_pickled_code(tmp_path):
+    src = tmp_path / "evil"
+    src.mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"weight": Payload()}, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        cli_main(["convert", str(src), str(tmp_path / "out")])

@@ -1,0 +1,147 @@
+"""Sampling parameters behave as users of vLLM / the OpenAI API expect."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from neo_serve import LLM, SamplingParams
+from neo_serve.engine.sampler import SamplingRow, apply_penalties, apply_top_k, apply_top_p
+from neo_serve.errors import InvalidRequestError
+
+PROMPT = "def hello_world():\n"
+
+
+@pytest.fixture(scope="module")
+def llm(neox_checkpoint):
+    return LLM(str(neox_checkpoint), dtype="float32")
+
+
+def text_and_ids(llm, prompt, **params):
+    out = llm.generate([prompt], SamplingParams(**params))[0].outputs[0]
+    return out.text, out.token_ids
+
+
+def test_seed_reproduces_alone_and_inside_a_batch(llm):
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPT], seeded)[0].outputs[0].token_ids
+    noise = [SamplingParams(max_tokens=30, temperature=1.3, ignore_eos=True)] * 3
+    batch = llm.generate(["other prompt", PROMPT, "import os\n", "x = 1"], [noise[0], seeded, noise[1], noise[2]])
+    assert batch[1].outputs[0].token_ids == alone
+    other_seed = dataclasses.replace(seeded, seed=99)
+    assert llm.generate([PROMPT], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_differ_and_reproduce_with_seed(llm):
+    params = SamplingParams(n=4, max_tokens=16, temperature=1.5, seed=7, ignore_eos=True)
+    first = [o.token_ids for o in llm.generate([PROMPT], params)[0].outputs]
+    assert len(first) == 4 and len({tuple(t) for t in first}) > 1
+    again = [o.token_ids for o in llm.generate([PROMPT], params)[0].outputs]
+    assert again == first
+    assert [o.index for o in llm.generate([PROMPT], params)[0].outputs] == [0, 1, 2, 3]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llm):
+    greedy = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
+    assert text_and_ids(llm, PROMPT, max_tokens=20, temperature=1.0, top_k=1, ignore_eos=True) == greedy
+    assert text_and_ids(llm, PROMPT, max_tokens=20, temperature=1.0, top_p=1e-6, ignore_eos=True) == greedy
+
+
+def test_top_k_and_top_p_masks():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.9]])
+    kept = apply_top_k(logits.clone(), torch.tensor([2, 0]))
+    assert torch.isinf(kept[0]).tolist() == [True, False, False, True] and not torch.isinf(kept[1]).any()
+    # probabilities of row 0: [0.09, 0.67, 0.24, 0.03]; top_p 0.7 keeps the two most likely.
+    kept = apply_top_p(logits.clone(), torch.tensor([0.7, 1.0]))
+    assert torch.isinf(kept[0]).tolist() == [True, False, False, True] and not torch.isinf(kept[1]).any()
+
+
+def test_penalties_follow_their_definitions():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0]])
+    params = SamplingParams(repetition_penalty=2.0)
+    out = apply_penalties(logits.clone(), [SamplingRow(params, [0], [1], None)])
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5, 0.0]]  # seen tokens 0, 1: divide positive, multiply negative
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), [SamplingRow(params, [3], [2, 2, 4], None)])
+    # output counts: token 2 twice, token 4 once; the prompt's token 3 is not penalised
+    assert out.tolist() == [[2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5, 0.0 - 0.5 - 0.25]]
+
+
+def test_repetition_penalty_stops_repeats(llm):
+    prompt = llm.tokenizer.encode("a a a a a a a a")
+    _, plain = text_and_ids(llm, prompt, max_tokens=24, temperature=0.0, ignore_eos=True)
+    _, penalised = text_and_ids(llm, prompt, max_tokens=24, temperature=0.0, ignore_eos=True,
+                                repetition_penalty=1e6)
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself without a penalty
+    assert len(set(penalised)) == len(penalised) and not set(penalised) & set(prompt)
+
+
+def test_stop_strings_are_cut_and_reported(llm):
+    text, _ = text_and_ids(llm, PROMPT, max_tokens=40, temperature=0.0, ignore_eos=True)
+    stop = text[10:13]
+    assert stop and text.find(stop) >= 10 - 2
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=40, temperature=0.0, stop=[stop, "never-there"],
+                                                ignore_eos=True))[0].outputs[0]
+    assert out.text == text[:text.find(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_stop_token_ids_and_eos(llm):
+    _, ids = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
+    stop_token = ids[5]
+    first = ids.index(stop_token)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[stop_token],
+                                                ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == ids[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_token
+    engine = llm.engine
+    original = engine.model_config
+    engine.model_config = dataclasses.replace(original, eos_token_id=stop_token)
+    try:
+        eos_out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
+        ignored = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    finally:
+        engine.model_config = original
+    assert eos_out.token_ids == ids[:first + 1] and eos_out.finish_reason == "stop"
+    assert ignored.token_ids == ids and ignored.finish_reason == "length"
+
+
+def test_logprobs_of_generated_tokens_match_transformers(llm, neox_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(neox_checkpoint, dtype=torch.float32).eval()
+    prompt = llm.tokenizer.encode(PROMPT)
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True))[0]
+    completion = out.outputs[0]
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + completion.token_ids])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = expected[len(prompt) - 1 + step]
+        top3 = torch.topk(row, 3).indices.tolist()
+        assert set(entry) == set(top3) | {token}
+        for candidate, value in entry.items():
+            assert abs(value - float(row[candidate])) < 1e-4
+    assert abs(completion.cumulative_logprob - sum(e[t] for e, t in zip(completion.logprobs, completion.token_ids))) < 1e-4
+
+
+def test_prompt_scoring_without_generation(llm):
+    prompt = llm.tokenizer.encode("import os\nimport sys\n")
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    assert all(prompt[i] in out.prompt_logprobs[i] and len(out.prompt_logprobs[i]) <= 3 for i in range(1, len(prompt)))
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(n=0), "n"), (dict(n=1000), "n"), (dict(top_k=-5), "top_k"),
+    (dict(logprobs=100), "logprobs"), (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(temperature="hot"), "temperature"), (dict(stop=[""]), "stop"),
+])
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field and field in str(info.value)
