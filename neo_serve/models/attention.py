@@ -13,7 +13,7 @@ CPU. Backends:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -39,6 +39,14 @@ class AttentionMetadata:
     sequences: tuple[SequenceSlice, ...]
     slot_mapping: torch.Tensor  # [tokens] arena slot each new token's K/V is written to
     block_size: int  # arena granularity (extents start on a block boundary)
+    # Masks are the same in every layer of the step: built once, keyed by (sequence, window).
+    mask_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def mask(self, index: int, key_first: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+        key = (index, window)
+        if key not in self.mask_cache:
+            self.mask_cache[key] = attention_mask(self.sequences[index], key_first, window, device)
+        return self.mask_cache[key]
 
     @classmethod
     def build(cls, sequences: tuple[SequenceSlice, ...], block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
@@ -92,19 +100,22 @@ class SdpaBackend:
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
         write_kv(k, v, k_cache, v_cache, meta)
-        out = torch.empty_like(q)
-        for seq in meta.sequences:
+        results = []  # [1, heads, query_len, dim] per sequence, in packed order
+        for index, seq in enumerate(meta.sequences):
             first, end = visible_key_range(seq, window)
-            q_seq = q[seq.query_start:seq.query_start + seq.query_len].transpose(0, 1)  # [heads, q, dim]
-            keys = k_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1)  # [heads, k, dim] view
-            values = v_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1)
+            # 4-D [1, heads, len, dim] views: SDPA's fused CPU/GPU kernels take only 4-D inputs
+            # (3-D ones fall back to the slow math path), and they accept these strides as they are.
+            q_seq = q[seq.query_start:seq.query_start + seq.query_len].transpose(0, 1).unsqueeze(0)
+            keys = k_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1).unsqueeze(0)
+            values = v_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1).unsqueeze(0)
             if seq.context_len == 0 and window is None and seq.query_len > 1:
                 result = F.scaled_dot_product_attention(q_seq, keys, values, is_causal=True, scale=scale)
             else:
-                mask = attention_mask(seq, first, window, q.device)
+                mask = meta.mask(index, first, window, q.device)
                 result = F.scaled_dot_product_attention(q_seq, keys, values, attn_mask=mask, scale=scale)
-            out[seq.query_start:seq.query_start + seq.query_len] = result.transpose(0, 1)
-        return out
+            results.append(result)
+        # Sequences are packed back to back, so one cat restores the token order.
+        return torch.cat(results, dim=2)[0].transpose(0, 1)  # [tokens, heads, dim]
 
 
 class ReferenceBackend:
