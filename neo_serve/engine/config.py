@@ -26,11 +26,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast attention kernels), the model's dtype on GPU
     seed: int = 0  # for unseeded requests' draws
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         for name in ("num_stages", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):

@@ -101,11 +101,14 @@ class ExtentAllocator:
 
 
 class KVArena:
-    """One stage's KV tensors: [stage layers, 2 (k|v), slots, heads, head_dim]."""
+    """One stage's KV tensors: [stage layers, 2 (k|v), slots, heads, head_dim] (token-major) or
+    [stage layers, 2, heads, slots, head_dim] (head-major), as the attention backend wants."""
 
     def __init__(self, num_layers: int, num_slots: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        self.tensor = torch.zeros(num_layers, 2, num_slots, num_heads, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device | str, *, token_major: bool) -> None:
+        shape = (num_slots, num_heads) if token_major else (num_heads, num_slots)
+        self.tensor = torch.zeros(num_layers, 2, *shape, head_dim, dtype=dtype, device=device)
+        self.slot_dim = 2 if token_major else 3
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -114,5 +117,5 @@ class KVArena:
     def apply_copies(self, copies: tuple[KVCopy, ...]) -> None:
         for copy in copies:
             # clone: source and destination may overlap when an extent slides.
-            source = self.tensor[:, :, copy.src:copy.src + copy.num_slots].clone()
-            self.tensor[:, :, copy.dst:copy.dst + copy.num_slots] = source
+            source = self.tensor.narrow(self.slot_dim, copy.src, copy.num_slots).clone()
+            self.tensor.narrow(self.slot_dim, copy.dst, copy.num_slots).copy_(source)

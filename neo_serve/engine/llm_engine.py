@@ -59,7 +59,8 @@ class LLMEngine:
         self.stage_specs = [
             StageWorkerSpec(checkpoint=config.model, stage=stage, dtype=config.dtype,
                             device=config.resolved_device, num_kv_slots=num_blocks * block_size,
-                            block_size=block_size, attention_backend=config.resolved_attention_backend)
+                            block_size=block_size, attention_backend=config.resolved_attention_backend,
+                            kv_cache_dtype=config.kv_cache_dtype)
             for stage in self.stages
         ]
         self.executor: Executor = executor if executor is not None else LocalPipelineExecutor(self.stage_specs)

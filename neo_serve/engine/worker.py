@@ -13,7 +13,7 @@ import torch
 
 from neo_serve.config import load_model_config
 from neo_serve.engine.kv_cache import KVArena, KVCopy
-from neo_serve.loader import load_stage, resolve_dtype, CheckpointFiles
+from neo_serve.loader import DTYPES, CheckpointFiles, load_stage, resolve_dtype
 from neo_serve.models.attention import AttentionMetadata, SequenceSlice, make_backend
 from neo_serve.models.stages import StageSpec
 
@@ -42,6 +42,7 @@ class StageWorkerSpec:
     num_kv_slots: int
     block_size: int
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast SDPA kernels), the model's dtype on GPU
 
 
 class StageWorker:
@@ -55,7 +56,15 @@ class StageWorker:
         self.model = load_stage(spec.checkpoint, config, spec.stage, dtype=self.dtype, device=self.device,
                                 backend=self.backend, files=files)
         self.kv = KVArena(spec.stage.num_layers, spec.num_kv_slots, config.num_heads, config.head_dim,
-                          self.dtype, self.device)
+                          self._kv_dtype(spec.kv_cache_dtype), self.device, token_major=self.backend.token_major)
+
+    def _kv_dtype(self, name: str) -> torch.dtype:
+        if name != "auto":
+            return DTYPES[name]
+        if self.device.type == "cpu" and self.backend.name != "flash":
+            # CPU SDPA decode kernels in bfloat16/float16 run ~50x slower than in float32.
+            return torch.float32
+        return self.dtype
 
     @torch.inference_mode()
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Attention over the packed tokens of one step, behind one interface.
 
 A step's tokens from every scheduled sequence are packed into one `[tokens, heads, head_dim]`
-tensor. Each sequence owns one contiguous extent of the stage's KV arena (`[slots, heads,
-head_dim]` per layer), so its keys are a zero-copy view, which is what makes plain SDPA fast on
-CPU. Backends:
+tensor. Each sequence owns one contiguous extent of the stage's KV arena, so its keys are a
+zero-copy view, which is what makes plain SDPA fast on CPU. Backends:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention per sequence (default, CPU and GPU);
-- `reference`: explicit matmul + softmax, for checking the others;
+  head-major arena `[heads, slots, head_dim]`, so each head's keys are one contiguous block;
+- `reference`: explicit matmul + softmax in float32, for checking the others (head-major too);
 - `flash`: flash-attn 2 (`flash_attn_varlen_func` for fresh prefills, `flash_attn_with_kvcache`
-  with a block table over the arena for decodes and continued prefills), CUDA only.
+  with a block table over the arena for decodes and continued prefills), CUDA only;
+  token-major arena `[slots, heads, head_dim]`, which flash-attn reads as pages.
+The cache may be kept in a wider dtype than the model (float32 on CPU, where bfloat16 SDPA
+decode kernels are far slower): queries and new keys are cast to the cache dtype, the output
+back to the model's.
 """
 
 from __future__ import annotations
@@ -59,11 +63,12 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    token_major: bool  # arena layout: [slots, heads, dim] if True, else [heads, slots, dim]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata, *, scale: float,
                  window: int | None) -> torch.Tensor:
-        """q, k, v: [tokens, heads, head_dim] (new tokens); caches: [slots, heads, head_dim].
+        """q, k, v: [tokens, heads, head_dim] (new tokens); caches in the backend's layout.
 
         Writes k, v into the caches at `meta.slot_mapping`, then returns [tokens, heads, head_dim].
         `window`: a query at position p sees keys p-window+1 .. p (None: all keys up to p).
@@ -71,9 +76,14 @@ class AttentionBackend(Protocol):
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             meta: AttentionMetadata) -> None:
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+             meta: AttentionMetadata, *, token_major: bool) -> None:
+    """Store the step's new keys/values ([tokens, heads, dim]) at their arena slots."""
+    if token_major:
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    else:
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def visible_key_range(seq: SequenceSlice, window: int | None) -> tuple[int, int]:
@@ -97,17 +107,20 @@ def attention_mask(seq: SequenceSlice, key_first: int, window: int | None, devic
 
 class SdpaBackend:
     name = "sdpa"
+    token_major = False
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
-        write_kv(k, v, k_cache, v_cache, meta)
+        write_kv(k, v, k_cache, v_cache, meta, token_major=False)
+        out_dtype = q.dtype
+        q = q.to(k_cache.dtype)
         results = []  # [1, heads, query_len, dim] per sequence, in packed order
         for index, seq in enumerate(meta.sequences):
             first, end = visible_key_range(seq, window)
             # 4-D [1, heads, len, dim] views: SDPA's fused CPU/GPU kernels take only 4-D inputs
             # (3-D ones fall back to the slow math path), and they accept these strides as they are.
             q_seq = q[seq.query_start:seq.query_start + seq.query_len].transpose(0, 1).unsqueeze(0)
-            keys = k_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1).unsqueeze(0)
-            values = v_cache[seq.kv_start + first:seq.kv_start + end].transpose(0, 1).unsqueeze(0)
+            keys = k_cache[:, seq.kv_start + first:seq.kv_start + end].unsqueeze(0)
+            values = v_cache[:, seq.kv_start + first:seq.kv_start + end].unsqueeze(0)
             if seq.context_len == 0 and window is None and seq.query_len > 1:
                 result = F.scaled_dot_product_attention(q_seq, keys, values, is_causal=True, scale=scale)
             else:
@@ -115,21 +128,22 @@ class SdpaBackend:
                 result = F.scaled_dot_product_attention(q_seq, keys, values, attn_mask=mask, scale=scale)
             results.append(result)
         # Sequences are packed back to back, so one cat restores the token order.
-        return torch.cat(results, dim=2)[0].transpose(0, 1)  # [tokens, heads, dim]
+        return torch.cat(results, dim=2)[0].transpose(0, 1).to(out_dtype)  # [tokens, heads, dim]
 
 
 class ReferenceBackend:
     """Textbook attention in float32, for tests: softmax(q k^T * scale + mask) v."""
 
     name = "reference"
+    token_major = False
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
-        write_kv(k, v, k_cache, v_cache, meta)
+        write_kv(k, v, k_cache, v_cache, meta, token_major=False)
         out = torch.empty_like(q)
         for seq in meta.sequences:
             q_seq = q[seq.query_start:seq.query_start + seq.query_len].float().transpose(0, 1)
-            keys = k_cache[seq.kv_start:seq.kv_start + seq.total_len].float().transpose(0, 1)
-            values = v_cache[seq.kv_start:seq.kv_start + seq.total_len].float().transpose(0, 1)
+            keys = k_cache[:, seq.kv_start:seq.kv_start + seq.total_len].float()  # [heads, len, dim]
+            values = v_cache[:, seq.kv_start:seq.kv_start + seq.total_len].float()
             scores = q_seq @ keys.transpose(-1, -2) * scale  # [heads, q, k]
             q_pos = torch.arange(seq.context_len, seq.total_len, device=q.device).unsqueeze(1)
             k_pos = torch.arange(seq.total_len, device=q.device).unsqueeze(0)
@@ -150,13 +164,15 @@ class FlashAttentionBackend:
     """
 
     name = "flash"
+    token_major = True
     PAGE_MULTIPLE = 256
 
     def __init__(self, module=None) -> None:
         self.flash = module if module is not None else importlib.import_module("flash_attn")
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
-        write_kv(k, v, k_cache, v_cache, meta)
+        # flash-attn computes in the model's dtype (fp16/bf16): the cache has that dtype too.
+        write_kv(k, v, k_cache, v_cache, meta, token_major=True)
         out = torch.empty_like(q)
         # NOTE: flash-attn counts a window as (left, right) keys beside the query; (window-1, 0)
         # is "query i sees keys i-window+1 .. i"; (-1, -1) is no window.
