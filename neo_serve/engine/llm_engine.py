@@ -244,9 +244,9 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
         params = seq.request.params
         seq.output_ids.append(token)
-        seq.cumulative_logprob += logprob
-        if top is not None:
+        if top is not None:  # logprobs were asked for
             seq.logprobs.append(top)
+            seq.cumulative_logprob += logprob
         delta = seq.detokenizer.add(token)
         seq.output_text += delta
         eos = self.model_config.eos_token_id

@@ -99,8 +99,12 @@ def top_logprobs(logprobs: torch.Tensor, chosen: int, count: int) -> LogprobDict
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> list[Sample]:
-    """logits: float32 [rows, vocab] (modified in place); one Sample per row."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    """logits: float32 [rows, vocab] (modified in place); one Sample per row.
+
+    Log-probabilities (a softmax over the whole vocabulary) are computed only for the rows
+    that asked for them; the others get logprob NaN."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None  # [len(wanted), vocab]
     logits = apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -113,10 +117,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         noise = exponential_noise(tuple(probs.shape), chosen, default_generator)
         tokens[random_rows] = (probs / noise).argmax(dim=-1)
     token_list = tokens.tolist()
-    chosen_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-    samples = []
-    for i, row in enumerate(rows):
-        count = row.params.logprobs
-        top = top_logprobs(raw_logprobs[i], token_list[i], count) if count is not None else None
-        samples.append(Sample(token_list[i], chosen_logprobs[i], top))
+    samples = [Sample(token, float("nan"), None) for token in token_list]
+    for slot, i in enumerate(wanted):
+        top = top_logprobs(raw_logprobs[slot], token_list[i], rows[i].params.logprobs)
+        samples[i] = Sample(token_list[i], top[token_list[i]], top)
     return samples

@@ -1,0 +1,45 @@
+"""`neo-serve plan` on the real GPT-NeoX-20B config, and the offline CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from neo_serve.cli import main
+from neo_serve.config import load_model_config
+from neo_serve.plan import parse_bytes, plan_pipeline
+
+
+def test_plan_gpt_neox_20b_on_gpus(reference_dir, capsys):
+    config = load_model_config(reference_dir / "gpt-neox-20b.config.json")
+    two = plan_pipeline(config, num_stages=2, gpu_memory="40GiB", dtype="float16")
+    total_weights = sum(stage.weight_bytes for stage in two.stages)
+    assert 40e9 < total_weights < 42e9  # about 41 GB in float16, as published
+    assert [(s.layer_start, s.layer_end) for s in two.stages] == [(0, 22), (22, 44)]
+    assert two.fits and two.kv_tokens > 10_000
+    # KV per token and stage: 22 layers x (K and V) x 6144 x 2 bytes
+    assert two.stages[0].kv_bytes_per_token == 22 * 2 * 6144 * 2
+    one = plan_pipeline(config, num_stages=1, gpu_memory="24GiB", dtype="float16")
+    assert not one.fits
+    assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "4",
+                 "--gpu-memory", "24GiB"]) == 0
+    printed = capsys.readouterr().out
+    assert "33-43" in printed and "pipeline KV capacity" in printed
+    assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "1",
+                 "--gpu-memory", "24GiB"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512Mi", 512 * 2**20), (7, 7)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_names_the_problem():
+    with pytest.raises(ValueError, match="24 gigs"):
+        parse_bytes("24 gigs")
+
+
+def test_generate_cli_on_the_bundled_demo(capsys):
+    assert main(["generate", "def hello_world():", "--max-tokens", "24"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def hello_world():") and len(text) > len("def hello_world():") + 10
