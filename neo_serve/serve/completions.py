@@ -1,0 +1,319 @@
+"""OpenAI completions on top of pipeline deployments: one code path for HTTP and handles.
+
+A request with P prompts and n choices per prompt makes P streaming calls to the model's
+pipeline (each computes its n sequences together); choice `p * n + i` is sequence i of
+prompt p. Every call's first chunk is awaited before answering, so an invalid prompt is a
+400 response rather than an error in the middle of a 200 event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from ray.exceptions import RayTaskError
+
+from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.errors import InvalidRequestError
+from neo_serve.serve.engine_loop import PipelineFailed
+from neo_serve.serve.outputs import GenerationChunk, TokenLogprob
+from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                      CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
+                                      new_completion_id)
+
+
+def parse_request(body: Any) -> CompletionRequest:
+    """Validate a request body (dict) into a CompletionRequest, or raise a 400 APIError."""
+    if isinstance(body, CompletionRequest):
+        return body
+    if not isinstance(body, Mapping):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    error = exc.errors()[0]
+    param = str(error["loc"][0]) if error["loc"] else None
+    message = error["msg"].removeprefix("Value error, ")
+    if param == "prompt" and error["type"] != "value_error":
+        # A union's errors list every alternative; name them instead.
+        message = "must be a string, a list of strings, a list of token ids or a list of token id lists"
+    return APIError(f"{param}: {message}" if param else message, param=param)
+
+
+def sampling_params(request: CompletionRequest) -> SamplingParams:
+    """Map OpenAI parameters onto the engine's SamplingParams (validated there too)."""
+    if request.best_of is not None and request.best_of != request.n:
+        raise APIError("best_of is only supported equal to n", param="best_of")
+    if request.suffix:
+        raise APIError("suffix is not supported", param="suffix")
+    if request.logit_bias:
+        raise APIError("logit_bias is not supported", param="logit_bias")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    try:
+        return SamplingParams(
+            n=request.n, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k or 0, repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            seed=request.seed, stop=stop, stop_token_ids=list(request.stop_token_ids or []),
+            ignore_eos=request.ignore_eos, logprobs=request.logprobs,
+            # echo + logprobs scores the prompt too: what lm-evaluation-harness asks for.
+            prompt_logprobs=request.logprobs if request.echo else None,
+            skip_special_tokens=request.skip_special_tokens)
+    except InvalidRequestError as exc:
+        raise APIError(str(exc), param=exc.field) from None
+
+
+def as_api_error(exc: BaseException) -> APIError | None:
+    """The client-facing error behind an exception raised in a replica, if it is one."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, InvalidRequestError):
+        return APIError(cause.args[0] if cause.args else "invalid request", param=cause.field)
+    if isinstance(cause, PipelineFailed):  # Serve is replacing the replica: retry later
+        return APIError(f"the model's pipeline failed and is being restarted: {cause}", status=503,
+                        type="service_unavailable_error")
+    return None
+
+
+def _logprobs_delta(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogprobs, int]:
+    """OpenAI logprobs for `entries`, text offsets starting at `offset`; returns the next offset."""
+    out = CompletionLogprobs()
+    for entry in entries:
+        out.tokens.append(entry.token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append(entry.top)
+        out.text_offset.append(offset)
+        offset += len(entry.token)
+    return out, offset
+
+
+@dataclass
+class _Delta:
+    """What one pipeline chunk adds to one choice (echoed prompt first, then generated)."""
+
+    text: str = ""
+    entries: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Choice:
+    """One choice's state: accumulates for the full response, emits deltas for streaming."""
+
+    index: int
+    want_logprobs: bool
+    text: list[str] = field(default_factory=list)
+    logprobs: CompletionLogprobs | None = None
+    offset: int = 0  # text offset of the next token, in this choice's text
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if self.want_logprobs:
+            self.logprobs = CompletionLogprobs()
+
+    def feed(self, text: str, entries: list[TokenLogprob] | None, token_ids: list[int],
+             finish_reason: str | None = None, stop_reason: str | int | None = None) -> CompletionChoice:
+        self.text.append(text)
+        self.token_ids.extend(token_ids)
+        delta_logprobs = None
+        if self.logprobs is not None:
+            delta_logprobs, self.offset = _logprobs_delta(entries or [], self.offset)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(self.logprobs, name).extend(getattr(delta_logprobs, name))
+        if finish_reason is not None:
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
+        return CompletionChoice(index=self.index, text=text, logprobs=delta_logprobs, finish_reason=finish_reason,
+                                stop_reason=stop_reason, token_ids=token_ids)
+
+    def final(self, prompt_token_ids: list[int]) -> CompletionChoice:
+        return CompletionChoice(index=self.index, text="".join(self.text), logprobs=self.logprobs,
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                                prompt_token_ids=prompt_token_ids, token_ids=self.token_ids)
+
+
+class _PromptState:
+    """The choices of one prompt, fed by its pipeline stream."""
+
+    def __init__(self, prompt_index: int, first: GenerationChunk, request: CompletionRequest) -> None:
+        self.prompt_text = first.prompt or ""
+        self.prompt_token_ids = list(first.prompt_token_ids or [])
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.echo_pending = request.echo
+        self.want_prompt_logprobs = request.echo and request.logprobs is not None
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.choices = [_Choice(prompt_index * request.n + i, request.logprobs is not None)
+                        for i in range(request.n)]
+
+    def feed(self, chunk: GenerationChunk) -> list[CompletionChoice]:
+        """The choice deltas of one pipeline chunk, at most one per choice."""
+        if chunk.prompt_logprobs:
+            self.prompt_logprobs.extend(chunk.prompt_logprobs)
+        deltas: dict[int, _Delta] = {}
+        prompt_scored = not self.want_prompt_logprobs or len(self.prompt_logprobs) >= self.num_prompt_tokens
+        if self.echo_pending and (prompt_scored or chunk.sequences or chunk.finished):
+            self.echo_pending = False
+            entries = self.prompt_logprobs if self.want_prompt_logprobs else []
+            deltas = {i: _Delta(self.prompt_text, list(entries)) for i in range(len(self.choices))}
+        for seq in chunk.sequences:
+            delta = deltas.setdefault(seq.index, _Delta())
+            delta.text += seq.text
+            delta.entries.extend(seq.logprobs or [])
+            delta.token_ids.extend(seq.token_ids)
+            delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
+        return [self.choices[i].feed(d.text, d.entries, d.token_ids, d.finish_reason, d.stop_reason)
+                for i, d in sorted(deltas.items())]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(choice.token_ids) for choice in self.choices)
+
+
+class CompletionService:
+    """Runs completion requests against the models' pipeline deployment handles."""
+
+    def __init__(self, pipelines: Mapping[str, Any]) -> None:
+        self.pipelines = dict(pipelines)  # served name -> DeploymentHandle of its pipeline
+        self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
+
+    def resolve_model(self, name: str | None) -> str:
+        if name is None:
+            if len(self.pipelines) == 1:
+                return next(iter(self.pipelines))
+            raise APIError(f"model is required; served models: {', '.join(self.pipelines)}", param="model")
+        if name not in self.pipelines:
+            raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.pipelines)}",
+                           status=404, param="model", code="model_not_found")
+        return name
+
+    async def complete(self, request: CompletionRequest) -> dict[str, Any]:
+        """The whole completion (non-streaming), as the response's JSON-ready dict."""
+        run = await _Run.start(self, request)
+        async for _ in run.chunks():
+            pass
+        choices = [c.final(state.prompt_token_ids) for state in run.states for c in state.choices]
+        response = CompletionResponse(id=run.id, created=run.created, model=run.model, choices=choices,
+                                      usage=run.usage())
+        return response.model_dump(exclude=dump_exclude(request, stream=False))
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """Start a streamed completion. Awaiting this raises for invalid requests; the returned
+        iterator yields the events (then a usage event with `stream_options.include_usage`)."""
+        run = await _Run.start(self, request)
+        return run.events()
+
+
+class _Run:
+    """One completion request in progress: its pipeline streams and choice states."""
+
+    def __init__(self, model: str, request: CompletionRequest, streams: list[Any],
+                 states: list[_PromptState]) -> None:
+        self.id = new_completion_id()
+        self.created = int(time.time())
+        self.model = model
+        self.request = request
+        self.streams = streams
+        self.states = states
+
+    @classmethod
+    async def start(cls, service: CompletionService, request: CompletionRequest) -> "_Run":
+        model = service.resolve_model(request.model)
+        params = sampling_params(request)
+        handle = service.streaming[model]
+        base = uuid.uuid4().hex
+        prompts = request.prompts()
+        streams = [handle.generate.remote(prompt, params, f"{base}-{i}") for i, prompt in enumerate(prompts)]
+        try:
+            firsts = await asyncio.gather(*(stream.__anext__() for stream in streams), return_exceptions=True)
+        except BaseException:  # cancelled while starting
+            _cancel(streams)
+            raise
+        for index, first in enumerate(firsts):
+            if isinstance(first, BaseException):
+                _cancel(streams)
+                error = as_api_error(first)
+                if error is None:
+                    raise first
+                if len(prompts) > 1:
+                    error = APIError(f"prompt {index}: {error.message}", param=error.param)
+                raise error from None
+        return cls(model, request, streams, [_PromptState(i, first, request) for i, first in enumerate(firsts)])
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(s.num_prompt_tokens for s in self.states)
+        completion = sum(s.num_completion_tokens for s in self.states)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def chunks(self) -> AsyncIterator[list[CompletionChoice]]:
+        """Choice deltas as the pipelines' chunks arrive (prompts interleaved)."""
+        try:
+            async for index, chunk in _merge(self.streams):
+                deltas = self.states[index].feed(chunk)
+                if deltas:
+                    yield deltas
+        finally:
+            _cancel(self.streams)  # no-op for finished streams; aborts the rest (disconnects)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events as JSON-ready dicts. With `include_usage`, every event has
+        `usage: null` and a last event with no choices carries the request's usage (OpenAI)."""
+        exclude = dump_exclude(self.request, stream=True)
+        async for deltas in self.chunks():
+            event = CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=deltas)
+            yield event.model_dump(exclude=exclude)
+        if self.request.include_usage:
+            yield CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=[],
+                                           usage=self.usage()).model_dump(exclude=exclude)
+
+
+
+def _cancel(streams: list[Any]) -> None:
+    for stream in streams:
+        stream.cancel()
+
+
+async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Interleave several async streams, tagging each item with its stream's index."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: Any) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, exc))
+        else:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,210 @@
+"""Application arguments: what `build_app(args)` accepts, validated at build time.
+
+The same pydantic models read a Python dict, the `args:` block of a Serve config YAML, the
+`serve run neo_serve.app:build_app key=value` command line and `neo-serve up`. Every field has
+a description (they are the reference documentation of the args) and errors name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from neo_serve.engine.config import EngineConfig
+
+# The bundled demo checkpoint (trained by scripts/train_demo_model.py), served when no checkpoint is named.
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
+DEMO_MODEL_NAME = "neo-demo"
+DEFAULT_APP_NAME = "neo-serve"
+
+
+class AppConfigError(ValueError):
+    """`build_app` args are invalid; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingArgs(_Strict):
+    """Serve autoscaling bounds of a deployment (passed through as its `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (whole pipelines for a model).")
+    max_replicas: int = Field(..., ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default: min_replicas).")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Ongoing requests per replica the autoscaler aims for. A pipeline batches "
+                                "many sequences, so this is much higher than Serve's default of 2.")
+    upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of sustained load before scaling up.")
+    downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class _Scaling(_Strict):
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling).")
+    autoscaling: AutoscalingArgs | None = Field(None, description="Autoscaling bounds (exclusive with num_replicas).")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "_Scaling":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    def scaling_options(self) -> dict[str, Any]:
+        """The Serve deployment options for replica count."""
+        if self.autoscaling is not None:
+            return {"num_replicas": None, "autoscaling_config": self.autoscaling.to_serve()}
+        return {"num_replicas": self.num_replicas or 1}
+
+
+class ModelArgs(_Scaling):
+    """One served model: its checkpoint, pipeline shape and engine limits."""
+
+    name: str | None = Field(None, min_length=1, description="Served model name, the `model` of API requests. "
+                                                             "Default: the checkpoint directory's name.")
+    checkpoint: str | None = Field(None, description="Checkpoint directory in Hugging Face layout (config.json, "
+                                                     "*.safetensors, tokenizer). Default: the bundled demo model.")
+    num_stages: int = Field(1, ge=1, description="Pipeline stages per replica, one accelerator (bundle) each. "
+                                                 "1 runs the model inside the replica's process.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight and KV dtype; "
+                                                                     "auto keeps the checkpoint's.")
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="KV cache dtype; auto: float32 on CPU (fast attention kernels), the weights' on GPU.")
+    use_gpu: bool = Field(False, description="Give every stage one GPU (bundles {'CPU': cpus_per_stage, 'GPU': 1}).")
+    cpus_per_stage: float = Field(1.0, gt=0, description="CPUs reserved per stage bundle.")
+    kv_cache_tokens: int = Field(32768, ge=1, description="KV cache slots per stage (tokens of all running "
+                                                          "sequences together).")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once per pipeline.")
+    max_num_batched_tokens: int = Field(1024, ge=1, description="Most tokens per step (decodes + prefill chunks).")
+    max_model_len: int | None = Field(None, ge=1, description="Context window; default: the model's "
+                                                               "max_position_embeddings.")
+    attention_backend: Literal["auto", "sdpa", "reference", "flash"] = Field(
+        "auto", description="Attention kernels (auto: flash on CUDA if installed, else sdpa).")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one replica accepts at once; more wait in the caller's queue. "
+                                "The engine itself queues sequences beyond max_num_seqs.")
+    seed: int = Field(0, description="Seed of unseeded requests' random draws.")
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
+                                                                 "stage fails the check and the replica is replaced).")
+
+    @property
+    def checkpoint_path(self) -> str:
+        return str(Path(self.checkpoint).expanduser()) if self.checkpoint else str(DEMO_CHECKPOINT)
+
+    @property
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.checkpoint is None:
+            return DEMO_MODEL_NAME
+        return Path(self.checkpoint_path).resolve().name or DEMO_MODEL_NAME
+
+    def engine_config(self) -> EngineConfig:
+        # The device is explicit: a multi-stage replica has no GPU itself, so "auto" would
+        # resolve to cpu there while its stages run on GPUs.
+        return EngineConfig(model=self.checkpoint_path, dtype=self.dtype, num_stages=self.num_stages,
+                            device="cuda" if self.use_gpu else "cpu", kv_cache_tokens=self.kv_cache_tokens,
+                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                            max_model_len=self.max_model_len, attention_backend=self.attention_backend,
+                            kv_cache_dtype=self.kv_cache_dtype, seed=self.seed)
+
+    def stage_resources(self) -> dict[str, float]:
+        """What one stage worker reserves inside its bundle."""
+        return {"num_cpus": self.cpus_per_stage, "num_gpus": 1 if self.use_gpu else 0}
+
+    def placement_bundles(self) -> list[dict[str, float]]:
+        """One bundle per stage. With several stages, bundle 0 also holds the replica (the
+        scheduler: one more CPU, no GPU); with one stage the replica *is* the stage."""
+        bundle = {"CPU": self.cpus_per_stage, **({"GPU": 1.0} if self.use_gpu else {})}
+        bundles = [dict(bundle) for _ in range(self.num_stages)]
+        if self.num_stages > 1:
+            bundles[0]["CPU"] += 1
+        return bundles
+
+    def replica_actor_options(self) -> dict[str, Any]:
+        if self.num_stages == 1:
+            return {"num_cpus": self.cpus_per_stage, "num_gpus": 1 if self.use_gpu else 0}
+        return {"num_cpus": 1, "num_gpus": 0}
+
+
+class RouterArgs(_Scaling):
+    """The ingress deployment (FastAPI, stateless)."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per router replica.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica handles at once.")
+    health_timeout_s: float = Field(2.0, gt=0, description="How long /health waits for each model's pipeline.")
+
+
+class AppArgs(_Strict):
+    """`build_app` arguments. A flat dict of ModelArgs fields is read as one model."""
+
+    models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()], min_length=1,
+                                    description="Served models (default: the bundled demo model).")
+    router: RouterArgs = Field(default_factory=RouterArgs, description="Router (ingress) deployment settings.")
+    verify_checkpoints: bool = Field(True, description="Open each checkpoint's config and tokenizer at build "
+                                                       "time so bad paths and shapes fail before deploying.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_single_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "models" not in data:
+            model_keys = set(ModelArgs.model_fields) & set(data)
+            if model_keys:
+                data = dict(data)
+                data["models"] = [{key: data.pop(key) for key in model_keys}]
+        return data
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppArgs":
+        names = [m.served_name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"served model names must be unique; repeated: {', '.join(duplicates)} "
+                             f"(set `name` on each model)")
+        return self
+
+
+def parse_app_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
+    """Validate build args; raise AppConfigError naming each bad field."""
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise AppConfigError(format_validation_error(exc, prefix="invalid neo-serve app args")) from None
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str) -> str:
+    lines = [f"{prefix}:"]
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        shown = "" if error["type"] in ("missing", "value_error") else f" (got {error['input']!r})"
+        lines.append(f"  {field_path(error['loc']) or '(root)'}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """('models', 0, 'num_stages') -> 'models[0].num_stages'."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def deployment_name(model: ModelArgs, index: int) -> str:
+    """Serve deployment name of a model's pipeline (Serve names allow a restricted alphabet)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.served_name).strip("-") or "model"
+    return f"Pipeline-{index}-{slug}"

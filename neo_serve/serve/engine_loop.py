@@ -1,0 +1,211 @@
+"""The replica's continuous-batching loop: one engine, its stages, per-request output streams.
+
+Every engine call (`add_request`, `abort_request`, `schedule_step`, `process_step`) happens on
+the replica's event loop, so the engine stays single-threaded; only the stages' tensor work
+runs elsewhere (a worker thread with one stage, stage actors with several). The loop keeps up
+to `runner.depth` (= num_stages) micro-batches in flight:
+
+    fill:  while fewer than S in flight: schedule_step(busy=<sequences in flight>,
+           max_seqs=ceil(active / S)) -> runner.submit(step)   (the stage chain starts at once)
+    drain: await the oldest micro-batch's logits (or a new request, if the pipe has room)
+           -> process_step -> push outputs to the requests' streams
+
+Each request has an asyncio queue of cumulative outputs; its `generate` stream turns them into
+deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
+which frees its KV blocks before the next micro-batch is scheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+import torch
+
+from neo_serve.engine.llm_engine import LLMEngine, PreparedStep
+from neo_serve.engine.outputs import RequestOutput
+from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.engine.sequence import Sequence
+from neo_serve.serve.metrics import PipelineMetrics, RequestTimer
+from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
+from neo_serve.serve.stages import StepRunner
+
+logger = logging.getLogger("ray.serve")
+
+_Item = RequestOutput | BaseException
+
+
+class PipelineFailed(RuntimeError):
+    """The pipeline cannot run steps any more (a stage died); the replica must be replaced."""
+
+
+class PipelineCore:
+    """Continuous batching over an engine and a step runner, with per-request output streams."""
+
+    def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None) -> None:
+        self.engine = engine
+        self.runner = runner
+        self.metrics = metrics
+        self.decode_token = TokenDecoder(
+            lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
+        self.num_steps = 0
+        self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
+        self.failure: BaseException | None = None
+        self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        self._inflight: deque[tuple[PreparedStep, asyncio.Future[torch.Tensor]]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="neo-serve-pipeline")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream a request's chunks. The first chunk confirms acceptance (prompt token ids);
+        invalid requests raise `InvalidRequestError` before it."""
+        if self.failure is not None:
+            raise PipelineFailed(f"pipeline failed: {self.failure!r}")
+        arrival = time.monotonic()
+        request = self.engine.add_request(prompt, params, request_id=request_id)
+        tracker = DeltaTracker(request_id, self.decode_token)
+        prompt_text = request.prompt if request.prompt is not None else self.engine.tokenizer.decode(
+            request.prompt_ids, skip_special_tokens=False)
+        timer = RequestTimer(self.metrics, arrival)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        if not request.finished:
+            self._streams[request_id] = queue
+            self._wake.set()
+        try:
+            yield tracker.first_chunk(request.to_output(), prompt_text)
+            if request.finished:  # max_tokens=0 without prompt logprobs: nothing to compute
+                yield tracker.update(request.to_output())
+                return
+            while True:
+                item = await queue.get()
+                while not queue.empty() and not isinstance(item, BaseException):
+                    item = queue.get_nowait()  # outputs are cumulative: the latest says it all
+                if isinstance(item, BaseException):
+                    raise item
+                chunk = tracker.update(item)
+                if chunk is not None:
+                    timer.tokens([len(s.token_ids) for s in chunk.sequences])
+                    yield chunk
+                if item.finished:
+                    return
+        finally:
+            # Reached on completion, on error and on cancellation (CancelledError / GeneratorExit).
+            self._streams.pop(request_id, None)
+            if request_id in self.engine.requests:
+                self.engine.abort_request(request_id)  # frees its KV blocks now
+                self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Scheduler and KV state, for debugging and tests."""
+        allocator = self.engine.allocator
+        return {
+            "running": self.engine.num_running(),
+            "waiting": self.engine.num_waiting(),
+            "requests": len(self.engine.requests),
+            "streams": len(self._streams),
+            "in_flight_micro_batches": len(self._inflight),
+            "peak_in_flight_micro_batches": self.peak_in_flight,
+            "free_kv_blocks": allocator.num_free_blocks,
+            "total_kv_blocks": allocator.num_blocks,
+            "kv_block_size": allocator.block_size,
+            "kv_cache_usage": self.engine.kv_cache_usage(),
+            "num_preemptions": self.engine.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "failed": repr(self.failure) if self.failure is not None else None,
+        }
+
+    # ---- the loop --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                self._fill()
+                if not self._inflight:
+                    await self._wake.wait()
+                    continue
+                oldest = self._inflight[0][1]
+                if len(self._inflight) < self.runner.depth:
+                    # The pipe has room: also wake up for a new request to start its prefill.
+                    waker = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait((oldest, waker), return_when=asyncio.FIRST_COMPLETED)
+                    waker.cancel()
+                    if not oldest.done():
+                        continue
+                else:
+                    await asyncio.wait((oldest,))
+                prepared, future = self._inflight.popleft()
+                self._finish_step(prepared, future)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug: fail loudly rather than hang every stream
+            logger.exception("neo-serve pipeline loop crashed")
+            self._fail_all(exc)
+
+    def _fill(self) -> None:
+        """Schedule and submit micro-batches until `depth` are in flight or nothing is left."""
+        depth = self.runner.depth
+        while len(self._inflight) < depth:
+            busy: frozenset[Sequence] = frozenset(
+                chunk.seq for prepared, _ in self._inflight for chunk in prepared.batch.chunks)
+            max_seqs = None
+            if depth > 1:
+                # Split the active sequences evenly over the stages' micro-batches.
+                active = self.engine.num_running() + self.engine.num_waiting()
+                max_seqs = max(1, math.ceil(active / depth))
+            prepared = self.engine.schedule_step(busy, max_seqs)
+            if prepared is None:
+                return
+            self._inflight.append((prepared, self.runner.submit(prepared.step_input)))
+            self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
+
+    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[torch.Tensor]) -> None:
+        try:
+            logits = future.result()
+        except ray.exceptions.RayActorError as exc:  # a stage is gone: this pipeline is done
+            self._fail_all(exc)
+            return
+        except Exception as exc:
+            logger.exception("neo-serve step failed; failing its requests")
+            self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks}, exc)
+            return
+        outputs = self.engine.process_step(prepared, logits)
+        self.num_steps += 1
+        for output in outputs:
+            queue = self._streams.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+        if self.metrics is not None:
+            self.metrics.record_step(running=self.engine.num_running(), waiting=self.engine.num_waiting(),
+                                     kv_usage=self.engine.kv_cache_usage(),
+                                     preemptions=self.engine.scheduler.num_preemptions)
+
+    def _fail_requests(self, request_ids: set[str], error: BaseException) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.failure = error
+        for _, future in self._inflight:
+            future.cancel()
+        self._inflight.clear()
+        self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))

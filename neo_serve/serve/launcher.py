@@ -1,0 +1,135 @@
+"""`neo-serve up`: local Ray + Serve with the neo-serve application, until Ctrl-C.
+
+    neo-serve up                                  # the bundled demo model, one stage
+    neo-serve up /models/pythia-160m --stages 2 --autoscale 1:4
+    neo-serve up /models/a /models/b --replicas 2 --port 8080
+
+The CLI wires these in with `add_up_arguments(subparser)` and `run_up(namespace)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from neo_serve.serve.config import DEFAULT_APP_NAME, AppConfigError
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `neo-serve up`'s options to `parser`."""
+    parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                        help="checkpoint directories to serve (default: the bundled demo model); each is "
+                             "served under its directory name")
+    parser.add_argument("--name", action="append", metavar="NAME",
+                        help="served model name, once per checkpoint in order (default: the directory name)")
+    parser.add_argument("--stages", type=int, default=1, metavar="N", help="pipeline stages per replica (default 1)")
+    scaling = parser.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=int, metavar="R", help="fixed pipeline replicas per model (default 1)")
+    scaling.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale each model between MIN and MAX replicas")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weight dtype (default: the checkpoint's)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per stage")
+    parser.add_argument("--kv-cache-tokens", type=int, metavar="T", help="KV cache slots per stage")
+    parser.add_argument("--max-num-seqs", type=int, metavar="S", help="most sequences running per pipeline")
+    parser.add_argument("--max-model-len", type=int, metavar="L", help="context window (default: the model's)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--app-name", default=DEFAULT_APP_NAME,
+                        help=f"Serve application name (default {DEFAULT_APP_NAME})")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: all)")
+
+
+def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
+    """The `build_app` args that `neo-serve up` options describe."""
+    names = args.name or []
+    checkpoints = args.checkpoints or [None]
+    if names and len(names) != len(checkpoints):
+        raise AppConfigError(f"--name given {len(names)} times for {len(checkpoints)} checkpoint(s)")
+    model: dict[str, Any] = {"num_stages": args.stages, "dtype": args.dtype, "use_gpu": args.gpu}
+    for option in ("kv_cache_tokens", "max_num_seqs", "max_model_len"):
+        if getattr(args, option) is not None:
+            model[option] = getattr(args, option)
+    if args.autoscale:
+        try:
+            low, high = (int(part) for part in args.autoscale.split(":"))
+        except ValueError:
+            raise AppConfigError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}") from None
+        model["autoscaling"] = {"min_replicas": low, "max_replicas": high}
+    elif args.replicas is not None:
+        model["num_replicas"] = args.replicas
+    models = []
+    for index, checkpoint in enumerate(checkpoints):
+        entry = dict(model)
+        if checkpoint is not None:
+            entry["checkpoint"] = checkpoint
+        if names:
+            entry["name"] = names[index]
+        models.append(entry)
+    return {"models": models}
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start Ray and Serve, deploy the app, print its URLs and block until Ctrl-C / SIGTERM.
+    Returns the process exit code."""
+    from neo_serve.app import build_app  # imports Ray: keep `neo-serve --help` fast
+
+    try:
+        app = build_app(app_args_from_namespace(args))
+    except AppConfigError as exc:
+        print(f"neo-serve up: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, num_cpus=None if address else args.num_cpus, include_dashboard=False)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=args.app_name, route_prefix="/")
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        base = f"http://{host}:{args.port}"
+        print(f"neo-serve is up: application {args.app_name!r}", flush=True)
+        print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
+        print(f"  health       {base}/health", flush=True)
+        print(f"  playground   {base}/ui  (coming with the Gradio playground)", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("neo-serve: shutting down", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # deployment failures: say what failed, exit non-zero
+        print(f"neo-serve up: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray.is_initialized():
+            try:
+                if address:  # someone else's cluster: remove only our application
+                    serve.delete(args.app_name)
+                else:
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m neo_serve.serve.launcher`) until the CLI wires `up` in."""
+    parser = argparse.ArgumentParser(prog="neo-serve up", description=__doc__.splitlines()[0])
+    add_up_arguments(parser)
+    return run_up(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

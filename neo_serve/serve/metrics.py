@@ -1,0 +1,84 @@
+"""Ray Serve custom metrics of a pipeline replica (exported on Ray's Prometheus endpoint).
+
+Serve adds the deployment, replica and application tags; we add `model` (and `stage` for KV use).
+Ray prefixes every name with `ray_`, so Prometheus shows e.g. `ray_neo_serve_time_to_first_token_seconds`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.serve import metrics
+
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0]
+GAUGE_PERIOD_S = 0.5  # gauges are sampled, not set on every step
+
+
+class PipelineMetrics:
+    def __init__(self, model: str, num_stages: int) -> None:
+        tags = {"model": model}
+        self.time_to_first_token = metrics.Histogram(
+            "neo_serve_time_to_first_token_seconds", "Seconds from a request's arrival at its pipeline to its "
+            "first generated token.", boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",))
+        self.inter_token_latency = metrics.Histogram(
+            "neo_serve_inter_token_latency_seconds", "Seconds between consecutive generated tokens of a sequence.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",))
+        self.prompt_tokens = metrics.Counter("neo_serve_prompt_tokens", "Prompt tokens of accepted requests.",
+                                             tag_keys=("model",))
+        self.generation_tokens = metrics.Counter("neo_serve_generation_tokens", "Generated tokens.",
+                                                 tag_keys=("model",))
+        self.running = metrics.Gauge("neo_serve_num_running_seqs", "Sequences holding KV cache (running).",
+                                     tag_keys=("model",))
+        self.waiting = metrics.Gauge("neo_serve_num_waiting_seqs", "Sequences queued for admission.",
+                                     tag_keys=("model",))
+        self.kv_cache_usage = metrics.Gauge(
+            "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache slots in use (stages share the slot "
+            "numbering, so every stage of a pipeline reports the same value).", tag_keys=("model", "stage"))
+        self.preemptions = metrics.Counter("neo_serve_preemptions", "Sequences preempted (KV freed, recomputed "
+                                           "later) because the KV cache was full.", tag_keys=("model",))
+        for metric in (self.time_to_first_token, self.inter_token_latency, self.prompt_tokens,
+                       self.generation_tokens, self.running, self.waiting, self.preemptions):
+            metric.set_default_tags(dict(tags))  # Serve adds its tags into the dict it is given
+        self._stage_tags = [{"model": model, "stage": str(stage)} for stage in range(num_stages)]
+        self._last_gauges = 0.0
+        self._preemptions_seen = 0
+
+    def record_step(self, *, running: int, waiting: int, kv_usage: float, preemptions: int,
+                    force: bool = False) -> None:
+        """After each step: preemption count now, gauges at most every GAUGE_PERIOD_S."""
+        if preemptions > self._preemptions_seen:
+            self.preemptions.inc(preemptions - self._preemptions_seen)
+            self._preemptions_seen = preemptions
+        now = time.monotonic()
+        if not force and now - self._last_gauges < GAUGE_PERIOD_S:
+            return
+        self._last_gauges = now
+        self.running.set(running)
+        self.waiting.set(waiting)
+        for tags in self._stage_tags:
+            self.kv_cache_usage.set(kv_usage, tags=dict(tags))
+
+
+class RequestTimer:
+    """Per-request latency bookkeeping: time to first token, then time per token."""
+
+    def __init__(self, metrics_: PipelineMetrics | None, arrival: float) -> None:
+        self._metrics = metrics_
+        self._arrival = arrival
+        self._last: float | None = None
+
+    def tokens(self, per_sequence: list[int]) -> None:
+        """New tokens arrived: `per_sequence[i]` for the request's i-th sequence with news."""
+        total = sum(per_sequence)
+        if self._metrics is None or total <= 0:
+            return
+        now = time.monotonic()
+        self._metrics.generation_tokens.inc(total)
+        if self._last is None:
+            self._metrics.time_to_first_token.observe(now - self._arrival)
+        else:
+            for count in per_sequence:
+                # Tokens that arrive together (coalesced steps) share the interval.
+                for _ in range(count):
+                    self._metrics.inter_token_latency.observe((now - self._last) / count)
+        self._last = now

@@ -1,0 +1,110 @@
+"""The pipeline deployment: one replica = one complete pipeline (scheduler + its stages).
+
+The replica reserves one placement-group bundle per stage (`ModelArgs.placement_bundles`, PACK),
+starts the stages (`stages.py`) and runs the continuous-batching loop over them
+(`engine_loop.py`). Serve's autoscaler adds and removes whole pipelines; a sequence's KV cache
+never leaves the replica that admitted it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from neo_serve.engine.llm_engine import LLMEngine
+from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.serve.config import ModelArgs, deployment_name
+from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
+from neo_serve.serve.metrics import PipelineMetrics
+from neo_serve.serve.outputs import GenerationChunk
+from neo_serve.serve.stages import LocalStepRunner, RayStageRunner, StepRunner, UnloadedExecutor
+
+logger = logging.getLogger("ray.serve")
+
+
+class PipelineServer:
+    """Serve deployment hosting one model as complete pipelines, one per replica.
+
+    The replica reserves one placement-group bundle per stage (see `ModelArgs.placement_bundles`);
+    with num_stages > 1 it starts one stage actor per bundle, with num_stages == 1 it runs the
+    model itself. Serve routes to a replica only once its constructor returns, i.e. once every
+    stage is loaded. Call it through the router, or directly:
+
+        handle.options(stream=True).generate.remote(prompt, SamplingParams(...), request_id)
+    """
+
+    async def __init__(self, model: ModelArgs) -> None:  # Serve awaits async constructors
+        self.model = model
+        engine = LLMEngine(model.engine_config(), executor=UnloadedExecutor())  # config, tokenizer, scheduler
+        runner: StepRunner
+        if model.num_stages == 1:
+            runner = await LocalStepRunner.load(engine.stage_specs)
+        else:
+            context = serve.get_replica_context()
+            resources = model.stage_resources()
+            runner = await RayStageRunner.start(
+                engine.stage_specs, num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+                name_prefix=stage_actor_prefix(context.app_name, context.deployment, context.replica_id.unique_id))
+        engine.executor = runner
+        self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages))
+        self.core.start()
+        logger.info("neo-serve pipeline for %s ready: %s", model.served_name, runner.stage_info())
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream `GenerationChunk`s for one prompt (call with `handle.options(stream=True)`)."""
+        async for chunk in self.core.generate(prompt, params, request_id):
+            yield chunk
+
+    async def ready(self) -> dict[str, Any]:
+        """Answers only once constructed, i.e. with every stage loaded."""
+        return {"model": self.model.served_name, "ready": self.core.failure is None,
+                "stages_loaded": len(self.core.runner.stage_info()), "num_stages": self.model.num_stages}
+
+    async def stats(self) -> dict[str, Any]:
+        """Debug view: running / waiting sequences, free KV blocks, steps, stages."""
+        return {"model": self.model.served_name, **self.core.stats(), "stages": self.core.runner.stage_info(),
+                "replica": serve.get_replica_context().replica_id.unique_id}
+
+    async def model_info(self) -> dict[str, Any]:
+        engine = self.core.engine
+        return {"model": self.model.served_name, "max_model_len": engine.max_model_len,
+                "vocab_size": engine.model_config.vocab_size, "num_stages": self.model.num_stages,
+                "architecture": engine.model_config.architecture}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a dead stage makes the replica unhealthy (replaced)."""
+        if self.core.failure is not None:
+            raise PipelineFailed(f"pipeline failed: {self.core.failure!r}")
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown; stage actors would also die with their owner.
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+            core.runner.close()
+
+
+PipelineDeployment = serve.deployment(PipelineServer)
+
+
+def pipeline_deployment(model: ModelArgs, index: int) -> serve.Deployment:
+    """The model's pipeline deployment with its placement group, scaling and limits."""
+    return PipelineDeployment.options(
+        name=deployment_name(model, index),
+        placement_group_bundles=model.placement_bundles(),
+        placement_group_strategy="PACK",
+        ray_actor_options=model.replica_actor_options(),
+        max_ongoing_requests=model.max_ongoing_requests,
+        health_check_period_s=model.health_check_period_s,
+        **model.scaling_options(),
+    )
+
+
+def stage_actor_prefix(app: str, deployment: str, replica: str) -> str:
+    """Stage actors are named `<prefix><stage>` (in the replica's namespace) for the dashboard and
+    for `ray.get_actor`."""
+    return f"neo-serve-stage:{app}:{deployment}:{replica}:"

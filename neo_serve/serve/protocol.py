@@ -1,0 +1,177 @@
+"""OpenAI completions protocol: request and response models, and the error type.
+
+Field names, defaults and response shapes follow OpenAI's legacy `/v1/completions`; `top_k`,
+`repetition_penalty`, `stop_token_ids`, `ignore_eos` and `skip_special_tokens` are the
+extensions vLLM users know.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
+
+
+class APIError(Exception):
+    """An error with its HTTP status, rendered as OpenAI's error JSON."""
+
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with the usage of the whole request.")
+
+
+Prompt = str | list[int]
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions body (and the keyword arguments of the handle's `generate`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Served model name; may be omitted when one model is served.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A string, a list of strings, a list of token ids or a list of token id lists.")
+    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate per choice; null: up to the "
+                                                         "context window.")
+    temperature: float = Field(1.0, ge=0.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens (0/-1: off).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    best_of: int | None = Field(None, description="Only best_of == n is supported.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings (not included in the text).")
+    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end a choice.")
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Extension: CTRL-style repetition penalty.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return the log-probability of each "
+                                                                         "token and the top N alternatives.")
+    echo: bool = Field(False, description="Prepend the prompt (and its logprobs, with `logprobs`) to each choice.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool = Field(False, description="Extension: add `prompt_token_ids` and `token_ids` to "
+                                                      "each choice.")
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def prompts(self) -> list[Prompt]:
+        """The prompt field as a list of prompts, each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = Field(None, description="Extension: the stop string or token that ended it.")
+    prompt_token_ids: list[int] | None = Field(None, description="Extension (return_token_ids).")
+    token_ids: list[int] | None = Field(None, description="Extension (return_token_ids): generated token ids.")
+
+
+TOKEN_ID_FIELDS = {"prompt_token_ids", "token_ids"}
+
+
+def dump_exclude(request: "CompletionRequest", *, stream: bool) -> dict[str, Any] | None:
+    """Fields to leave out of a response: unrequested extensions, and usage on stream events
+    unless `stream_options.include_usage`."""
+    exclude: dict[str, Any] = {}
+    if not request.return_token_ids:
+        exclude["choices"] = {"__all__": TOKEN_ID_FIELDS}
+    if stream and not request.include_usage:
+        exclude["usage"] = True
+    return exclude or None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "neo-serve"
+    root: str | None = Field(None, description="The checkpoint path.")
+    max_model_len: int | None = None
+    num_stages: int = 1
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

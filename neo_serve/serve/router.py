@@ -1,0 +1,166 @@
+"""The router: the application's ingress deployment (FastAPI), stateless, routing by model name.
+
+HTTP: `POST /v1/completions`, `GET /v1/models`, `GET /health`; errors as OpenAI error JSON.
+Python: `serve.get_app_handle(app).generate.remote(prompt=..., ...)` returns the same JSON as
+HTTP (a dict); `handle.options(stream=True).generate.remote(..., stream=True)` yields the
+stream's chunks (dicts).
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real annotations on the ingress methods.
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
+from neo_serve.serve.config import RouterArgs
+from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="neo-serve", description="OpenAI-compatible completions for GPT-NeoX / GPT-Neo models, "
+                                             "served as pipelines on Ray Serve.")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(APIError(str(exc)).to_dict(), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(str(exc.detail), status=exc.status_code, type=error_type).to_dict(),
+                        status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    error = as_api_error(exc)  # e.g. an invalid prompt or a failed pipeline, raised in a replica
+    if error is not None:
+        return JSONResponse(error.to_dict(), status_code=error.status)
+    logger.exception("neo-serve router: unhandled error")
+    return JSONResponse(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                 type="server_error").to_dict(), status_code=500)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; an error after the stream started becomes an error event."""
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the status line is already sent
+        error = as_api_error(exc) or APIError(f"internal error: {type(exc).__name__}", status=500, type="server_error")
+        logger.warning("neo-serve stream failed: %r", exc)
+        yield f"data: {json.dumps(error.to_dict())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+@serve.ingress(api)
+class Router:
+    """Ingress deployment: OpenAI HTTP API and the `generate` handle method, routing by model."""
+
+    def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
+                 settings: RouterArgs) -> None:
+        self.service = CompletionService(pipelines)
+        self.cards = [ModelCard(**card) for card in cards]
+        self.settings = settings
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        """OpenAI completions; `stream: true` answers with server-sent events ending in `[DONE]`."""
+        completion_request = parse_request(await _json_body(request))
+        if completion_request.stream:
+            events = await self.service.stream(completion_request)
+            return StreamingResponse(_sse(events), media_type="text/event-stream")
+        return JSONResponse(await self.service.complete(completion_request))
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return ModelList(data=self.cards).model_dump()
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 once every stage of every model's pipeline is loaded, else 503."""
+        states = await asyncio.gather(*(self._ready(name, handle) for name, handle in self.service.pipelines.items()))
+        models = dict(zip(self.service.pipelines, states))
+        ready = all(state.get("ready") for state in models.values())
+        return JSONResponse({"status": "ok" if ready else "loading", "models": models},
+                            status_code=200 if ready else 503)
+
+    async def _ready(self, name: str, handle: DeploymentHandle) -> dict[str, Any]:
+        # A pipeline replica answers only once constructed, i.e. with all stages loaded; until
+        # then the call waits in the handle's queue, so a timeout means "still loading".
+        response = handle.ready.remote()
+        try:
+            return await asyncio.wait_for(_await(response), self.settings.health_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return {"model": name, "ready": False, "detail": "no replica with loaded stages yet"}
+        except Exception as exc:  # noqa: BLE001 - a failing pipeline is "not ready"
+            return {"model": name, "ready": False, "detail": repr(exc)}
+
+    # ---- Python handle -----------------------------------------------------------------------
+    async def generate(self, request: CompletionRequest | dict[str, Any] | None = None, **params: Any):
+        """The completions API for Python callers, with the HTTP parameters as keywords:
+
+            await handle.generate.remote(model="neo-demo", prompt="def f(", max_tokens=16)
+            async for chunk in handle.options(stream=True).generate.remote(prompt="...", stream=True): ...
+
+        Returns the response dict (as HTTP's JSON), or with `stream=True` an async iterator of
+        chunk dicts. Invalid requests raise `APIError` (with `.status`, `.param`)."""
+        completion_request = parse_request(request if request is not None else params)
+        if completion_request.stream:
+            events = await self.service.stream(completion_request)
+            return events
+        return await self.service.complete(completion_request)
+
+    async def list_models(self) -> list[str]:
+        return list(self.service.pipelines)
+
+    async def stats(self) -> dict[str, Any]:
+        """Each model's pipeline stats (from one of its replicas)."""
+        names = list(self.service.pipelines)
+        stats = await asyncio.gather(*(self.service.pipelines[n].stats.remote() for n in names))
+        return dict(zip(names, stats))
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+RouterDeployment = serve.deployment(Router)
+
+
+def router_deployment(settings: RouterArgs) -> serve.Deployment:
+    return RouterDeployment.options(
+        name="Router",
+        ray_actor_options={"num_cpus": settings.num_cpus},
+        max_ongoing_requests=settings.max_ongoing_requests,
+        **settings.scaling_options(),
+    )

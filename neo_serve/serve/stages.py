@@ -1,0 +1,162 @@
+"""Step runners: how a replica executes one packed (micro-)batch through its stages.
+
+- `LocalStepRunner` (num_stages == 1): the model lives in the replica's process and a step runs
+  on one worker thread, so the replica's event loop keeps accepting and streaming requests.
+- `RayStageRunner` (num_stages > 1): one `StageActor` per placement-group bundle. A step is a
+  chain of actor calls where stage k+1 receives stage k's result *as an ObjectRef*: activations
+  move from stage to stage through the object store and never pass through the scheduler; only
+  the last stage's logits come back. Each actor runs its calls in submission order, so several
+  micro-batches can be in flight: stage k works on micro-batch i while stage k+1 works on i-1.
+
+Both hand back an asyncio future of the last stage's float32 logits [rows, vocab].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from neo_serve.engine.executor import LocalPipelineExecutor
+from neo_serve.engine.worker import StageWorker, StageWorkerSpec, StepInput
+
+logger = logging.getLogger("ray.serve")
+
+
+class StepRunner(Protocol):
+    depth: int  # micro-batches worth keeping in flight (the number of stages)
+
+    def submit(self, step: StepInput) -> asyncio.Future[torch.Tensor]:
+        """Start a step; the future resolves to float32 logits [rows, vocab] on the CPU."""
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Blocking form (the engine's `Executor` protocol)."""
+
+    def stage_info(self) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def describe_stage(spec: StageWorkerSpec, dtype: torch.dtype) -> dict[str, Any]:
+    stage = spec.stage
+    return {"stage": stage.index, "layers": [stage.layer_start, stage.layer_end],
+            "dtype": str(dtype).removeprefix("torch."), "device": spec.device, "kv_slots": spec.num_kv_slots}
+
+
+class UnloadedExecutor:
+    """The engine's executor until the stages are loaded (the engine builds its scheduler first)."""
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        raise RuntimeError("the pipeline's stages are not loaded yet")
+
+
+class LocalStepRunner:
+    """All stages in this process; steps on a single thread (torch releases the GIL in kernels)."""
+
+    depth = 1
+
+    def __init__(self, executor: LocalPipelineExecutor, pool: ThreadPoolExecutor) -> None:
+        self.executor = executor
+        self._pool = pool
+
+    @classmethod
+    async def load(cls, specs: list[StageWorkerSpec]) -> "LocalStepRunner":
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neo-serve-step")
+        executor = await asyncio.get_running_loop().run_in_executor(pool, LocalPipelineExecutor, specs)
+        return cls(executor, pool)
+
+    def submit(self, step: StepInput) -> asyncio.Future[torch.Tensor]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, self.executor.execute, step)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        return self.executor.execute(step)
+
+    def stage_info(self) -> list[dict[str, Any]]:
+        return [describe_stage(w.spec, w.dtype) for w in self.executor.workers]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+@ray.remote(max_restarts=0)
+class StageActor:
+    """One pipeline stage in its own placement-group bundle: its layers and their KV cache."""
+
+    def __init__(self, spec: StageWorkerSpec) -> None:
+        self.worker = StageWorker(spec)
+
+    def info(self) -> dict[str, Any]:
+        """Returns once the stage is loaded (the constructor has run)."""
+        return describe_stage(self.worker.spec, self.worker.dtype)
+
+    def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
+        # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
+        out = self.worker.execute(step, hidden)  # [tokens, hidden] or logits [rows, vocab]
+        return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
+
+
+class RayStageRunner:
+    """A chain of stage actors, one per bundle of the replica's placement group."""
+
+    def __init__(self, actors: list[Any], infos: list[dict[str, Any]]) -> None:
+        self.actors = actors
+        self.depth = len(actors)
+        self._infos = infos
+
+    @classmethod
+    async def start(cls, specs: list[StageWorkerSpec], *, num_cpus: float, num_gpus: float,
+                    name_prefix: str | None = None) -> "RayStageRunner":
+        """Start one actor per stage in bundle `stage` of this replica's placement group (when it
+        runs in one: a Serve replica with `placement_group_bundles`) and wait until all loaded."""
+        group = get_current_placement_group()
+        actors = []
+        for index, spec in enumerate(specs):
+            options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+            if name_prefix is not None:
+                options["name"] = f"{name_prefix}{index}"
+            if group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=index)
+            actors.append(StageActor.options(**options).remote(spec))
+        try:
+            infos = await asyncio.gather(*(cls._wait_loaded(actor) for actor in actors))
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            raise
+        return cls(actors, list(infos))
+
+    @staticmethod
+    async def _wait_loaded(actor: Any) -> dict[str, Any]:
+        info = await actor.info.remote()
+        logger.info("neo-serve stage %d loaded: %s", info["stage"], info)
+        return info
+
+    def _chain(self, step: StepInput) -> ray.ObjectRef:
+        step_ref = ray.put(step)  # one copy, read by every stage
+        hidden: ray.ObjectRef | None = None
+        for actor in self.actors:
+            hidden = actor.execute.remote(step_ref, hidden)
+        return hidden
+
+    def submit(self, step: StepInput) -> asyncio.Future[torch.Tensor]:
+        return asyncio.wrap_future(self._chain(step).future())
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        return ray.get(self._chain(step))
+
+    def stage_info(self) -> list[dict[str, Any]]:
+        return list(self._infos)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone, or Ray is shutting down
+                pass

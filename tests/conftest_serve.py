@@ -1,0 +1,51 @@
+"""Shared helpers of the serving tests (real Ray, real HTTP): ports, SSE parsing, polling."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_sse(lines: Iterable[str]) -> tuple[list[dict[str, Any]], bool]:
+    """Server-sent event lines -> (event payloads, whether `data: [DONE]` ended the stream)."""
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            return events, True
+        events.append(json.loads(data))
+    return events, False
+
+
+def join_stream(events: list[dict[str, Any]]) -> dict[int, str]:
+    """Concatenate streamed choice texts by choice index."""
+    texts: dict[int, str] = {}
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    return texts
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,492 @@
+"""The served application end to end: real Ray, real Serve, real HTTP, the official openai client.
+
+One Ray cluster and one application for the module: a 2-stage pipeline of a tiny GPT-NeoX
+("neox") and a 1-stage tiny GPT-Neo ("neo") behind one router. Every greedy or seeded output is
+compared token for token with the offline engine (`neo_serve.LLM`) on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from checkpoints import build_tokenizer, make_neo, make_neox
+from conftest_serve import free_port, join_stream, parse_sse, wait_until
+from neo_serve import LLM, SamplingParams
+from neo_serve.app import build_app
+from neo_serve.serve.protocol import APIError
+
+pytestmark = pytest.mark.timeout(300)
+
+APP = "neo-serve"
+PROMPTS = ["def hello_world():", "import os\nimport sys\n\n", "class Foo(object):\n    def __init__(self",
+           "Grüße, naïve café 🙂", "for i in range(10):\n"]
+TOKEN_PROMPTS = [[5, 17, 42, 99, 3], [200, 201, 202]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-ckpts")
+    tokenizer = build_tokenizer()
+    return {"neox": str(make_neox(root / "neox", tokenizer)),
+            "neo": str(make_neo(root / "neo", tokenizer, seed=1))}
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def base_url(metrics_port):
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(base_url, checkpoints):
+    """The application; returns the router's handle."""
+    handle = serve.run(build_app({"models": [
+        {"name": "neox", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+         "kv_cache_tokens": 8192, "max_num_seqs": 64},
+        {"name": "neo", "checkpoint": checkpoints["neo"], "num_stages": 1, "dtype": "float32",
+         "kv_cache_tokens": 4096},
+    ]}), name=APP, route_prefix="/")
+    return handle
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoints):
+    """Offline engines on the same checkpoints: the reference outputs."""
+    return {name: LLM(path, dtype="float32") for name, path in checkpoints.items()}
+
+
+@pytest.fixture()
+def client(base_url, app):
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        yield http
+
+
+def pipeline_stats(model: str = "neox") -> dict:
+    return serve.get_app_handle(APP).stats.remote().result()[model]
+
+
+def reference(llm: LLM, prompts, **params):
+    outputs = llm.generate(prompts, SamplingParams(**params))
+    return [[(c.text, c.token_ids) for c in out.outputs] for out in outputs]
+
+
+# ---- readiness and discovery ------------------------------------------------------------------
+def test_health_and_models(client):
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json()["models"]["neox"] == {"model": "neox", "ready": True, "stages_loaded": 2, "num_stages": 2}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    cards = {card["id"]: card for card in models["data"]}
+    assert set(cards) == {"neox", "neo"}
+    assert cards["neox"]["max_model_len"] == 512 and cards["neox"]["num_stages"] == 2
+    stats = pipeline_stats()
+    assert [s["layers"] for s in stats["stages"]] == [[0, 2], [2, 4]]
+
+
+# ---- exactness against the offline engine ------------------------------------------------------
+def test_http_greedy_matches_offline(client, offline):
+    prompts = PROMPTS + TOKEN_PROMPTS
+    expected = reference(offline["neox"], prompts, max_tokens=24, temperature=0.0)
+    for prompt, [(text, token_ids)] in zip(prompts, expected):
+        body = client.post("/v1/completions", json={"model": "neox", "prompt": prompt, "max_tokens": 24,
+                                                    "temperature": 0, "return_token_ids": True}).json()
+        choice = body["choices"][0]
+        assert choice["token_ids"] == token_ids
+        assert choice["text"] == text
+        assert choice["finish_reason"] == "length"
+        prompt_len = len(prompt) if isinstance(prompt, list) else len(offline["neox"].tokenizer.encode(prompt))
+        assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": len(token_ids),
+                                 "total_tokens": prompt_len + len(token_ids)}
+    # A list of prompts in one request: choices in prompt order.
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[:3], "max_tokens": 24,
+                                                "temperature": 0}).json()
+    assert [c["text"] for c in body["choices"]] == [e[0][0] for e in expected[:3]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+
+
+def test_http_stream_matches_offline(client, offline):
+    [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[0]], max_tokens=32, temperature=0.0)
+    with client.stream("POST", "/v1/completions", json={
+            "model": "neox", "prompt": PROMPTS[0], "max_tokens": 32, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events, done = parse_sse(response.iter_lines())
+    assert done
+    assert len(events) > 3  # streamed, not one blob
+    assert join_stream(events) == {0: text}
+    assert [t for e in events for c in e["choices"] for t in c["token_ids"]] == token_ids
+    assert all(e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 32
+    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "length"
+
+
+def test_sampling_with_seed_matches_offline(client, offline):
+    """Seeded sampling is batch-invariant in the engine, so it must match too (n > 1, penalties)."""
+    params = dict(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234, n=3,
+                  presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1)
+    [choices] = reference(offline["neox"], [PROMPTS[1]], **params)
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[1],
+                                                "return_token_ids": True, **params}).json()
+    assert [(c["text"], c["token_ids"]) for c in body["choices"]] == choices
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+
+
+def test_stop_strings(client, offline):
+    [[(full, _)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0)
+    stop = full[5:8]
+    [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0, stop=[stop])
+    for stream in (False, True):
+        request = {"model": "neox", "prompt": PROMPTS[2], "max_tokens": 32, "temperature": 0, "stop": stop,
+                   "stream": stream}
+        if stream:
+            with client.stream("POST", "/v1/completions", json=request) as response:
+                events, _ = parse_sse(response.iter_lines())
+            got = join_stream(events)[0]
+            reasons = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        else:
+            choice = client.post("/v1/completions", json=request).json()["choices"][0]
+            got, reasons = choice["text"], [choice["finish_reason"]]
+        assert got == text and stop not in got
+        assert reasons == ["stop"]
+
+
+def test_openai_client_matches_offline(base_url, app, offline):
+    expected = reference(offline["neox"], PROMPTS[:2], max_tokens=16, temperature=0.0)
+    api = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    result = api.completions.create(model="neox", prompt=PROMPTS[:2], max_tokens=16, temperature=0)
+    assert [c.text for c in result.choices] == [e[0][0] for e in expected]
+    assert result.usage.completion_tokens == 32
+    text = ""
+    for chunk in api.completions.create(model="neox", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}):
+        text += "".join(c.text for c in chunk.choices)
+    assert text == expected[0][0][0]
+    assert [m.id for m in api.models.list().data] == ["neox", "neo"]
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="missing", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        api.completions.create(model="neox", prompt="x", max_tokens=1, temperature=-1)
+    assert excinfo.value.body["param"] == "temperature"
+
+
+def test_handle_generate_matches_offline(app, offline):
+    [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[3]], max_tokens=20, temperature=0.0)
+    handle = serve.get_app_handle(APP)
+    result = handle.generate.remote(model="neox", prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                    return_token_ids=True).result()
+    assert result["object"] == "text_completion"
+    assert result["choices"][0]["text"] == text and result["choices"][0]["token_ids"] == token_ids
+    # The same parameters as a request dict, streamed.
+    chunks = list(handle.options(stream=True).generate.remote(
+        {"model": "neox", "prompt": PROMPTS[3], "max_tokens": 20, "temperature": 0, "stream": True}))
+    assert len(chunks) > 3
+    assert join_stream(chunks) == {0: text}
+    with pytest.raises(APIError) as excinfo:
+        handle.generate.remote(model="neox", prompt=PROMPTS[3], top_p=0).result()
+    assert excinfo.value.status == 400 and excinfo.value.param == "top_p"
+
+
+def test_prompt_logprobs_for_lm_eval(client, offline):
+    """echo + logprobs + max_tokens=0: the prompt's scores, as lm-evaluation-harness requests them."""
+    prompt = PROMPTS[2]
+    [out] = offline["neox"].generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": prompt, "max_tokens": 0,
+                                                "logprobs": 1, "echo": True, "temperature": 0}).json()
+    choice = body["choices"][0]
+    assert choice["text"] == prompt
+    logprobs = choice["logprobs"]
+    ids = out.prompt_token_ids
+    decode = offline["neox"].tokenizer.decode
+    assert logprobs["tokens"] == [decode([t], skip_special_tokens=False) for t in ids]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    expected = [entry[token] for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+    assert all(len(top) >= 1 for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+def test_generated_logprobs(client, offline):
+    [out] = offline["neox"].generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, logprobs=3))
+    choice = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                  "temperature": 0, "logprobs": 3}).json()["choices"][0]
+    got = choice["logprobs"]
+    completion = out.outputs[0]
+    assert len(got["tokens"]) == 8
+    assert got["token_logprobs"] == pytest.approx(
+        [entry[token] for entry, token in zip(completion.logprobs, completion.token_ids)], abs=1e-5)
+    decode = offline["neox"].tokenizer.decode
+    for top, entry in zip(got["top_logprobs"], completion.logprobs):
+        expected: dict[str, float] = {}
+        for token, logprob in sorted(entry.items(), key=lambda kv: -kv[1]):
+            expected.setdefault(decode([token], skip_special_tokens=False), logprob)
+        assert top == pytest.approx(expected, abs=1e-5)
+        assert len(entry) in (3, 4)  # the top 3, plus the chosen token when it is not among them
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def test_32_concurrent_streams(base_url, app, offline):
+    prompts = [f"def function_{i}(x, y):\n    return" for i in range(32)]
+    expected = [e[0][0] for e in reference(offline["neox"], prompts, max_tokens=24, temperature=0.0)]
+
+    async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, bool]:
+        async with http.stream("POST", "/v1/completions", json={
+                "model": "neox", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            events, done = parse_sse([line async for line in response.aiter_lines()])
+        return join_stream(events)[0], done
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+            return await asyncio.gather(*(one(http, p) for p in prompts))
+
+    started = time.monotonic()
+    results = asyncio.run(run_all())
+    elapsed = time.monotonic() - started
+    assert [text for text, _ in results] == expected
+    assert all(done for _, done in results)
+    stats = pipeline_stats()
+    assert stats["running"] == 0 and stats["free_kv_blocks"] == stats["total_kv_blocks"]
+    assert stats["peak_in_flight_micro_batches"] == 2  # both stages had a micro-batch at once
+    print(f"32 concurrent streams x 24 tokens in {elapsed:.2f}s")
+
+
+# ---- routing -------------------------------------------------------------------------------------
+def test_two_models_routed_by_name(client, offline):
+    prompt = PROMPTS[0]
+    for name in ("neox", "neo"):
+        [[(text, token_ids)]] = reference(offline[name], [prompt], max_tokens=12, temperature=0.0)
+        body = client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 12,
+                                                    "temperature": 0, "return_token_ids": True}).json()
+        assert body["model"] == name
+        assert body["choices"][0]["token_ids"] == token_ids
+    # Different random weights: the routing is visible in the output.
+    texts = {name: reference(offline[name], [prompt], max_tokens=12, temperature=0.0)[0][0][0] for name in offline}
+    assert texts["neox"] != texts["neo"]
+    missing = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found" and missing.json()["error"]["param"] == "model"
+    # With two models served, the model must be named.
+    unnamed = client.post("/v1/completions", json={"prompt": "x"})
+    assert unnamed.status_code == 400 and unnamed.json()["error"]["param"] == "model"
+
+
+# ---- errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, param", [
+    ({"model": "neox", "prompt": "x", "temperature": -1}, "temperature"),
+    ({"model": "neox", "prompt": "x", "n": 0}, "n"),
+    ({"model": "neox", "prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"model": "neox", "prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"model": "neox", "prompt": []}, "prompt"),
+    ({"model": "neox", "prompt": ["a", 3]}, "prompt"),
+    ({"model": "neox"}, "prompt"),
+    ({"model": "neox", "prompt": [999999]}, "prompt"),
+    ({"model": "neox", "prompt": [1] * 600}, "prompt"),
+    ({"model": "neox", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ({"model": "neox", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": "neox", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "neox", "prompt": ["fine", [999999]]}, "prompt"),
+    ({"model": "neox", "prompt": [999999], "stream": True}, "prompt"),
+])
+def test_bad_requests_are_400(client, body, param):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_malformed_bodies_and_routes(client):
+    for content in (b"{not json", b"[1, 2]"):
+        response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "error" in response.json()
+    response = client.get("/v2/nothing")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+
+
+def test_replica_keeps_serving_after_errors(client, offline):
+    for _ in range(3):
+        assert client.post("/v1/completions", json={"model": "neox", "prompt": [999999]}).status_code == 400
+    [[(text, _)]] = reference(offline["neox"], [PROMPTS[4]], max_tokens=8, temperature=0.0)
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[4], "max_tokens": 8,
+                                                "temperature": 0}).json()
+    assert body["choices"][0]["text"] == text
+    stats = pipeline_stats()
+    assert stats["requests"] == 0 and stats["failed"] is None
+
+
+# ---- cancellation ------------------------------------------------------------------------------
+LONG = {"model": "neox", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+        "stream": True}
+
+
+def _assert_freed_soon() -> None:
+    """The aborted sequence is gone within a step: no running sequence, every KV block free."""
+    stats = wait_until(lambda: (s := pipeline_stats())["requests"] == 0 and s, timeout=10, what="abort")
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["free_kv_blocks"] == stats["total_kv_blocks"]
+
+
+def test_handle_cancel_frees_the_sequence(app):
+    handle = serve.get_app_handle(APP)
+    stream = handle.options(stream=True).generate.remote(LONG)
+    for _ in range(3):
+        next(stream)
+    running = pipeline_stats()
+    assert running["running"] == 1 and running["free_kv_blocks"] < running["total_kv_blocks"]
+    steps_at_cancel = running["num_steps"]
+    stream.cancel()
+    _assert_freed_soon()
+    # The request ended long before its 480 tokens: it was aborted, not completed, and nothing
+    # is stepped any more.
+    steps_after = pipeline_stats()["num_steps"]
+    assert steps_after - steps_at_cancel < 400
+    time.sleep(0.5)
+    assert pipeline_stats()["num_steps"] == steps_after
+
+
+def test_http_disconnect_frees_the_sequence(client):
+    with client.stream("POST", "/v1/completions", json=LONG) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert pipeline_stats()["running"] == 1
+    # Leaving the block closed the connection mid-stream.
+    _assert_freed_soon()
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def test_metrics_on_prometheus_endpoint(client, metrics_port):
+    client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[0], "max_tokens": 8})
+    names = ["ray_neo_serve_time_to_first_token_seconds_bucket", "ray_neo_serve_inter_token_latency_seconds_bucket",
+             "ray_neo_serve_prompt_tokens", "ray_neo_serve_generation_tokens", "ray_neo_serve_num_running_seqs",
+             "ray_neo_serve_num_waiting_seqs", "ray_neo_serve_kv_cache_usage"]
+
+    def scrape():
+        try:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        return text if all(name in text for name in names) else None
+
+    text = wait_until(scrape, timeout=60, interval=1, what="neo-serve metrics on the Prometheus endpoint")
+    kv_lines = [line for line in text.splitlines() if line.startswith("ray_neo_serve_kv_cache_usage{")]
+    assert any('stage="1"' in line and 'model="neox"' in line for line in kv_lines)
+
+
+# ---- deployment config ---------------------------------------------------------------------------
+def test_autoscaling_config_reaches_serve(app, checkpoints):
+    name = "neo-autoscale"
+    serve.run(build_app({"models": [{"name": "scaled", "checkpoint": checkpoints["neo"], "dtype": "float32",
+                                     "autoscaling": {"min_replicas": 2, "max_replicas": 3,
+                                                     "target_ongoing_requests": 4}}],
+                         "router": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}}),
+              name=name, route_prefix="/scaled")
+    try:
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeInstanceDetails
+
+        details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+        deployments = details.applications[name].deployments
+        config = deployments["Pipeline-0-scaled"].deployment_config.autoscaling_config
+        assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"]) == (2, 3, 4)
+        assert deployments["Router"].deployment_config.autoscaling_config["max_replicas"] == 2
+        # And Serve acts on it: min_replicas pipelines are running.
+        status = serve.status().applications[name].deployments["Pipeline-0-scaled"]
+        assert status.replica_states.get("RUNNING") == 2
+    finally:
+        serve.delete(name)
+
+
+def test_health_is_503_until_stages_load(base_url, app, checkpoints):
+    """Hold back the pipeline's placement group (a real resource shortage) and watch /health."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    name = "neo-health"
+    router_cpus = 0.5
+    free = ray.available_resources().get("CPU", 0)
+    # The late pipeline needs 2 x 0.5 CPU for its stages + 1 for its scheduler.
+    assert free >= router_cpus + 2, ray.available_resources()
+    blocker = placement_group([{"CPU": free - router_cpus}])  # the router fits, the pipeline does not
+    ray.get(blocker.ready(), timeout=30)
+    try:
+        serve.run_many([serve.RunTarget(build_app({
+            "models": [{"name": "late", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+                        "cpus_per_stage": 0.5}],
+            "router": {"num_cpus": router_cpus}}), name=name, route_prefix="/late")],
+            wait_for_applications_running=False)
+
+        def loading():
+            response = httpx.get(f"{base_url}/late/health", timeout=30)
+            return response if response.headers.get("content-type") == "application/json" else None
+
+        response = wait_until(loading, timeout=60, interval=0.2, what="the late router")
+        assert response.status_code == 503
+        assert response.json()["status"] == "loading" and response.json()["models"]["late"]["ready"] is False
+        time.sleep(2)
+        assert httpx.get(f"{base_url}/late/health", timeout=30).status_code == 503
+        remove_placement_group(blocker)
+        blocker = None
+        response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 200 and r,
+                              timeout=120, interval=0.2, what="/health 200")
+        assert response.json()["models"]["late"] == {"model": "late", "ready": True, "stages_loaded": 2,
+                                                     "num_stages": 2}
+        ok = httpx.post(f"{base_url}/late/v1/completions", json={"prompt": "def f(", "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        if blocker is not None:
+            remove_placement_group(blocker)
+        serve.delete(name)
+
+
+def test_dead_stage_makes_serve_replace_the_pipeline(base_url, app, checkpoints):
+    """Kill a stage actor: requests fail with 503 (not hang), the replica fails its health check
+    and Serve replaces the whole pipeline, which then serves again."""
+    name = "neo-recover"
+    handle = serve.run(build_app({
+        "models": [{"name": "fragile", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+                    "cpus_per_stage": 0.5, "health_check_period_s": 1}],
+        "router": {"num_cpus": 0.5}}), name=name, route_prefix="/recover")
+    url = f"{base_url}/recover/v1/completions"
+    request = {"prompt": "def f(", "max_tokens": 4, "temperature": 0}
+    try:
+        first = handle.stats.remote().result()["fragile"]["replica"]
+        [stage] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("neo-serve-stage:") and f":{first}:" in a["name"]
+                   and a["name"].endswith(":1")]
+        ray.kill(ray.get_actor(stage["name"], namespace=stage["namespace"]))
+        failed = httpx.post(url, json=request, timeout=60)
+        assert failed.status_code in (503, 200), failed.text  # 200 only if Serve already replaced it
+        if failed.status_code == 503:
+            assert failed.json()["error"]["type"] == "service_unavailable_error"
+
+        def replaced():
+            stats = handle.stats.remote().result()["fragile"]
+            return stats["replica"] != first and stats
+
+        wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")
+        response = httpx.post(url, json=request, timeout=60)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    finally:
+        serve.delete(name)

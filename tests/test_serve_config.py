@@ -1,0 +1,141 @@
+"""build_app's arguments, the deployment options they make and the Serve configs in deploy/ (no cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from checkpoints import build_tokenizer, make_neox
+from neo_serve.app import build_app
+from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
+                                    parse_app_args)
+from neo_serve.serve.launcher import add_up_arguments, app_args_from_namespace
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+REFERENCE = Path("/work/shared/reference")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return str(make_neox(tmp_path_factory.mktemp("cfg") / "tiny", build_tokenizer()))
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"models": [{"num_stages": 0}]}, "models[0].num_stages"),
+    ({"models": [{"dtype": "float8"}]}, "models[0].dtype"),
+    ({"models": []}, "models"),
+    ({"models": [{"kv_cache_tokens": -5}]}, "models[0].kv_cache_tokens"),
+    ({"models": [{"num_replicas": 2, "autoscaling": {"max_replicas": 3}}]}, "models[0]"),
+    ({"models": [{"autoscaling": {"min_replicas": 4, "max_replicas": 2}}]}, "models[0].autoscaling"),
+    ({"models": [{"unknown_option": 1}]}, "models[0].unknown_option"),
+    ({"router": {"num_replicas": 0}}, "router.num_replicas"),
+    ({"num_stages": "two"}, "models[0].num_stages"),
+])
+def test_bad_args_name_the_field(args, field):
+    with pytest.raises(AppConfigError) as excinfo:
+        build_app(args)
+    assert f"  {field}:" in str(excinfo.value)
+
+
+def test_checkpoint_problems_fail_at_build_time(checkpoint, tmp_path):
+    with pytest.raises(AppConfigError, match=r"models\[0\] \(missing\)\.checkpoint"):
+        build_app({"checkpoint": str(tmp_path / "missing")})
+    with pytest.raises(AppConfigError, match=r"models\[0\] \(tiny\)\.num_stages"):
+        build_app({"checkpoint": checkpoint, "num_stages": 5})  # 4 layers
+    with pytest.raises(AppConfigError, match=r"kv_cache_tokens"):
+        build_app({"checkpoint": checkpoint, "kv_cache_tokens": 64})  # < max_model_len 512
+    with pytest.raises(AppConfigError, match="unique"):
+        build_app({"models": [{"checkpoint": checkpoint}, {"checkpoint": checkpoint}]})
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(AppConfigError, match="tokenizer"):
+        build_app({"checkpoint": str(no_tokenizer)})
+
+
+def test_flat_args_and_defaults(checkpoint):
+    args = parse_app_args({"checkpoint": checkpoint, "num_stages": "2"})  # `serve run ... num_stages=2`
+    [model] = args.models
+    assert model.served_name == "tiny" and model.num_stages == 2
+    demo = parse_app_args(None).models[0]
+    assert demo.checkpoint_path == str(DEMO_CHECKPOINT) and demo.served_name == "neo-demo"
+    assert build_app({"checkpoint": checkpoint, "num_stages": 2}) is not None
+
+
+def test_placement_bundles_and_actor_options():
+    cpu = ModelArgs(num_stages=3)
+    assert cpu.placement_bundles() == [{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert cpu.replica_actor_options() == {"num_cpus": 1, "num_gpus": 0}
+    assert cpu.stage_resources() == {"num_cpus": 1.0, "num_gpus": 0}
+    gpu = ModelArgs(num_stages=2, use_gpu=True)
+    assert gpu.placement_bundles() == [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert gpu.replica_actor_options() == {"num_cpus": 1, "num_gpus": 0}  # the stages hold the GPUs
+    assert gpu.engine_config().device == "cuda"
+    single = ModelArgs(use_gpu=True)
+    assert single.placement_bundles() == [{"CPU": 1.0, "GPU": 1.0}]
+    assert single.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 1}  # runs the model itself
+    assert ModelArgs(autoscaling={"max_replicas": 4}).scaling_options() == {
+        "num_replicas": None, "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+                                                     "target_ongoing_requests": 16.0}}
+    assert ModelArgs().scaling_options() == {"num_replicas": 1}
+
+
+def test_field_descriptions_document_every_arg():
+    for model in (AppArgs, ModelArgs, RouterArgs, AutoscalingArgs):
+        for name, info in model.model_fields.items():
+            assert info.description, f"{model.__name__}.{name} has no description"
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
+def test_deploy_configs_are_valid(path):
+    config = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    [application] = schema.applications
+    assert application.import_path == "neo_serve.app:build_app"
+    args = parse_app_args(application.args)
+    for model in args.models:
+        if model.checkpoint is None:
+            # The demo runs as is: build the whole app.
+            assert DEMO_CHECKPOINT.is_dir()
+            build_app(application.args)
+            continue
+        assert model.use_gpu and model.dtype == "float16"
+        # The real checkpoints are not here; check the shape against the published config.
+        reference = REFERENCE / f"{model.served_name}.config.json"
+        config_json = json.loads(reference.read_text())
+        layers = config_json.get("num_hidden_layers") or config_json["num_layers"]
+        assert layers % model.num_stages == 0
+        assert model.kv_cache_tokens >= config_json["max_position_embeddings"]
+
+
+def test_expected_deploy_files():
+    names = {p.name for p in DEPLOY.iterdir()}
+    assert {"demo-cpu.yaml", "gpt-neox-20b-2gpu.yaml", "gpt-neox-20b-4gpu.yaml", "gpt-neo-2.7b-1gpu.yaml",
+            "Dockerfile"} <= names
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311${RAY_IMAGE_SUFFIX}" in dockerfile
+
+
+def test_up_arguments_make_app_args():
+    parser = argparse.ArgumentParser()
+    add_up_arguments(parser)
+    args = app_args_from_namespace(parser.parse_args(["/m/a", "/m/b", "--stages", "2", "--autoscale", "1:4",
+                                                      "--dtype", "float16", "--name", "a", "--name", "b"]))
+    assert args == {"models": [
+        {"checkpoint": "/m/a", "name": "a", "num_stages": 2, "dtype": "float16", "use_gpu": False,
+         "autoscaling": {"min_replicas": 1, "max_replicas": 4}},
+        {"checkpoint": "/m/b", "name": "b", "num_stages": 2, "dtype": "float16", "use_gpu": False,
+         "autoscaling": {"min_replicas": 1, "max_replicas": 4}}]}
+    demo = app_args_from_namespace(parser.parse_args(["--replicas", "3"]))
+    assert demo == {"models": [{"num_stages": 1, "dtype": "auto", "use_gpu": False, "num_replicas": 3}]}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--replicas", "2", "--autoscale", "1:2"])
+    with pytest.raises(AppConfigError, match="MIN:MAX"):
+        app_args_from_namespace(parser.parse_args(["--autoscale", "4"]))

@@ -1,0 +1,67 @@
+"""`neo-serve up` as a user runs it: a process that starts Ray + Serve, prints the URL, serves,
+and shuts everything down on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from checkpoints import build_tokenizer, make_neox
+from conftest_serve import free_port
+from neo_serve.serve.config import DEMO_CHECKPOINT
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _reader(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def test_up_serves_until_ctrl_c(tmp_path):
+    port = free_port()
+    # The bundled demo when it is there (the default), else a tiny checkpoint named on the command line.
+    demo = (DEMO_CHECKPOINT / "config.json").is_file()
+    checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
+    name = "neo-demo" if demo else "tiny"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--stages", "2", "--dtype", "float32",
+         "--port", str(port), "--num-cpus", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C to stop" in line for line in output):  # the banner's last line
+            assert process.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "".join(output)
+            try:
+                output.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        banner = "".join(output)
+        assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == [name]
+        body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
+                                                          "temperature": 0}, timeout=60).json()
+        assert body["usage"]["completion_tokens"] == 8
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{base}/health", timeout=5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
