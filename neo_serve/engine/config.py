@@ -27,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast attention kernels), the model's dtype on GPU
+    pack_cpu_linears: bool = True  # oneDNN-prepacked linear weights on CPU (2-4x faster than MKL here)
     seed: int = 0  # for unseeded requests' draws
 
     def __post_init__(self) -> None:

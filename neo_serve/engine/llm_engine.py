@@ -60,7 +60,7 @@ class LLMEngine:
             StageWorkerSpec(checkpoint=config.model, stage=stage, dtype=config.dtype,
                             device=config.resolved_device, num_kv_slots=num_blocks * block_size,
                             block_size=block_size, attention_backend=config.resolved_attention_backend,
-                            kv_cache_dtype=config.kv_cache_dtype)
+                            kv_cache_dtype=config.kv_cache_dtype, pack_cpu_linears=config.pack_cpu_linears)
             for stage in self.stages
         ]
         self.executor: Executor = executor if executor is not None else LocalPipelineExecutor(self.stage_specs)

@@ -15,6 +15,7 @@ from neo_serve.config import load_model_config
 from neo_serve.engine.kv_cache import KVArena, KVCopy
 from neo_serve.loader import DTYPES, CheckpointFiles, load_stage, resolve_dtype
 from neo_serve.models.attention import AttentionMetadata, SequenceSlice, make_backend
+from neo_serve.models.packed_linear import pack_linears, packing_supported
 from neo_serve.models.stages import StageSpec
 
 
@@ -43,6 +44,7 @@ class StageWorkerSpec:
     block_size: int
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast SDPA kernels), the model's dtype on GPU
+    pack_cpu_linears: bool = True  # oneDNN-prepacked weights on CPU (see models/packed_linear.py)
 
 
 class StageWorker:
@@ -55,6 +57,9 @@ class StageWorker:
         self.backend = make_backend(spec.attention_backend)
         self.model = load_stage(spec.checkpoint, config, spec.stage, dtype=self.dtype, device=self.device,
                                 backend=self.backend, files=files)
+        self.packed_linears = 0
+        if spec.pack_cpu_linears and packing_supported(self.device, self.dtype):
+            self.packed_linears = pack_linears(self.model)
         self.kv = KVArena(spec.stage.num_layers, spec.num_kv_slots, config.num_heads, config.head_dim,
                           self._kv_dtype(spec.kv_cache_dtype), self.device, token_major=self.backend.token_major)
 

@@ -7,7 +7,6 @@ holds one pipeline stage, as in gpt_neox.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neo_serve.config import GPTNeoConfig
@@ -109,7 +108,7 @@ class GPTNeoForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     def tied_weights(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it."""

@@ -9,7 +9,6 @@ and `embed_out` on the last.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neo_serve.config import GPTNeoXConfig
@@ -105,7 +104,7 @@ class GPTNeoXForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
-        return F.linear(hidden, self.embed_out.weight).float()
+        return self.embed_out(hidden).float()
 
     def tied_weights(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it."""
