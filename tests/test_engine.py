@@ -115,3 +115,24 @@ def test_extent_allocator_extends_moves_and_coalesces():
     alloc.free(a)
     alloc.free(b)
     assert alloc.num_free_blocks == 10 and alloc.allocate(10) == Extent(0, 10)
+
+
+def test_recompute_all_after_a_lost_cache_gives_the_same_tokens(llm):
+    """What a pipeline does when a stage restarts: its KV is gone, sequences are recomputed."""
+    engine = llm.engine
+    prompts = [list(range(3, 20)), list(range(40, 47))]
+    expected = [solo(llm, p) for p in prompts]
+    for index, prompt in enumerate(prompts):
+        engine.add_request(prompt, GREEDY, request_id=f"r{index}")
+    for _ in range(6):
+        engine.step()
+    worker = engine.executor.workers[0]
+    worker.kv.tensor.normal_()  # the cache is garbage now, as after a stage restart
+    assert engine.recompute_all() == 2
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert [finished["r0"], finished["r1"]] == expected

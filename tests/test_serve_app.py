@@ -46,7 +46,7 @@ def metrics_port():
 @pytest.fixture(scope="module")
 def base_url(metrics_port):
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port,
+    ray.init(num_cpus=12, include_dashboard=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -460,33 +460,92 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints):
         serve.delete(name)
 
 
-def test_dead_stage_makes_serve_replace_the_pipeline(base_url, app, checkpoints):
-    """Kill a stage actor: requests fail with 503 (not hang), the replica fails its health check
-    and Serve replaces the whole pipeline, which then serves again."""
+def stage_actor(replica: str, stage: int) -> dict:
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("neo-serve-stage:") and f":{replica}:" in a["name"]
+               and a["name"].rsplit(":", 1)[1].split(".")[0] == str(stage)]
+    return actor
+
+
+@pytest.fixture(scope="module")
+def fragile_app(base_url, app, checkpoints):
+    """Two 2-stage pipelines of the neox checkpoint: one that recovers from a dead stage and one
+    whose recovery deadline is too short to ever make it."""
     name = "neo-recover"
     handle = serve.run(build_app({
         "models": [{"name": "fragile", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
-                    "cpus_per_stage": 0.5, "health_check_period_s": 1}],
+                    "cpus_per_stage": 0.5, "health_check_period_s": 1},
+                   {"name": "doomed", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+                    "cpus_per_stage": 0.5, "health_check_period_s": 1, "recovery_timeout_s": 0.05}],
         "router": {"num_cpus": 0.5}}), name=name, route_prefix="/recover")
-    url = f"{base_url}/recover/v1/completions"
-    request = {"prompt": "def f(", "max_tokens": 4, "temperature": 0}
-    try:
-        first = handle.stats.remote().result()["fragile"]["replica"]
-        [stage] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["name"].startswith("neo-serve-stage:") and f":{first}:" in a["name"]
-                   and a["name"].endswith(":1")]
-        ray.kill(ray.get_actor(stage["name"], namespace=stage["namespace"]))
-        failed = httpx.post(url, json=request, timeout=60)
-        assert failed.status_code in (503, 200), failed.text  # 200 only if Serve already replaced it
-        if failed.status_code == 503:
-            assert failed.json()["error"]["type"] == "service_unavailable_error"
+    yield handle, f"{base_url}/recover/v1/completions"
+    serve.delete(name)
 
-        def replaced():
-            stats = handle.stats.remote().result()["fragile"]
-            return stats["replica"] != first and stats
 
-        wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")
-        response = httpx.post(url, json=request, timeout=60)
-        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
-    finally:
-        serve.delete(name)
+def test_dead_stage_is_restarted_and_streams_complete(fragile_app, offline):
+    """Kill a stage actor while generations stream: the pipeline restarts the stage (reloading its
+    weights), recomputes the in-flight sequences from their tokens, and every client receives the
+    complete greedy text it would have got without the fault, from the same replica."""
+    handle, url = fragile_app
+    prompts = ["def hello_world():", "import os\n", "class Greeter:\n    def"]
+    expected = [e[0][0] for e in reference(offline["neox"], prompts, max_tokens=60, temperature=0.0,
+                                           ignore_eos=True)]
+    replica = handle.stats.remote().result()["fragile"]["replica"]
+    received = [0] * len(prompts)
+
+    async def one(http: httpx.AsyncClient, index: int) -> tuple[str, bool]:
+        body = {"model": "fragile", "prompt": prompts[index], "max_tokens": 60, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        lines = []
+        async with http.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                lines.append(line)
+                received[index] += line.startswith("data: ")
+        events, done = parse_sse(lines)
+        return join_stream(events)[0], done
+
+    async def kill_when_streaming():
+        deadline = time.monotonic() + 60
+        while min(received) < 3:  # every stream is under way
+            assert time.monotonic() < deadline, "streams did not start"
+            await asyncio.sleep(0.02)
+        actor = stage_actor(replica, 1)
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=180) as http:
+            results = asyncio.gather(*(one(http, i) for i in range(len(prompts))))
+            await kill_when_streaming()
+            return await results
+
+    results = asyncio.run(run_all())
+    assert [text for text, _ in results] == expected
+    assert all(done for _, done in results)
+    stats = handle.stats.remote().result()["fragile"]
+    assert stats["num_recoveries"] == 1 and stats["replica"] == replica
+    assert stats["running"] == 0 and stats["free_kv_blocks"] == stats["total_kv_blocks"]
+    assert any(a["name"].endswith(":1.1") for a in ray.util.list_named_actors(all_namespaces=True)
+               if f":{replica}:" in a["name"])  # the restarted stage
+
+
+def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(fragile_app):
+    """When the stage cannot be restarted within the deadline, requests end with an explicit 503
+    (never a hang), the replica fails its health check and Serve replaces the whole pipeline."""
+    handle, url = fragile_app
+    request = {"model": "doomed", "prompt": "def f(", "max_tokens": 4, "temperature": 0}
+    first = handle.stats.remote().result()["doomed"]["replica"]
+    actor = stage_actor(first, 1)
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    failed = httpx.post(url, json=request, timeout=60)
+    assert failed.status_code in (503, 200), failed.text  # 200 only if Serve already replaced it
+    if failed.status_code == 503:
+        assert failed.json()["error"]["type"] == "service_unavailable_error"
+
+    def replaced():
+        stats = handle.stats.remote().result()["doomed"]
+        return stats["replica"] != first and stats
+
+    wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")
+    response = httpx.post(url, json=request, timeout=60)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4

@@ -279,6 +279,11 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq)
 
+    def recompute_all(self) -> int:
+        """After a stage lost its KV cache (restarted): every running sequence is recomputed
+        from its tokens at its next step. Returns how many were running."""
+        return self.scheduler.preempt_all()
+
     # ---- introspection ------------------------------------------------------------------------
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks in use (the same on every stage)."""

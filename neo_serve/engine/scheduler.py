@@ -152,6 +152,16 @@ class Scheduler:
                 return False
         return True
 
+    def preempt_all(self) -> int:
+        """Free every running sequence's KV and queue it for recompute (a stage lost its cache).
+
+        Nothing is lost: each sequence keeps its tokens and is prefilled again from them."""
+        victims = list(self.running)
+        batch = ScheduledBatch()
+        for seq in reversed(victims):  # latest first, so the earliest ends up first in line
+            self._preempt(seq, batch)
+        return len(victims)
+
     def _pick_victim(self, protected: set[Sequence] | frozenset[Sequence]) -> Sequence:
         for candidate in reversed(self.running):
             if candidate not in protected:

@@ -97,6 +97,12 @@ class ModelArgs(_Scaling):
         1024, ge=1, description="Requests one replica accepts at once; more wait in the caller's queue. "
                                 "The engine itself queues sequences beyond max_num_seqs.")
     seed: int = Field(0, description="Seed of unseeded requests' random draws.")
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="A micro-batch taking longer means a stage hangs: the pipeline restarts its "
+        "stages and recomputes its sequences. None: no deadline (first steps on a GPU may compile kernels).")
+    recovery_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline for restarting a dead stage (reloading its weights); past it every "
+        "request of the pipeline ends with an error and Serve replaces the replica.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
                                                                  "stage fails the check and the replica is replaced).")
 

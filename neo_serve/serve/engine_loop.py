@@ -13,6 +13,13 @@ to `runner.depth` (= num_stages) micro-batches in flight:
 Each request has an asyncio queue of cumulative outputs; its `generate` stream turns them into
 deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
 which frees its KV blocks before the next micro-batch is scheduled.
+
+Faults: when a stage actor dies (or a step outlives `step_timeout_s`, i.e. a stage hangs), the
+in-flight micro-batches are dropped, the dead (or all) stages are restarted in their bundles,
+reloading their weights, and every running sequence is recomputed from its tokens, so streams
+continue where they were and the clients receive complete output. If that cannot finish within
+`recovery_timeout_s`, every request ends with an explicit error and the replica reports itself
+unhealthy, so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -48,10 +55,14 @@ class PipelineFailed(RuntimeError):
 class PipelineCore:
     """Continuous batching over an engine and a step runner, with per-request output streams."""
 
-    def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None) -> None:
+    def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None,
+                 step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0) -> None:
         self.engine = engine
         self.runner = runner
         self.metrics = metrics
+        self.step_timeout_s = step_timeout_s
+        self.recovery_timeout_s = recovery_timeout_s
+        self.num_recoveries = 0
         self.decode_token = TokenDecoder(
             lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
         self.num_steps = 0
@@ -59,6 +70,7 @@ class PipelineCore:
         self.failure: BaseException | None = None
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         self._inflight: deque[tuple[PreparedStep, asyncio.Future[torch.Tensor]]] = deque()
+        self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -128,6 +140,7 @@ class PipelineCore:
             "kv_cache_usage": self.engine.kv_cache_usage(),
             "num_preemptions": self.engine.scheduler.num_preemptions,
             "num_steps": self.num_steps,
+            "num_recoveries": self.num_recoveries,
             "failed": repr(self.failure) if self.failure is not None else None,
         }
 
@@ -141,17 +154,29 @@ class PipelineCore:
                     await self._wake.wait()
                     continue
                 oldest = self._inflight[0][1]
+                waiters: set[asyncio.Future] = {oldest}
+                waker = None
                 if len(self._inflight) < self.runner.depth:
                     # The pipe has room: also wake up for a new request to start its prefill.
                     waker = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait((oldest, waker), return_when=asyncio.FIRST_COMPLETED)
+                    waiters.add(waker)
+                timeout = None
+                if self.step_timeout_s is not None:
+                    timeout = max(0.0, self._submitted[0] + self.step_timeout_s - time.monotonic())
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if waker is not None:
                     waker.cancel()
-                    if not oldest.done():
-                        continue
-                else:
-                    await asyncio.wait((oldest,))
+                if not oldest.done():
+                    if timeout is not None and time.monotonic() >= self._submitted[0] + self.step_timeout_s:
+                        # A stage hangs (no error, no result): restart them all.
+                        await self._recover(TimeoutError(f"a step took over {self.step_timeout_s} s"),
+                                            all_stages=True)
+                    continue
                 prepared, future = self._inflight.popleft()
-                self._finish_step(prepared, future)
+                self._submitted.popleft()
+                lost_stage = self._finish_step(prepared, future)
+                if lost_stage is not None:
+                    await self._recover(lost_stage, all_stages=False)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
@@ -173,18 +198,42 @@ class PipelineCore:
             if prepared is None:
                 return
             self._inflight.append((prepared, self.runner.submit(prepared.step_input)))
+            self._submitted.append(time.monotonic())
             self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
 
-    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[torch.Tensor]) -> None:
+    async def _recover(self, error: BaseException, *, all_stages: bool) -> None:
+        """Restart dead (or all) stages and recompute every running sequence; on failure or past
+        the deadline, fail every request explicitly."""
+        restart = getattr(self.runner, "restart_stages", None)
+        for _, future in self._inflight:  # their results are lost with the stage
+            future.cancel()
+        self._inflight.clear()
+        self._submitted.clear()
+        if restart is None:
+            self._fail_all(error)
+            return
+        logger.warning("neo-serve pipeline lost a stage (%r); restarting and recomputing", error)
+        try:
+            await asyncio.wait_for(restart(all_stages=all_stages), timeout=self.recovery_timeout_s)
+        except Exception as exc:  # includes the deadline
+            logger.error("neo-serve could not restart its stages: %r", exc)
+            self._fail_all(PipelineFailed(f"stage failure ({error!r}) and no recovery within "
+                                          f"{self.recovery_timeout_s} s ({exc!r})"))
+            return
+        recomputed = self.engine.recompute_all()
+        self.num_recoveries += 1
+        logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
+
+    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[torch.Tensor]) -> BaseException | None:
+        """Apply a finished micro-batch. Returns the error when a stage died (recover), else None."""
         try:
             logits = future.result()
-        except ray.exceptions.RayActorError as exc:  # a stage is gone: this pipeline is done
-            self._fail_all(exc)
-            return
+        except ray.exceptions.RayActorError as exc:  # a stage is gone: restart it
+            return exc
         except Exception as exc:
             logger.exception("neo-serve step failed; failing its requests")
             self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks}, exc)
-            return
+            return None
         outputs = self.engine.process_step(prepared, logits)
         self.num_steps += 1
         for output in outputs:
@@ -195,6 +244,7 @@ class PipelineCore:
             self.metrics.record_step(running=self.engine.num_running(), waiting=self.engine.num_waiting(),
                                      kv_usage=self.engine.kv_cache_usage(),
                                      preemptions=self.engine.scheduler.num_preemptions)
+        return None
 
     def _fail_requests(self, request_ids: set[str], error: BaseException) -> None:
         for request_id in request_ids:
@@ -208,4 +258,5 @@ class PipelineCore:
         for _, future in self._inflight:
             future.cancel()
         self._inflight.clear()
+        self._submitted.clear()
         self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))

@@ -49,7 +49,8 @@ class PipelineServer:
                 engine.stage_specs, num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
                 name_prefix=stage_actor_prefix(context.app_name, context.deployment, context.replica_id.unique_id))
         engine.executor = runner
-        self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages))
+        self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages),
+                                 step_timeout_s=model.step_timeout_s, recovery_timeout_s=model.recovery_timeout_s)
         self.core.start()
         logger.info("neo-serve pipeline for %s ready: %s", model.served_name, runner.stage_info())
 

@@ -104,33 +104,70 @@ class StageActor:
 class RayStageRunner:
     """A chain of stage actors, one per bundle of the replica's placement group."""
 
-    def __init__(self, actors: list[Any], infos: list[dict[str, Any]]) -> None:
+    def __init__(self, specs: list[StageWorkerSpec], actors: list[Any], infos: list[dict[str, Any]], *,
+                 num_cpus: float, num_gpus: float, name_prefix: str | None) -> None:
+        self.specs = specs
         self.actors = actors
         self.depth = len(actors)
         self._infos = infos
+        self._num_cpus, self._num_gpus, self._name_prefix = num_cpus, num_gpus, name_prefix
+        self.generation = 0  # how many times stages were restarted (part of new actors' names)
 
     @classmethod
     async def start(cls, specs: list[StageWorkerSpec], *, num_cpus: float, num_gpus: float,
                     name_prefix: str | None = None) -> "RayStageRunner":
         """Start one actor per stage in bundle `stage` of this replica's placement group (when it
         runs in one: a Serve replica with `placement_group_bundles`) and wait until all loaded."""
-        group = get_current_placement_group()
-        actors = []
-        for index, spec in enumerate(specs):
-            options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-            if name_prefix is not None:
-                options["name"] = f"{name_prefix}{index}"
-            if group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=group, placement_group_bundle_index=index)
-            actors.append(StageActor.options(**options).remote(spec))
+        runner = cls(specs, [], [], num_cpus=num_cpus, num_gpus=num_gpus, name_prefix=name_prefix)
+        runner.actors = [runner._spawn(index) for index in range(len(specs))]
+        runner.depth = len(specs)
         try:
-            infos = await asyncio.gather(*(cls._wait_loaded(actor) for actor in actors))
+            runner._infos = list(await asyncio.gather(*(cls._wait_loaded(actor) for actor in runner.actors)))
         except BaseException:
-            for actor in actors:
-                ray.kill(actor)
+            runner.close()
             raise
-        return cls(actors, list(infos))
+        return runner
+
+    def _spawn(self, index: int) -> Any:
+        options: dict[str, Any] = {"num_cpus": self._num_cpus, "num_gpus": self._num_gpus}
+        if self._name_prefix is not None:
+            suffix = f"{index}" if self.generation == 0 else f"{index}.{self.generation}"
+            options["name"] = f"{self._name_prefix}{suffix}"
+        group = get_current_placement_group()
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=index)
+        return StageActor.options(**options).remote(self.specs[index])
+
+    async def restart_stages(self, *, all_stages: bool = False, probe_timeout_s: float = 5.0) -> list[int]:
+        """Replace dead stage actors (or every one, e.g. after a hung step) in their own bundles,
+        reloading their weights; returns the restarted stage indices. The new stages' KV caches
+        are empty: the caller has the engine recompute its sequences."""
+        dead = list(range(self.depth)) if all_stages else [
+            index for index, alive in enumerate(await asyncio.gather(
+                *(self._alive(actor, probe_timeout_s) for actor in self.actors))) if not alive]
+        if not dead:
+            return []
+        self.generation += 1
+        for index in dead:
+            try:
+                ray.kill(self.actors[index])  # frees its bundle's resources if it merely hung
+            except Exception:  # already dead
+                pass
+            self.actors[index] = self._spawn(index)
+        infos = await asyncio.gather(*(self._wait_loaded(self.actors[index]) for index in dead))
+        for index, info in zip(dead, infos):
+            self._infos[index] = info
+        logger.warning("neo-serve restarted stage(s) %s (generation %d)", dead, self.generation)
+        return dead
+
+    @staticmethod
+    async def _alive(actor: Any, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(actor.info.remote(), timeout=timeout_s)
+            return True
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            return False
 
     @staticmethod
     async def _wait_loaded(actor: Any) -> dict[str, Any]:
