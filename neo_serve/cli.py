@@ -45,6 +45,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_engine_bench(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from neo_serve.bench.serve_bench import run_serve_bench
+
+    return run_serve_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
 
-    bench = sub.add_parser("bench", help="benchmark the engine against transformers on this machine")
+    bench = sub.add_parser("bench", help="benchmark the engine (or with `bench serve`, the served path) "
+                                         "against transformers on this machine")
     from neo_serve.bench.engine_bench import add_bench_arguments
+    from neo_serve.bench.serve_bench import add_serve_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="serve")
+    serve_bench = bench_sub.add_parser(
+        "serve", help="N concurrent streaming HTTP clients against the Ray Serve app, the offline engine and a "
+                      "transformers @serve.batch baseline")
+    add_serve_bench_arguments(serve_bench)
+    serve_bench.set_defaults(func=_bench_serve)
 
     plan = sub.add_parser("plan", help="stage split, weights and KV capacity per GPU, on the meta device")
     plan.add_argument("--config", required=True, help="a checkpoint's config.json (or its directory)")

@@ -56,12 +56,17 @@ class PipelineCore:
     """Continuous batching over an engine and a step runner, with per-request output streams."""
 
     def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None,
-                 step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0) -> None:
+                 step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0,
+                 stream_interval_s: float = 0.02) -> None:
         self.engine = engine
         self.runner = runner
         self.metrics = metrics
         self.step_timeout_s = step_timeout_s
         self.recovery_timeout_s = recovery_timeout_s
+        # After the first token, a stream yields at most once per interval (the tokens of several
+        # steps in one chunk): each yielded chunk costs the replica and router a Serve streaming
+        # round, which on a small model's millisecond steps would cost more than the step.
+        self.stream_interval_s = stream_interval_s
         self.num_recoveries = 0
         self.decode_token = TokenDecoder(
             lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
@@ -105,7 +110,12 @@ class PipelineCore:
             if request.finished:  # max_tokens=0 without prompt logprobs: nothing to compute
                 yield tracker.update(request.to_output())
                 return
+            last_token_chunk = None  # when the last chunk with tokens was yielded
             while True:
+                if last_token_chunk is not None:
+                    pause = last_token_chunk + self.stream_interval_s - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                 item = await queue.get()
                 while not queue.empty() and not isinstance(item, BaseException):
                     item = queue.get_nowait()  # outputs are cumulative: the latest says it all
@@ -115,6 +125,7 @@ class PipelineCore:
                 if chunk is not None:
                     timer.tokens([len(s.token_ids) for s in chunk.sequences])
                     yield chunk
+                    last_token_chunk = time.monotonic()
                 if item.finished:
                     return
         finally:

@@ -1,0 +1,814 @@
+"""`neo-serve bench serve`: the served path over HTTP, on this machine, in one run.
+
+For each model (the bundled demo and a random Pythia-160M-shaped checkpoint by default) and each
+client count N (1, 8, 32, 64), the same fixed-seed workload (prompts of 32-256 token ids, 64-128
+new tokens each, `ignore_eos`, greedy) goes through:
+
+- `offline`: the in-process engine (`neo_serve.LLM`'s `LLMEngine`), N requests in flight at once
+  (a new one is added as soon as one finishes), no Ray, no HTTP: the ceiling of the served path;
+- `neo-serve S stage(s)`: the neo-serve application on Ray Serve with S pipeline stages, driven
+  over loopback HTTP by N concurrent streaming clients (`POST /v1/completions`, `stream: true`);
+- `baseline`: a plain Ray Serve deployment wrapping transformers `generate` in
+  `@serve.batch(max_batch_size=8)` (baseline_app.py), driven by the same N clients (no streaming:
+  its time to first token is the time to the whole response).
+
+Each client sends its next request as soon as the previous one is done, until the point's
+requests (`--rounds` x N, at least `--min-requests`) are all sent. Measured per point:
+generated tokens/s (all generated tokens / wall time from the first request sent to the last
+completed), time to first token (TTFT) and inter-token latency (ITL, the gap between a request's
+consecutive tokens; a chunk of k tokens counts as k gaps of 1/k of its delay) p50 / p99, and a
+check that every request got exactly its `max_tokens` tokens.
+
+Ray is started once (after the offline runs), one Serve application runs at a time on
+127.0.0.1 (a free port) and is deleted before the next; Serve and Ray are shut down at the end,
+also on errors and Ctrl-C. transformers is needed here (the baseline) but never by neo_serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
+PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
+NEO_APP = "neo-serve-bench"
+BASELINE_APP = "hf-baseline-bench"
+
+
+# ---- workload ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_requests(vocab_size: int, count: int, *, seed: int, prompt_len: tuple[int, int],
+                  new_tokens: tuple[int, int]) -> list[BenchRequest]:
+    """`count` requests with a fixed seed. Lengths come from their own generator, so every model
+    (whatever its vocabulary) gets the same prompt lengths and max_tokens."""
+    shapes = random.Random(seed)
+    lengths = [(shapes.randint(*prompt_len), shapes.randint(*new_tokens)) for _ in range(count)]
+    ids = random.Random(seed + 1)
+    return [BenchRequest([ids.randrange(1, vocab_size) for _ in range(n)], m) for n, m in lengths]
+
+
+def requests_per_point(clients: int, args: argparse.Namespace) -> int:
+    return max(args.rounds * clients, args.min_requests)
+
+
+# ---- measurements -----------------------------------------------------------------------------
+@dataclass
+class RequestRecord:
+    """One request as its client saw it. Times are seconds on `time.perf_counter()`."""
+
+    prompt_tokens: int
+    max_tokens: int
+    sent: float = 0.0
+    done: float | None = None
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of each token (streams only)
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.tokens == self.max_tokens
+
+    def raw(self, origin: float) -> dict[str, Any]:
+        """JSON-ready, times relative to `origin` (the point's start), in seconds."""
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(t - origin, 6)
+
+        return {"prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens, "tokens": self.tokens,
+                "sent": rel(self.sent), "first_token": rel(self.first_token), "done": rel(self.done),
+                "token_times": [round(t - self.sent, 6) for t in self.token_times], "error": self.error}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def inter_token_gaps(record: RequestRecord) -> list[float]:
+    """Gaps between a request's consecutive tokens; a chunk of k tokens that arrives `d` after
+    the previous one counts as k gaps of d / k. The first token's delay is TTFT, not a gap."""
+    gaps: list[float] = []
+    times = record.token_times
+    i = 1
+    while times and i < len(times):
+        j = i
+        while j + 1 < len(times) and times[j + 1] == times[i]:
+            j += 1
+        k = j - i + 1
+        gaps.extend([(times[i] - times[i - 1]) / k] * k)
+        i = j + 1
+    return gaps
+
+
+def _stats(values: list[float], scale: float) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "mean": None}
+    return {"p50": percentile(values, 50) * scale, "p99": percentile(values, 99) * scale,
+            "mean": sum(values) / len(values) * scale}
+
+
+def summarize(records: list[RequestRecord], *, streaming: bool) -> dict[str, Any]:
+    """A point's numbers. tokens/s = all generated tokens / (last completion - first send)."""
+    start = min(r.sent for r in records)
+    end = max((r.done for r in records if r.done is not None), default=start)
+    seconds = end - start
+    generated = sum(r.tokens for r in records)
+    ttfts = [r.first_token - r.sent for r in records if r.first_token is not None]
+    gaps = [gap for r in records for gap in inter_token_gaps(r)] if streaming else []
+    errors = [r.error or f"got {r.tokens} tokens, expected {r.max_tokens}" for r in records if not r.ok]
+    return {
+        "requests": len(records), "seconds": seconds, "generated_tokens": generated,
+        "expected_tokens": sum(r.max_tokens for r in records), "prompt_tokens": sum(r.prompt_tokens for r in records),
+        "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
+        "requests_per_s": len(records) / seconds if seconds > 0 else 0.0,
+        "ttft_ms": _stats(ttfts, 1e3), "itl_ms": _stats(gaps, 1e3),
+        "latency_s": _stats([r.done - r.sent for r in records if r.done is not None], 1.0),
+        "complete": not errors, "num_errors": len(errors), "errors": errors[:5],
+        "raw": [r.raw(start) for r in records],
+    }
+
+
+# ---- HTTP clients -----------------------------------------------------------------------------
+async def drive(send: Callable[[BenchRequest], Awaitable[RequestRecord]], requests: list[BenchRequest], *,
+                clients: int, timeout: float) -> list[RequestRecord]:
+    """`clients` concurrent clients; each sends its next request when its previous one is done,
+    until all `requests` are sent. A request that takes longer than `timeout` fails."""
+    pending = iter(requests)
+    records: list[RequestRecord] = []
+
+    async def client() -> None:
+        for request in pending:  # shared iterator: the next free client takes the next request
+            sent = time.perf_counter()
+            try:
+                record = await asyncio.wait_for(send(request), timeout)
+            except asyncio.TimeoutError:
+                record = RequestRecord(len(request.prompt), request.max_tokens, sent=sent,
+                                       error=f"timed out after {timeout:g} s")
+            except Exception as exc:  # noqa: BLE001 - a failed request is a measurement, not a crash
+                record = RequestRecord(len(request.prompt), request.max_tokens, sent=sent,
+                                       error=f"{type(exc).__name__}: {exc}")
+            records.append(record)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return records
+
+
+def stream_sender(http: Any, url: str, model: str) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
+    """neo-serve's OpenAI completions, streamed: records each token's arrival."""
+
+    async def send(request: BenchRequest) -> RequestRecord:
+        body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True}}
+        record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
+        finished = usage = None
+        ended = False
+        async with http.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                record.done = time.perf_counter()
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    ended = True
+                    break
+                now = time.perf_counter()
+                event = json.loads(data)
+                if "error" in event:
+                    record.error = f"stream error: {event['error']}"
+                    continue
+                for choice in event.get("choices", []):
+                    new = len(choice.get("token_ids") or [])
+                    if new and record.first_token is None:
+                        record.first_token = now
+                    record.token_times.extend([now] * new)
+                    finished = choice.get("finish_reason") or finished
+                usage = event.get("usage") or usage
+        record.done = time.perf_counter()
+        record.tokens = len(record.token_times)
+        if record.error is None:
+            if not ended:
+                record.error = "stream ended without data: [DONE]"
+            elif finished != "length":
+                record.error = f"finish_reason {finished!r}, expected 'length'"
+            elif usage is None or usage.get("completion_tokens") != record.tokens:
+                record.error = f"usage {usage} disagrees with {record.tokens} streamed tokens"
+        return record
+
+    return send
+
+
+def full_sender(http: Any, url: str) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
+    """The baseline's route: one JSON response with all tokens (TTFT = time to the response)."""
+
+    async def send(request: BenchRequest) -> RequestRecord:
+        record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
+        response = await http.post(url, json={"prompt": request.prompt, "max_tokens": request.max_tokens})
+        record.done = record.first_token = time.perf_counter()
+        if response.status_code != 200:
+            record.error = f"HTTP {response.status_code}: {response.text[:300]!r}"
+        else:
+            record.tokens = len(response.json()["token_ids"])
+        return record
+
+    return send
+
+
+async def http_point(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[RequestRecord]]],
+                     requests: list[BenchRequest], *, clients: int, timeout: float) -> list[RequestRecord]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # The read timeout bounds a silent connection; `drive` bounds each request's total time.
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=30.0)) as http:
+        return await drive(make_send(http), requests, clients=clients, timeout=timeout)
+
+
+def run_http(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[RequestRecord]]],
+             requests: list[BenchRequest], *, clients: int, timeout: float) -> tuple[list[RequestRecord], float]:
+    """One point over HTTP. Also returns the CPU seconds this (client) process used meanwhile:
+    on a small machine the clients compete with the server for cores."""
+    cpu = time.process_time()
+    records = asyncio.run(http_point(make_send, requests, clients=clients, timeout=timeout))
+    return records, time.process_time() - cpu
+
+
+# ---- the offline engine -----------------------------------------------------------------------
+def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int) -> list[RequestRecord]:
+    """The engine's own loop with `clients` requests in flight: a finished request is replaced
+    by the next one before the next step, as a closed-loop client would do."""
+    from neo_serve import SamplingParams
+
+    pending = iter(requests)
+    records: dict[str, RequestRecord] = {}
+
+    def add_next() -> bool:
+        request = next(pending, None)
+        if request is None:
+            return False
+        record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
+        added = engine.add_request(request.prompt, SamplingParams(max_tokens=request.max_tokens, temperature=0.0,
+                                                                  ignore_eos=True))
+        records[added.request_id] = record
+        return True
+
+    in_flight = sum(add_next() for _ in range(clients))
+    done: list[RequestRecord] = []
+    while in_flight:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            record = records[output.request_id]
+            new = len(output.outputs[0].token_ids) - len(record.token_times)
+            if new > 0 and record.first_token is None:
+                record.first_token = now
+            record.token_times.extend([now] * new)
+            if output.finished:
+                record.done = now
+                record.tokens = len(record.token_times)
+                if output.outputs[0].finish_reason != "length":
+                    record.error = f"finish_reason {output.outputs[0].finish_reason!r}"
+                done.append(record)
+                in_flight -= 1
+                in_flight += add_next()
+    return done
+
+
+def run_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.Namespace,
+                engine_args: dict[str, Any]) -> list[dict[str, Any]]:
+    from neo_serve import LLM, SamplingParams
+
+    llm = LLM(str(model.path), dtype=args.dtype, **engine_args)
+    llm.generate([requests[0].prompt[:16]] * 2, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    points = []
+    for clients in args.clients:
+        batch = requests[:requests_per_point(clients, args)]
+        point = {"system": "offline", "model": model.name, "stages": 1, "clients": clients,
+                 **summarize(offline_point(llm.engine, batch, clients=clients), streaming=True)}
+        _print_point(point)
+        points.append(point)
+    del llm
+    return points
+
+
+# ---- Ray Serve --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+    vocab_size: int
+    max_position_embeddings: int
+
+
+def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
+    from neo_serve.config import load_model_config
+
+    specs = []
+    for name in args.models:
+        if name == "demo":
+            path, served = DEMO_CHECKPOINT, "neo-demo"
+        elif name == "pythia-160m":
+            config = Path(args.config)
+            if not config.is_file():
+                raise SystemExit(f"{config} not found: pass --config with a Pythia-160M-like config.json")
+            print(f"pythia-160m: random checkpoint at {args.checkpoint_dir} (built once)", flush=True)
+            path, served = build_checkpoint(config, Path(args.checkpoint_dir)), "pythia-160m"
+        else:
+            path = Path(name).expanduser()
+            served = path.resolve().name
+        config = load_model_config(path)
+        specs.append(ModelSpec(served, path, config.vocab_size, config.max_position_embeddings))
+    return specs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def ray_serve(num_cpus: int) -> Iterator[str]:
+    """Local Ray and Serve on 127.0.0.1:<free port>, shut down on exit whatever happens.
+    Yields the HTTP base URL."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    port = free_port()
+    started = time.perf_counter()
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+        # ray.init replaces the SIGTERM handler (its core worker's aborts the process, leaving
+        # no chance to write the results): SIGTERM is Ctrl-C again until Ray is down.
+        with _sigterm_as_interrupt():
+            serve.start(http_options={"host": "127.0.0.1", "port": port},
+                        logging_config={"log_level": "WARNING", "enable_access_log": False})
+            print(f"Ray and Serve up in {time.perf_counter() - started:.1f} s ({num_cpus} logical CPUs, "
+                  f"http://127.0.0.1:{port})", flush=True)
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        with _uninterruptible():  # a second Ctrl-C must not leave Ray running
+            try:
+                if ray.is_initialized():
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+@contextmanager
+def deployed(app: Any, name: str, *, timeout: float) -> Iterator[Any]:
+    """One Serve application, running within `timeout` seconds (else TimeoutError), deleted on
+    exit (also when deploying fails or on Ctrl-C). Yields the ingress handle."""
+    from ray import serve
+
+    try:
+        # `serve.run` would wait forever for, e.g., a placement group that never fits.
+        handle = serve._run(app, _blocking=False, name=name, route_prefix="/",
+                            logging_config={"log_level": "WARNING", "enable_access_log": False})
+        deadline = time.monotonic() + timeout
+        while (status := serve.status().applications.get(name)) is None or status.status != "RUNNING":
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"Serve app {name!r} {status.status}: {status.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve app {name!r} not running after {timeout:g} s "
+                                   f"({status.status if status else 'unknown'})")
+            time.sleep(0.2)
+        yield handle
+    finally:
+        with _uninterruptible():
+            try:
+                serve.delete(name)
+            except Exception as exc:  # noqa: BLE001 - Serve and Ray are shut down at the end anyway
+                print(f"warning: could not delete Serve app {name!r}: {exc!r}", file=sys.stderr)
+
+
+def run_served(model: ModelSpec, stages: int, requests: list[BenchRequest], base_url: str,
+               args: argparse.Namespace, engine_args: dict[str, Any]) -> list[dict[str, Any]]:
+    from neo_serve.app import AppArgs, build_app
+
+    cpus = cpus_per_stage(stages, args)
+    app_args: dict[str, Any] = {"models": [{"name": model.name, "checkpoint": str(model.path), "num_stages": stages,
+                                            "dtype": args.dtype, "cpus_per_stage": cpus, **engine_args}]}
+    if "playground" in AppArgs.model_fields:  # the Gradio playground is not measured here
+        app_args["playground"] = False
+    app = build_app(app_args)
+    url = f"{base_url}/v1/completions"
+    system = f"neo-serve {stages} stage{'s' if stages > 1 else ''}"
+    points = []
+    started = time.perf_counter()
+    with deployed(app, NEO_APP, timeout=args.deploy_timeout):
+        print(f"[{model.name}] {system}: deployed in {time.perf_counter() - started:.1f} s "
+              f"({cpus} CPU thread(s) per stage)", flush=True)
+        _http_warmup(lambda http: stream_sender(http, url, model.name), requests, args)
+        for clients in args.clients:
+            batch = requests[:requests_per_point(clients, args)]
+            records, client_cpu = run_http(lambda http: stream_sender(http, url, model.name), batch,
+                                           clients=clients, timeout=args.request_timeout)
+            point = {"system": system, "model": model.name, "stages": stages, "clients": clients,
+                     "cpus_per_stage": cpus, **summarize(records, streaming=True), "client_cpu_s": client_cpu}
+            _print_point(point)
+            points.append(point)
+    return points
+
+
+def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
+    from neo_serve.bench.baseline_app import build_baseline_app
+
+    app = build_baseline_app(str(model.path), dtype=args.dtype, num_threads=args.threads,
+                             max_batch_size=args.baseline_batch_size)
+    url = f"{base_url}/"
+    points = []
+    started = time.perf_counter()
+    with deployed(app, BASELINE_APP, timeout=args.deploy_timeout) as handle:
+        print(f"[{model.name}] baseline: deployed in {time.perf_counter() - started:.1f} s", flush=True)
+        _http_warmup(lambda http: full_sender(http, url), requests, args)
+        for clients in args.clients:
+            batch = requests[:requests_per_point(clients, args)]
+            handle.reset_stats.remote().result()
+            records, client_cpu = run_http(lambda http: full_sender(http, url), batch, clients=clients,
+                                           timeout=args.request_timeout)
+            point = {"system": "baseline", "model": model.name, "stages": 1, "clients": clients,
+                     "cpus_per_stage": args.threads, **summarize(records, streaming=False), "client_cpu_s": client_cpu,
+                     "baseline_batches": handle.stats.remote().result()}
+            _print_point(point)
+            points.append(point)
+    return points
+
+
+def _http_warmup(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[RequestRecord]]],
+                 requests: list[BenchRequest], args: argparse.Namespace) -> None:
+    """Two short requests at once: first-call costs (connections, kernels) stay out of the points."""
+    warm = [BenchRequest(r.prompt[:16], min(8, r.max_tokens)) for r in requests[:2]]
+    records, _ = run_http(make_send, warm, clients=2, timeout=args.request_timeout)
+    failed = [r.error for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"warm-up request failed: {failed[0]}")
+
+
+def _print_point(point: dict[str, Any]) -> None:
+    ttft, itl = point["ttft_ms"], point["itl_ms"]
+    line = (f"[{point['model']}] {point['system']:<18} N={point['clients']:<3} {point['tokens_per_s']:8.1f} tok/s  "
+            f"TTFT p50 {_ms(ttft['p50'])} p99 {_ms(ttft['p99'])}  ITL p50 {_ms(itl['p50'])} p99 {_ms(itl['p99'])}  "
+            f"{point['requests']} req in {point['seconds']:.1f} s")
+    if "client_cpu_s" in point:
+        line += f" (client CPU {point['client_cpu_s']:.1f} s)"
+    if not point["complete"]:
+        line += f"  INCOMPLETE: {point['num_errors']} request(s), e.g. {point['errors'][0]}"
+    print(line, flush=True)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    import torch
+
+    info = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": args.threads,
+            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average_at_start": list(os.getloadavg())}
+    for package in ("transformers", "httpx"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return pair
+
+
+def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `neo-serve bench serve`'s options to `parser`."""
+    parser.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=["demo", "pythia-160m"],
+                        help="comma-separated: demo (the bundled model), pythia-160m (a random Pythia-160M-shaped "
+                             "checkpoint, built once), or checkpoint directories (default: demo,pythia-160m)")
+    parser.add_argument("--config", default=str(REPO_REFERENCE),
+                        help="config.json whose shape the pythia-160m checkpoint takes")
+    parser.add_argument("--checkpoint-dir", default=str(PYTHIA_DIR), help="where the pythia-160m checkpoint lives")
+    parser.add_argument("--clients", type=_int_list, default=[1, 8, 32, 64],
+                        help="concurrent clients N, comma-separated (default 1,8,32,64)")
+    parser.add_argument("--stages", type=_int_list, default=[1, 2], help="neo-serve pipeline stages (default 1,2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="requests per point = rounds x N (default 2: each client sends 2 requests)")
+    parser.add_argument("--min-requests", type=int, default=4, help="at least this many requests per point")
+    parser.add_argument("--prompt-len", type=_range, default=(32, 256), help="prompt token ids MIN:MAX")
+    parser.add_argument("--max-tokens", type=_range, default=(64, 128), help="new tokens per request MIN:MAX")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights of every system (default float32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per system (default: torch's, i.e. the physical cores): the offline "
+                             "engine, the baseline replica, and a pipeline's stages together")
+    parser.add_argument("--cpus-per-stage", type=int, default=None,
+                        help="CPUs per neo-serve pipeline stage (default: threads / stages)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--baseline-batch-size", type=int, default=8, help="@serve.batch max_batch_size (default 8)")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument("--deploy-timeout", type=float, default=600.0,
+                        help="seconds for an application to load and run (default 600)")
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--markdown", default=None, help="write the markdown report here")
+    parser.add_argument("--json", default=None, help="write all numbers (per request too) here")
+    parser.add_argument("--plots-dir", default=None, help="write PNG plots here (needs matplotlib)")
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 if every request of every point got exactly its tokens."""
+    import torch
+
+    args.threads = args.threads or torch.get_num_threads()
+    models = resolve_models(args)
+    max_requests = max(requests_per_point(n, args) for n in args.clients)
+    workloads = {m.name: make_requests(m.vocab_size, max_requests, seed=args.seed, prompt_len=args.prompt_len,
+                                       new_tokens=args.max_tokens) for m in models}
+    results: dict[str, Any] = {
+        "machine": machine_info(args),
+        "workload": {"seed": args.seed, "prompt_len": list(args.prompt_len), "max_tokens": list(args.max_tokens),
+                     "rounds": args.rounds, "min_requests": args.min_requests, "clients": args.clients,
+                     "dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens,
+                     "baseline_batch_size": args.baseline_batch_size},
+        "points": [], "failures": [], "interrupted": False,
+    }
+    print(f"machine: {json.dumps(results['machine'])}", flush=True)
+    started = time.perf_counter()
+    with _sigterm_as_interrupt():
+        try:
+            _run_all(models, workloads, args, results)
+        except KeyboardInterrupt:
+            results["interrupted"] = True
+            print("interrupted: Serve and Ray are shut down; writing what was measured", file=sys.stderr)
+        finally:
+            results["seconds"] = time.perf_counter() - started
+            results["machine"]["load_average_at_end"] = list(os.getloadavg())
+            _write_outputs(results, args)
+    if results["interrupted"]:
+        return 130
+    ok = not results["failures"] and all(p["complete"] for p in results["points"])
+    return 0 if ok else 1
+
+
+def cpus_per_stage(stages: int, args: argparse.Namespace) -> int:
+    """A pipeline gets the same CPU threads as the offline engine, split over its stages."""
+    return args.cpus_per_stage or max(1, args.threads // stages)
+
+
+def ray_cpus(args: argparse.Namespace) -> int:
+    """Logical CPUs for Ray: room for the largest application (one at a time), so that no
+    placement group waits for CPUs. Only logical: each replica's torch threads are its own."""
+    from neo_serve.serve.config import ModelArgs, RouterArgs
+
+    needed = [float(args.threads)]  # the baseline replica
+    for stages in args.stages:
+        bundles = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, args)).placement_bundles()
+        needed.append(sum(bundle["CPU"] for bundle in bundles) + RouterArgs().num_cpus)
+    return math.ceil(max(needed)) + 1
+
+
+def _engine_args(model: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """The same engine limits offline and served; a KV cache that never preempts this workload."""
+    needed = max(args.clients) * (args.prompt_len[1] + args.max_tokens[1])
+    kv = max(needed, model.max_position_embeddings)
+    return {"kv_cache_tokens": -(-kv // 256) * 256, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "max_num_seqs": max(256, max(args.clients))}
+
+
+def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], args: argparse.Namespace,
+             results: dict[str, Any]) -> None:
+    def attempt(what: str, run: Callable[[], list[dict[str, Any]]]) -> None:
+        try:
+            results["points"].extend(run())
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the next configuration
+            message = f"{what}: {type(exc).__name__}: {exc}"
+            print(f"FAILED {message}", file=sys.stderr, flush=True)
+            results["failures"].append(message)
+
+    if not args.skip_offline:  # before Ray starts: nothing else runs on the machine
+        for model in models:
+            attempt(f"{model.name} offline", lambda m=model: run_offline(m, workloads[m.name], args,
+                                                                         _engine_args(m, args)))
+    with ray_serve(ray_cpus(args)) as base_url:
+        for model in models:
+            for stages in args.stages:
+                attempt(f"{model.name} neo-serve {stages} stage(s)",
+                        lambda m=model, s=stages: run_served(m, s, workloads[m.name], base_url, args,
+                                                             _engine_args(m, args)))
+            if not args.skip_baseline:
+                attempt(f"{model.name} baseline",
+                        lambda m=model: run_baseline(m, workloads[m.name], base_url, args))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM cleans up like Ctrl-C (only possible from the main thread); nests."""
+    if sys.platform == "win32" or not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up (only possible from the main thread)."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+def _write_outputs(results: dict[str, Any], args: argparse.Namespace) -> None:
+    plots: list[Path] = []
+    if args.plots_dir and results["points"]:
+        try:
+            from neo_serve.bench.plots import plot_serve_bench
+
+            plots = plot_serve_bench(results, Path(args.plots_dir))
+        except ImportError as exc:
+            print(f"no plots: {exc} (pip install matplotlib, or neo-serve[bench])", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - the numbers matter more than the pictures
+            print(f"no plots: {type(exc).__name__}: {exc}", file=sys.stderr)
+    markdown_dir = Path(args.markdown).parent if args.markdown else Path.cwd()
+    table = format_markdown(results, [os.path.relpath(path, markdown_dir) for path in plots])
+    print(table, flush=True)
+    for path in plots:
+        print(f"wrote {path}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table)
+        print(f"wrote {args.markdown}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+
+
+def _find(points: list[dict[str, Any]], model: str, system: str, clients: int) -> dict[str, Any] | None:
+    return next((p for p in points if p["model"] == model and p["system"] == system and p["clients"] == clients),
+                None)
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
+
+
+def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
+    """The report: machine, workload, one table per model, the issue's targets, plot links."""
+    machine, workload, points = results["machine"], results["workload"], results["points"]
+    lines = [
+        "## Served path: HTTP streaming clients vs the offline engine and a transformers baseline", "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch "
+        f"threads per system; torch {machine['torch']}, ray {machine['ray']}, transformers {machine['transformers']}, "
+        f"Python {machine['python']}; load average {_load(machine.get('load_average_at_start'))} at start, "
+        f"{_load(machine.get('load_average_at_end'))} at end.", "",
+        f"Workload (seed {workload['seed']}): {workload['rounds']} x N requests per point (at least "
+        f"{workload['min_requests']}), prompts of {workload['prompt_len'][0]}-{workload['prompt_len'][1]} token ids, "
+        f"{workload['max_tokens'][0]}-{workload['max_tokens'][1]} new tokens each (`ignore_eos`, temperature 0), "
+        f"{workload['dtype']} weights. N clients each send a request as soon as their previous one is done. "
+        "tokens/s = generated tokens / wall time from the first request sent to the last completed. "
+        "`offline`: the engine in-process, N requests in flight. `neo-serve S stages`: the Ray Serve app over "
+        f"loopback HTTP, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
+        f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response).", "",
+    ]
+    if results.get("interrupted"):
+        lines += ["**Interrupted: partial results.**", ""]
+    for failure in results.get("failures", []):
+        lines += [f"**Failed:** {failure}", ""]
+    for model in dict.fromkeys(p["model"] for p in points):
+        lines += [f"### {model}", "",
+                  "| system | N | requests | tokens/s | vs offline | vs baseline | TTFT p50 | TTFT p99 | "
+                  "ITL p50 | ITL p99 | all tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        systems = dict.fromkeys(p["system"] for p in points if p["model"] == model)
+        for system in systems:
+            for p in (p for p in points if p["model"] == model and p["system"] == system):
+                offline = _find(points, model, "offline", p["clients"])
+                baseline = _find(points, model, "baseline", p["clients"])
+                served = system.startswith("neo-serve")
+                lines.append(
+                    f"| {system} | {p['clients']} | {p['requests']} | {p['tokens_per_s']:.1f} | "
+                    f"{_ratio(p['tokens_per_s'], offline and offline['tokens_per_s']) if served else '-'} | "
+                    f"{_ratio(p['tokens_per_s'], baseline and baseline['tokens_per_s']) if served else '-'} | "
+                    f"{_ms(p['ttft_ms']['p50'])} | {_ms(p['ttft_ms']['p99'])} | {_ms(p['itl_ms']['p50'])} | "
+                    f"{_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} |")
+        batches = [f"N={p['clients']}: {p['baseline_batches']['mean_batch_size']:.1f}" for p in points
+                   if p["model"] == model and p.get("baseline_batches")]
+        lines += ["", f"Baseline mean batch size: {', '.join(batches)}." if batches else "", ""]
+    lines += _targets(points)
+    lines += [f"![{Path(plot).stem}]({plot})" for plot in plots or []]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _targets(points: list[dict[str, Any]]) -> list[str]:
+    """Issue 3's targets at the largest N: served >= 0.8x offline, >= 3x the baseline, lower p50 TTFT."""
+    served = [p for p in points if p["system"].startswith("neo-serve")]
+    if not served:
+        return []
+    top = max(p["clients"] for p in served)
+    lines = [f"### Targets at N = {top}", "",
+             "| model | system | served / offline (>= 0.8x) | served / baseline (>= 3x) | "
+             "TTFT p50 served vs baseline |",
+             "|---|---|---|---|---|"]
+    for p in (p for p in served if p["clients"] == top):
+        offline = _find(points, p["model"], "offline", top)
+        baseline = _find(points, p["model"], "baseline", top)
+        vs_off = p["tokens_per_s"] / offline["tokens_per_s"] if offline and offline["tokens_per_s"] else None
+        vs_base = p["tokens_per_s"] / baseline["tokens_per_s"] if baseline and baseline["tokens_per_s"] else None
+        ttft = "-"
+        if baseline and p["ttft_ms"]["p50"] is not None and baseline["ttft_ms"]["p50"] is not None:
+            lower = p["ttft_ms"]["p50"] < baseline["ttft_ms"]["p50"]
+            ttft = (f"{_ms(p['ttft_ms']['p50'])} vs {_ms(baseline['ttft_ms']['p50'])} "
+                    f"{'(met)' if lower else '(missed)'}")
+        lines.append(f"| {p['model']} | {p['system']} | {_verdict(vs_off, 0.8)} | {_verdict(vs_base, 3.0)} | {ttft} |")
+    return lines + [""]
+
+
+def _verdict(ratio: float | None, target: float) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x {'(met)' if ratio >= target else '(missed)'}"
+
+
+def _load(values: list[float] | None) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m neo_serve.bench.serve_bench`) until the CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="neo-serve bench serve", description=__doc__.splitlines()[0])
+    add_serve_bench_arguments(parser)
+    return run_serve_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

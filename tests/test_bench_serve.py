@@ -1,0 +1,93 @@
+"""`neo-serve bench serve` end to end at tiny sizes: real Ray, real HTTP, the real baseline.
+
+One run (the demo model, N = 1 and 2, a few tokens per request) through the offline engine, the
+neo-serve app (one stage: the quickest to deploy; test_serve_app covers pipelines) and the
+transformers `@serve.batch` baseline; every request must come back with exactly its max_tokens,
+the numbers must be real, and Ray must be gone afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import ray
+
+from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments,
+                                         inter_token_gaps, make_requests, percentile, requests_per_point,
+                                         run_serve_bench)
+
+ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
+        "--min-requests", "3", "--request-timeout", "60"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_bench_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_workload_is_fixed_and_shaped_alike_across_vocabularies():
+    small = make_requests(4096, 20, seed=3, prompt_len=(32, 256), new_tokens=(64, 128))
+    large = make_requests(50304, 20, seed=3, prompt_len=(32, 256), new_tokens=(64, 128))
+    assert small == make_requests(4096, 20, seed=3, prompt_len=(32, 256), new_tokens=(64, 128))
+    assert [(len(r.prompt), r.max_tokens) for r in small] == [(len(r.prompt), r.max_tokens) for r in large]
+    assert all(32 <= len(r.prompt) <= 256 and 64 <= r.max_tokens <= 128 for r in small)
+    assert all(0 < t < 4096 for r in small for t in r.prompt)
+    assert len({tuple(r.prompt) for r in small}) == 20
+
+
+def test_statistics():
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    assert percentile([], 50) is None
+    # A chunk of 2 tokens arriving 0.4 s after the previous one counts as two gaps of 0.2 s.
+    record = RequestRecord(prompt_tokens=4, max_tokens=4, sent=0.0, token_times=[1.0, 1.1, 1.5, 1.5])
+    assert inter_token_gaps(record) == pytest.approx([0.1, 0.2, 0.2])
+    assert requests_per_point(64, parse([])) == 128 and requests_per_point(1, parse([])) == 4
+
+
+@pytest.mark.timeout(180)
+def test_tiny_run_measures_every_system(tmp_path):
+    out_json, out_md = tmp_path / "serve.json", tmp_path / "serve.md"
+    args = parse(ARGV + ["--json", str(out_json), "--markdown", str(out_md), "--plots-dir", str(tmp_path)])
+    assert run_serve_bench(args) == 0
+    assert not ray.is_initialized()  # Ray is shut down at the end
+
+    results = json.loads(out_json.read_text())
+    assert results["failures"] == [] and not results["interrupted"]
+    assert results["machine"]["cpu"] and results["machine"]["torch"] and results["machine"]["ray"]
+    vocab = 4096  # the demo model's
+    workload = make_requests(vocab, requests_per_point(2, args), seed=0, prompt_len=(8, 24), new_tokens=(3, 6))
+    points = {(p["system"], p["clients"]): p for p in results["points"]}
+    assert set(points) == {(system, n) for system in ("offline", "neo-serve 1 stage", "baseline") for n in (1, 2)}
+    for (system, clients), point in points.items():
+        expected: list[BenchRequest] = workload[:requests_per_point(clients, args)]
+        assert point["model"] == "neo-demo"
+        assert point["complete"], point["errors"]
+        assert point["requests"] == len(expected) == len(point["raw"])
+        assert point["generated_tokens"] == point["expected_tokens"] == sum(r.max_tokens for r in expected)
+        assert sorted((r["prompt_tokens"], r["max_tokens"]) for r in point["raw"]) == \
+            sorted((len(r.prompt), r.max_tokens) for r in expected)
+        assert all(r["tokens"] == r["max_tokens"] and r["error"] is None for r in point["raw"])
+        assert point["seconds"] > 0 and point["tokens_per_s"] > 0
+        assert point["tokens_per_s"] == pytest.approx(point["generated_tokens"] / point["seconds"])
+        assert 0 < point["ttft_ms"]["p50"] <= point["ttft_ms"]["p99"]
+        assert point["latency_s"]["p50"] > 0
+        if system == "baseline":  # not streamed: TTFT is the whole response, no inter-token latency
+            assert point["itl_ms"]["p50"] is None
+            assert point["baseline_batches"]["batches"] >= 1
+        else:
+            assert 0 < point["itl_ms"]["p50"] <= point["itl_ms"]["p99"]
+            assert all(len(r["token_times"]) == r["tokens"] for r in point["raw"])
+
+    report = out_md.read_text()
+    assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
+    assert results["machine"]["cpu"] in report
+    try:
+        import matplotlib  # noqa: F401 - plots are optional (the bench extra)
+    except ImportError:
+        return
+    for name in ("serve_bench_tokens_per_s.png", "serve_bench_ttft_p50.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
