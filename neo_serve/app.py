@@ -8,7 +8,9 @@ One builder for every way of deploying neo-serve:
     serve.run(build_app({"models": [{"name": "neo", "checkpoint": "/models/neo", "num_stages": 2}]}))
 
 The graph: a `Router` ingress deployment (FastAPI) holding a handle to one pipeline deployment
-per model (`Pipeline-<i>-<name>`); see neo_serve/serve/ and docs/serving.md.
+per model (`Pipeline-<i>-<name>`) and, unless `playground: false`, to the one-replica
+`Playground` deployment (Gradio, at /ui) which calls the same pipelines through their handles;
+see neo_serve/serve/, ui/ (neo_serve.ui), docs/serving.md and docs/playground.md.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 
 from ray import serve
 
-from neo_serve.serve.config import AppArgs, AppConfigError, ModelArgs, parse_app_args
+from neo_serve.serve.config import AppArgs, AppConfigError, ModelArgs, deployment_name, parse_app_args
 from neo_serve.serve.pipeline import pipeline_deployment
 from neo_serve.serve.router import router_deployment
+from neo_serve.ui.deployment import playground_deployment
 
 __all__ = ["build_app", "AppArgs", "AppConfigError"]
 
@@ -38,7 +41,13 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         cards.append(card)
     pipelines = {model.served_name: pipeline_deployment(model, index).bind(model)
                  for index, model in enumerate(app_args.models)}
-    return router_deployment(app_args.router).bind(pipelines, cards, app_args.router)
+    playground = None
+    if app_args.playground.enabled:
+        models = [{"name": card["id"], "deployment": deployment_name(model, index), "num_stages": model.num_stages,
+                   "max_model_len": card.get("max_model_len")}
+                  for index, (model, card) in enumerate(zip(app_args.models, cards))]
+        playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
+    return router_deployment(app_args.router).bind(pipelines, cards, app_args.router, playground)
 
 
 def verify_model(model: ModelArgs, index: int) -> int:

@@ -753,7 +753,9 @@ def test_serve_config_validates_and_builds_the_app(path, checkpoints):
     assert import_attr("neo_serve.app:build_app") is build_app
     (app, app_args, built) = build_serve_applications(doc, checkpoints)[0]
     names = {d.name for d in built.deployments}
-    assert built.ingress_deployment_name == "Router" and len(names) == 1 + len(app_args.models)
+    # The router, one pipeline deployment per model, and the playground (unless disabled).
+    expected = 1 + len(app_args.models) + (1 if app_args.playground.enabled else 0)
+    assert built.ingress_deployment_name == "Router" and len(names) == expected
     assert all(m.autoscaling is not None for m in app_args.models), "Serve autoscales whole pipelines"
 
 

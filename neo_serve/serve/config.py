@@ -154,12 +154,36 @@ class RouterArgs(_Scaling):
     health_timeout_s: float = Field(2.0, gt=0, description="How long /health waits for each model's pipeline.")
 
 
+class PlaygroundArgs(_Strict):
+    """The Gradio playground (`/ui`): one replica holding Gradio's queue and sessions, reached
+    through the router, calling the pipelines through Serve handles."""
+
+    enabled: bool = Field(True, description="Serve the playground at /ui (false: no playground deployment).")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the playground replica. It only relays "
+                                                   "between the browser and the pipelines, so 0 by default; set "
+                                                   "e.g. 0.5 to keep it on a node with CPU room.")
+    concurrency_limit: int = Field(16, ge=1, description="Generations the playground runs at once, over all "
+                                                         "users; further clicks wait in Gradio's queue.")
+    max_queue_size: int = Field(64, ge=1, description="Generations waiting in Gradio's queue before the "
+                                                      "playground answers 'busy'.")
+    replica_wait_s: float = Field(5.0, gt=0, description="How long a run waits for a pipeline replica with "
+                                                         "room before reporting the model not loaded or busy.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_shorthand(cls, data: Any) -> Any:
+        # `playground: false` in YAML, `playground=false` on `serve run`'s command line.
+        return {"enabled": data} if isinstance(data, (bool, str)) else data
+
+
 class AppArgs(_Strict):
     """`build_app` arguments. A flat dict of ModelArgs fields is read as one model."""
 
     models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()], min_length=1,
                                     description="Served models (default: the bundled demo model).")
     router: RouterArgs = Field(default_factory=RouterArgs, description="Router (ingress) deployment settings.")
+    playground: PlaygroundArgs = Field(default_factory=PlaygroundArgs, description="The Gradio playground at /ui "
+                                                                                  "(`false` disables it).")
     verify_checkpoints: bool = Field(True, description="Open each checkpoint's config and tokenizer at build "
                                                        "time so bad paths and shapes fail before deploying.")
 

@@ -43,6 +43,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: all)")
+    parser.add_argument("--no-playground", dest="playground", action="store_false",
+                        help="do not serve the Gradio playground at /ui")
 
 
 def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +73,10 @@ def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
         if names:
             entry["name"] = names[index]
         models.append(entry)
-    return {"models": models}
+    app_args: dict[str, Any] = {"models": models}
+    if not getattr(args, "playground", True):
+        app_args["playground"] = {"enabled": False}
+    return app_args
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -100,7 +105,8 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
-        print(f"  playground   {base}/ui  (coming with the Gradio playground)", flush=True)
+        if getattr(args, "playground", True):
+            print(f"  playground   {base}/ui/", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass

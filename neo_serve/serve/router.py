@@ -1,6 +1,8 @@
 """The router: the application's ingress deployment (FastAPI), stateless, routing by model name.
 
 HTTP: `POST /v1/completions`, `GET /v1/models`, `GET /health`; errors as OpenAI error JSON.
+`/ui` and `/ui/...` (the Gradio playground) are relayed to the one-replica playground deployment
+(`neo_serve.ui.bridge`): Gradio's sessions live in one process, this router is autoscaled.
 Python: `serve.get_app_handle(app).generate.remote(prompt=..., ...)` returns the same JSON as
 HTTP (a dict); `handle.options(stream=True).generate.remote(..., stream=True)` yields the
 stream's chunks (dicts).
@@ -23,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
 from neo_serve.serve.config import RouterArgs
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
+from neo_serve.ui import bridge
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,10 +88,11 @@ class Router:
     """Ingress deployment: OpenAI HTTP API and the `generate` handle method, routing by model."""
 
     def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
-                 settings: RouterArgs) -> None:
+                 settings: RouterArgs, playground: DeploymentHandle | None = None) -> None:
         self.service = CompletionService(pipelines)
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
+        self.playground = playground
 
     # ---- HTTP --------------------------------------------------------------------------------
     @api.post("/v1/completions")
@@ -124,6 +128,20 @@ class Router:
             return {"model": name, "ready": False, "detail": "no replica with loaded stages yet"}
         except Exception as exc:  # noqa: BLE001 - a failing pipeline is "not ready"
             return {"model": name, "ready": False, "detail": repr(exc)}
+
+    @api.api_route("/ui", methods=bridge.METHODS, include_in_schema=False)
+    @api.api_route("/ui/{path:path}", methods=bridge.METHODS, include_in_schema=False)
+    async def playground_ui(self, request: Request):
+        """The Gradio playground, relayed to its deployment (streams, e.g. Gradio's events)."""
+        if self.playground is None:
+            raise APIError("the playground is disabled in this application (build arg playground: false)",
+                           status=404, type="not_found_error")
+        try:
+            return await bridge.forward(self.playground, request)
+        except Exception as exc:  # noqa: BLE001 - e.g. the playground replica is being replaced
+            logger.warning("neo-serve playground unavailable: %r", exc)
+            raise APIError(f"the playground is unavailable: {type(exc).__name__}", status=503,
+                           type="service_unavailable_error") from None
 
     # ---- Python handle -----------------------------------------------------------------------
     async def generate(self, request: CompletionRequest | dict[str, Any] | None = None, **params: Any):

@@ -1,0 +1,387 @@
+"""The Gradio playground end to end: real Ray + Serve, the router's /ui bridge to the one-replica
+playground deployment, `gradio_client` on its API, and a real headless Chromium on its page.
+
+One Ray cluster and one application for the module: the bundled demo model as a 2-stage
+pipeline ("neo-demo") and a tiny random GPT-Neo in one stage ("tiny-neo"), behind one router.
+Every playground output is compared with what the router's handle returns for the same settings.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from checkpoints import build_tokenizer, make_neo
+from conftest_serve import free_port, wait_until
+from neo_serve.app import build_app
+from neo_serve.serve.config import DEMO_CHECKPOINT
+from neo_serve.ui.blocks import EXAMPLES
+
+pytestmark = pytest.mark.timeout(300)
+
+APP = "neo-serve"
+DEMO = "neo-demo"
+TINY = "tiny-neo"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
+CHROMIUM = os.environ.get("NEO_SERVE_CHROMIUM", "/usr/bin/chromium")  # Debian's package
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+# The playground API's inputs, in order (api_name="/generate").
+GREEDY = dict(max_new_tokens=48, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=-1, stop="")
+API_PARAMS = ["prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+              "stop"]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(base_url, tmp_path_factory):
+    """The application (router, two pipelines, the playground); returns the router's handle."""
+    assert (DEMO_CHECKPOINT / "config.json").is_file(), "the bundled demo model is missing"
+    tiny = make_neo(tmp_path_factory.mktemp("ui-ckpt") / "tiny-neo", build_tokenizer(), seed=1)
+    return serve.run(build_app({"models": [
+        {"name": DEMO, "num_stages": 2, "dtype": "float32", "kv_cache_tokens": 8192, "max_num_seqs": 32},
+        {"name": TINY, "checkpoint": str(tiny), "dtype": "float32", "kv_cache_tokens": 4096},
+    ], "router": {"num_cpus": 0.5}}), name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def ui_url(base_url, app) -> str:
+    return f"{base_url}/ui/"
+
+
+@pytest.fixture(scope="module")
+def client(ui_url):
+    from gradio_client import Client
+
+    return Client(ui_url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+def off_loop(call):
+    """Run a blocking Serve handle call in a thread: Playwright's sync API runs an asyncio loop in
+    the test's thread, where Serve refuses `.result()`."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result()
+
+
+def pipeline_stats(model: str = DEMO) -> dict:
+    return off_loop(lambda: serve.get_app_handle(APP).stats.remote().result()[model])
+
+
+def router_completion(prompt: str, model: str, settings: dict) -> dict:
+    """What the router's handle answers for the playground's settings."""
+    stop = [s for s in settings["stop"].replace("\\n", "\n").splitlines(keepends=False) if s] or None
+    return off_loop(lambda: serve.get_app_handle(APP).generate.remote(
+        model=model, prompt=prompt, max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+        top_p=settings["top_p"], top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
+        seed=None if settings["seed"] < 0 else settings["seed"], stop=stop).result())
+
+
+def figures(shown: str) -> dict[str, str]:
+    """The run's figures from the playground's figures HTML: {"status": ..., "prompt-tokens": ..., ...}."""
+    found = {key: html.unescape(value) for key, value in re.findall(r'data-figure="([\w-]+)"><b>(.*?)</b>', shown)}
+    found["status"] = re.search(r'class="run-status (\w+)"', shown).group(1)
+    replica = re.search(r'data-figure="replica">(.*?)</code>', shown)
+    found["replica"] = replica.group(1) if replica else None
+    found["served-by"] = re.sub(r"<[^>]+>", "", re.search(r'data-figure="served-by">(.*?)</p>', shown).group(1))
+    return found
+
+
+def assert_freed(model: str = DEMO) -> dict:
+    """The stopped sequence left the batch: no request, every KV block free, no more steps."""
+    stats = wait_until(lambda: (s := pipeline_stats(model))["requests"] == 0 and s["in_flight_micro_batches"] == 0
+                       and s, timeout=10, what="the stopped request to leave the pipeline")
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["free_kv_blocks"] == stats["total_kv_blocks"]
+    time.sleep(0.5)
+    assert pipeline_stats(model)["num_steps"] == stats["num_steps"], "the pipeline is still stepping"
+    return stats
+
+
+# ---- the deployment graph and the bridge -----------------------------------------------------
+def test_playground_is_one_replica_behind_the_router(base_url, app):
+    status = serve.status().applications[APP]
+    assert set(status.deployments) == {"Router", "Playground", f"Pipeline-0-{DEMO}", f"Pipeline-1-{TINY}"}
+    assert status.deployments["Playground"].replica_states == {"RUNNING": 1}
+    redirect = httpx.get(f"{base_url}/ui")
+    assert redirect.status_code == 307 and redirect.headers["location"] == f"{base_url}/ui/"
+    page = httpx.get(f"{base_url}/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "neo-serve playground" in page.text  # the title, in the config Gradio embeds
+    config = httpx.get(f"{base_url}/ui/config").json()
+    assert config["root"] == f"{base_url}/ui"  # Gradio's URLs point under /ui
+    assert httpx.get(f"{base_url}/ui/no/such/thing").status_code == 404
+    # The router's own API is untouched.
+    assert [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]] == [DEMO, TINY]
+
+
+def test_api_is_documented(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert list(endpoints) == ["/generate"]
+    assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == API_PARAMS
+
+
+# ---- gradio_client: the playground's API ------------------------------------------------------
+@pytest.mark.parametrize("model", [DEMO, TINY])
+def test_streamed_text_equals_router_greedy(client, app, model):
+    prompt = EXAMPLES[1]  # def hello_world():
+    job = client.submit(prompt, model, *GREEDY.values(), api_name="/generate")
+    updates = list(job)
+    texts = [text for text, _ in updates]
+    expected = router_completion(prompt, model, GREEDY)
+    assert texts[-1] == expected["choices"][0]["text"]
+    # It streamed: many growing intermediate texts, each extending the one before.
+    assert len(set(texts)) >= 3
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    shown = figures(updates[-1][1])
+    assert shown["status"] == "done"
+    assert shown["prompt-tokens"] == str(expected["usage"]["prompt_tokens"])
+    assert shown["generated-tokens"] == "48" and shown["finish-reason"] == "length"
+    assert re.fullmatch(r"\d+ ms", shown["time-to-first-token"]) and float(shown["tokens-per-second"]) > 0
+    # Which pipeline served it: the deployment, the replica (as its stats() name it), its stages.
+    assert shown["replica"] == pipeline_stats(model)["replica"]
+    stages = "2 pipeline stages" if model == DEMO else "1 pipeline stage"
+    deployment = f"Pipeline-0-{DEMO}" if model == DEMO else f"Pipeline-1-{TINY}"
+    assert shown["served-by"] == f"Served by {deployment} replica {shown['replica']} ({stages})"
+
+
+def test_sampling_settings_and_stop_strings_match_router(client, app):
+    """Seeded sampling with the playground's default penalties, and stop strings."""
+    prompt = EXAMPLES[2]
+    sampled = dict(max_new_tokens=40, temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=7, stop="")
+    expected = router_completion(prompt, DEMO, sampled)["choices"][0]["text"]
+    text, _ = client.predict(prompt, DEMO, *sampled.values(), api_name="/generate")
+    assert text == expected
+    stop = expected[10:13]
+    with_stop = {**sampled, "stop": stop.replace("\n", "\\n")}
+    expected_stop = router_completion(prompt, DEMO, with_stop)["choices"][0]
+    text, shown = client.predict(prompt, DEMO, *with_stop.values(), api_name="/generate")
+    assert text == expected_stop["text"] and stop not in text
+    assert figures(shown)["finish-reason"] == f"stop string {stop!r}"
+
+
+def test_cancelling_a_run_frees_its_sequence(client, app):
+    """A cancelled API call (what Stop does) cancels the pipeline request: the sequence leaves
+    the batch long before its 480 tokens."""
+    job = client.submit(EXAMPLES[1], DEMO, 480, 0.0, 1.0, 0, 1.0, -1, "", api_name="/generate")
+    wait_until(lambda: len(job.outputs()) > 5, timeout=60, what="tokens to stream")
+    running = pipeline_stats()
+    assert running["running"] == 1 and running["free_kv_blocks"] < running["total_kv_blocks"]
+    assert job.cancel()
+    stats = assert_freed()
+    text = job.outputs()[-1][0]
+    assert stats["num_steps"] - running["num_steps"] < 400 and len(text) > 0
+
+
+# ---- readable errors ----------------------------------------------------------------------
+@pytest.mark.parametrize("args, title, words", [
+    (("word " * 700, DEMO, 16), "Prompt too long", ["context window is 512"]),
+    ((EXAMPLES[0], DEMO, 500), "Prompt too long", ["max new tokens (500)", "Lower max new tokens"]),
+    (("", DEMO, 16), "Empty prompt", ["pick one of the examples"]),
+    (("x", DEMO, 16, 0.8, 1.0, 0, 1.0, -1, "a\nb\nc\nd\ne"), "Invalid setting", ["At most 4 stop strings"]),
+    # Gradio's own checks of the inputs, before the playground runs: readable too.
+    (("x", "gpt-4", 16), None, ["gpt-4 is not in the list of choices: ['neo-demo', 'tiny-neo']"]),
+    (("x", DEMO, 16, 0.8, 0.0), None, ["Value 0.0 is less than minimum value 0.05"]),
+])
+def test_errors_are_readable(client, app, args, title, words):
+    from gradio_client.exceptions import AppError
+
+    inputs = list(args) + list(GREEDY.values())[len(args) - 2:]
+    job = client.submit(*inputs, api_name="/generate")
+    with pytest.raises(AppError) as excinfo:
+        job.result(timeout=60)
+    message = str(excinfo.value)
+    assert all(word in message for word in words), message
+    assert "Traceback" not in message and "Error(" not in message
+    if title is not None:  # the figures say it too
+        shown = job.outputs()[-1][1]
+        assert figures(shown)["status"] == "error" and f"<b>{title}:</b>" in shown
+    assert pipeline_stats()["requests"] == 0
+
+
+def test_model_not_loaded_is_reported(base_url, app):
+    """An app whose pipeline cannot be placed (its CPUs are held): the playground, served under a
+    route prefix, says the model is not loaded instead of waiting forever."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    name = "neo-late"
+    free = ray.available_resources().get("CPU", 0)
+    blocker = placement_group([{"CPU": free - 0.5}])  # room for the router (0.5), not the pipeline (1)
+    ray.get(blocker.ready(), timeout=30)
+    try:
+        serve.run_many([serve.RunTarget(build_app({
+            "models": [{"name": "late", "checkpoint": str(DEMO_CHECKPOINT), "dtype": "float32"}],
+            "router": {"num_cpus": 0.5}, "playground": {"replica_wait_s": 1}}), name=name, route_prefix="/late")],
+            wait_for_applications_running=False)
+
+        def page_up():
+            try:
+                return httpx.get(f"{base_url}/late/ui/config", timeout=30).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(page_up, timeout=90, interval=0.5, what="the late app's playground")
+        assert httpx.get(f"{base_url}/late/ui/config").json()["root"] == f"{base_url}/late/ui"
+        late = Client(f"{base_url}/late/ui/", verbose=False, analytics_enabled=False, download_files=False)
+        with pytest.raises(AppError, match="late is not loaded yet: no pipeline replica is running"):
+            late.predict("def f():", "late", *GREEDY.values(), api_name="/generate")
+    finally:
+        remove_placement_group(blocker)
+        serve.delete(name)
+
+
+# ---- a real browser ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"browser test skipped: no Chromium at {CHROMIUM}; install Debian's package "
+                    f"(apt-get install -y chromium; scripts/test.sh does it when run as root) "
+                    f"or point NEO_SERVE_CHROMIUM at a Chromium binary")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.skip(f"browser test skipped: the playwright Python package is not installed ({exc}); "
+                    f"pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture()
+def page(browser, base_url, ui_url):
+    """The playground in a fresh browser context; the page may load nothing from outside the app
+    (no CDN, no web fonts: clusters are often air-gapped)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    outside: list[str] = []
+
+    def only_the_app(route):
+        if route.request.url.startswith(base_url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_app)
+    page = context.new_page()
+    page.goto(ui_url, wait_until="networkidle")  # loaded and connected: clicks now reach the app
+    page.wait_for_selector("#generate", timeout=60_000)
+    yield page
+    context.close()
+    assert outside == [], f"the page requested URLs outside the app: {outside}"
+
+
+def output_text(page) -> str:
+    return page.locator("#output textarea").input_value()
+
+
+def pick_example(page, example: str) -> None:
+    page.get_by_role("button", name=example).click()
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {example!r}", timeout=10_000)
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    page.locator("#prompt textarea").click()  # blur: Gradio commits the value
+
+
+def sample_while_generating(page, *, timeout_s: float = 60, interval_s: float = 0.05) -> list[str]:
+    """Read the output box repeatedly until the run's figures say it finished; returns the
+    distinct values seen, in order."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = output_text(page)
+        if not seen or text != seen[-1]:
+            seen.append(text)
+        if "Finished in" in page.locator("#figures").inner_text():
+            seen.append(output_text(page))
+            return seen
+        time.sleep(interval_s)
+    raise AssertionError(f"the run did not finish in {timeout_s}s; seen {seen[-1:]}")
+
+
+def test_browser_example_generate_streams(browser, page, app):
+    options = page.locator("#model input")
+    options.click()
+    listed = page.locator("ul[role=listbox] li").all_inner_texts()
+    assert [item.replace("✓", "").strip() for item in listed] == [DEMO, TINY]
+    page.keyboard.press("Escape")
+    pick_example(page, "def hello_world():")
+    set_number(page, "seed", 42)
+    page.locator("#generate").click()
+    seen = sample_while_generating(page)
+    final = output_text(page)
+    # The text grew while it streamed: several partial texts, each extending the previous one.
+    growing = [text for text in seen if text]
+    assert len(growing) >= 4, seen
+    assert all(later.startswith(earlier) for earlier, later in zip(growing, growing[1:]))
+    assert growing[-1] == final and len(final) > 0
+    shown = figures(page.locator("#figures").inner_html())
+    assert shown["status"] == "done" and shown["generated-tokens"] == "128" and shown["finish-reason"] == "length"
+    assert "(2 pipeline stages)" in shown["served-by"]
+    # Seeded sampling with the page's defaults is reproducible through the router.
+    defaults = dict(max_new_tokens=128, temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=42,
+                    stop="")
+    assert final == router_completion("def hello_world():", DEMO, defaults)["choices"][0]["text"]
+    # For the docs: the completion from its start, no hover effect on the buttons.
+    page.locator("#output textarea").evaluate("element => { element.scrollTop = 0; }")
+    page.mouse.move(0, 0)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_browser_stop_halts_a_long_generation(browser, page, app):
+    pick_example(page, "def hello_world():")
+    set_number(page, "max-new-tokens", 480)
+    set_number(page, "temperature", 0)
+    page.locator("#generate").click()
+    wait_until(lambda: len(output_text(page)) > 20, timeout=60, what="text to stream in")
+    running = pipeline_stats()
+    assert running["running"] == 1
+    page.locator("#stop").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('Stopped')", timeout=30_000)
+    stats = assert_freed()
+    # The output stopped growing.
+    stopped_at = output_text(page)
+    time.sleep(1.5)
+    assert output_text(page) == stopped_at
+    shown = figures(page.locator("#figures").inner_html())
+    assert shown["status"] == "stopped" and shown["finish-reason"] == "stopped"
+    assert 0 < int(shown["generated-tokens"]) < 480 and stats["num_steps"] - running["num_steps"] < 480
+
+
+def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):
+    page.locator("#prompt textarea").fill("word " * 700)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('Prompt too long')",
+                           timeout=30_000)
+    toast = page.get_by_text("context window is 512").first
+    toast.wait_for(timeout=10_000)
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and "InvalidRequestError" not in body

@@ -1,0 +1,292 @@
+"""The playground's parts without a cluster: the HTTP-over-handle bridge (with a stand-in handle),
+the figures, the settings and the error messages people see."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+
+from neo_serve.errors import InvalidRequestError
+from neo_serve.serve.engine_loop import PipelineFailed
+from neo_serve.serve.outputs import GenerationChunk, SequenceDelta
+from neo_serve.ui import bridge
+from neo_serve.ui.backend import (PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed, parse_stop,
+                                  replica_label, sampling_params)
+
+MODEL = PlaygroundModel("neo-demo", "Pipeline-0-neo-demo", num_stages=2, max_model_len=512)
+
+
+# ---- bridge -----------------------------------------------------------------------------------
+class FakeStream:
+    """What `handle.options(stream=True).asgi.remote(...)` returns, minus Ray: an async iterator
+    with `cancel()`."""
+
+    def __init__(self, agen) -> None:
+        self._agen = agen
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        asyncio.get_running_loop().create_task(self._agen.aclose())
+
+
+class FakeHandle:
+    """A stand-in for the playground's DeploymentHandle: runs `serve_asgi` in process."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.streams: list[FakeStream] = []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def asgi(self):
+        return self
+
+    def remote(self, scope, body):
+        stream = FakeStream(bridge.serve_asgi(self.app, scope, body))
+        self.streams.append(stream)
+        return stream
+
+
+def playground_app(events: list[str]) -> FastAPI:
+    inner = FastAPI()
+
+    @inner.post("/ui/echo")
+    async def echo(request: Request):
+        body = await request.body()
+        return PlainTextResponse(f"{request.method} {request.url.path} {request.url.query} "
+                                 f"{request.scope['root_path']!r} {body.decode()}",
+                                 headers={"x-extra": "1"})
+
+    @inner.get("/ui/events")
+    async def events_stream(request: Request):
+        async def tick():
+            try:
+                for i in range(1000):
+                    yield f"data: {i}\n\n"
+                    await asyncio.sleep(0.01)
+            finally:
+                events.append("stream closed")
+        return StreamingResponse(tick(), media_type="text/event-stream")
+
+    @inner.get("/ui/boom")
+    async def boom():
+        raise RuntimeError("secret internals")
+
+    return inner
+
+
+def router_app(handle: FakeHandle) -> FastAPI:
+    router = FastAPI()
+
+    @router.api_route("/ui/{path:path}", methods=bridge.METHODS)
+    async def ui(request: Request):
+        return await bridge.forward(handle, request)
+
+    return router
+
+
+@pytest.fixture()
+def bridged():
+    """A router app relaying /ui/... through the bridge to the playground app, on a real HTTP
+    server (uvicorn, in a thread); yields (base URL, the fake handle, the app's event log)."""
+    import threading
+
+    import uvicorn
+
+    from conftest_serve import free_port
+
+    events: list[str] = []
+    handle = FakeHandle(playground_app(events))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(router_app(handle), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = 100
+        while not server.started and deadline:
+            deadline -= 1
+            threading.Event().wait(0.05)
+        yield f"http://127.0.0.1:{port}", handle, events
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_bridge_relays_request_and_response(bridged):
+    base, _, _ = bridged
+    response = httpx.post(f"{base}/ui/echo?x=1", content=b"hello")
+    assert response.status_code == 200 and response.headers["x-extra"] == "1"
+    assert response.text == "POST /ui/echo x=1 '' hello"
+    assert httpx.get(f"{base}/ui/missing").status_code == 404
+    failed = httpx.get(f"{base}/ui/boom")
+    assert failed.status_code == 500 and "secret" not in failed.text
+
+
+def test_bridge_streams_and_a_disconnect_reaches_the_app(bridged):
+    base, handle, events = bridged
+    lines: list[str] = []
+    with httpx.stream("GET", f"{base}/ui/events", timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 3:
+                break
+    assert lines == ["data: 0", "data: 1", "data: 2"]  # as the app sends them, not at its end
+    # The client hung up: the router cancels the handle call, the app's stream ends.
+    for _ in range(200):
+        if events:
+            break
+        threading_sleep(0.02)
+    assert events == ["stream closed"]
+    assert handle.streams[-1].cancelled
+
+
+def threading_sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_forwarded_scope_is_picklable_and_complete():
+    import pickle
+
+    scope = {"type": "http", "method": "GET", "path": "/app/ui/", "root_path": "/app", "query_string": b"a=1",
+             "headers": [(b"host", b"x")], "app": object(), "state": {"lock": asyncio.Lock()},
+             "client": ("1.2.3.4", 5), "server": ("h", 80), "scheme": "http", "http_version": "1.1"}
+    forwarded = bridge.forwarded_scope(scope)
+    assert "app" not in forwarded and "state" not in forwarded
+    assert pickle.loads(pickle.dumps(forwarded))["root_path"] == "/app"
+
+
+# ---- settings ---------------------------------------------------------------------------------
+def test_stop_strings_and_seed():
+    assert parse_stop("") == [] and parse_stop(None) == []
+    assert parse_stop("###\n\\n\\n\n  \nfoo\\tbar") == ["###", "\n\n", "foo\tbar"]
+    with pytest.raises(PlaygroundError, match="At most 4 stop strings"):
+        parse_stop("a\nb\nc\nd\ne")
+    assert parse_seed(-1) is None and parse_seed(None) is None and parse_seed("") is None
+    assert parse_seed(42.0) == 42
+
+
+def test_sampling_params_from_controls():
+    params = sampling_params(max_new_tokens=64.0, temperature=0.0, top_p=1.0, top_k=0.0, repetition_penalty=1.1,
+                             seed=7.0, stop="\\n\\n")
+    assert (params.max_tokens, params.greedy, params.top_k, params.seed, params.stop) == (64, True, 0, 7, ["\n\n"])
+    with pytest.raises(PlaygroundError, match="Top-p must be in"):
+        sampling_params(max_new_tokens=8, temperature=1, top_p=0, top_k=0, repetition_penalty=1, seed=-1, stop="")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def replica_error(cause: BaseException):
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("generate", "Traceback (most recent call last):\n  ...", cause)
+
+
+@pytest.mark.parametrize("exc, title, words", [
+    (replica_error(InvalidRequestError("prompt has 700 tokens; the context window is 512", field="prompt")),
+     "Prompt too long", ["700 tokens", "context window is 512", "Shorten the prompt"]),
+    (replica_error(InvalidRequestError("prompt (90 tokens) + max_tokens (500) exceeds the context window of 512 "
+                                       "tokens", field="max_tokens")),
+     "Prompt too long", ["max new tokens (500)", "Lower max new tokens"]),
+    (replica_error(PipelineFailed("stage 1 died")), "Pipeline restarting", ["being restarted", "Try again"]),
+    (PlaygroundError("Model not loaded", "neo-demo is not loaded yet"), "Model not loaded", ["not loaded yet"]),
+    (ZeroDivisionError("internal detail"), "Internal error", ["ZeroDivisionError", "server log"]),
+])
+def test_errors_read_as_sentences(exc, title, words):
+    error = describe_error(exc, MODEL)
+    assert error.title == title
+    assert all(word in error.message for word in words), error.message
+    assert "Traceback" not in error.message and "internal detail" not in error.message
+
+
+def test_busy_and_unavailable_errors():
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    busy = describe_error(BackPressureError(num_queued_requests=10, max_queued_requests=10), MODEL)
+    assert busy.title == "Server busy" and "request queue is full" in busy.message
+    gone = describe_error(DeploymentUnavailableError(DeploymentID("Pipeline-0-neo-demo", "neo-serve")), MODEL)
+    assert gone.title == "Model not loaded" and "failed to deploy" in gone.message
+
+
+def test_replica_label():
+    assert replica_label("Replica(id='ab12cd34', deployment='Pipeline-0-x', app='neo-serve')") == "ab12cd34"
+    assert replica_label("ab12cd34") == "ab12cd34"
+
+
+# ---- a run and its figures ----------------------------------------------------------------------
+def test_run_timing_and_figures(monkeypatch):
+    from neo_serve.ui import backend
+    from neo_serve.ui.blocks import render_figures
+
+    clock = iter([10.0, 10.25, 10.5, 11.5, 12.0])
+    monkeypatch.setattr(backend.time, "monotonic", lambda: next(clock))
+    run = Run(MODEL, max_new_tokens=3)  # submitted at 10.0
+    run.replica = "ab12cd34"
+    run.feed(GenerationChunk("r", prompt="def f(", prompt_token_ids=[1, 2, 3]))  # 10.25
+    run.feed(GenerationChunk("r", [SequenceDelta(0, "x", [5])]))  # 10.5: first token
+    run.feed(GenerationChunk("r", [SequenceDelta(0, "yz", [6, 7], finish_reason="length")], finished=True))  # 11.5
+    run.end()  # 12.0
+    assert (run.prompt_tokens, run.generated_tokens, run.text) == (3, 3, "xyz")
+    assert run.time_to_first_token == pytest.approx(0.5) and run.tokens_per_second == pytest.approx(2.0)
+    shown = render_figures(run)
+    cards = dict(re.findall(r'data-figure="([\w-]+)"><b>(.*?)</b>', shown))
+    assert cards == {"prompt-tokens": "3", "generated-tokens": "3", "time-to-first-token": "500 ms",
+                     "tokens-per-second": "2.0", "finish-reason": "length"}
+    assert 'class="run-status done"' in shown and "Finished</b> in 2.00 s" in shown
+    assert "Served by <code>Pipeline-0-neo-demo</code> replica" in shown and "(2 pipeline stages)" in shown
+
+
+def test_error_figures_are_escaped():
+    from neo_serve.ui.blocks import render_figures
+
+    run = Run(MODEL, max_new_tokens=8)
+    run.end(error=PlaygroundError("Invalid request", "<script>alert(1)</script> is not a prompt"))
+    shown = render_figures(run)
+    assert "<script>" not in shown and html.escape("<script>") in shown
+    assert 'class="run-status error"' in shown and "<b>Invalid request:</b>" in shown
+    stopped = Run(MODEL, max_new_tokens=8)
+    stopped.end(stopped=True)
+    assert 'data-figure="finish-reason"><b>stopped</b>' in render_figures(stopped)
+
+
+# ---- build args -----------------------------------------------------------------------------
+def test_playground_build_args_and_graph():
+    import argparse
+
+    from ray.serve._private.build_app import build_app as build_graph
+
+    from neo_serve.app import build_app
+    from neo_serve.serve.config import AppConfigError, parse_app_args
+    from neo_serve.serve.launcher import add_up_arguments, app_args_from_namespace
+
+    def deployments(args):
+        return sorted(d.name for d in build_graph(build_app(args), name="x").deployments)
+
+    assert deployments({}) == ["Pipeline-0-neo-demo", "Playground", "Router"]
+    assert deployments({"playground": False}) == ["Pipeline-0-neo-demo", "Router"]
+    assert parse_app_args({"playground": "false"}).playground.enabled is False  # serve run ... playground=false
+    assert parse_app_args({"playground": {"num_cpus": 0.5}}).playground.num_cpus == 0.5
+    with pytest.raises(AppConfigError, match="playground.replica_wait_s"):
+        parse_app_args({"playground": {"replica_wait_s": 0}})
+    parser = argparse.ArgumentParser()
+    add_up_arguments(parser)
+    assert app_args_from_namespace(parser.parse_args(["--no-playground"]))["playground"] == {"enabled": False}
+    assert "playground" not in app_args_from_namespace(parser.parse_args([]))

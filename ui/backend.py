@@ -1,0 +1,276 @@
+"""What the playground does with a prompt: pick a pipeline replica, stream its tokens, time them.
+
+No Gradio here: `PlaygroundBackend.generate` takes a `Run` and updates it as the pipeline's
+`GenerationChunk`s arrive; `blocks.py` renders it. Errors become `PlaygroundError`s (a title and
+one readable sentence, never a traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.serve.outputs import GenerationChunk
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class PlaygroundModel:
+    """A served model as the playground lists it."""
+
+    name: str
+    deployment: str  # the Serve deployment of its pipelines, e.g. Pipeline-0-neo-demo
+    num_stages: int
+    max_model_len: int | None = None
+
+
+class PlaygroundError(Exception):
+    """A failed run, said for people: `title` (e.g. "Prompt too long") and a sentence."""
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__(message)
+        self.title = title
+        self.message = message
+
+
+@dataclass
+class Run:
+    """One generation as the playground shows it; times are `time.monotonic()` seconds."""
+
+    model: PlaygroundModel
+    max_new_tokens: int
+    submitted: float = field(default_factory=lambda: time.monotonic())
+    replica: str | None = None  # the pipeline replica serving it
+    prompt_tokens: int | None = None
+    text: str = ""
+    generated_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    ended_at: float | None = None
+    finish_reason: str | None = None  # the engine's: stop | length | abort
+    stop_reason: str | int | None = None
+    stopped: bool = False  # by the user (Stop button, a cancelled API call)
+    error: PlaygroundError | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def feed(self, chunk: GenerationChunk) -> None:
+        now = time.monotonic()
+        if chunk.prompt_token_ids is not None:
+            self.prompt_tokens = len(chunk.prompt_token_ids)
+        for delta in chunk.sequences:  # n = 1: one sequence
+            if delta.token_ids:
+                self.first_token_at = self.first_token_at or now
+                self.last_token_at = now
+                self.generated_tokens += len(delta.token_ids)
+            self.text += delta.text
+            if delta.finish_reason is not None:
+                self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+    def end(self, *, stopped: bool = False, error: PlaygroundError | None = None) -> None:
+        self.ended_at = self.ended_at or time.monotonic()
+        self.stopped = self.stopped or stopped
+        self.error = self.error or error
+        self.done.set()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the click to the first generated token (queueing and prefill included)."""
+        return None if self.first_token_at is None else self.first_token_at - self.submitted
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed: tokens after the first one, over the time they took."""
+        if self.generated_tokens < 2 or self.first_token_at is None or self.last_token_at is None:
+            return None
+        elapsed = self.last_token_at - self.first_token_at
+        return (self.generated_tokens - 1) / elapsed if elapsed > 0 else None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended_at or time.monotonic()) - self.submitted
+
+    @property
+    def status(self) -> str:
+        """running | stopped | error | done."""
+        if self.error is not None:
+            return "error"
+        if self.stopped:
+            return "stopped"
+        return "done" if self.ended_at is not None else "running"
+
+
+def sampling_params(*, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+                    repetition_penalty: float, seed: float | None, stop: str | None) -> SamplingParams:
+    """The engine's SamplingParams from the playground's controls (numbers come as floats).
+    Raises PlaygroundError for values the engine refuses."""
+    from neo_serve.errors import InvalidRequestError
+
+    try:
+        return SamplingParams(max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
+                              seed=parse_seed(seed), stop=parse_stop(stop))
+    except InvalidRequestError as exc:
+        raise PlaygroundError("Invalid setting", f"{_control_names(str(exc))}.") from None
+    except (TypeError, ValueError) as exc:
+        raise PlaygroundError("Invalid setting", str(exc)) from None
+
+
+def parse_seed(seed: float | str | None) -> int | None:
+    """None, "" or a negative number: a random seed."""
+    if seed is None or seed == "" or float(seed) < 0:
+        return None
+    return int(seed)
+
+
+MAX_STOP_STRINGS = 4  # as the OpenAI API
+
+
+def parse_stop(text: str | None) -> list[str]:
+    r"""Stop strings, one per line; `\n` and `\t` stand for a newline and a tab (so a stop string
+    can be a blank line: `\n\n`)."""
+    stops = [line.replace("\\n", "\n").replace("\\t", "\t") for line in (text or "").splitlines() if line.strip()]
+    if len(stops) > MAX_STOP_STRINGS:
+        raise PlaygroundError("Invalid setting", f"At most {MAX_STOP_STRINGS} stop strings (one per line), "
+                                                 f"got {len(stops)}.")
+    return stops
+
+
+def _control_names(message: str) -> str:
+    """The engine's parameter names as the playground's controls are labelled."""
+    for name, label in (("max_tokens", "max new tokens"), ("top_p", "top-p"), ("top_k", "top-k"),
+                        ("repetition_penalty", "repetition penalty")):
+        message = message.replace(name, label)
+    return message[:1].upper() + message[1:]
+
+
+class PlaygroundBackend:
+    """Runs the playground's generations on the models' pipeline deployments, through Serve
+    handles: the same replicas, batches and KV caches as the router's requests."""
+
+    def __init__(self, pipelines: Mapping[str, Any], models: list[PlaygroundModel], *, app_name: str | None,
+                 replica_wait_s: float = 5.0) -> None:
+        self.models = {model.name: model for model in models}
+        self.pipelines = {name: handle.options(stream=True).generate for name, handle in pipelines.items()}
+        self.app_name = app_name
+        self.replica_wait_s = replica_wait_s
+
+    def model(self, name: str | None) -> PlaygroundModel:
+        if name not in self.models:
+            raise PlaygroundError("Model not served", f"This app serves {', '.join(self.models)}, not {name!r}.")
+        return self.models[name]
+
+    async def generate(self, run: Run, prompt: str, params: SamplingParams) -> AsyncIterator[Run]:
+        """Stream `prompt` through one of the model's pipeline replicas, updating `run` with every
+        chunk (and yielding it). Cancelling the iteration (Stop) cancels the pipeline's request:
+        the sequence leaves its batch and frees its KV blocks."""
+        if not prompt:
+            raise PlaygroundError("Empty prompt", "Type a prompt, or pick one of the examples.")
+        handle = self.pipelines[run.model.name]
+        request_id = f"playground-{uuid.uuid4().hex}"
+        try:
+            async with self._replica(run.model, handle) as selection:
+                run.replica = replica_label(selection.replica_id)
+                stream = handle.dispatch(selection, prompt, params, request_id)
+                try:
+                    async for chunk in stream:
+                        run.feed(chunk)
+                        yield run
+                finally:
+                    stream.cancel()  # a no-op once finished; on Stop the pipeline aborts the sequence
+        except Exception as exc:  # not CancelledError / GeneratorExit: a Stop is no error
+            raise describe_error(exc, run.model) from None
+
+    @asynccontextmanager
+    async def _replica(self, model: PlaygroundModel, handle: Any) -> AsyncIterator[Any]:
+        """Choose the replica (Serve's routing, with a slot reserved on it) so the run can say
+        which pipeline served it; a model with no replica ready in time is reported, not waited on."""
+        chooser = handle.choose_replica()
+        try:
+            selection = await asyncio.wait_for(chooser.__aenter__(), self.replica_wait_s)
+        except asyncio.TimeoutError:
+            raise await self._no_replica(model) from None
+        try:
+            yield selection
+        except BaseException:
+            if not await chooser.__aexit__(*sys.exc_info()):
+                raise
+        else:
+            await chooser.__aexit__(None, None, None)
+
+    async def _no_replica(self, model: PlaygroundModel) -> PlaygroundError:
+        """Why no replica took the request: none running yet (loading), or all at capacity."""
+        from ray import serve
+
+        state = None
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployment = status.applications[self.app_name].deployments[model.deployment]
+            state = deployment.status
+            running = deployment.replica_states.get("RUNNING", 0)
+        except Exception:  # noqa: BLE001 - the status is only for the message
+            running = 0
+        if running:
+            return busy_error(f"{model.name}'s {running} pipeline replica(s) took no new request "
+                              f"within {self.replica_wait_s:g} s")
+        return PlaygroundError("Model not loaded", f"{model.name} is not loaded yet: no pipeline replica is running"
+                               + (f" (deployment {model.deployment}: {state})" if state else "")
+                               + ". Its stages may still be loading or waiting for resources; try again shortly.")
+
+
+def busy_error(detail: str) -> PlaygroundError:
+    return PlaygroundError("Server busy", f"The server is busy: {detail}. Try again in a moment.")
+
+
+def replica_label(replica_id: Any) -> str:
+    """Serve's replica id as the pipeline's `stats()["replica"]` shows it (its unique id)."""
+    unique = getattr(replica_id, "unique_id", None)
+    if unique:
+        return str(unique)
+    text = str(replica_id)
+    if "id='" in text:  # "Replica(id='abc123', deployment='...', app='...')"
+        return text.split("id='", 1)[1].split("'", 1)[0]
+    return text
+
+
+def describe_error(exc: BaseException, model: PlaygroundModel) -> PlaygroundError:
+    """A readable PlaygroundError for anything a run can raise (the traceback goes to the log)."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from neo_serve.serve.completions import as_api_error
+
+    if isinstance(exc, PlaygroundError):
+        return exc
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, PlaygroundError):
+        return cause
+    if isinstance(cause, BackPressureError):
+        return busy_error(f"{model.name}'s request queue is full")
+    if isinstance(cause, DeploymentUnavailableError):
+        return PlaygroundError("Model not loaded", f"{model.name} is not available: its pipeline deployment "
+                                                   f"{model.deployment} failed to deploy.")
+    error = as_api_error(exc)
+    if error is not None:
+        message = _control_names(error.message)
+        if error.status == 503:
+            return PlaygroundError("Pipeline restarting", f"{message}. Try again in a moment.")
+        if "context window" in error.message:
+            hint = " Lower max new tokens or shorten the prompt." if error.param == "max_tokens" else \
+                " Shorten the prompt."
+            return PlaygroundError("Prompt too long", f"{message} ({model.name}).{hint}")
+        return PlaygroundError("Invalid request", f"{message}.")
+    if isinstance(cause, RayActorError) or type(cause).__name__ == "ReplicaUnavailableError":
+        return PlaygroundError("Pipeline unavailable", f"The {model.name} pipeline replica serving this run went "
+                                                       f"away (it is being replaced). Try again.")
+    logger.error("neo-serve playground: run on %s failed", model.name, exc_info=exc)
+    return PlaygroundError("Internal error", f"The run failed ({type(cause).__name__}); the server log has the "
+                                             f"details.")

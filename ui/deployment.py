@@ -1,0 +1,65 @@
+"""The playground deployment: exactly one replica running the Gradio app (queue, sessions).
+
+The router forwards `/ui` and `/ui/...` to it over a handle (`bridge.py`); it calls the
+pipeline deployments through their handles (`backend.py`). One replica because Gradio keeps
+its queue and sessions in process memory: a session's requests (join the queue, the event
+stream, cancel) must all reach the same process, which an autoscaled router cannot promise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from neo_serve.serve.config import PlaygroundArgs
+from neo_serve.ui.backend import PlaygroundBackend, PlaygroundModel
+from neo_serve.ui.bridge import LifespanManager, serve_asgi
+
+logger = logging.getLogger("ray.serve")
+
+DEPLOYMENT_NAME = "Playground"
+
+
+class PlaygroundServer:
+    """Serve deployment hosting the Gradio playground; called only by the router's bridge:
+
+        handle.options(stream=True).asgi.remote(scope, body)  ->  ASGI response messages
+    """
+
+    async def __init__(self, pipelines: dict[str, DeploymentHandle], models: list[dict[str, Any]],
+                     settings: PlaygroundArgs) -> None:
+        from neo_serve.ui.blocks import build_asgi_app  # Gradio: imported in the replica only
+
+        backend = PlaygroundBackend(pipelines, [PlaygroundModel(**model) for model in models],
+                                    app_name=serve.get_replica_context().app_name,
+                                    replica_wait_s=settings.replica_wait_s)
+        self.app = build_asgi_app(backend, settings)
+        self.lifespan = LifespanManager(self.app)
+        await self.lifespan.startup()  # starts Gradio's queue
+        logger.info("neo-serve playground ready for %s", ", ".join(backend.models))
+
+    async def asgi(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any]]:
+        """One HTTP request (the router's scope and body) through the playground's app; yields the
+        response's ASGI messages as they are sent (server-sent events stream)."""
+        async for message in serve_asgi(self.app, scope, body, state=self.lifespan.state):
+            yield message
+
+
+PlaygroundDeployment = serve.deployment(PlaygroundServer)
+
+
+def playground_deployment(settings: PlaygroundArgs) -> serve.Deployment:
+    """Exactly one replica, whatever the router's scaling (see the module docstring)."""
+    return PlaygroundDeployment.options(
+        name=DEPLOYMENT_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": settings.num_cpus},
+        # Every open page holds an event stream; static files and API calls come on top.
+        max_ongoing_requests=1024,
+        # Open event streams would otherwise hold a redeploy for the default 20 s.
+        graceful_shutdown_timeout_s=5,
+    )
