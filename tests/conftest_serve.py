@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -49,3 +50,20 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[str]:
+    """A local Ray cluster with Serve's HTTP proxy on a free loopback port; yields the base URL
+    and shuts both down afterwards (for module-scoped fixtures: one start-up per module)."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

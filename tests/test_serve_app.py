@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo, make_neox
-from conftest_serve import free_port, join_stream, parse_sse, wait_until
+from conftest_serve import free_port, join_stream, parse_sse, ray_serve_on_loopback, wait_until
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.serve.protocol import APIError
@@ -45,15 +45,9 @@ def metrics_port():
 
 @pytest.fixture(scope="module")
 def base_url(metrics_port):
-    port = free_port()
-    ray.init(num_cpus=12, include_dashboard=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with ray_serve_on_loopback(num_cpus=12, _metrics_export_port=metrics_port,
+                               _system_config={"metrics_report_interval_ms": 1000}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo
-from conftest_serve import free_port, wait_until
+from conftest_serve import ray_serve_on_loopback, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.ui.blocks import EXAMPLES
@@ -43,14 +43,8 @@ API_PARAMS = ["prompt", "model", "max_new_tokens", "temperature", "top_p", "top_
 
 @pytest.fixture(scope="module")
 def base_url():
-    port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with ray_serve_on_loopback(num_cpus=8) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

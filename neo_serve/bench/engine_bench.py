@@ -19,13 +19,13 @@ import json
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from neo_serve.config import load_model_config
-from neo_serve.models.stages import first_stage_extra_params, layer_param_count, last_stage_extra_params
+from neo_serve.models.stages import last_stage_extra_params, layer_param_count
 
 REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -168,10 +168,6 @@ class Router:
         return dict(zip(names, stats))
 
 
-async def _await(response: Any) -> Any:
-    return await response
-
-
 RouterDeployment = serve.deployment(Router)
 
 
