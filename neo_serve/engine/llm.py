@@ -53,6 +53,8 @@ class LLM:
             raise
         pending = set(ids) - set(finished)
         while pending:
+            if not self.engine.scheduler.has_work():  # cannot happen unless the engine lost requests
+                raise RuntimeError(f"engine has no work left but requests {sorted(pending)} did not finish")
             for output in self.engine.step():
                 if output.finished and output.request_id in pending:
                     finished[output.request_id] = output
