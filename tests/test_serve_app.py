@@ -543,3 +543,42 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
     wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")
     response = httpx.post(url, json=request, timeout=60)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+
+
+# ---- who may call --------------------------------------------------------------------------------
+def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
+    """With keys configured, every route but /health needs `Authorization: Bearer <key>`; bodies
+    over the limit get 413 before they are parsed; errors are OpenAI JSON."""
+    keys = tmp_path / "keys"
+    keys.write_text("first-key\nsecond-key\n")
+    name = "neo-secure"
+    serve.run(build_app({
+        "models": [{"name": "neo", "checkpoint": checkpoints["neo"], "num_stages": 1, "dtype": "float32",
+                    "cpus_per_stage": 0.5, "kv_cache_tokens": 1024}],
+        "router": {"num_cpus": 0.5, "api_keys_file": str(keys), "max_body_bytes": 4096},
+        "playground": False}), name=name, route_prefix="/secure")
+    url = f"{base_url}/secure"
+    body = {"model": "neo", "prompt": "def f(", "max_tokens": 3, "temperature": 0}
+    try:
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # probes need no key
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "first-key"}):
+            refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        for key in ("first-key", "second-key"):
+            ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        auth = {"Authorization": "Bearer first-key"}
+        big = httpx.post(f"{url}/v1/completions", json={**body, "prompt": "x" * 5000}, headers=auth, timeout=30)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+        def chunks():
+            yield b'{"model": "neo", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        chunked = httpx.post(f"{url}/v1/completions", content=chunks(), headers=auth, timeout=30)
+        assert chunked.status_code == 413
+    finally:
+        serve.delete(name)

@@ -152,6 +152,11 @@ class RouterArgs(_Scaling):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per router replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica handles at once.")
     health_timeout_s: float = Field(2.0, gt=0, description="How long /health waits for each model's pipeline.")
+    api_keys_env: str | None = Field("NEO_SERVE_API_KEYS", description="Environment variable (in the router's "
+                                     "process) with comma-separated API keys; unset or empty: no keys from it.")
+    api_keys_file: str | None = Field(None, description="File with one API key per line. With any key configured, "
+                                      "every route but /health needs `Authorization: Bearer <key>`.")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above it).")
 
 
 class PlaygroundArgs(_Strict):

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from neo_serve.serve.access import AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
 from neo_serve.serve.config import RouterArgs
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
@@ -31,6 +32,17 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="neo-serve", description="OpenAI-compatible completions for GPT-NeoX / GPT-Neo models, "
                                              "served as pipelines on Ray Serve.")
+
+
+class _AccessSettings:
+    """Filled in by the Router when its replica starts (one Router per replica process)."""
+
+    api_keys: tuple[bytes, ...] = ()
+    max_body_bytes: int = 8 * 2**20
+
+
+_access = _AccessSettings()
+api.add_middleware(AccessMiddleware, settings=_access)
 
 
 @api.exception_handler(APIError)
@@ -93,6 +105,8 @@ class Router:
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
+        _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
+        _access.max_body_bytes = settings.max_body_bytes
 
     # ---- HTTP --------------------------------------------------------------------------------
     @api.post("/v1/completions")
