@@ -582,3 +582,39 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
         assert chunked.status_code == 413
     finally:
         serve.delete(name)
+
+
+def test_backpressure_refuses_at_once_with_retry_after(base_url, app, checkpoints):
+    """Past the queue depth (one running request per replica, one waiting), new requests are
+    refused at once with 429 and Retry-After instead of piling up; the admitted ones complete."""
+    name = "neo-busy"
+    serve.run(build_app({
+        "models": [{"name": "neo", "checkpoint": checkpoints["neo"], "num_stages": 1, "dtype": "float32",
+                    "cpus_per_stage": 0.5, "kv_cache_tokens": 4096, "max_ongoing_requests": 1,
+                    "max_queued_requests": 1}],
+        "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix="/busy")
+    url = f"{base_url}/busy/v1/completions"
+    body = {"model": "neo", "prompt": "def f(", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+
+    async def one(http: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+        started = time.monotonic()
+        response = await http.post(url, json=body)
+        return response.status_code, time.monotonic() - started, response
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http) for _ in range(6)))
+
+    try:
+        results = asyncio.run(burst())
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, [(s, r.text[:300]) for s, _, r in results]
+        for status, elapsed, response in results:
+            if status == 429:
+                assert response.headers["retry-after"] == "1"
+                assert "backpressure" in response.text or "capacity" in response.text
+                assert elapsed < 5  # refused at once, not after waiting
+            else:
+                assert status == 200 and response.json()["usage"]["completion_tokens"] == 300
+    finally:
+        serve.delete(name)

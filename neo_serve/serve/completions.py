@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
@@ -79,6 +80,10 @@ def as_api_error(exc: BaseException) -> APIError | None:
         return cause
     if isinstance(cause, InvalidRequestError):
         return APIError(cause.args[0] if cause.args else "invalid request", param=cause.field)
+    if isinstance(cause, BackPressureError):  # every replica busy and the queue full: refuse at once
+        retry = int(cause.retry_after_s) if cause.retry_after_s is not None else None
+        return APIError("the model's pipelines are at capacity and their queue is full; retry shortly",
+                        status=cause.status_code, type="rate_limit_error", code="server_busy", retry_after_s=retry)
     if isinstance(cause, PipelineFailed):  # Serve is replacing the replica: retry later
         return APIError(f"the model's pipeline failed and is being restarted: {cause}", status=503,
                         type="service_unavailable_error")
@@ -248,7 +253,8 @@ class _Run:
                 if error is None:
                     raise first
                 if len(prompts) > 1:
-                    error = APIError(f"prompt {index}: {error.message}", param=error.param)
+                    error = APIError(f"prompt {index}: {error.message}", status=error.status, type=error.type,
+                                     param=error.param, code=error.code, retry_after_s=error.retry_after_s)
                 raise error from None
         return cls(model, request, streams, [_PromptState(i, first, request) for i, first in enumerate(firsts)])
 

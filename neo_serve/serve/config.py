@@ -96,6 +96,9 @@ class ModelArgs(_Scaling):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests one replica accepts at once; more wait in the caller's queue. "
                                 "The engine itself queues sequences beyond max_num_seqs.")
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="Requests that may wait for a replica (all replicas at max_ongoing_requests) "
+                                 "before new ones are refused at once with 429 and Retry-After; -1: no limit.")
     seed: int = Field(0, description="Seed of unseeded requests' random draws.")
     step_timeout_s: float | None = Field(
         None, gt=0, description="A micro-batch taking longer means a stage hangs: the pipeline restarts its "

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
@@ -100,6 +101,9 @@ def pipeline_deployment(model: ModelArgs, index: int) -> serve.Deployment:
         placement_group_strategy="PACK",
         ray_actor_options=model.replica_actor_options(),
         max_ongoing_requests=model.max_ongoing_requests,
+        max_queued_requests=model.max_queued_requests,
+        # Past the queue: 429 with Retry-After at once (Serve answers for the router's handle call).
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         health_check_period_s=model.health_check_period_s,
         **model.scaling_options(),
     )

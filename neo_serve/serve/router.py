@@ -47,7 +47,7 @@ api.add_middleware(AccessMiddleware, settings=_access)
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -66,7 +66,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     error = as_api_error(exc)  # e.g. an invalid prompt or a failed pipeline, raised in a replica
     if error is not None:
-        return JSONResponse(error.to_dict(), status_code=error.status)
+        return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
     logger.exception("neo-serve router: unhandled error")
     return JSONResponse(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
                                  type="server_error").to_dict(), status_code=500)
