@@ -801,14 +801,3 @@ def _verdict(ratio: float | None, target: float) -> str:
 
 def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.2f}" for v in values) if values else "?"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m neo_serve.bench.serve_bench`) until the CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="neo-serve bench serve", description=__doc__.splitlines()[0])
-    add_serve_bench_arguments(parser)
-    return run_serve_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -128,14 +128,3 @@ def run_up(args: argparse.Namespace) -> int:
                     serve.shutdown()
             finally:
                 ray.shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m neo_serve.serve.launcher`) until the CLI wires `up` in."""
-    parser = argparse.ArgumentParser(prog="neo-serve up", description=__doc__.splitlines()[0])
-    add_up_arguments(parser)
-    return run_up(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
