@@ -302,6 +302,11 @@ def test_two_models_routed_by_name(client, offline):
     ({"model": "neox", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "neox", "prompt": ["fine", [999999]]}, "prompt"),
     ({"model": "neox", "prompt": [999999], "stream": True}, "prompt"),
+    ({"model": "neox", "prompt": ""}, "prompt"),
+    ({"model": "neox", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": "neox", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"model": "neox", "prompt": "x", "frobnicate": True}, "frobnicate"),  # unknown (misspelt) parameter
+    ({"model": "neox", "prompt": "x", "timeout": 0}, "timeout"),
 ])
 def test_bad_requests_are_400(client, body, param):
     response = client.post("/v1/completions", json=body)
@@ -312,7 +317,7 @@ def test_bad_requests_are_400(client, body, param):
 
 
 def test_malformed_bodies_and_routes(client):
-    for content in (b"{not json", b"[1, 2]"):
+    for content in (b"{not json", b"[1, 2]", b'{"model": "neox", "prompt": "\xff\xfe"}'):
         response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "error" in response.json()
     response = client.get("/v2/nothing")
@@ -330,7 +335,7 @@ def test_replica_keeps_serving_after_errors(client, offline):
     assert stats["requests"] == 0 and stats["failed"] is None
 
 
-# ---- cancellation ------------------------------------------------------------------------------
+# ---- cancellation and deadlines --------------------------------------------------------------------
 LONG = {"model": "neox", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True,
         "stream": True}
 
@@ -371,6 +376,28 @@ def test_http_disconnect_frees_the_sequence(client):
 
 
 # ---- metrics -----------------------------------------------------------------------------------
+def test_request_deadline_ends_the_request_and_frees_it(client):
+    """Past its `timeout`, a request ends with a 408 `request_timeout` error (an error event after
+    the text so far, when streaming) and its sequence is stopped, not left to run to 480 tokens."""
+    started = time.monotonic()
+    response = client.post("/v1/completions", json={**LONG, "stream": False, "timeout": 0.3})
+    assert response.status_code == 408, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "timeout_error" and error["param"] == "timeout"
+    assert time.monotonic() - started < 5
+    _assert_freed_soon()
+
+    with client.stream("POST", "/v1/completions", json={**LONG, "timeout": 0.5}) as streamed:
+        assert streamed.status_code == 200
+        events, done = parse_sse(list(streamed.iter_lines()))
+    assert done and events[-1]["error"]["code"] == "request_timeout"
+    assert join_stream(events[:-1])[0]  # the text generated before the deadline arrived
+    _assert_freed_soon()
+    steps = pipeline_stats()["num_steps"]
+    time.sleep(0.3)
+    assert pipeline_stats()["num_steps"] == steps
+
+
 def test_metrics_on_prometheus_endpoint(client, metrics_port):
     client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[0], "max_tokens": 8})
     names = ["ray_neo_serve_time_to_first_token_seconds_bucket", "ray_neo_serve_inter_token_latency_seconds_bucket",
@@ -612,7 +639,8 @@ def test_backpressure_refuses_at_once_with_retry_after(base_url, app, checkpoint
         for status, elapsed, response in results:
             if status == 429:
                 assert response.headers["retry-after"] == "1"
-                assert "backpressure" in response.text or "capacity" in response.text
+                error = response.json()["error"]  # OpenAI's error JSON, as every other error
+                assert error["type"] == "rate_limit_error" and error["code"] == "server_busy", response.text
                 assert elapsed < 5  # refused at once, not after waiting
             else:
                 assert status == 200 and response.json()["usage"]["completion_tokens"] == 300

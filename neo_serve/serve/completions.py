@@ -9,6 +9,7 @@ prompt p. Every call's first chunk is awaited before answering, so an invalid pr
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -27,6 +28,8 @@ from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogp
                                       CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
                                       new_completion_id)
 
+logger = logging.getLogger("ray.serve")
+
 
 def parse_request(body: Any) -> CompletionRequest:
     """Validate a request body (dict) into a CompletionRequest, or raise a 400 APIError."""
@@ -44,6 +47,8 @@ def _validation_error(exc: ValidationError) -> APIError:
     error = exc.errors()[0]
     param = str(error["loc"][0]) if error["loc"] else None
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown parameter"
     if param == "prompt" and error["type"] != "value_error":
         # A union's errors list every alternative; name them instead.
         message = "must be a string, a list of strings, a list of token ids or a list of token id lists"
@@ -187,12 +192,29 @@ class _PromptState:
         return sum(len(choice.token_ids) for choice in self.choices)
 
 
-class CompletionService:
-    """Runs completion requests against the models' pipeline deployment handles."""
+def request_timed_out(timeout_s: float) -> APIError:
+    return APIError(f"the request did not finish within its deadline of {timeout_s:g} s (request field `timeout` "
+                    "or the model's request_timeout_s); its sequences were stopped", status=408,
+                    type="timeout_error", param="timeout", code="request_timeout")
 
-    def __init__(self, pipelines: Mapping[str, Any]) -> None:
+
+class CompletionService:
+    """Runs completion requests against the models' pipeline deployment handles.
+
+    `request_timeouts` gives each model's default deadline (None: none); a request's own
+    `timeout` can only shorten it. `log_requests` logs each request's prompts and outputs (off by
+    default: prompts and outputs stay out of the logs)."""
+
+    def __init__(self, pipelines: Mapping[str, Any], request_timeouts: Mapping[str, float | None] | None = None,
+                 log_requests: bool = False) -> None:
         self.pipelines = dict(pipelines)  # served name -> DeploymentHandle of its pipeline
         self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
+        self.request_timeouts = dict(request_timeouts or {})
+        self.log_requests = log_requests
+
+    def timeout_for(self, model: str, request: CompletionRequest) -> float | None:
+        limits = [t for t in (self.request_timeouts.get(model), request.timeout) if t is not None]
+        return min(limits) if limits else None
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:
@@ -225,25 +247,29 @@ class _Run:
     """One completion request in progress: its pipeline streams and choice states."""
 
     def __init__(self, model: str, request: CompletionRequest, streams: list[Any],
-                 states: list[_PromptState]) -> None:
+                 states: list[_PromptState], deadline: _Deadline, log_requests: bool) -> None:
         self.id = new_completion_id()
         self.created = int(time.time())
         self.model = model
         self.request = request
         self.streams = streams
         self.states = states
+        self.deadline = deadline
+        self.log_requests = log_requests
 
     @classmethod
     async def start(cls, service: CompletionService, request: CompletionRequest) -> "_Run":
         model = service.resolve_model(request.model)
+        deadline = _Deadline(service.timeout_for(model, request))
         params = sampling_params(request)
         handle = service.streaming[model]
         base = uuid.uuid4().hex
         prompts = request.prompts()
         streams = [handle.generate.remote(prompt, params, f"{base}-{i}") for i, prompt in enumerate(prompts)]
         try:
-            firsts = await asyncio.gather(*(stream.__anext__() for stream in streams), return_exceptions=True)
-        except BaseException:  # cancelled while starting
+            firsts = await deadline.run(asyncio.gather(*(stream.__anext__() for stream in streams),
+                                                       return_exceptions=True))
+        except BaseException:  # cancelled or past the deadline while starting
             _cancel(streams)
             raise
         for index, first in enumerate(firsts):
@@ -256,7 +282,8 @@ class _Run:
                     error = APIError(f"prompt {index}: {error.message}", status=error.status, type=error.type,
                                      param=error.param, code=error.code, retry_after_s=error.retry_after_s)
                 raise error from None
-        return cls(model, request, streams, [_PromptState(i, first, request) for i, first in enumerate(firsts)])
+        return cls(model, request, streams, [_PromptState(i, first, request) for i, first in enumerate(firsts)],
+                   deadline, service.log_requests)
 
     def usage(self) -> UsageInfo:
         prompt = sum(s.num_prompt_tokens for s in self.states)
@@ -265,13 +292,29 @@ class _Run:
 
     async def chunks(self) -> AsyncIterator[list[CompletionChoice]]:
         """Choice deltas as the pipelines' chunks arrive (prompts interleaved)."""
+        merged = _merge(self.streams)
         try:
-            async for index, chunk in _merge(self.streams):
+            while True:
+                try:
+                    index, chunk = await self.deadline.run(merged.__anext__())
+                except StopAsyncIteration:
+                    break
                 deltas = self.states[index].feed(chunk)
                 if deltas:
                     yield deltas
+            if self.log_requests:
+                self._log()
         finally:
-            _cancel(self.streams)  # no-op for finished streams; aborts the rest (disconnects)
+            await merged.aclose()
+            _cancel(self.streams)  # no-op for finished streams; aborts the rest (disconnects, deadline)
+
+    def _log(self) -> None:
+        """Only with `router.log_requests`: the request's prompts and outputs."""
+        for state in self.states:
+            for choice in state.choices:
+                logger.info("neo-serve request %s model=%s choice=%d prompt=%r output=%r finish_reason=%s",
+                            self.id, self.model, choice.index, state.prompt_text, "".join(choice.text),
+                            choice.finish_reason)
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The stream's events as JSON-ready dicts. With `include_usage`, every event has
@@ -286,9 +329,28 @@ class _Run:
 
 
 
+class _Deadline:
+    """A request's deadline on the router's clock (None: none); `run` awaits within it."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.at = time.monotonic() + timeout_s if timeout_s is not None else None
+
+    async def run(self, awaitable: Any) -> Any:
+        if self.at is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, self.at - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise request_timed_out(self.timeout_s) from None
+
+
 def _cancel(streams: list[Any]) -> None:
     for stream in streams:
-        stream.cancel()
+        try:
+            stream.cancel()
+        except Exception:  # noqa: BLE001 - best effort: Serve's cancel re-raises a call's own
+            pass           # failure (e.g. BackPressureError), which the caller already handles
 
 
 async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, GenerationChunk]]:

@@ -106,6 +106,10 @@ class ModelArgs(_Scaling):
     recovery_timeout_s: float = Field(
         300.0, gt=0, description="Deadline for restarting a dead stage (reloading its weights); past it every "
         "request of the pipeline ends with an error and Serve replaces the replica.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Deadline of every request to this model, from its arrival at the router: past "
+        "it the request ends with a 408 `request_timeout` error and its sequences are stopped (a request's own "
+        "`timeout` may shorten it). None: no deadline.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
                                                                  "stage fails the check and the replica is replaced).")
 
@@ -160,6 +164,8 @@ class RouterArgs(_Scaling):
     api_keys_file: str | None = Field(None, description="File with one API key per line. With any key configured, "
                                       "every route but /health needs `Authorization: Bearer <key>`.")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above it).")
+    log_requests: bool = Field(False, description="Log every request's prompts and outputs (router log). Off by "
+                                                  "default: prompts and outputs stay out of the logs.")
 
 
 class PlaygroundArgs(_Strict):

@@ -47,7 +47,9 @@ Prompt = str | list[int]
 class CompletionRequest(BaseModel):
     """POST /v1/completions body (and the keyword arguments of the handle's `generate`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused (400 naming the field), as OpenAI does: a misspelt parameter
+    # must not silently fall back to its default.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Served model name; may be omitted when one model is served.")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -77,6 +79,10 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "Extension: seconds this request may take, from its arrival at the router; past it the request ends "
+        "with a 408 `request_timeout` error (or that error event in a stream) and its sequences are stopped. "
+        "Can only shorten the model's `request_timeout_s`."))
 
     @field_validator("prompt")
     @classmethod

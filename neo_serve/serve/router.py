@@ -100,8 +100,9 @@ class Router:
     """Ingress deployment: OpenAI HTTP API and the `generate` handle method, routing by model."""
 
     def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
-                 settings: RouterArgs, playground: DeploymentHandle | None = None) -> None:
-        self.service = CompletionService(pipelines)
+                 settings: RouterArgs, playground: DeploymentHandle | None = None,
+                 request_timeouts: dict[str, float | None] | None = None) -> None:
+        self.service = CompletionService(pipelines, request_timeouts, log_requests=settings.log_requests)
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
