@@ -9,9 +9,11 @@ never leaves the replica that admitted it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psutil
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
@@ -69,7 +71,8 @@ class PipelineServer:
     async def stats(self) -> dict[str, Any]:
         """Debug view: running / waiting sequences, free KV blocks, steps, stages."""
         return {"model": self.model.served_name, **self.core.stats(), "stages": self.core.runner.stage_info(),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+                "rss_bytes": psutil.Process().memory_info().rss}
 
     async def model_info(self) -> dict[str, Any]:
         engine = self.core.engine
