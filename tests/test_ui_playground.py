@@ -381,3 +381,58 @@ def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):
     toast.wait_for(timeout=10_000)
     body = page.locator("body").inner_text()
     assert "Traceback" not in body and "InvalidRequestError" not in body
+
+
+# ---- API keys: the playground signs a browser in -------------------------------------------------
+@pytest.fixture(scope="module")
+def secure_ui(base_url, app, tmp_path_factory):
+    """The demo behind API keys (from a file), at a route prefix; yields the playground's URL."""
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text("ui-key-1\nui-key-2\n")
+    name = "neo-secure-ui"
+    serve.run(build_app({"models": [{"num_stages": 1, "dtype": "float32", "cpus_per_stage": 0.5,
+                                     "kv_cache_tokens": 2048}],
+                         "router": {"num_cpus": 0.5, "api_keys_file": str(keys)}}),
+              name=name, route_prefix="/secure")
+    yield f"{base_url}/secure/ui/"
+    off_loop(lambda: serve.delete(name))
+
+
+def test_playground_behind_api_keys_asks_for_one(browser, base_url, secure_ui):
+    """With API keys on, a browser opening the playground is sent to a sign-in page; a wrong key is
+    refused there; a right one opens the playground, which then generates. The session cookie
+    opens only the playground, never the API."""
+    assert httpx.get(secure_ui, timeout=30).status_code == 401  # no key, not a browser: OpenAI JSON
+    assert httpx.get(secure_ui, headers={"Authorization": "Bearer ui-key-2"}, timeout=30).status_code == 200
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(secure_ui)
+        assert "/secure/ui/login" in page.url
+        page.fill("#api_key", "not-a-key")
+        page.click("#sign-in")
+        page.locator("#login-error").wait_for(timeout=10_000)
+        page.fill("#api_key", "ui-key-1")
+        page.click("#sign-in")
+        page.wait_for_selector("#generate", timeout=60_000)
+        assert page.url.rstrip("/") == secure_ui.rstrip("/")
+        cookies = {c["name"]: c for c in context.cookies()}
+        session = cookies["neo_serve_ui"]
+        assert session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/secure/ui"
+        assert "ui-key-1" not in session["value"]
+        pick_example(page, "def hello_world():")
+        set_number(page, "max-new-tokens", 12)
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#figures').innerText.includes('Finished in')",
+                               timeout=60_000)
+        assert figures(page.locator("#figures").inner_html())["generated-tokens"] == "12"
+        # The cookie is no API key: the completions API still wants the Bearer header.
+        api = httpx.post(f"{base_url}/secure/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                         cookies={"neo_serve_ui": session["value"]}, timeout=30)
+        assert api.status_code == 401
+        page.goto(secure_ui.rstrip("/") + "/logout")
+        assert "/secure/ui/login" in page.url
+        page.goto(secure_ui)
+        assert "/secure/ui/login" in page.url
+    finally:
+        context.close()
