@@ -127,6 +127,8 @@ def test_hung_stage_is_caught_by_the_step_deadline(base_url, app, offline):
     assert [text for text, _ in results] == expected
     assert all(done for _, done in results)
     assert took >= STEP_TIMEOUT_S - 0.5  # the streams waited out the deadline, then resumed
+    print(f"\nFIGURE hung stage: {len(prompts)} streams complete and exact, {took:.1f} s from freeze to last token "
+          f"(step deadline {STEP_TIMEOUT_S} s)")
     after = assert_nothing_left()
     assert after["num_recoveries"] == before["num_recoveries"] + 1 and after["replica"] == before["replica"]
     with pytest.raises(ProcessLookupError):
@@ -170,11 +172,41 @@ def test_a_thousand_cancelled_or_disconnected_requests_leave_nothing_behind(base
                 jobs += [time_out(http) for _ in range(5)]
                 await asyncio.gather(*jobs)
 
+    started = time.monotonic()
     asyncio.run(run_all())
     assert ended == {"cancelled": 800, "disconnected": 150, "timed_out": 50}
-    assert_nothing_left()
+    left = assert_nothing_left()
+    print(f"\nFIGURE abandoned requests: {ended} in {time.monotonic() - started:.1f} s; left behind: "
+          f"{left['requests']} requests, {left['running'] + left['waiting']} sequences, "
+          f"{left['total_kv_blocks'] - left['free_kv_blocks']} KV blocks")
     response = httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False, "max_tokens": 24}, timeout=60)
     assert response.json()["choices"][0]["text"] == greedy(offline, [body["prompt"]], 24)[0]
+
+
+# ---- a dead replica ----------------------------------------------------------------------------------
+def test_killed_pipeline_replica_is_replaced_and_serves_again(base_url, app, offline):
+    """Kill the pipeline's replica process (its stage actors die with it): Serve starts a new
+    pipeline and requests succeed again, exactly, within a bounded time."""
+    before = stats()["replica"]
+    [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(f"SERVE_REPLICA::{APP}#Pipeline") and a["name"].endswith(before)]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    killed_at = time.monotonic()
+    body = {"prompt": "def hello_world():", "max_tokens": 16, "temperature": 0}
+    expected = greedy(offline, [body["prompt"]], 16)[0]
+    statuses: list[int] = []
+
+    def answered():
+        response = httpx.post(f"{base_url}/v1/completions", json={**body, "ignore_eos": True}, timeout=30)
+        statuses.append(response.status_code)
+        return response.status_code == 200 and response
+
+    response = wait_until(answered, timeout=120, interval=0.5, what="a replacement pipeline")
+    took = time.monotonic() - killed_at
+    assert response.json()["choices"][0]["text"] == expected
+    assert stats()["replica"] != before
+    assert set(statuses) <= {200, 503}, statuses  # unavailable while replaced: an explicit 503, never a 500
+    print(f"\nFIGURE killed replica: serving again after {took:.1f} s; answers meanwhile: {sorted(set(statuses))}")
 
 
 # ---- logs --------------------------------------------------------------------------------------------

@@ -316,6 +316,15 @@ def test_bad_requests_are_400(client, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+def test_model_names_never_reach_the_filesystem(client, checkpoints):
+    """A request's `model` is looked up among the served names only: the path of a checkpoint on
+    this very machine, or a relative path, is an unknown model."""
+    for name in (checkpoints["neox"], "../neox", "neox/../neo", "/etc/passwd", "neox\x00"):
+        response = client.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "model_not_found"
+
+
 def test_malformed_bodies_and_routes(client):
     for content in (b"{not json", b"[1, 2]", b'{"model": "neox", "prompt": "\xff\xfe"}'):
         response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
