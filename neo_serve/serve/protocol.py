@@ -16,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
 
+MAX_INT32 = 2**31 - 1  # bound of integer counts: larger values are certainly mistakes
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class APIError(Exception):
     """An error with its HTTP status, rendered as OpenAI's error JSON."""
 
@@ -54,16 +65,16 @@ class CompletionRequest(BaseModel):
     model: str | None = Field(None, description="Served model name; may be omitted when one model is served.")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="A string, a list of strings, a list of token ids or a list of token id lists.")
-    max_tokens: int | None = Field(16, ge=0, description="Tokens to generate per choice; null: up to the "
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT32, description="Tokens to generate per choice; null: up to the "
                                                          "context window.")
     temperature: float = Field(1.0, ge=0.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens (0/-1: off).")
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: keep the k most likely tokens (0/-1: off).")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     best_of: int | None = Field(None, description="Only best_of == n is supported.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings (not included in the text).")
-    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end a choice.")
-    seed: int | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=1024, description="Extension: token ids that end a choice.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch's generator seeds (seed + choice index)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, description="Extension: CTRL-style repetition penalty.")
@@ -89,6 +100,16 @@ class CompletionRequest(BaseModel):
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
+        return value
+
+    @field_validator("model", "prompt", "stop", "user", "suffix")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON lets a lone surrogate through ("\ud800"); no tokenizer or response can encode it.
+        texts = value if isinstance(value, list) else [value]
+        for text in texts:
+            if isinstance(text, str) and not _encodable(text):
+                raise ValueError("must be valid Unicode text (it contains a lone surrogate)")
         return value
 
     @field_validator("stop")
