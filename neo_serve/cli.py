@@ -51,6 +51,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return run_serve_bench(args)
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from neo_serve.bench.load_test import run_load_test
+
+    return run_load_test(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,12 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="serve")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,load}")
     serve_bench = bench_sub.add_parser(
         "serve", help="N concurrent streaming HTTP clients against the Ray Serve app, the offline engine and a "
                       "transformers @serve.batch baseline")
     add_serve_bench_arguments(serve_bench)
     serve_bench.set_defaults(func=_bench_serve)
+    from neo_serve.bench.load_test import add_load_arguments
+
+    load = bench_sub.add_parser(
+        "load", help="bounded load test on loopback: C concurrent streaming requests per round against the app; "
+                     "each must complete or be refused cleanly, and memory must stay bounded")
+    add_load_arguments(load)
+    load.set_defaults(func=_bench_load)
 
     plan = sub.add_parser("plan", help="stage split, weights and KV capacity per GPU, on the meta device")
     plan.add_argument("--config", required=True, help="a checkpoint's config.json (or its directory)")
