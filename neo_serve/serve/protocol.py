@@ -102,6 +102,17 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt must not be an empty list")
         return value
 
+    @field_validator("prompt", "stop_token_ids")
+    @classmethod
+    def _token_ids_in_range(cls, value: Any) -> Any:
+        # Bounded before anything formats them: a 5,000-digit int cannot even be printed.
+        if isinstance(value, list):
+            for item in value:
+                ids = item if isinstance(item, list) else [item]
+                if any(isinstance(t, int) and not 0 <= t <= MAX_INT32 for t in ids):
+                    raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
+        return value
+
     @field_validator("model", "prompt", "stop", "user", "suffix")
     @classmethod
     def _valid_unicode(cls, value: Any) -> Any:
