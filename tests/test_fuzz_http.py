@@ -49,7 +49,7 @@ from ray import serve
 from conftest_serve import parse_sse, ray_serve_on_loopback, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
-from neo_serve.serve.protocol import APIError, CompletionRequest
+from neo_serve.serve.protocol import APIError, CompletionRequest, is_encodable
 from neo_serve.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(600)
@@ -190,15 +190,7 @@ def has_unrepresentable(value: Any) -> bool:
 def unnameable(case: "Case") -> bool:
     """Whether a 4xx may leave `param` null: a field name with lone surrogates cannot go into JSON
     as UTF-8, and a value Python's JSON parser refuses leaves no object whose field to name."""
-    return has_unrepresentable(case.body) or any(not _encodable(name) for name in case.mutated)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return has_unrepresentable(case.body) or any(not is_encodable(name) for name in case.mutated)
 
 
 def num_tokens(prompt: Any) -> list[int]:

@@ -14,6 +14,7 @@ Refusals are OpenAI-style error JSON (the login page is HTML).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import html
@@ -35,6 +36,12 @@ def session_token(key: bytes) -> bytes:
     """What the playground's cookie holds for `key`: a digest, so the cookie is not the API key.
     Deterministic, so every router replica accepts it."""
     return hashlib.sha256(b"neo-serve playground session\0" + key).hexdigest().encode()
+
+
+@functools.lru_cache(maxsize=8)
+def _session_tokens(keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The session tokens of a key set, computed once (every playground request checks them)."""
+    return tuple(session_token(key) for key in keys)
 
 
 def _matches(given: bytes, expected: tuple[bytes, ...]) -> bool:
@@ -110,7 +117,7 @@ class AccessMiddleware:
             return _matches(token.strip().encode(), keys)
         if in_ui:  # the browser's playground session
             cookie = _cookie(scope, SESSION_COOKIE)
-            return cookie is not None and _matches(cookie.encode(), tuple(session_token(key) for key in keys))
+            return cookie is not None and _matches(cookie.encode(), _session_tokens(keys))
         return False
 
     async def _login(self, scope: dict, receive: Any, send: Any, keys: tuple[bytes, ...], root: str, *,

@@ -19,7 +19,8 @@ from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 MAX_INT32 = 2**31 - 1  # bound of integer counts: larger values are certainly mistakes
 
 
-def _encodable(text: str) -> bool:
+def is_encodable(text: str) -> bool:
+    """Whether `text` can be sent as UTF-8 (JSON lets lone surrogates through as \\udXXX escapes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -119,7 +120,7 @@ class CompletionRequest(BaseModel):
         # JSON lets a lone surrogate through ("\ud800"); no tokenizer or response can encode it.
         texts = value if isinstance(value, list) else [value]
         for text in texts:
-            if isinstance(text, str) and not _encodable(text):
+            if isinstance(text, str) and not is_encodable(text):
                 raise ValueError("must be valid Unicode text (it contains a lone surrogate)")
         return value
 
