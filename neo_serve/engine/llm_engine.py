@@ -3,8 +3,9 @@
     step() = schedule -> prepare (pack tensors) -> execute (stages) -> postprocess (sample,
              detokenize, stop checks, free finished)
 
-The served pipeline calls the same pieces (`schedule_step`, `process_step`) with several
-micro-batches in flight; the offline `LLM` calls `step()` until nothing is left.
+The served pipeline calls the same pieces (`schedule_step`, then `process_step` split in its
+tensor half `sample_step` and its bookkeeping half `apply_step`) with several micro-batches in
+flight; the offline `LLM` calls `step()` until nothing is left.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from neo_serve.config import ModelConfig, load_model_config
 from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.executor import Executor, LocalPipelineExecutor
 from neo_serve.engine.kv_cache import ExtentAllocator
-from neo_serve.engine.outputs import RequestOutput
-from neo_serve.engine.sampler import SamplingRow, sample, top_logprobs
+from neo_serve.engine.outputs import LogprobDict, RequestOutput
+from neo_serve.engine.sampler import Sample, SamplingRow, sample, top_logprobs
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from neo_serve.engine.sequence import Request, Sequence
@@ -39,6 +40,16 @@ class PreparedStep:
     step_input: StepInput
     sample_rows: list[int]  # per chunk: logits row of its sampled token, or -1
     prompt_rows: list[tuple[int, int]]  # per chunk: (first logits row, count) of prompt logprobs
+
+
+@dataclass(frozen=True)
+class SampledStep:
+    """What the logits of a finished step decided, per chunk of its batch: whether the chunk's
+    sequence was live when sampled, its prompt logprobs and its sampled token (None: none)."""
+
+    live: list[bool]
+    prompt_logprobs: list[list[LogprobDict] | None]
+    samples: list[Sample | None]
 
 
 class LLMEngine:
@@ -198,28 +209,54 @@ class LLMEngine:
 
     def process_step(self, prepared: PreparedStep, logits: torch.Tensor) -> list[RequestOutput]:
         """Apply a step's logits: prompt logprobs, sampling, detokenizing, stop checks."""
+        return self.apply_step(prepared, self.sample_step(prepared, logits))
+
+    @torch.inference_mode()
+    def sample_step(self, prepared: PreparedStep, logits: torch.Tensor) -> SampledStep:
+        """The tensor half of `process_step`: prompt logprobs and sampled tokens of the chunks
+        whose sequences are still live. It changes no engine state (it only advances seeded
+        sequences' generators), so the served pipeline runs it on the thread that ran the
+        step, keeping every parallel torch op of a process on one thread (see engine_loop)."""
+        chunks = prepared.batch.chunks
+        live = [self._is_live(chunk.seq) for chunk in chunks]
+        prompt_logprobs: list[list[LogprobDict] | None] = [None] * len(chunks)
+        samples: list[Sample | None] = [None] * len(chunks)
+        to_sample: list[tuple[int, Sequence, int]] = []
+        for index, (chunk, sample_row, (first_row, count)) in enumerate(
+                zip(chunks, prepared.sample_rows, prepared.prompt_rows)):
+            if not live[index]:
+                continue  # aborted or preempted while the step ran: its generator stays untouched
+            if count:
+                prompt_logprobs[index] = self._prompt_logprobs(
+                    chunk.seq.request, logits[first_row:first_row + count], chunk.start)
+            if sample_row >= 0:
+                to_sample.append((index, chunk.seq, sample_row))
+        if to_sample:
+            rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for _, s, _ in to_sample]
+            results = sample(logits[[row for _, _, row in to_sample]], rows, self.generator)
+            for (index, _, _), result in zip(to_sample, results):
+                samples[index] = result
+        return SampledStep(live, prompt_logprobs, samples)
+
+    def apply_step(self, prepared: PreparedStep, sampled: SampledStep) -> list[RequestOutput]:
+        """The bookkeeping half of `process_step`: append tokens, detokenize, check stops, free
+        finished sequences. Runs on the thread that owns the engine."""
         touched: dict[str, Request] = {}
-        to_sample: list[tuple[Sequence, int]] = []
-        for chunk, sample_row, (first_row, count) in zip(prepared.batch.chunks, prepared.sample_rows,
-                                                         prepared.prompt_rows):
+        now = time.monotonic()
+        for chunk, was_live, prompt_logprobs, result in zip(prepared.batch.chunks, sampled.live,
+                                                            sampled.prompt_logprobs, sampled.samples):
             seq = chunk.seq
             request = seq.request
-            if request.request_id not in self.requests or seq.extent is None:
-                continue  # aborted or preempted while the step ran
+            if not was_live or not self._is_live(seq):
+                continue
             seq.num_computed = chunk.end
-            if count:
-                self._record_prompt_logprobs(request, logits[first_row:first_row + count], chunk.start)
+            if prompt_logprobs is not None:
+                request.prompt_logprobs.extend(prompt_logprobs)
                 touched[request.request_id] = request
-            if sample_row >= 0:
-                to_sample.append((seq, sample_row))
-        if to_sample:
-            rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for s, _ in to_sample]
-            samples = sample(logits[[r for _, r in to_sample]], rows, self.generator)
-            now = time.monotonic()
-            for (seq, _), result in zip(to_sample, samples):
+            if result is not None:
                 self._append_token(seq, result.token_id, result.logprob, result.top_logprobs)
-                seq.request.metrics.first_token_time = seq.request.metrics.first_token_time or now
-                touched[seq.request.request_id] = seq.request
+                request.metrics.first_token_time = request.metrics.first_token_time or now
+                touched[request.request_id] = request
         # A prompt-only request (max_tokens=0) ends once its prompt is scored.
         for request in list(touched.values()):
             if request.max_tokens == 0 and not request.needs_prompt_logprobs:
@@ -234,12 +271,15 @@ class LLMEngine:
             outputs.append(request.to_output())
         return outputs
 
-    def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int) -> None:
+    def _is_live(self, seq: Sequence) -> bool:
+        return seq.request.request_id in self.requests and seq.extent is not None
+
+    @staticmethod
+    def _prompt_logprobs(request: Request, logits: torch.Tensor, start: int) -> list[LogprobDict]:
         logprobs = torch.log_softmax(logits, dim=-1)
         count = request.params.prompt_logprobs
-        for offset in range(logprobs.shape[0]):
-            token = request.prompt_ids[start + offset + 1]
-            request.prompt_logprobs.append(top_logprobs(logprobs[offset], token, count))
+        return [top_logprobs(logprobs[offset], request.prompt_ids[start + offset + 1], count)
+                for offset in range(logprobs.shape[0])]
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
         params = seq.request.params

@@ -1,14 +1,16 @@
 """The replica's continuous-batching loop: one engine, its stages, per-request output streams.
 
-Every engine call (`add_request`, `abort_request`, `schedule_step`, `process_step`) happens on
-the replica's event loop, so the engine stays single-threaded; only the stages' tensor work
-runs elsewhere (a worker thread with one stage, stage actors with several). The loop keeps up
+Every engine call that changes its state (`add_request`, `abort_request`, `schedule_step`,
+`apply_step`) happens on the replica's event loop, so the engine stays single-threaded; only
+tensor work runs elsewhere: with one stage, a step thread runs the model and the step's
+sampling (`sample_step`, which reads but changes nothing the loop owns); with several, stage
+actors run the model and the loop samples. The loop keeps up
 to `runner.depth` (= num_stages) micro-batches in flight:
 
     fill:  while fewer than S in flight: schedule_step(busy=<sequences in flight>,
            max_seqs=ceil(active / S)) -> runner.submit(step)   (the stage chain starts at once)
-    drain: await the oldest micro-batch's logits (or a new request, if the pipe has room)
-           -> process_step -> push outputs to the requests' streams
+    drain: await the oldest micro-batch's sampled tokens (or a new request, if the pipe has room)
+           -> apply_step -> push outputs to the requests' streams
 
 Each request has an asyncio queue of cumulative outputs; its `generate` stream turns them into
 deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
@@ -25,6 +27,7 @@ unhealthy, so Serve replaces it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -33,9 +36,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-import torch
 
-from neo_serve.engine.llm_engine import LLMEngine, PreparedStep
+from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
@@ -74,7 +76,7 @@ class PipelineCore:
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
         self.failure: BaseException | None = None
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
-        self._inflight: deque[tuple[PreparedStep, asyncio.Future[torch.Tensor]]] = deque()
+        self._inflight: deque[tuple[PreparedStep, asyncio.Future[SampledStep]]] = deque()
         self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -208,7 +210,8 @@ class PipelineCore:
             prepared = self.engine.schedule_step(busy, max_seqs)
             if prepared is None:
                 return
-            self._inflight.append((prepared, self.runner.submit(prepared.step_input)))
+            finish = functools.partial(self.engine.sample_step, prepared)
+            self._inflight.append((prepared, self.runner.submit(prepared.step_input, finish)))
             self._submitted.append(time.monotonic())
             self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
 
@@ -235,17 +238,17 @@ class PipelineCore:
         self.num_recoveries += 1
         logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
 
-    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[torch.Tensor]) -> BaseException | None:
+    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> BaseException | None:
         """Apply a finished micro-batch. Returns the error when a stage died (recover), else None."""
         try:
-            logits = future.result()
+            sampled = future.result()
         except ray.exceptions.RayActorError as exc:  # a stage is gone: restart it
             return exc
         except Exception as exc:
             logger.exception("neo-serve step failed; failing its requests")
             self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks}, exc)
             return None
-        outputs = self.engine.process_step(prepared, logits)
+        outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
         for output in outputs:
             queue = self._streams.get(output.request_id)

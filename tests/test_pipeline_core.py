@@ -1,0 +1,65 @@
+"""The replica's continuous-batching loop (`PipelineCore`) with its in-process step runner, no Ray:
+where the step's tensor work runs, and how streams pace their chunks under load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from neo_serve import LLM, SamplingParams
+from neo_serve.engine.config import EngineConfig
+from neo_serve.engine.llm_engine import LLMEngine
+from neo_serve.serve.engine_loop import PipelineCore
+from neo_serve.serve.stages import LocalStepRunner, UnloadedExecutor
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPTS = ["def hello_world():", "import os\nimport sys\n", "class Stack:", "for i in range(10):"]
+
+
+async def start_core(checkpoint, **core_options) -> PipelineCore:
+    engine = LLMEngine(EngineConfig(model=str(checkpoint), device="cpu", kv_cache_tokens=4096),
+                       executor=UnloadedExecutor())
+    runner = await LocalStepRunner.load(engine.stage_specs)
+    engine.executor = runner
+    core = PipelineCore(engine, runner, **core_options)
+    core.start()
+    return core
+
+
+async def collect(core: PipelineCore, prompt: str, params: SamplingParams, request_id: str) -> list:
+    return [chunk async for chunk in core.generate(prompt, params, request_id)]
+
+
+def token_ids(chunks) -> list[int]:
+    return [t for chunk in chunks[1:] for t in chunk.sequences[0].token_ids]
+
+
+def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_checkpoint):
+    # All of a replica's parallel torch work must start from one thread: a second OpenMP team
+    # (the event loop sampling) made every decode step ~1.4x slower on 2 cores.
+    offline = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
+
+    async def main():
+        core = await start_core(neox_checkpoint)
+        loop_thread = threading.current_thread()
+        sampled_on: set[threading.Thread] = set()
+        sample_step = core.engine.sample_step
+
+        def recording_sample_step(prepared, logits):
+            sampled_on.add(threading.current_thread())
+            return sample_step(prepared, logits)
+
+        core.engine.sample_step = recording_sample_step
+        try:
+            results = await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+        finally:
+            core.close()
+            core.runner.close()
+        return results, loop_thread, sampled_on
+
+    results, loop_thread, sampled_on = asyncio.run(main())
+    assert [token_ids(chunks) for chunks in results] == [o.outputs[0].token_ids for o in offline]
+    assert sampled_on and loop_thread not in sampled_on
+    assert all(thread.name.startswith("neo-serve-step") for thread in sampled_on)
