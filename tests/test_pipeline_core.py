@@ -63,3 +63,33 @@ def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_chec
     assert [token_ids(chunks) for chunks in results] == [o.outputs[0].token_ids for o in offline]
     assert sampled_on and loop_thread not in sampled_on
     assert all(thread.name.startswith("neo-serve-step") for thread in sampled_on)
+
+
+def _chunked_run(checkpoint, *, stream_interval_s, max_stream_chunks_per_s):
+    async def main():
+        core = await start_core(checkpoint, stream_interval_s=stream_interval_s,
+                                max_stream_chunks_per_s=max_stream_chunks_per_s)
+        try:
+            return await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+        finally:
+            core.close()
+            core.runner.close()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("budget", [None, 1000.0])
+def test_streams_send_a_chunk_per_step_when_the_budget_allows(neox_checkpoint, budget):
+    results = _chunked_run(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=budget)
+    for chunks in results:
+        assert len(token_ids(chunks)) == GREEDY.max_tokens
+        assert len(chunks) - 1 >= GREEDY.max_tokens // 3  # chunks after the acceptance chunk
+
+
+def test_many_streams_share_the_chunk_budget(neox_checkpoint):
+    # 4 streams, 4 chunks/s over all of them: each stream sends at most one chunk a second after
+    # its first token, so the tiny model's 24 tokens arrive in at most 3 chunks, all of them.
+    offline = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
+    results = _chunked_run(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=4.0)
+    assert [token_ids(chunks) for chunks in results] == [o.outputs[0].token_ids for o in offline]
+    for chunks in results:
+        assert len(chunks) - 1 <= 3

@@ -36,6 +36,8 @@ def checkpoint(tmp_path_factory) -> str:
     ({"models": [{"unknown_option": 1}]}, "models[0].unknown_option"),
     ({"router": {"num_replicas": 0}}, "router.num_replicas"),
     ({"num_stages": "two"}, "models[0].num_stages"),
+    ({"models": [{"max_stream_chunks_per_s": 0}]}, "models[0].max_stream_chunks_per_s"),
+    ({"models": [{"stream_interval_s": -1}]}, "models[0].stream_interval_s"),
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(AppConfigError) as excinfo:

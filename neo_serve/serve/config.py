@@ -110,6 +110,13 @@ class ModelArgs(_Scaling):
         None, gt=0, description="Deadline of every request to this model, from its arrival at the router: past "
         "it the request ends with a 408 `request_timeout` error and its sequences are stopped (a request's own "
         "`timeout` may shorten it). None: no deadline.")
+    stream_interval_s: float = Field(
+        0.02, ge=0, description="After its first token, a stream sends at most one chunk per interval (the "
+        "tokens of several steps together): each chunk costs the replica, router and proxy CPU time.")
+    max_stream_chunks_per_s: float | None = Field(
+        256.0, gt=0, description="Chunks per second a replica aims to send over all its streams: with many "
+        "streams each one's interval grows to streams / this (64 streams: a chunk per 0.25 s), so serving "
+        "overhead stays bounded as load grows. None: only stream_interval_s.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
                                                                  "stage fails the check and the replica is replaced).")
 

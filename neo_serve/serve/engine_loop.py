@@ -59,16 +59,19 @@ class PipelineCore:
 
     def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None,
                  step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0,
-                 stream_interval_s: float = 0.02) -> None:
+                 stream_interval_s: float = 0.02, max_stream_chunks_per_s: float | None = None) -> None:
         self.engine = engine
         self.runner = runner
         self.metrics = metrics
         self.step_timeout_s = step_timeout_s
         self.recovery_timeout_s = recovery_timeout_s
         # After the first token, a stream yields at most once per interval (the tokens of several
-        # steps in one chunk): each yielded chunk costs the replica and router a Serve streaming
-        # round, which on a small model's millisecond steps would cost more than the step.
+        # steps in one chunk): each yielded chunk costs the replica, router and proxy a Serve
+        # streaming round, which on a small model's millisecond steps would cost more than the
+        # step, and with many streams takes the cores the model needs. The interval grows with
+        # the number of streams so that all of them together send about max_stream_chunks_per_s.
         self.stream_interval_s = stream_interval_s
+        self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self.num_recoveries = 0
         self.decode_token = TokenDecoder(
             lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
@@ -115,7 +118,7 @@ class PipelineCore:
             last_token_chunk = None  # when the last chunk with tokens was yielded
             while True:
                 if last_token_chunk is not None:
-                    pause = last_token_chunk + self.stream_interval_s - time.monotonic()
+                    pause = last_token_chunk + self.stream_interval() - time.monotonic()
                     if pause > 0:
                         await asyncio.sleep(pause)
                 item = await queue.get()
@@ -137,6 +140,12 @@ class PipelineCore:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
 
+    def stream_interval(self) -> float:
+        """Least time between two chunks of a stream, at the current number of streams."""
+        if self.max_stream_chunks_per_s is None:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, len(self._streams) / self.max_stream_chunks_per_s)
+
     def stats(self) -> dict[str, Any]:
         """Scheduler and KV state, for debugging and tests."""
         allocator = self.engine.allocator
@@ -154,6 +163,7 @@ class PipelineCore:
             "num_preemptions": self.engine.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_recoveries": self.num_recoveries,
+            "stream_interval_s": self.stream_interval(),
             "failed": repr(self.failure) if self.failure is not None else None,
         }
 

@@ -53,7 +53,9 @@ class PipelineServer:
                 name_prefix=stage_actor_prefix(context.app_name, context.deployment, context.replica_id.unique_id))
         engine.executor = runner
         self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages),
-                                 step_timeout_s=model.step_timeout_s, recovery_timeout_s=model.recovery_timeout_s)
+                                 step_timeout_s=model.step_timeout_s, recovery_timeout_s=model.recovery_timeout_s,
+                                 stream_interval_s=model.stream_interval_s,
+                                 max_stream_chunks_per_s=model.max_stream_chunks_per_s)
         self.core.start()
         logger.info("neo-serve pipeline for %s ready: %s", model.served_name, runner.stage_info())
 
