@@ -38,7 +38,7 @@ def token_ids(chunks) -> list[int]:
 
 def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_checkpoint):
     # All of a replica's parallel torch work must start from one thread: a second OpenMP team
-    # (the event loop sampling) made every decode step ~1.4x slower on 2 cores.
+    # (the event loop sampling) made the steps ~1.3x slower on 2 cores.
     offline = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
 
     async def main():
