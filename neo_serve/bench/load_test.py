@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neo_serve.bench.serve_bench import _ms, _sigterm_as_interrupt, deployed, percentile, ray_serve
+from neo_serve.bench.serve_bench import deployed, format_ms, percentile, ray_serve, sigterm_as_interrupt
 
 LOAD_APP = "neo-serve-load"
 MIB = 2**20
@@ -394,7 +394,7 @@ def _stages_mib(rss: dict[str, int | None]) -> str:
 
 
 def _s_as_ms(value: float | None) -> str:
-    return _ms(None if value is None else value * 1e3)
+    return format_ms(None if value is None else value * 1e3)
 
 
 def format_round(summary: dict[str, Any]) -> str:
@@ -516,7 +516,7 @@ def run_load_test(args: argparse.Namespace) -> int:
     }
     print(f"load test: {json.dumps(results['config'])}", flush=True)
     started = time.perf_counter()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             with ray_serve(ray_cpus_for(app_args)) as base_url:
                 with deployed(app, LOAD_APP, timeout=args.deploy_timeout_s):

@@ -372,7 +372,7 @@ def ray_serve(num_cpus: int) -> Iterator[str]:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
         # ray.init replaces the SIGTERM handler (its core worker's aborts the process, leaving
         # no chance to write the results): SIGTERM is Ctrl-C again until Ray is down.
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             serve.start(http_options={"host": "127.0.0.1", "port": port},
                         logging_config={"log_level": "WARNING", "enable_access_log": False})
             print(f"Ray and Serve up in {time.perf_counter() - started:.1f} s ({num_cpus} logical CPUs, "
@@ -481,7 +481,8 @@ def _http_warmup(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[R
 def _print_point(point: dict[str, Any]) -> None:
     ttft, itl = point["ttft_ms"], point["itl_ms"]
     line = (f"[{point['model']}] {point['system']:<18} N={point['clients']:<3} {point['tokens_per_s']:8.1f} tok/s  "
-            f"TTFT p50 {_ms(ttft['p50'])} p99 {_ms(ttft['p99'])}  ITL p50 {_ms(itl['p50'])} p99 {_ms(itl['p99'])}  "
+            f"TTFT p50 {format_ms(ttft['p50'])} p99 {format_ms(ttft['p99'])}  "
+            f"ITL p50 {format_ms(itl['p50'])} p99 {format_ms(itl['p99'])}  "
             f"{point['requests']} req in {point['seconds']:.1f} s")
     if "client_cpu_s" in point:
         line += f" (client CPU {point['client_cpu_s']:.1f} s)"
@@ -490,7 +491,7 @@ def _print_point(point: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
-def _ms(value: float | None) -> str:
+def format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
@@ -583,7 +584,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     }
     print(f"machine: {json.dumps(results['machine'])}", flush=True)
     started = time.perf_counter()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             _run_all(models, workloads, args, results)
         except KeyboardInterrupt:
@@ -650,7 +651,7 @@ def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], 
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM cleans up like Ctrl-C (only possible from the main thread); nests."""
     if sys.platform == "win32" or not _in_main_thread():
         yield
@@ -759,8 +760,9 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
                     f"| {system} | {p['clients']} | {p['requests']} | {p['tokens_per_s']:.1f} | "
                     f"{_ratio(p['tokens_per_s'], offline and offline['tokens_per_s']) if served else '-'} | "
                     f"{_ratio(p['tokens_per_s'], baseline and baseline['tokens_per_s']) if served else '-'} | "
-                    f"{_ms(p['ttft_ms']['p50'])} | {_ms(p['ttft_ms']['p99'])} | {_ms(p['itl_ms']['p50'])} | "
-                    f"{_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} |")
+                    f"{format_ms(p['ttft_ms']['p50'])} | {format_ms(p['ttft_ms']['p99'])} | "
+                    f"{format_ms(p['itl_ms']['p50'])} | "
+                    f"{format_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} |")
         batches = [f"N={p['clients']}: {p['baseline_batches']['mean_batch_size']:.1f}" for p in points
                    if p["model"] == model and p.get("baseline_batches")]
         lines += ["", f"Baseline mean batch size: {', '.join(batches)}." if batches else "", ""]
@@ -787,7 +789,7 @@ def _targets(points: list[dict[str, Any]]) -> list[str]:
         ttft = "-"
         if baseline and p["ttft_ms"]["p50"] is not None and baseline["ttft_ms"]["p50"] is not None:
             lower = p["ttft_ms"]["p50"] < baseline["ttft_ms"]["p50"]
-            ttft = (f"{_ms(p['ttft_ms']['p50'])} vs {_ms(baseline['ttft_ms']['p50'])} "
+            ttft = (f"{format_ms(p['ttft_ms']['p50'])} vs {format_ms(baseline['ttft_ms']['p50'])} "
                     f"{'(met)' if lower else '(missed)'}")
         lines.append(f"| {p['model']} | {p['system']} | {_verdict(vs_off, 0.8)} | {_verdict(vs_base, 3.0)} | {ttft} |")
     return lines + [""]
