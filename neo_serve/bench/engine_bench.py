@@ -122,10 +122,11 @@ def flops_per_token(config, *, with_head: bool) -> int:
 
 
 # ---- runs -------------------------------------------------------------------------------------
-def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched_tokens: int) -> dict:
+def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched_tokens: int,
+                  kv_cache_dtype: str = "auto") -> dict:
     from neo_serve import LLM, SamplingParams
 
-    llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
+    llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
               kv_cache_tokens=max(32768, 2 * sum(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))))
     llm.generate([workload.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     engine = llm.engine
@@ -192,6 +193,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=8)
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="neo-serve's KV cache dtype (auto: float32 on CPU; bfloat16 may be faster on CPUs "
+                             "with fast bfloat16 attention kernels)")
     parser.add_argument("--skip-transformers", action="store_true", help="measure neo-serve only")
     parser.add_argument("--json", default=None, help="also write the results here")
 
@@ -215,9 +219,11 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         batch_flops = (batch.prompt_tokens * flops_per_token(config, with_head=False)
                        + batch.generated * flops_per_token(config, with_head=True))
         batch_limit = batch.generated / (batch_flops / rate)
-        row = {"dtype": dtype, "matmul_GFLOPs": rate / 1e9, "single_limit": single_limit, "batch_limit": batch_limit}
-        row["ours_single"] = run_neo_serve(path, dtype, single, max_num_batched_tokens=args.max_num_batched_tokens)
-        row["ours_batch"] = run_neo_serve(path, dtype, batch, max_num_batched_tokens=args.max_num_batched_tokens)
+        row = {"dtype": dtype, "kv_cache_dtype": args.kv_cache_dtype, "matmul_GFLOPs": rate / 1e9,
+               "single_limit": single_limit, "batch_limit": batch_limit}
+        engine = {"max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype}
+        row["ours_single"] = run_neo_serve(path, dtype, single, **engine)
+        row["ours_batch"] = run_neo_serve(path, dtype, batch, **engine)
         if not args.skip_transformers:
             row["hf_single"] = run_transformers(path, dtype, single, batch_size=1)
             row["hf_batch"] = run_transformers(path, dtype, batch, batch_size=args.hf_batch_size)
@@ -230,8 +236,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| dtype | workload | neo-serve tok/s | transformers tok/s | speed-up | limit tok/s | % of limit |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | KV cache | workload | neo-serve tok/s | transformers tok/s | speed-up | limit tok/s | "
+             "% of limit |", "|---|---|---|---|---|---|---|---|"]
     for row in results["runs"]:
         for kind, key, limit in (("single stream decode", "decode_tokens_per_s", row["single_limit"]),
                                  ("64 concurrent", "tokens_per_s", row["batch_limit"])):
@@ -239,7 +245,8 @@ def format_table(results: dict) -> str:
             hf = row.get("hf_single" if kind.startswith("single") else "hf_batch", {}).get(key)
             speedup = f"{ours / hf:.2f}x" if hf else "-"
             hf_text = f"{hf:.1f}" if hf else "-"
-            lines.append(f"| {row['dtype']} | {kind} | {ours:.1f} | {hf_text} | {speedup} | {limit:.1f} | "
+            lines.append(f"| {row['dtype']} | {row.get('kv_cache_dtype', 'auto')} | {kind} | {ours:.1f} | {hf_text} | "
+                         f"{speedup} | {limit:.1f} | "
                          f"{100 * ours / limit:.0f}% |")
     return "\n".join(lines)
 
