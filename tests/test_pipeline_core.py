@@ -36,39 +36,19 @@ def token_ids(chunks) -> list[int]:
     return [t for chunk in chunks[1:] for t in chunk.sequences[0].token_ids]
 
 
-def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_checkpoint):
-    # All of a replica's parallel torch work must start from one thread: a second OpenMP team
-    # (the event loop sampling) made the steps ~1.3x slower on 2 cores.
-    offline = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
+@pytest.fixture(scope="module")
+def offline_tokens(neox_checkpoint) -> list[list[int]]:
+    outputs = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
+    return [o.outputs[0].token_ids for o in outputs]
 
+
+def run_prompts(checkpoint, instrument=None, **core_options) -> list[list]:
+    """Stream PROMPTS at once through a fresh PipelineCore; each prompt's chunks.
+    `instrument(core)` runs before the requests are sent."""
     async def main():
-        core = await start_core(neox_checkpoint)
-        loop_thread = threading.current_thread()
-        sampled_on: set[threading.Thread] = set()
-        sample_step = core.engine.sample_step
-
-        def recording_sample_step(prepared, logits):
-            sampled_on.add(threading.current_thread())
-            return sample_step(prepared, logits)
-
-        core.engine.sample_step = recording_sample_step
-        try:
-            results = await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
-        finally:
-            core.close()
-            core.runner.close()
-        return results, loop_thread, sampled_on
-
-    results, loop_thread, sampled_on = asyncio.run(main())
-    assert [token_ids(chunks) for chunks in results] == [o.outputs[0].token_ids for o in offline]
-    assert sampled_on and loop_thread not in sampled_on
-    assert all(thread.name.startswith("neo-serve-step") for thread in sampled_on)
-
-
-def _chunked_run(checkpoint, *, stream_interval_s, max_stream_chunks_per_s):
-    async def main():
-        core = await start_core(checkpoint, stream_interval_s=stream_interval_s,
-                                max_stream_chunks_per_s=max_stream_chunks_per_s)
+        core = await start_core(checkpoint, **core_options)
+        if instrument is not None:
+            instrument(core)
         try:
             return await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
         finally:
@@ -77,19 +57,38 @@ def _chunked_run(checkpoint, *, stream_interval_s, max_stream_chunks_per_s):
     return asyncio.run(main())
 
 
+def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_checkpoint, offline_tokens):
+    # All of a replica's parallel torch work must start from one thread: a second OpenMP team
+    # (the event loop sampling) made the steps ~1.3x slower on 2 cores.
+    sampled_on: set[threading.Thread] = set()
+
+    def record_sampling_threads(core: PipelineCore) -> None:
+        sample_step = core.engine.sample_step
+
+        def recording_sample_step(prepared, logits):
+            sampled_on.add(threading.current_thread())
+            return sample_step(prepared, logits)
+
+        core.engine.sample_step = recording_sample_step
+
+    results = run_prompts(neox_checkpoint, record_sampling_threads)
+    assert [token_ids(chunks) for chunks in results] == offline_tokens
+    assert sampled_on and threading.main_thread() not in sampled_on  # asyncio.run's loop: this thread
+    assert all(thread.name.startswith("neo-serve-step") for thread in sampled_on)
+
+
 @pytest.mark.parametrize("budget", [None, 1000.0])
 def test_streams_send_a_chunk_per_step_when_the_budget_allows(neox_checkpoint, budget):
-    results = _chunked_run(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=budget)
+    results = run_prompts(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=budget)
     for chunks in results:
         assert len(token_ids(chunks)) == GREEDY.max_tokens
         assert len(chunks) - 1 >= GREEDY.max_tokens // 3  # chunks after the acceptance chunk
 
 
-def test_many_streams_share_the_chunk_budget(neox_checkpoint):
+def test_many_streams_share_the_chunk_budget(neox_checkpoint, offline_tokens):
     # 4 streams, 4 chunks/s over all of them: each stream sends at most one chunk a second after
     # its first token, so the tiny model's 24 tokens arrive in at most 3 chunks, all of them.
-    offline = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate(PROMPTS, GREEDY)
-    results = _chunked_run(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=4.0)
-    assert [token_ids(chunks) for chunks in results] == [o.outputs[0].token_ids for o in offline]
+    results = run_prompts(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=4.0)
+    assert [token_ids(chunks) for chunks in results] == offline_tokens
     for chunks in results:
         assert len(chunks) - 1 <= 3

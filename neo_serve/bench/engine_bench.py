@@ -245,7 +245,7 @@ def format_table(results: dict) -> str:
             hf = row.get("hf_single" if kind.startswith("single") else "hf_batch", {}).get(key)
             speedup = f"{ours / hf:.2f}x" if hf else "-"
             hf_text = f"{hf:.1f}" if hf else "-"
-            lines.append(f"| {row['dtype']} | {row.get('kv_cache_dtype', 'auto')} | {kind} | {ours:.1f} | {hf_text} | "
+            lines.append(f"| {row['dtype']} | {row['kv_cache_dtype']} | {kind} | {ours:.1f} | {hf_text} | "
                          f"{speedup} | {limit:.1f} | "
                          f"{100 * ours / limit:.0f}% |")
     return "\n".join(lines)

@@ -196,8 +196,8 @@ class RayStageRunner:
         return hidden
 
     def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
-        # The replica itself runs torch with one thread here (its actor has 1 CPU), so `finish`
-        # runs on the event loop once the last stage's logits arrive.
+        # The model runs in the stage actors' processes; in the replica only the event loop does
+        # torch work, so `finish` runs there once the last stage's logits arrive.
         return asyncio.ensure_future(self._finish(self._chain(step), finish))
 
     @staticmethod
