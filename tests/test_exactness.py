@@ -86,16 +86,20 @@ def test_chunked_prefill_and_tiny_kv_cache_preserve_outputs(neo_checkpoint):
     assert tight.engine.allocator.num_free_blocks == tight.engine.allocator.num_blocks
 
 
-def test_bfloat16_close_to_float32(neox_checkpoint):
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])  # `auto` picks either on CPU
+def test_bfloat16_close_to_float32(neox_checkpoint, kv_cache_dtype):
     """bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2% per op). Through 4 layers and
     a 512-way softmax we allow 0.1 nats mean / 0.5 nats max on prompt logprobs, and require the
     first greedy tokens to agree (where the float32 margin between the top two logits exceeds
-    what bf16 rounding can move)."""
+    what bf16 rounding can move). A bfloat16 KV cache rounds keys and values once more, as
+    transformers' own bfloat16 cache does."""
     path = str(neox_checkpoint)
     params = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
     f32 = LLM(path, dtype="float32")
-    bf16 = LLM(path, dtype="bfloat16")
-    assert bf16.engine.executor.workers[0].model.gpt_neox.embed_in.weight.dtype == torch.bfloat16
+    bf16 = LLM(path, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+    worker = bf16.engine.executor.workers[0]
+    assert worker.model.gpt_neox.embed_in.weight.dtype == torch.bfloat16
+    assert worker.kv.tensor.dtype == getattr(torch, kv_cache_dtype)
     prompt = prompts(f32)[-1]
     a, b = f32.generate([prompt], params)[0], bf16.generate([prompt], params)[0]
     diffs = [abs(x[t] - y[t]) for x, y, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], prompt[1:])]

@@ -26,7 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"
-    kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast attention kernels), the model's dtype on GPU
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype on GPU; on CPU see models/kv_dtype_probe.py
     pack_cpu_linears: bool = True  # oneDNN-prepacked linear weights on CPU (2-4x faster than MKL here)
     seed: int = 0  # for unseeded requests' draws
 

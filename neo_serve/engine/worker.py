@@ -15,6 +15,7 @@ from neo_serve.config import load_model_config
 from neo_serve.engine.kv_cache import KVArena, KVCopy
 from neo_serve.loader import DTYPES, CheckpointFiles, load_stage, resolve_dtype
 from neo_serve.models.attention import AttentionMetadata, SequenceSlice, make_backend
+from neo_serve.models.kv_dtype_probe import cpu_kv_cache_dtype
 from neo_serve.models.packed_linear import pack_linears, packing_supported
 from neo_serve.models.stages import StageSpec
 
@@ -43,7 +44,7 @@ class StageWorkerSpec:
     num_kv_slots: int
     block_size: int
     attention_backend: str = "auto"
-    kv_cache_dtype: str = "auto"  # auto: float32 on CPU (fast SDPA kernels), the model's dtype on GPU
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype on GPU; on CPU see models/kv_dtype_probe.py
     pack_cpu_linears: bool = True  # oneDNN-prepacked weights on CPU (see models/packed_linear.py)
 
 
@@ -60,15 +61,17 @@ class StageWorker:
         self.packed_linears = 0
         if spec.pack_cpu_linears and packing_supported(self.device, self.dtype):
             self.packed_linears = pack_linears(self.model)
+        kv_dtype = self._kv_dtype(spec.kv_cache_dtype, config.num_heads, config.head_dim)
         self.kv = KVArena(spec.stage.num_layers, spec.num_kv_slots, config.num_heads, config.head_dim,
-                          self._kv_dtype(spec.kv_cache_dtype), self.device, token_major=self.backend.token_major)
+                          kv_dtype, self.device, token_major=self.backend.token_major)
 
-    def _kv_dtype(self, name: str) -> torch.dtype:
+    def _kv_dtype(self, name: str, num_heads: int, head_dim: int) -> torch.dtype:
         if name != "auto":
             return DTYPES[name]
         if self.device.type == "cpu" and self.backend.name != "flash":
-            # CPU SDPA decode kernels in bfloat16/float16 run ~50x slower than in float32.
-            return torch.float32
+            # Half-precision CPU SDPA decode kernels are faster than float32 on some CPUs and
+            # ~50x slower on others: measured here (see models/kv_dtype_probe.py).
+            return cpu_kv_cache_dtype(self.dtype, num_heads, head_dim)
         return self.dtype
 
     @torch.inference_mode()

@@ -9,9 +9,9 @@ zero-copy view, which is what makes plain SDPA fast on CPU. Backends:
 - `flash`: flash-attn 2 (`flash_attn_varlen_func` for fresh prefills, `flash_attn_with_kvcache`
   with a block table over the arena for decodes and continued prefills), CUDA only;
   token-major arena `[slots, heads, head_dim]`, which flash-attn reads as pages.
-The cache may be kept in a wider dtype than the model (float32 on CPU, where bfloat16 SDPA
-decode kernels are far slower): queries and new keys are cast to the cache dtype, the output
-back to the model's.
+The cache may be kept in a wider dtype than the model (float32 on CPUs whose bfloat16 SDPA
+decode kernels are slower, see kv_dtype_probe.py): queries and new keys are cast to the cache
+dtype, the output back to the model's.
 """
 
 from __future__ import annotations

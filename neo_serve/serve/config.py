@@ -82,7 +82,8 @@ class ModelArgs(_Scaling):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight and KV dtype; "
                                                                      "auto keeps the checkpoint's.")
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="KV cache dtype; auto: float32 on CPU (fast attention kernels), the weights' on GPU.")
+        "auto", description="KV cache dtype; auto: the weights' on GPU; on CPU float32, or the weights' "
+                           "half-precision dtype where a probe at load finds its attention kernels clearly faster.")
     use_gpu: bool = Field(False, description="Give every stage one GPU (bundles {'CPU': cpus_per_stage, 'GPU': 1}).")
     cpus_per_stage: float = Field(1.0, gt=0, description="CPUs reserved per stage bundle.")
     kv_cache_tokens: int = Field(32768, ge=1, description="KV cache slots per stage (tokens of all running "
