@@ -12,6 +12,7 @@ dtype when the stage loads, and keeps the model's dtype only when it is clearly 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 # The narrow dtype must win by this much: near a tie, run-to-run noise would flip the choice
 # (and with it the KV rounding) from one start to the next; float32 is the safer side.
+logger = logging.getLogger(__name__)
+
 REQUIRED_SPEEDUP = 1.2
 PROBE_KEYS = 512  # keys per call: a mid-length sequence
 PROBE_CALLS = 7  # the fastest of these is the kernel's speed; slower ones met other load
@@ -47,7 +50,10 @@ def cpu_kv_cache_dtype(model_dtype: torch.dtype, num_heads: int, head_dim: int) 
         return torch.float32
     narrow = decode_call_seconds(model_dtype, num_heads, head_dim)
     wide = decode_call_seconds(torch.float32, num_heads, head_dim)
-    return choose(model_dtype, narrow_seconds=narrow, float32_seconds=wide)
+    chosen = choose(model_dtype, narrow_seconds=narrow, float32_seconds=wide)
+    logger.info("KV cache dtype auto -> %s: one decode attention call takes %.0f us in %s, %.0f us in float32",
+                str(chosen).removeprefix("torch."), narrow * 1e6, str(model_dtype).removeprefix("torch."), wide * 1e6)
+    return chosen
 
 
 def choose(model_dtype: torch.dtype, *, narrow_seconds: float, float32_seconds: float) -> torch.dtype:
