@@ -241,16 +241,16 @@ def format_table(results: dict) -> str:
     lines = ["| dtype | KV cache | workload | neo-serve tok/s | transformers tok/s | speed-up | limit tok/s | "
              "% of limit |", "|---|---|---|---|---|---|---|---|"]
     for row in results["runs"]:
-        for kind, key, limit in (("single stream decode", "decode_tokens_per_s", row["single_limit"]),
-                                 ("64 concurrent", "tokens_per_s", row["batch_limit"])):
-            ours = row["ours_single" if kind.startswith("single") else "ours_batch"][key]
-            hf = row.get("hf_single" if kind.startswith("single") else "hf_batch", {}).get(key)
+        for kind, run, key, limit in (("single stream decode", "single", "decode_tokens_per_s", row["single_limit"]),
+                                      ("64 concurrent", "batch", "tokens_per_s", row["batch_limit"])):
+            ours_run = row[f"ours_{run}"]
+            ours = ours_run[key]
+            hf = row.get(f"hf_{run}", {}).get(key)
             speedup = f"{ours / hf:.2f}x" if hf else "-"
             hf_text = f"{hf:.1f}" if hf else "-"
             kv = row["kv_cache_dtype"]
-            used = row["ours_single" if kind.startswith("single") else "ours_batch"].get("kv_cache_dtype_used")
-            if kv == "auto" and used:
-                kv = f"auto ({used})"
+            if kv == "auto" and ours_run.get("kv_cache_dtype_used"):
+                kv = f"auto ({ours_run['kv_cache_dtype_used']})"
             lines.append(f"| {row['dtype']} | {kv} | {kind} | {ours:.1f} | {hf_text} | "
                          f"{speedup} | {limit:.1f} | "
                          f"{100 * ours / limit:.0f}% |")
