@@ -9,6 +9,7 @@ import torch
 from neo_serve import LLM, SamplingParams
 from neo_serve.models import kv_dtype_probe
 from neo_serve.models.kv_dtype_probe import choose, decode_call_seconds
+from neo_serve.serve.stages import describe_stage
 
 
 def test_probe_times_real_decode_calls_in_each_dtype():
@@ -33,6 +34,8 @@ def test_auto_kv_cache_follows_the_probe(neox_checkpoint, monkeypatch, bfloat16_
     expected = torch.bfloat16 if bfloat16_faster else torch.float32
     llm = LLM(str(neox_checkpoint), dtype="bfloat16")
     assert llm.engine.executor.workers[0].kv.tensor.dtype == expected
+    # Operators see the choice in the pipeline's stats (`stages`) and its "ready" log line.
+    assert describe_stage(llm.engine.executor.workers[0])["kv_cache_dtype"] == str(expected).removeprefix("torch.")
     output = llm.generate(["def hello"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
     assert len(output.outputs[0].token_ids) == 4
     # A float32 model keeps a float32 cache whatever the probe says: no rounding below the model's.

@@ -95,6 +95,7 @@ def test_health_and_models(client):
     assert cards["neox"]["max_model_len"] == 512 and cards["neox"]["num_stages"] == 2
     stats = pipeline_stats()
     assert [s["layers"] for s in stats["stages"]] == [[0, 2], [2, 4]]
+    assert [s["kv_cache_dtype"] for s in stats["stages"]] == ["float32", "float32"]  # a float32 model
 
 
 # ---- exactness against the offline engine ------------------------------------------------------

@@ -53,10 +53,12 @@ class StepRunner(Protocol):
     def close(self) -> None: ...
 
 
-def describe_stage(spec: StageWorkerSpec, dtype: torch.dtype) -> dict[str, Any]:
-    stage = spec.stage
+def describe_stage(worker: StageWorker) -> dict[str, Any]:
+    """What a loaded stage runs, including what `auto` resolved to (e.g. the CPU KV dtype probe)."""
+    spec, stage = worker.spec, worker.spec.stage
     return {"stage": stage.index, "layers": [stage.layer_start, stage.layer_end],
-            "dtype": str(dtype).removeprefix("torch."), "device": spec.device, "kv_slots": spec.num_kv_slots}
+            "dtype": str(worker.dtype).removeprefix("torch."), "device": spec.device,
+            "kv_slots": spec.num_kv_slots, "kv_cache_dtype": str(worker.kv.tensor.dtype).removeprefix("torch.")}
 
 
 class UnloadedExecutor:
@@ -91,7 +93,7 @@ class LocalStepRunner:
         return self.executor.execute(step)
 
     def stage_info(self) -> list[dict[str, Any]]:
-        return [describe_stage(w.spec, w.dtype) for w in self.executor.workers]
+        return [describe_stage(w) for w in self.executor.workers]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -106,7 +108,7 @@ class StageActor:
 
     def info(self) -> dict[str, Any]:
         """Returns once the stage is loaded (the constructor has run)."""
-        return describe_stage(self.worker.spec, self.worker.dtype)
+        return describe_stage(self.worker)
 
     def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
         # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
