@@ -141,3 +141,12 @@ def test_up_arguments_make_app_args():
         parser.parse_args(["--replicas", "2", "--autoscale", "1:2"])
     with pytest.raises(AppConfigError, match="MIN:MAX"):
         app_args_from_namespace(parser.parse_args(["--autoscale", "4"]))
+
+
+def test_stream_chunk_budget_auto_follows_the_device():
+    # On CPU every chunk's wake-ups take cores from the model: a smaller budget (measured, see
+    # docs/benchmarks.md); with GPUs the model does not share its cores with the streams.
+    assert ModelArgs().stream_chunk_budget() == 64.0
+    assert ModelArgs(use_gpu=True).stream_chunk_budget() == 256.0
+    assert ModelArgs(max_stream_chunks_per_s=10).stream_chunk_budget() == 10.0
+    assert ModelArgs(max_stream_chunks_per_s=None).stream_chunk_budget() is None

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neo_serve.engine.config import EngineConfig
 
@@ -114,12 +114,29 @@ class ModelArgs(_Scaling):
     stream_interval_s: float = Field(
         0.02, ge=0, description="After its first token, a stream sends at most one chunk per interval (the "
         "tokens of several steps together): each chunk costs the replica, router and proxy CPU time.")
-    max_stream_chunks_per_s: float | None = Field(
-        256.0, gt=0, description="Chunks per second a replica aims to send over all its streams: with many "
-        "streams each one's interval grows to streams / this (64 streams: a chunk per 0.25 s), so serving "
-        "overhead stays bounded as load grows. None: only stream_interval_s.")
+    max_stream_chunks_per_s: float | Literal["auto"] | None = Field(
+        "auto", description="Chunks per second a replica aims to send over all its streams: with many "
+        "streams each one's interval grows to streams / this, so serving overhead stays bounded as load "
+        "grows. auto: 64 on CPU, where the router, proxy and replica share cores with the model and each "
+        "chunk's wake-ups preempt its threads (64 streams: a chunk per second per stream, a few tokens each), "
+        "256 with GPUs (64 streams: a chunk per 0.25 s). None: only stream_interval_s.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
                                                                  "stage fails the check and the replica is replaced).")
+
+    @field_validator("max_stream_chunks_per_s")
+    @classmethod
+    def _positive_budget(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ValueError(f"must be > 0, 'auto' or null (got {value})")
+        return value
+
+    def stream_chunk_budget(self) -> float | None:
+        """Chunks per second over all of a replica's streams (`max_stream_chunks_per_s`, auto resolved)."""
+        if self.max_stream_chunks_per_s == "auto":
+            # Measured on 2 vCPUs, Pythia-160M, 64 streams: 64 instead of 256 cut the router's
+            # and proxy's CPU about 3x and served tok/s rose ~12% (docs/benchmarks.md).
+            return 256.0 if self.use_gpu else 64.0
+        return self.max_stream_chunks_per_s
 
     @property
     def checkpoint_path(self) -> str:

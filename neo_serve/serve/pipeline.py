@@ -55,7 +55,7 @@ class PipelineServer:
         self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages),
                                  step_timeout_s=model.step_timeout_s, recovery_timeout_s=model.recovery_timeout_s,
                                  stream_interval_s=model.stream_interval_s,
-                                 max_stream_chunks_per_s=model.max_stream_chunks_per_s)
+                                 max_stream_chunks_per_s=model.stream_chunk_budget())
         self.core.start()
         logger.info("neo-serve pipeline for %s ready: %s", model.served_name, runner.stage_info())
 
