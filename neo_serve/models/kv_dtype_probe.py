@@ -18,10 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-# The narrow dtype must win by this much: near a tie, run-to-run noise would flip the choice
-# (and with it the KV rounding) from one start to the next; float32 is the safer side.
 logger = logging.getLogger(__name__)
 
+# The narrow dtype must win by this much: near a tie, run-to-run noise would flip the choice
+# (and with it the KV rounding) from one start to the next; float32 is the safer side.
 REQUIRED_SPEEDUP = 1.2
 PROBE_KEYS = 512  # keys per call: a mid-length sequence
 PROBE_CALLS = 7  # the fastest of these is the kernel's speed; slower ones met other load
