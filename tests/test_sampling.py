@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neo_serve import LLM, SamplingParams
-from neo_serve.engine.sampler import SamplingRow, apply_penalties, apply_top_k, apply_top_p
+from neo_serve.engine.sampler import SamplingRow, apply_penalties, apply_top_k, apply_top_p, sample
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -67,6 +67,19 @@ def test_penalties_follow_their_definitions():
     out = apply_penalties(logits.clone(), [SamplingRow(params, [3], [2, 2, 4], None)])
     # output counts: token 2 twice, token 4 once; the prompt's token 3 is not penalised
     assert out.tolist() == [[2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5, 0.0 - 0.5 - 0.25]]
+
+
+def test_sample_picks_the_first_best_token_and_leaves_the_logits_alone():
+    # The engine passes a decode step's logits themselves (no copy): sampling must not write them.
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [3.0, 2.0, 3.0, -1.0]])
+    before = logits.clone()
+    greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], None)
+    penalised = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=1.0),
+                            [0], [2], None)
+    samples = sample(logits, [greedy, penalised], torch.Generator().manual_seed(0))
+    assert samples[0].token_id == 1  # a tie: the lowest token id, as argmax and transformers pick
+    assert samples[1].token_id == 1  # penalties: 0 -> 1.5, 2 -> 0.5 (repetition, then presence)
+    assert torch.equal(logits, before)
 
 
 def test_repetition_penalty_stops_repeats(llm):

@@ -233,7 +233,10 @@ class LLMEngine:
                 to_sample.append((index, chunk.seq, sample_row))
         if to_sample:
             rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for _, s, _ in to_sample]
-            results = sample(logits[[row for _, _, row in to_sample]], rows, self.generator)
+            sample_rows = [row for _, _, row in to_sample]
+            # A decode step samples every row in order: sample from logits itself, not a copy.
+            picked = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
+            results = sample(picked, rows, self.generator)
             for (index, _, _), result in zip(to_sample, results):
                 samples[index] = result
         return SampledStep(live, prompt_logprobs, samples)
