@@ -118,7 +118,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         x = apply_top_p(x, torch.tensor([r.params.top_p for r in chosen], dtype=torch.float32))
         probs = x.softmax(dim=-1)
         noise = exponential_noise(tuple(probs.shape), chosen, default_generator)
-        tokens[random_rows] = (probs / noise).argmax(dim=-1)
+        tokens[random_rows] = (probs / noise).max(dim=-1).indices
     token_list = tokens.tolist()
     samples = [Sample(token, float("nan"), None) for token in token_list]
     for slot, i in enumerate(wanted):
