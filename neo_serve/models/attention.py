@@ -45,6 +45,8 @@ class AttentionMetadata:
     block_size: int  # arena granularity (extents start on a block boundary)
     # Masks are the same in every layer of the step: built once, keyed by (sequence, window).
     mask_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # SDPA's per-sequence calls, the same in every layer with the same window: keyed by window.
+    sdpa_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     def mask(self, index: int, key_first: int, window: int | None, device: torch.device) -> torch.Tensor | None:
         key = (index, window)
@@ -105,6 +107,32 @@ def attention_mask(seq: SequenceSlice, key_first: int, window: int | None, devic
     return allowed
 
 
+@dataclass(frozen=True)
+class SdpaCall:
+    """One sequence's SDPA call in a layer: which queries, which arena slots of keys, which mask."""
+
+    query_start: int
+    query_len: int
+    key_slot: int  # arena slot of the first visible key
+    key_len: int
+    mask: torch.Tensor | None
+    causal: bool  # a fresh prefill without a window: SDPA's own causal mask, no mask tensor
+
+
+def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device) -> tuple[SdpaCall, ...]:
+    """The step's per-sequence SDPA calls, worked out once per step and window, not per layer."""
+    plan = meta.sdpa_plans.get(window)
+    if plan is None:
+        calls = []
+        for index, seq in enumerate(meta.sequences):
+            first, end = visible_key_range(seq, window)
+            causal = seq.context_len == 0 and window is None and seq.query_len > 1
+            mask = None if causal else meta.mask(index, first, window, device)
+            calls.append(SdpaCall(seq.query_start, seq.query_len, seq.kv_start + first, end - first, mask, causal))
+        plan = meta.sdpa_plans[window] = tuple(calls)
+    return plan
+
+
 class SdpaBackend:
     name = "sdpa"
     token_major = False
@@ -112,21 +140,19 @@ class SdpaBackend:
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
         write_kv(k, v, k_cache, v_cache, meta, token_major=False)
         out_dtype = q.dtype
-        q = q.to(k_cache.dtype)
+        # 4-D [1, heads, len, dim] views: SDPA's fused CPU/GPU kernels take only 4-D inputs (3-D
+        # ones fall back to the slow math path), and they accept these strides as they are. Made
+        # once per layer, so that each sequence costs three `narrow`s and its SDPA call: a decode
+        # step of 64 sequences makes one such call per sequence and layer.
+        queries = q.to(k_cache.dtype).transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, dim]
+        keys, values = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # [1, heads, slots, dim]
+        sdpa = F.scaled_dot_product_attention
         results = []  # [1, heads, query_len, dim] per sequence, in packed order
-        for index, seq in enumerate(meta.sequences):
-            first, end = visible_key_range(seq, window)
-            # 4-D [1, heads, len, dim] views: SDPA's fused CPU/GPU kernels take only 4-D inputs
-            # (3-D ones fall back to the slow math path), and they accept these strides as they are.
-            q_seq = q[seq.query_start:seq.query_start + seq.query_len].transpose(0, 1).unsqueeze(0)
-            keys = k_cache[:, seq.kv_start + first:seq.kv_start + end].unsqueeze(0)
-            values = v_cache[:, seq.kv_start + first:seq.kv_start + end].unsqueeze(0)
-            if seq.context_len == 0 and window is None and seq.query_len > 1:
-                result = F.scaled_dot_product_attention(q_seq, keys, values, is_causal=True, scale=scale)
-            else:
-                mask = meta.mask(index, first, window, q.device)
-                result = F.scaled_dot_product_attention(q_seq, keys, values, attn_mask=mask, scale=scale)
-            results.append(result)
+        for call in sdpa_plan(meta, window, q.device):
+            results.append(sdpa(queries.narrow(2, call.query_start, call.query_len),
+                                keys.narrow(2, call.key_slot, call.key_len),
+                                values.narrow(2, call.key_slot, call.key_len),
+                                attn_mask=call.mask, is_causal=call.causal, scale=scale))
         # Sequences are packed back to back, so one cat restores the token order.
         return torch.cat(results, dim=2)[0].transpose(0, 1).to(out_dtype)  # [tokens, heads, dim]
 
