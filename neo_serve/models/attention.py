@@ -43,16 +43,9 @@ class AttentionMetadata:
     sequences: tuple[SequenceSlice, ...]
     slot_mapping: torch.Tensor  # [tokens] arena slot each new token's K/V is written to
     block_size: int  # arena granularity (extents start on a block boundary)
-    # Masks are the same in every layer of the step: built once, keyed by (sequence, window).
-    mask_cache: dict = field(default_factory=dict, compare=False, repr=False)
-    # SDPA's per-sequence calls, the same in every layer with the same window: keyed by window.
+    # SDPA's per-sequence calls (masks included) are the same in every layer with the same
+    # window: built once per step, keyed by window.
     sdpa_plans: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def mask(self, index: int, key_first: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-        key = (index, window)
-        if key not in self.mask_cache:
-            self.mask_cache[key] = attention_mask(self.sequences[index], key_first, window, device)
-        return self.mask_cache[key]
 
     @classmethod
     def build(cls, sequences: tuple[SequenceSlice, ...], block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
@@ -124,10 +117,10 @@ def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device)
     plan = meta.sdpa_plans.get(window)
     if plan is None:
         calls = []
-        for index, seq in enumerate(meta.sequences):
+        for seq in meta.sequences:
             first, end = visible_key_range(seq, window)
             causal = seq.context_len == 0 and window is None and seq.query_len > 1
-            mask = None if causal else meta.mask(index, first, window, device)
+            mask = None if causal else attention_mask(seq, first, window, device)
             calls.append(SdpaCall(seq.query_start, seq.query_len, seq.kv_start + first, end - first, mask, causal))
         plan = meta.sdpa_plans[window] = tuple(calls)
     return plan
