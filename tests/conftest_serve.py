@@ -59,7 +59,11 @@ def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[st
     import ray
     from ray import serve
 
+    from neo_serve.serve.ingress import configure_local_ingress
+
     port = free_port()
+    # The front door `neo-serve up` uses: HAProxy when its binary is installed (with ray[serve]).
+    configure_local_ingress("auto")
     ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -17,6 +17,7 @@ import pytest
 from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
+from neo_serve.serve.ingress import HAPROXY_FLAG
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +28,7 @@ def _reader(stream, lines: queue.Queue) -> None:
 
 
 def test_up_serves_until_ctrl_c(tmp_path):
-    port = free_port()
+    port, haproxy_stats_port = free_port(), free_port()
     # The bundled demo when it is there (the default), else a tiny checkpoint named on the command line.
     demo = (DEMO_CHECKPOINT / "config.json").is_file()
     checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
@@ -36,7 +37,9 @@ def test_up_serves_until_ctrl_c(tmp_path):
         [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--stages", "2", "--dtype", "float32",
          "--port", str(port), "--num-cpus", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+        # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux).
+        env={**{k: v for k, v in os.environ.items() if k != HAPROXY_FLAG}, "RAY_DEDUP_LOGS": "0",
+             "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
     output: list[str] = []
@@ -51,7 +54,11 @@ def test_up_serves_until_ctrl_c(tmp_path):
                 pass
         banner = "".join(output)
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
+        assert "ingress      haproxy" in banner
         base = f"http://127.0.0.1:{port}"
+        # HAProxy, not Serve's Python proxy, holds the port: its stats page lists the router's replica.
+        stats = httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats;csv", timeout=10)
+        assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == [name]
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
@@ -61,6 +68,8 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert process.wait(timeout=90) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # HAProxy went with it
+            httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats", timeout=5)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

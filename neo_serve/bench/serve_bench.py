@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
+from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
@@ -358,14 +359,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def ray_serve(num_cpus: int) -> Iterator[str]:
-    """Local Ray and Serve on 127.0.0.1:<free port>, shut down on exit whatever happens.
+def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
+    """Local Ray and Serve on 127.0.0.1:<free port>, shut down on exit whatever happens, with the
+    front door `neo-serve up` would pick for `ingress` (see neo_serve/serve/ingress.py).
     Yields the HTTP base URL."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
+    used = configure_local_ingress(ingress)
     port = free_port()
     started = time.perf_counter()
     try:
@@ -376,7 +379,7 @@ def ray_serve(num_cpus: int) -> Iterator[str]:
             serve.start(http_options={"host": "127.0.0.1", "port": port},
                         logging_config={"log_level": "WARNING", "enable_access_log": False})
             print(f"Ray and Serve up in {time.perf_counter() - started:.1f} s ({num_cpus} logical CPUs, "
-                  f"http://127.0.0.1:{port})", flush=True)
+                  f"http://127.0.0.1:{port}, ingress: {used})", flush=True)
             yield f"http://127.0.0.1:{port}"
     finally:
         with _uninterruptible():  # a second Ctrl-C must not leave Ray running
@@ -558,6 +561,8 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--deploy-timeout", type=float, default=600.0,
                         help="seconds for an application to load and run (default 600)")
+    parser.add_argument("--ingress", choices=INGRESS_CHOICES, default="auto",
+                        help="HTTP front door, as for `neo-serve up` (default auto: HAProxy when installed)")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--markdown", default=None, help="write the markdown report here")
@@ -570,6 +575,11 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     import torch
 
     args.threads = args.threads or torch.get_num_threads()
+    try:
+        ingress = configure_local_ingress(args.ingress)
+    except IngressUnavailable as exc:
+        print(f"neo-serve bench serve: {exc}", file=sys.stderr)
+        return 2
     models = resolve_models(args)
     max_requests = max(requests_per_point(n, args) for n in args.clients)
     workloads = {m.name: make_requests(m.vocab_size, max_requests, seed=args.seed, prompt_len=args.prompt_len,
@@ -579,7 +589,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         "workload": {"seed": args.seed, "prompt_len": list(args.prompt_len), "max_tokens": list(args.max_tokens),
                      "rounds": args.rounds, "min_requests": args.min_requests, "clients": args.clients,
                      "dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens,
-                     "baseline_batch_size": args.baseline_batch_size},
+                     "baseline_batch_size": args.baseline_batch_size,
+                     "ingress": ingress},
         "points": [], "failures": [], "interrupted": False,
     }
     print(f"machine: {json.dumps(results['machine'])}", flush=True)
@@ -639,7 +650,7 @@ def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], 
         for model in models:
             attempt(f"{model.name} offline", lambda m=model: run_offline(m, workloads[m.name], args,
                                                                          _engine_args(m, args)))
-    with ray_serve(ray_cpus(args)) as base_url:
+    with ray_serve(ray_cpus(args), args.ingress) as base_url:
         for model in models:
             for stages in args.stages:
                 attempt(f"{model.name} neo-serve {stages} stage(s)",
@@ -738,7 +749,7 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         f"{workload['dtype']} weights. N clients each send a request as soon as their previous one is done. "
         "tokens/s = generated tokens / wall time from the first request sent to the last completed. "
         "`offline`: the engine in-process, N requests in flight. `neo-serve S stages`: the Ray Serve app over "
-        f"loopback HTTP, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
+        f"loopback HTTP through {_ingress_name(workload.get('ingress'))}, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
         f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response).", "",
     ]
     if results.get("interrupted"):
@@ -799,6 +810,11 @@ def _verdict(ratio: float | None, target: float) -> str:
     if ratio is None:
         return "-"
     return f"{ratio:.2f}x {'(met)' if ratio >= target else '(missed)'}"
+
+
+def _ingress_name(ingress: str | None) -> str:
+    """The report's words for the HTTP front door (runs before `ingress` was recorded: the proxy)."""
+    return "Ray Serve's HAProxy ingress" if ingress == "haproxy" else "Ray Serve's Python proxy"
 
 
 def _load(values: list[float] | None) -> str:

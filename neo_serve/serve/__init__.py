@@ -5,7 +5,8 @@
 - `stages`: step runners (in-process for one stage, a chain of stage actors for several).
 - `router`: the FastAPI ingress (`/v1/completions`, `/v1/models`, `/health`, `generate`).
 - `completions`, `protocol`, `outputs`: the OpenAI protocol and the stream format between them.
-- `metrics`: Ray Serve custom metrics. `launcher`: `neo-serve up`.
+- `metrics`: Ray Serve custom metrics. `launcher`: `neo-serve up`; `ingress`: its HTTP front door
+  (Serve's HAProxy ingress or Python proxy) on a cluster it starts.
 
 The application builder is `neo_serve.app:build_app`.
 """

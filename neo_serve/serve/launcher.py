@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppConfigError
+from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: all)")
+    parser.add_argument("--ingress", choices=INGRESS_CHOICES, default="auto",
+                        help="front door of a local cluster: haproxy (Ray Serve's HAProxy ingress, the least CPU "
+                             "per request), proxy (Serve's Python proxy) or auto (haproxy when its binary is "
+                             "installed, as with ray[serve] on Linux)")
     parser.add_argument("--no-playground", dest="playground", action="store_false",
                         help="do not serve the Gradio playground at /ui")
 
@@ -93,9 +98,21 @@ def run_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ingress = "the cluster's own"
+        if args.ingress != "auto":
+            print(f"neo-serve up: --ingress {args.ingress} ignored: a joined cluster keeps the ingress it was "
+                  "started with (RAY_SERVE_ENABLE_HA_PROXY in its environment)", file=sys.stderr)
+    else:
+        try:
+            ingress = configure_local_ingress(args.ingress)  # before Ray starts: its processes inherit it
+        except IngressUnavailable as exc:
+            print(f"neo-serve up: {exc}", file=sys.stderr)
+            return 2
+
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         ray.init(address=address, num_cpus=None if address else args.num_cpus, include_dashboard=False)
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -105,6 +122,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
+        print(f"  ingress      {ingress}", flush=True)
         if getattr(args, "playground", True):
             print(f"  playground   {base}/ui/", flush=True)
         print("Ctrl-C to stop.", flush=True)

