@@ -56,7 +56,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
         base = f"http://127.0.0.1:{port}"
-        # HAProxy, not Serve's Python proxy, holds the port: its stats page lists the router's replica.
+        # HAProxy, not Serve's Python proxy, holds the port: its stats page shows its HTTP frontend.
         stats = httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats;csv", timeout=10)
         assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200

@@ -749,8 +749,9 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         f"{workload['dtype']} weights. N clients each send a request as soon as their previous one is done. "
         "tokens/s = generated tokens / wall time from the first request sent to the last completed. "
         "`offline`: the engine in-process, N requests in flight. `neo-serve S stages`: the Ray Serve app over "
-        f"loopback HTTP through {_ingress_name(workload.get('ingress'))}, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
-        f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response).", "",
+        "loopback HTTP, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
+        f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response). Both "
+        f"through {_ingress_name(workload.get('ingress'))}.", "",
     ]
     if results.get("interrupted"):
         lines += ["**Interrupted: partial results.**", ""]

@@ -22,9 +22,7 @@ import os
 import shutil
 import socket
 from collections.abc import Mapping, MutableMapping
-from typing import Literal
 
-IngressChoice = Literal["auto", "haproxy", "proxy"]
 INGRESS_CHOICES: tuple[str, ...] = ("auto", "haproxy", "proxy")
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
