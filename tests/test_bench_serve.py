@@ -14,9 +14,9 @@ import json
 import pytest
 import ray
 
-from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments,
-                                         inter_token_gaps, make_requests, percentile, requests_per_point,
-                                         run_serve_bench)
+from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, StealMeter, add_serve_bench_arguments,
+                                         format_markdown, inter_token_gaps, make_requests, percentile,
+                                         requests_per_point, run_serve_bench)
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
         "--min-requests", "3", "--request-timeout", "60"]
@@ -72,6 +72,7 @@ def test_tiny_run_measures_every_system(tmp_path):
             sorted((len(r.prompt), r.max_tokens) for r in expected)
         assert all(r["tokens"] == r["max_tokens"] and r["error"] is None for r in point["raw"])
         assert point["seconds"] > 0 and point["tokens_per_s"] > 0
+        assert 0 <= point["cpu_steal"] <= 1  # /proc/stat's steal over the point
         assert point["tokens_per_s"] == pytest.approx(point["generated_tokens"] / point["seconds"])
         assert 0 < point["ttft_ms"]["p50"] <= point["ttft_ms"]["p99"]
         assert point["latency_s"]["p50"] > 0
@@ -83,6 +84,7 @@ def test_tiny_run_measures_every_system(tmp_path):
             assert all(len(r["token_times"]) == r["tokens"] for r in point["raw"])
 
     report = out_md.read_text()
+    assert "| all tokens | CPU steal |" in report
     assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
     assert results["machine"]["cpu"] in report
     try:
@@ -91,3 +93,27 @@ def test_tiny_run_measures_every_system(tmp_path):
         return
     for name in ("serve_bench_tokens_per_s.png", "serve_bench_ttft_p50.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_cpu_steal_is_read_from_proc_stat_and_flagged_in_the_report():
+    meter = StealMeter()
+    sum(range(2_000_000))  # some CPU time, so /proc/stat moves on
+    steal = meter.fraction()
+    assert steal is not None and 0 <= steal <= 1
+
+    def point(system: str, tokens_per_s: float, steal: float) -> dict:
+        ms = {"p50": 10.0, "p99": 20.0}
+        return {"system": system, "model": "m", "clients": 64, "requests": 4, "tokens_per_s": tokens_per_s,
+                "ttft_ms": ms, "itl_ms": ms, "complete": True, "cpu_steal": steal}
+
+    machine = {"cpu": "cpu", "logical_cpus": 2, "torch_threads": 2, "torch": "t", "ray": "r", "transformers": "x",
+               "python": "3"}
+    workload = {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
+                "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy"}
+    quiet = {"machine": machine, "workload": workload,
+             "points": [point("offline", 100.0, 0.01), point("neo-serve 1 stage", 80.0, 0.02)]}
+    assert "CPU steal above" not in format_markdown(quiet)
+    assert "| neo-serve 1 stage | 64 | 4 | 80.0 | 0.80x | - |" in format_markdown(quiet)
+    assert "HAProxy ingress" in format_markdown(quiet)
+    noisy = {**quiet, "points": [point("offline", 100.0, 0.01), point("neo-serve 1 stage", 40.0, 0.62)]}
+    assert "**CPU steal above 10% in 1 of 2 points (up to 62%):**" in format_markdown(noisy)

@@ -47,6 +47,7 @@ from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkp
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
+STEAL_WARNING = 0.10  # a point with more CPU steal than this is flagged in the report
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
 NEO_APP = "neo-serve-bench"
 BASELINE_APP = "hf-baseline-bench"
@@ -256,12 +257,13 @@ async def http_point(make_send: Callable[[Any], Callable[[BenchRequest], Awaitab
 
 
 def run_http(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[RequestRecord]]],
-             requests: list[BenchRequest], *, clients: int, timeout: float) -> tuple[list[RequestRecord], float]:
-    """One point over HTTP. Also returns the CPU seconds this (client) process used meanwhile:
-    on a small machine the clients compete with the server for cores."""
-    cpu = time.process_time()
+             requests: list[BenchRequest], *, clients: int, timeout: float) -> tuple[list[RequestRecord], dict]:
+    """One point over HTTP. Also returns what else the machine did meanwhile: the CPU seconds
+    this (client) process used (on a small machine the clients compete with the server for
+    cores) and the CPU steal."""
+    cpu, steal = time.process_time(), StealMeter()
     records = asyncio.run(http_point(make_send, requests, clients=clients, timeout=timeout))
-    return records, time.process_time() - cpu
+    return records, {"client_cpu_s": time.process_time() - cpu, "cpu_steal": steal.fraction()}
 
 
 # ---- the offline engine -----------------------------------------------------------------------
@@ -314,8 +316,10 @@ def run_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.N
     points = []
     for clients in args.clients:
         batch = requests[:requests_per_point(clients, args)]
+        steal = StealMeter()
+        records = offline_point(llm.engine, batch, clients=clients)
         point = {"system": "offline", "model": model.name, "stages": 1, "clients": clients,
-                 **summarize(offline_point(llm.engine, batch, clients=clients), streaming=True)}
+                 **summarize(records, streaming=True), "cpu_steal": steal.fraction()}
         _print_point(point)
         points.append(point)
     del llm
@@ -437,10 +441,10 @@ def run_served(model: ModelSpec, stages: int, requests: list[BenchRequest], base
         _http_warmup(lambda http: stream_sender(http, url, model.name), requests, args)
         for clients in args.clients:
             batch = requests[:requests_per_point(clients, args)]
-            records, client_cpu = run_http(lambda http: stream_sender(http, url, model.name), batch,
-                                           clients=clients, timeout=args.request_timeout)
+            records, beside = run_http(lambda http: stream_sender(http, url, model.name), batch,
+                                       clients=clients, timeout=args.request_timeout)
             point = {"system": system, "model": model.name, "stages": stages, "clients": clients,
-                     "cpus_per_stage": cpus, **summarize(records, streaming=True), "client_cpu_s": client_cpu}
+                     "cpus_per_stage": cpus, **summarize(records, streaming=True), **beside}
             _print_point(point)
             points.append(point)
     return points
@@ -461,10 +465,10 @@ def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
         for clients in args.clients:
             batch = requests[:requests_per_point(clients, args)]
             handle.reset_stats.remote().result()
-            records, client_cpu = run_http(lambda http: full_sender(http, url), batch, clients=clients,
-                                           timeout=args.request_timeout)
+            records, beside = run_http(lambda http: full_sender(http, url), batch, clients=clients,
+                                       timeout=args.request_timeout)
             point = {"system": "baseline", "model": model.name, "stages": 1, "clients": clients,
-                     "cpus_per_stage": args.threads, **summarize(records, streaming=False), "client_cpu_s": client_cpu,
+                     "cpus_per_stage": args.threads, **summarize(records, streaming=False), **beside,
                      "baseline_batches": handle.stats.remote().result()}
             _print_point(point)
             points.append(point)
@@ -489,6 +493,8 @@ def _print_point(point: dict[str, Any]) -> None:
             f"{point['requests']} req in {point['seconds']:.1f} s")
     if "client_cpu_s" in point:
         line += f" (client CPU {point['client_cpu_s']:.1f} s)"
+    if point.get("cpu_steal") is not None:
+        line += f"  CPU steal {point['cpu_steal']:.0%}"
     if not point["complete"]:
         line += f"  INCOMPLETE: {point['num_errors']} request(s), e.g. {point['errors'][0]}"
     print(line, flush=True)
@@ -499,6 +505,31 @@ def format_ms(value: float | None) -> str:
 
 
 # ---- the run ----------------------------------------------------------------------------------
+class StealMeter:
+    """Share of this machine's CPU time the hypervisor gave to other guests while a point ran
+    (`steal` in /proc/stat). On a shared VM it comes and goes within minutes and halves what
+    the model gets, so a point measured under it is not comparable with one measured without."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None  # not Linux: unknown
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+        return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+    def fraction(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
@@ -755,13 +786,19 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
     ]
     if results.get("interrupted"):
         lines += ["**Interrupted: partial results.**", ""]
+    stolen = [p for p in points if (p.get("cpu_steal") or 0) > STEAL_WARNING]
+    if stolen:
+        worst = max(p["cpu_steal"] for p in stolen)
+        lines += [f"**CPU steal above {STEAL_WARNING:.0%} in {len(stolen)} of {len(points)} points "
+                  f"(up to {worst:.0%}):** the hypervisor gave this machine's vCPUs to other guests meanwhile, so those points measured "
+                  "a slower machine than the others; ratios between them do not hold.", ""]
     for failure in results.get("failures", []):
         lines += [f"**Failed:** {failure}", ""]
     for model in dict.fromkeys(p["model"] for p in points):
         lines += [f"### {model}", "",
                   "| system | N | requests | tokens/s | vs offline | vs baseline | TTFT p50 | TTFT p99 | "
-                  "ITL p50 | ITL p99 | all tokens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "ITL p50 | ITL p99 | all tokens | CPU steal |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         systems = dict.fromkeys(p["system"] for p in points if p["model"] == model)
         for system in systems:
             for p in (p for p in points if p["model"] == model and p["system"] == system):
@@ -774,7 +811,8 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
                     f"{_ratio(p['tokens_per_s'], baseline and baseline['tokens_per_s']) if served else '-'} | "
                     f"{format_ms(p['ttft_ms']['p50'])} | {format_ms(p['ttft_ms']['p99'])} | "
                     f"{format_ms(p['itl_ms']['p50'])} | "
-                    f"{format_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} |")
+                    f"{format_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} | "
+                    f"{_percent(p.get('cpu_steal'))} |")
         batches = [f"N={p['clients']}: {p['baseline_batches']['mean_batch_size']:.1f}" for p in points
                    if p["model"] == model and p.get("baseline_batches")]
         lines += ["", f"Baseline mean batch size: {', '.join(batches)}." if batches else "", ""]
@@ -816,6 +854,10 @@ def _verdict(ratio: float | None, target: float) -> str:
 def _ingress_name(ingress: str | None) -> str:
     """The report's words for the HTTP front door (runs before `ingress` was recorded: the proxy)."""
     return "Ray Serve's HAProxy ingress" if ingress == "haproxy" else "Ray Serve's Python proxy"
+
+
+def _percent(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0%}"
 
 
 def _load(values: list[float] | None) -> str:
