@@ -507,8 +507,9 @@ def format_ms(value: float | None) -> str:
 # ---- the run ----------------------------------------------------------------------------------
 class StealMeter:
     """Share of this machine's CPU time the hypervisor gave to other guests while a point ran
-    (`steal` in /proc/stat). On a shared VM it comes and goes within minutes and halves what
-    the model gets, so a point measured under it is not comparable with one measured without."""
+    (`steal` in /proc/stat). On a shared VM it comes and goes within minutes and can take half
+    of what the model would get, so a point measured under it is not comparable with one
+    measured without."""
 
     def __init__(self) -> None:
         self._start = self._read()
