@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
-from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
+from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 STEAL_WARNING = 0.10  # a point with more CPU steal than this is flagged in the report
@@ -354,12 +353,6 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
         config = load_model_config(path)
         specs.append(ModelSpec(served, path, config.vocab_size, config.max_position_embeddings))
     return specs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -791,8 +784,8 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
     if stolen:
         worst = max(p["cpu_steal"] for p in stolen)
         lines += [f"**CPU steal above {STEAL_WARNING:.0%} in {len(stolen)} of {len(points)} points "
-                  f"(up to {worst:.0%}):** the hypervisor gave this machine's vCPUs to other guests meanwhile, so those points measured "
-                  "a slower machine than the others; ratios between them do not hold.", ""]
+                  f"(up to {worst:.0%}):** the hypervisor gave this machine's vCPUs to other guests meanwhile, "
+                  "so those points measured a slower machine than the others; ratios between them do not hold.", ""]
     for failure in results.get("failures", []):
         lines += [f"**Failed:** {failure}", ""]
     for model in dict.fromkeys(p["model"] for p in points):

@@ -78,13 +78,15 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
     if use_haproxy:
         env.setdefault(DRAINING_PERIOD_VAR, LOCAL_DRAINING_PERIOD_S)
         for variable in HAPROXY_PORT_VARS:
-            # A port chosen for an earlier cluster of this process may still be held by its HAProxy.
+            # A port chosen for an earlier cluster of this process may still be held by its HAProxy;
+            # HAProxy binds these on all interfaces, so they are checked there.
             if variable not in env or env[variable] == _chosen_ports.get(variable):
-                env[variable] = _chosen_ports[variable] = str(_free_port())
+                env[variable] = _chosen_ports[variable] = str(free_port(""))
     return "haproxy" if use_haproxy else "proxy"
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now ("": on any interface)."""
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
