@@ -3,7 +3,8 @@
 One run (the demo model, N = 1 and 2, a few tokens per request) through the offline engine, the
 neo-serve app (one stage: the quickest to deploy; test_serve_app covers pipelines) and the
 transformers `@serve.batch` baseline; every request must come back with exactly its max_tokens,
-the numbers must be real, and Ray must be gone afterwards.
+the numbers must be real, each served point must follow its own offline point (paired), and Ray
+must be gone afterwards.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pytest
 import ray
 
 from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, StealMeter, add_serve_bench_arguments,
-                                         format_markdown, inter_token_gaps, make_requests, percentile,
-                                         requests_per_point, run_serve_bench)
+                                         cpus_per_stage, format_markdown, inter_token_gaps, make_requests,
+                                         percentile, ray_cpus, requests_per_point, run_serve_bench, served_configs,
+                                         served_system)
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
         "--min-requests", "3", "--request-timeout", "60"]
@@ -61,7 +63,12 @@ def test_tiny_run_measures_every_system(tmp_path):
     vocab = 4096  # the demo model's
     workload = make_requests(vocab, requests_per_point(2, args), seed=0, prompt_len=(8, 24), new_tokens=(3, 6))
     points = {(p["system"], p["clients"]): p for p in results["points"]}
-    assert set(points) == {(system, n) for system in ("offline", "neo-serve 1 stage", "baseline") for n in (1, 2)}
+    offline = "offline, paired with neo-serve 1 stage"
+    assert set(points) == {(system, n) for system in (offline, "neo-serve 1 stage", "baseline") for n in (1, 2)}
+    # Paired: each served point right after the offline point of its N, and compared with it.
+    order = [(p["system"], p["clients"]) for p in results["points"]]
+    assert order[:4] == [(offline, 1), ("neo-serve 1 stage", 1), (offline, 2), ("neo-serve 1 stage", 2)]
+    assert results["workload"]["paired"] is True
     for (system, clients), point in points.items():
         expected: list[BenchRequest] = workload[:requests_per_point(clients, args)]
         assert point["model"] == "neo-demo"
@@ -86,6 +93,9 @@ def test_tiny_run_measures_every_system(tmp_path):
     report = out_md.read_text()
     assert "| all tokens | CPU steal |" in report
     assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
+    served, paired = points[("neo-serve 1 stage", 2)], points[(offline, 2)]
+    vs_offline = f"{served['tokens_per_s'] / paired['tokens_per_s']:.2f}x"
+    assert f"| neo-serve 1 stage | 2 | {served['requests']} | {served['tokens_per_s']:.1f} | {vs_offline} |" in report
     assert results["machine"]["cpu"] in report
     try:
         import matplotlib  # noqa: F401 - plots are optional (the bench extra)
@@ -117,3 +127,42 @@ def test_cpu_steal_is_read_from_proc_stat_and_flagged_in_the_report():
     assert "HAProxy ingress" in format_markdown(quiet)
     noisy = {**quiet, "points": [point("offline", 100.0, 0.01), point("neo-serve 1 stage", 40.0, 0.62)]}
     assert "**CPU steal above 10% in 1 of 2 points (up to 62%):**" in format_markdown(noisy)
+
+
+def test_served_points_are_compared_with_their_paired_offline_point():
+    ms = {"p50": 10.0, "p99": 20.0}
+
+    def point(system: str, tokens_per_s: float, **extra) -> dict:
+        return {"system": system, "model": "m", "clients": 64, "requests": 4, "tokens_per_s": tokens_per_s,
+                "ttft_ms": ms, "itl_ms": ms, "complete": True, "cpu_steal": 0.0, **extra}
+
+    machine = {"cpu": "cpu", "logical_cpus": 2, "torch_threads": 2, "torch": "t", "ray": "r", "transformers": "x",
+               "python": "3"}
+    workload = {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
+                "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy", "paired": True}
+    one, two = served_system(1, 1), served_system(1, 2)
+    assert (one, two) == ("neo-serve 1 stage", "neo-serve 1 stage, 2 replicas")
+    report = format_markdown({"machine": machine, "workload": workload, "points": [
+        point(f"offline, paired with {one}", 200.0, paired_with=one), point(one, 120.0),
+        point(f"offline, paired with {two}", 100.0, paired_with=two), point(two, 90.0)]})
+    assert f"| {one} | 64 | 4 | 120.0 | 0.60x |" in report
+    assert f"| {two} | 64 | 4 | 90.0 | 0.90x |" in report
+    assert f"| m | {one} | 0.60x (missed) |" in report and f"| m | {two} | 0.90x (met) |" in report
+    assert "Paired: each served point ran right after an offline point" in report
+
+
+def test_ray_has_room_for_every_replica():
+    def cpus(*argv: str) -> int:
+        args = parse(["--stages", "1,2", "--cpus-per-stage", "1", *argv])
+        args.threads = 2
+        return ray_cpus(args)
+
+    # The 2-stage app: per replica 2 stages x 1 CPU + the replica's own CPU; + the router, + 1 spare.
+    assert cpus() == 3 + 1 + 1
+    assert cpus("--replicas", "3") == 3 * 3 + 1 + 1  # with --cpus-per-stage, as many replicas as asked
+    # Without --cpus-per-stage the offline engine's threads are split over replicas and stages,
+    # and only replicas whose stages get a thread each are measured.
+    args = parse(["--replicas", "1,2"])
+    args.threads = 2
+    assert served_configs(args) == [(1, 1), (1, 2), (2, 1)]
+    assert [cpus_per_stage(s, r, args) for s, r in served_configs(args)] == [2, 1, 1]

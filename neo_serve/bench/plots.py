@@ -63,5 +63,7 @@ def plot_serve_bench(results: dict[str, Any], out_dir: Path) -> list[Path]:
 def _style(system: str) -> tuple[str, str, str]:
     if system in STYLES:
         return STYLES[system]
+    if system.startswith("offline, paired with "):  # dashed, in the colour of its served system
+        return _style(system.removeprefix("offline, paired with "))[0], "--", "s"
     stages = int(system.split()[1]) if system.startswith("neo-serve ") else 1
     return STAGE_COLORS[(stages - 1) % len(STAGE_COLORS)], "-", "o"

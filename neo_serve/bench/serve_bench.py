@@ -5,7 +5,7 @@ client count N (1, 8, 32, 64), the same fixed-seed workload (prompts of 32-256 t
 new tokens each, `ignore_eos`, greedy) goes through:
 
 - `offline`: the in-process engine (`neo_serve.LLM`'s `LLMEngine`), N requests in flight at once
-  (a new one is added as soon as one finishes), no Ray, no HTTP: the ceiling of the served path;
+  (a new one is added as soon as one finishes), no HTTP: the ceiling of the served path;
 - `neo-serve S stage(s)`: the neo-serve application on Ray Serve with S pipeline stages, driven
   over loopback HTTP by N concurrent streaming clients (`POST /v1/completions`, `stream: true`);
 - `baseline`: a plain Ray Serve deployment wrapping transformers `generate` in
@@ -19,9 +19,15 @@ completed), time to first token (TTFT) and inter-token latency (ITL, the gap bet
 consecutive tokens; a chunk of k tokens counts as k gaps of 1/k of its delay) p50 / p99, and a
 check that every request got exactly its `max_tokens` tokens.
 
-Ray is started once (after the offline runs), one Serve application runs at a time on
-127.0.0.1 (a free port) and is deleted before the next; Serve and Ray are shut down at the end,
-also on errors and Ctrl-C. transformers is needed here (the baseline) but never by neo_serve.
+Paired (the default): every served point comes right after an offline point of the same N,
+measured in this process (with Ray up, no app deployed), and "vs offline" compares the two. This
+machine's speed moves by tens of percent within minutes (CPU steal, and drift that steal does not
+show), so an offline run minutes earlier is no reference. `--no-paired` measures the offline
+engine once per model before Ray starts instead.
+
+Ray is started once, one Serve application runs at a time on 127.0.0.1 (a free port) and is
+deleted before the next (paired: before each offline point); Serve and Ray are shut down at the end, also on errors and Ctrl-C.
+transformers is needed here (the baseline) but never by neo_serve.
 """
 
 from __future__ import annotations
@@ -306,21 +312,37 @@ def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int) ->
     return done
 
 
-def run_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.Namespace,
-                engine_args: dict[str, Any]) -> list[dict[str, Any]]:
+def load_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.Namespace,
+                 engine_args: dict[str, Any]) -> Any:
+    """The offline engine (an `LLM`), loaded and warmed up."""
     from neo_serve import LLM, SamplingParams
 
     llm = LLM(str(model.path), dtype=args.dtype, **engine_args)
     llm.generate([requests[0].prompt[:16]] * 2, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    points = []
-    for clients in args.clients:
-        batch = requests[:requests_per_point(clients, args)]
-        steal = StealMeter()
-        records = offline_point(llm.engine, batch, clients=clients)
-        point = {"system": "offline", "model": model.name, "stages": 1, "clients": clients,
-                 **summarize(records, streaming=True), "cpu_steal": steal.fraction()}
-        _print_point(point)
-        points.append(point)
+    return llm
+
+
+def measure_offline(llm: Any, model: ModelSpec, requests: list[BenchRequest], clients: int,
+                    args: argparse.Namespace, *, paired_with: str | None = None) -> dict[str, Any]:
+    """One offline point; `paired_with` names the served system measured right after it."""
+    batch = requests[:requests_per_point(clients, args)]
+    steal = StealMeter()
+    records = offline_point(llm.engine, batch, clients=clients)
+    point = {"system": offline_system(paired_with), "model": model.name, "stages": 1, "clients": clients,
+             **summarize(records, streaming=True), "cpu_steal": steal.fraction(), "paired_with": paired_with}
+    _print_point(point)
+    return point
+
+
+def offline_system(paired_with: str | None) -> str:
+    """The report's name of an offline point: its own system when it is paired with a served one."""
+    return "offline" if paired_with is None else f"offline, paired with {paired_with}"
+
+
+def run_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.Namespace,
+                engine_args: dict[str, Any]) -> list[dict[str, Any]]:
+    llm = load_offline(model, requests, args, engine_args)
+    points = [measure_offline(llm, model, requests, clients, args) for clients in args.clients]
     del llm
     return points
 
@@ -414,32 +436,45 @@ def deployed(app: Any, name: str, *, timeout: float) -> Iterator[Any]:
                 print(f"warning: could not delete Serve app {name!r}: {exc!r}", file=sys.stderr)
 
 
-def run_served(model: ModelSpec, stages: int, requests: list[BenchRequest], base_url: str,
-               args: argparse.Namespace, engine_args: dict[str, Any]) -> list[dict[str, Any]]:
+def served_system(stages: int, replicas: int) -> str:
+    name = f"neo-serve {stages} stage{'s' if stages > 1 else ''}"
+    return name if replicas == 1 else f"{name}, {replicas} replicas"
+
+
+def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[BenchRequest], base_url: str,
+               args: argparse.Namespace, engine_args: dict[str, Any], offline: Any = None) -> list[dict[str, Any]]:
+    """The neo-serve app's points. With `offline` (an `LLM`), each comes right after an offline
+    point of the same N, measured while no app is deployed (an idle app's replica and router
+    still wake up now and then), so the app is deployed anew for each point."""
     from neo_serve.app import AppArgs, build_app
 
-    cpus = cpus_per_stage(stages, args)
+    cpus = cpus_per_stage(stages, replicas, args)
     app_args: dict[str, Any] = {"models": [{"name": model.name, "checkpoint": str(model.path), "num_stages": stages,
-                                            "dtype": args.dtype, "cpus_per_stage": cpus, **engine_args}]}
+                                            "dtype": args.dtype, "cpus_per_stage": cpus,
+                                            "num_replicas": replicas, **engine_args}]}
     if "playground" in AppArgs.model_fields:  # the Gradio playground is not measured here
         app_args["playground"] = False
-    app = build_app(app_args)
     url = f"{base_url}/v1/completions"
-    system = f"neo-serve {stages} stage{'s' if stages > 1 else ''}"
+    system = served_system(stages, replicas)
     points = []
-    started = time.perf_counter()
-    with deployed(app, NEO_APP, timeout=args.deploy_timeout):
-        print(f"[{model.name}] {system}: deployed in {time.perf_counter() - started:.1f} s "
-              f"({cpus} CPU thread(s) per stage)", flush=True)
-        _http_warmup(lambda http: stream_sender(http, url, model.name), requests, args)
-        for clients in args.clients:
-            batch = requests[:requests_per_point(clients, args)]
-            records, beside = run_http(lambda http: stream_sender(http, url, model.name), batch,
-                                       clients=clients, timeout=args.request_timeout)
-            point = {"system": system, "model": model.name, "stages": stages, "clients": clients,
-                     "cpus_per_stage": cpus, **summarize(records, streaming=True), **beside}
-            _print_point(point)
-            points.append(point)
+    groups = [[n] for n in args.clients] if offline is not None else [args.clients]
+    for clients_group in groups:
+        if offline is not None:
+            points.append(measure_offline(offline, model, requests, clients_group[0], args, paired_with=system))
+        started = time.perf_counter()
+        with deployed(build_app(app_args), NEO_APP, timeout=args.deploy_timeout):
+            print(f"[{model.name}] {system}: deployed in {time.perf_counter() - started:.1f} s "
+                  f"({cpus} CPU thread(s) per stage)", flush=True)
+            _http_warmup(lambda http: stream_sender(http, url, model.name), requests, args)
+            for clients in clients_group:
+                batch = requests[:requests_per_point(clients, args)]
+                records, beside = run_http(lambda http: stream_sender(http, url, model.name), batch,
+                                           clients=clients, timeout=args.request_timeout)
+                point = {"system": system, "model": model.name, "stages": stages, "clients": clients,
+                         "cpus_per_stage": cpus, "replicas": replicas, **summarize(records, streaming=True),
+                         **beside}
+                _print_point(point)
+                points.append(point)
     return points
 
 
@@ -580,7 +615,11 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per system (default: torch's, i.e. the physical cores): the offline "
                              "engine, the baseline replica, and a pipeline's stages together")
     parser.add_argument("--cpus-per-stage", type=int, default=None,
-                        help="CPUs per neo-serve pipeline stage (default: threads / stages)")
+                        help="CPUs per neo-serve pipeline stage (default: threads / (stages x replicas))")
+    parser.add_argument("--replicas", type=_int_list, default=[1],
+                        help="pipeline replicas of the neo-serve app, comma-separated (default 1); each with each "
+                             "--stages whose stages x replicas fit the threads, e.g. 1,2 on 2 cores adds two "
+                             "single-threaded replicas of 1 stage")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--baseline-batch-size", type=int, default=8, help="@serve.batch max_batch_size (default 8)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -588,6 +627,10 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for an application to load and run (default 600)")
     parser.add_argument("--ingress", choices=INGRESS_CHOICES, default="auto",
                         help="HTTP front door, as for `neo-serve up` (default auto: HAProxy when installed)")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure an offline point right before each served point of the same N (the app is "
+                             "deployed anew for each point) and compare the two (default); --no-paired: the "
+                             "offline engine once per model, before Ray starts")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--markdown", default=None, help="write the markdown report here")
@@ -615,7 +658,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                      "rounds": args.rounds, "min_requests": args.min_requests, "clients": args.clients,
                      "dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "baseline_batch_size": args.baseline_batch_size,
-                     "ingress": ingress},
+                     "ingress": ingress, "paired": args.paired and not args.skip_offline,
+                     "replicas": args.replicas},
         "points": [], "failures": [], "interrupted": False,
     }
     print(f"machine: {json.dumps(results['machine'])}", flush=True)
@@ -636,9 +680,17 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def cpus_per_stage(stages: int, args: argparse.Namespace) -> int:
-    """A pipeline gets the same CPU threads as the offline engine, split over its stages."""
-    return args.cpus_per_stage or max(1, args.threads // stages)
+def cpus_per_stage(stages: int, replicas: int, args: argparse.Namespace) -> int:
+    """The app gets the same CPU threads as the offline engine, split over its replicas' stages."""
+    return args.cpus_per_stage or max(1, args.threads // (stages * replicas))
+
+
+def served_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(stages, replicas) of each neo-serve system: every --stages with one replica, and with
+    more replicas only where stages x replicas fit the threads one each (more would only share
+    cores), unless --cpus-per-stage asks for them."""
+    return [(stages, replicas) for stages in args.stages for replicas in args.replicas
+            if replicas == 1 or args.cpus_per_stage or stages * replicas <= args.threads]
 
 
 def ray_cpus(args: argparse.Namespace) -> int:
@@ -647,9 +699,9 @@ def ray_cpus(args: argparse.Namespace) -> int:
     from neo_serve.serve.config import ModelArgs, RouterArgs
 
     needed = [float(args.threads)]  # the baseline replica
-    for stages in args.stages:
-        bundles = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, args)).placement_bundles()
-        needed.append(sum(bundle["CPU"] for bundle in bundles) + RouterArgs().num_cpus)
+    for stages, replicas in served_configs(args):
+        bundles = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args)).placement_bundles()
+        needed.append(replicas * sum(bundle["CPU"] for bundle in bundles) + RouterArgs().num_cpus)
     return math.ceil(max(needed)) + 1
 
 
@@ -663,26 +715,37 @@ def _engine_args(model: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], args: argparse.Namespace,
              results: dict[str, Any]) -> None:
-    def attempt(what: str, run: Callable[[], list[dict[str, Any]]]) -> None:
+    def attempt(what: str, run: Callable[[], Any]) -> Any:
+        """run(), or None when it fails: the failure is reported and the next configuration goes on."""
         try:
-            results["points"].extend(run())
-        except Exception as exc:  # noqa: BLE001 - report it and go on with the next configuration
+            return run()
+        except Exception as exc:  # noqa: BLE001
             message = f"{what}: {type(exc).__name__}: {exc}"
             print(f"FAILED {message}", file=sys.stderr, flush=True)
             results["failures"].append(message)
+            return None
 
-    if not args.skip_offline:  # before Ray starts: nothing else runs on the machine
+    def measure(what: str, run: Callable[[], list[dict[str, Any]]]) -> None:
+        results["points"].extend(attempt(what, run) or [])
+
+    paired = args.paired and not args.skip_offline
+    if not args.skip_offline and not paired:  # before Ray starts: nothing else runs on the machine
         for model in models:
-            attempt(f"{model.name} offline", lambda m=model: run_offline(m, workloads[m.name], args,
+            measure(f"{model.name} offline", lambda m=model: run_offline(m, workloads[m.name], args,
                                                                          _engine_args(m, args)))
     with ray_serve(ray_cpus(args), args.ingress) as base_url:
         for model in models:
-            for stages in args.stages:
-                attempt(f"{model.name} neo-serve {stages} stage(s)",
-                        lambda m=model, s=stages: run_served(m, s, workloads[m.name], base_url, args,
-                                                             _engine_args(m, args)))
+            offline = None
+            if paired:  # the engine is loaded once per model and measured beside each served point
+                offline = attempt(f"{model.name} offline", lambda m=model: load_offline(
+                    m, workloads[m.name], args, _engine_args(m, args)))
+            for stages, replicas in served_configs(args):
+                measure(f"{model.name} {served_system(stages, replicas)}",
+                        lambda m=model, s=stages, r=replicas, o=offline: run_served(
+                            m, s, r, workloads[m.name], base_url, args, _engine_args(m, args), o))
+            del offline
             if not args.skip_baseline:
-                attempt(f"{model.name} baseline",
+                measure(f"{model.name} baseline",
                         lambda m=model: run_baseline(m, workloads[m.name], base_url, args))
 
 
@@ -755,6 +818,13 @@ def _find(points: list[dict[str, Any]], model: str, system: str, clients: int) -
                 None)
 
 
+def _offline_for(points: list[dict[str, Any]], served: dict[str, Any]) -> dict[str, Any] | None:
+    """The offline point a served point is compared with: its pair, else the unpaired one."""
+    model, clients = served["model"], served["clients"]
+    return (_find(points, model, offline_system(served["system"]), clients)
+            or _find(points, model, "offline", clients))
+
+
 def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
 
@@ -778,6 +848,9 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response). Both "
         f"through {_ingress_name(workload.get('ingress'))}.", "",
     ]
+    if workload.get("paired"):
+        lines += ["Paired: each served point ran right after an offline point of the same N (`offline, paired "
+                  "with ...`, with Ray up and no app deployed), and its \"vs offline\" compares the two.", ""]
     if results.get("interrupted"):
         lines += ["**Interrupted: partial results.**", ""]
     stolen = [p for p in points if (p.get("cpu_steal") or 0) > STEAL_WARNING]
@@ -796,7 +869,7 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         systems = dict.fromkeys(p["system"] for p in points if p["model"] == model)
         for system in systems:
             for p in (p for p in points if p["model"] == model and p["system"] == system):
-                offline = _find(points, model, "offline", p["clients"])
+                offline = _offline_for(points, p)
                 baseline = _find(points, model, "baseline", p["clients"])
                 served = system.startswith("neo-serve")
                 lines.append(
@@ -826,7 +899,7 @@ def _targets(points: list[dict[str, Any]]) -> list[str]:
              "TTFT p50 served vs baseline |",
              "|---|---|---|---|---|"]
     for p in (p for p in served if p["clients"] == top):
-        offline = _find(points, p["model"], "offline", top)
+        offline = _offline_for(points, p)
         baseline = _find(points, p["model"], "baseline", top)
         vs_off = p["tokens_per_s"] / offline["tokens_per_s"] if offline and offline["tokens_per_s"] else None
         vs_base = p["tokens_per_s"] / baseline["tokens_per_s"] if baseline and baseline["tokens_per_s"] else None
