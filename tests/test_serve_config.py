@@ -137,6 +137,8 @@ def test_up_arguments_make_app_args():
          "autoscaling": {"min_replicas": 1, "max_replicas": 4}}]}
     demo = app_args_from_namespace(parser.parse_args(["--replicas", "3"]))
     assert demo == {"models": [{"num_stages": 1, "dtype": "auto", "use_gpu": False, "num_replicas": 3}]}
+    threads = app_args_from_namespace(parser.parse_args(["--cpus-per-stage", "4"]))
+    assert threads["models"][0]["cpus_per_stage"] == 4.0
     with pytest.raises(SystemExit):
         parser.parse_args(["--replicas", "2", "--autoscale", "1:2"])
     with pytest.raises(AppConfigError, match="MIN:MAX"):

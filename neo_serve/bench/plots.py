@@ -65,5 +65,8 @@ def _style(system: str) -> tuple[str, str, str]:
         return STYLES[system]
     if system.startswith("offline, paired with "):  # dashed, in the colour of its served system
         return _style(system.removeprefix("offline, paired with "))[0], "--", "s"
-    stages = int(system.split()[1]) if system.startswith("neo-serve ") else 1
-    return STAGE_COLORS[(stages - 1) % len(STAGE_COLORS)], "-", "o"
+    # "neo-serve S stage(s)[, R replicas]": one colour per (S, R) for S, R in 1..2
+    words = system.replace(",", "").split()
+    stages = int(words[1]) if system.startswith("neo-serve ") else 1
+    replicas = int(words[3]) if len(words) > 3 and words[4:5] == ["replicas"] else 1
+    return STAGE_COLORS[(stages - 1 + 2 * (replicas - 1)) % len(STAGE_COLORS)], "-", "o"

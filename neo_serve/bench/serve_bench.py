@@ -6,8 +6,9 @@ new tokens each, `ignore_eos`, greedy) goes through:
 
 - `offline`: the in-process engine (`neo_serve.LLM`'s `LLMEngine`), N requests in flight at once
   (a new one is added as soon as one finishes), no HTTP: the ceiling of the served path;
-- `neo-serve S stage(s)`: the neo-serve application on Ray Serve with S pipeline stages, driven
-  over loopback HTTP by N concurrent streaming clients (`POST /v1/completions`, `stream: true`);
+- `neo-serve S stage(s)[, R replicas]`: the neo-serve application on Ray Serve with S pipeline
+  stages (and R pipeline replicas, `--replicas`), driven over loopback HTTP by N concurrent
+  streaming clients (`POST /v1/completions`, `stream: true`);
 - `baseline`: a plain Ray Serve deployment wrapping transformers `generate` in
   `@serve.batch(max_batch_size=8)` (baseline_app.py), driven by the same N clients (no streaming:
   its time to first token is the time to the whole response).
@@ -26,8 +27,8 @@ show), so an offline run minutes earlier is no reference. `--no-paired` measures
 engine once per model before Ray starts instead.
 
 Ray is started once, one Serve application runs at a time on 127.0.0.1 (a free port) and is
-deleted before the next (paired: before each offline point); Serve and Ray are shut down at the end, also on errors and Ctrl-C.
-transformers is needed here (the baseline) but never by neo_serve.
+deleted before the next (paired: before each offline point); Serve and Ray are shut down at the
+end, also on errors and Ctrl-C. transformers is needed here (the baseline) but never by neo_serve.
 """
 
 from __future__ import annotations
@@ -700,7 +701,8 @@ def ray_cpus(args: argparse.Namespace) -> int:
 
     needed = [float(args.threads)]  # the baseline replica
     for stages, replicas in served_configs(args):
-        bundles = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args)).placement_bundles()
+        model = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args))
+        bundles = model.placement_bundles()
         needed.append(replicas * sum(bundle["CPU"] for bundle in bundles) + RouterArgs().num_cpus)
     return math.ceil(max(needed)) + 1
 

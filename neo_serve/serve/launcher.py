@@ -34,6 +34,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per stage")
+    parser.add_argument("--cpus-per-stage", type=float, metavar="C",
+                        help="CPUs per stage, which are also its torch threads (default 1). On a CPU machine a small "
+                             "model serves more with --replicas R of 1 CPU each than with one replica of R CPUs")
     parser.add_argument("--kv-cache-tokens", type=int, metavar="T", help="KV cache slots per stage")
     parser.add_argument("--max-num-seqs", type=int, metavar="S", help="most sequences running per pipeline")
     parser.add_argument("--max-model-len", type=int, metavar="L", help="context window (default: the model's)")
@@ -59,7 +62,7 @@ def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     if names and len(names) != len(checkpoints):
         raise AppConfigError(f"--name given {len(names)} times for {len(checkpoints)} checkpoint(s)")
     model: dict[str, Any] = {"num_stages": args.stages, "dtype": args.dtype, "use_gpu": args.gpu}
-    for option in ("kv_cache_tokens", "max_num_seqs", "max_model_len"):
+    for option in ("cpus_per_stage", "kv_cache_tokens", "max_num_seqs", "max_model_len"):
         if getattr(args, option) is not None:
             model[option] = getattr(args, option)
     if args.autoscale:
