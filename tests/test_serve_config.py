@@ -15,7 +15,7 @@ from checkpoints import build_tokenizer, make_neox
 from neo_serve.app import build_app
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     parse_app_args)
-from neo_serve.serve.launcher import add_up_arguments, app_args_from_namespace
+from neo_serve.serve.launcher import add_up_arguments, app_args_from_namespace, local_num_cpus
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REFERENCE = Path("/work/shared/reference")
@@ -139,6 +139,23 @@ def test_up_arguments_make_app_args():
     assert demo == {"models": [{"num_stages": 1, "dtype": "auto", "use_gpu": False, "num_replicas": 3}]}
     threads = app_args_from_namespace(parser.parse_args(["--cpus-per-stage", "4"]))
     assert threads["models"][0]["cpus_per_stage"] == 4.0
+
+
+def test_a_local_ray_has_room_for_every_replica_the_app_reserves():
+    parser = argparse.ArgumentParser()
+    add_up_arguments(parser)
+
+    def reserved(*argv: str) -> AppArgs:
+        return parse_app_args({**app_args_from_namespace(parser.parse_args(list(argv))), "verify_checkpoints": False})
+
+    # Two 1-CPU replicas and the 1-CPU router do not fit 2 cores: Ray is told 3 logical CPUs.
+    two = reserved("--replicas", "2")
+    assert two.cpus_reserved() == 3.0
+    assert local_num_cpus(two, None, cores=2) == 3
+    assert local_num_cpus(two, None, cores=8) is None  # Ray counts the cores itself
+    assert local_num_cpus(two, 2, cores=2) == 2  # --num-cpus wins
+    # Autoscaling reserves its max; a pipeline of 2 stages has 2 bundles plus the replica's CPU.
+    assert reserved("--stages", "2", "--autoscale", "1:3").cpus_reserved() == 3 * 3 + 1
     with pytest.raises(SystemExit):
         parser.parse_args(["--replicas", "2", "--autoscale", "1:2"])
     with pytest.raises(AppConfigError, match="MIN:MAX"):

@@ -63,6 +63,10 @@ class _Scaling(_Strict):
             raise ValueError("set either num_replicas or autoscaling, not both")
         return self
 
+    def max_replicas(self) -> int:
+        """The most replicas this deployment can have."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas or 1
+
     def scaling_options(self) -> dict[str, Any]:
         """The Serve deployment options for replica count."""
         if self.autoscaling is not None:
@@ -235,6 +239,13 @@ class AppArgs(_Strict):
                 data = dict(data)
                 data["models"] = [{key: data.pop(key) for key in model_keys}]
         return data
+
+    def cpus_reserved(self) -> float:
+        """Logical CPUs the app reserves from Ray at its largest: every model's pipelines (their
+        stage bundles) at max replicas, the router's replicas and the playground's."""
+        pipelines = sum(m.max_replicas() * sum(b["CPU"] for b in m.placement_bundles()) for m in self.models)
+        playground = self.playground.num_cpus if self.playground.enabled else 0.0
+        return pipelines + self.router.max_replicas() * self.router.num_cpus + playground
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

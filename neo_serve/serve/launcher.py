@@ -10,13 +10,14 @@ The CLI wires these in with `add_up_arguments(subparser)` and `run_up(namespace)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import threading
 from typing import Any
 
-from neo_serve.serve.config import DEFAULT_APP_NAME, AppConfigError
+from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
 
@@ -46,7 +47,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Serve application name (default {DEFAULT_APP_NAME})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: all)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of a local Ray (default: the cores, or what the app reserves if more)")
     parser.add_argument("--ingress", choices=INGRESS_CHOICES, default="auto",
                         help="front door of a local cluster: haproxy (Ray Serve's HAProxy ingress, the least CPU "
                              "per request), proxy (Serve's Python proxy) or auto (haproxy when its binary is "
@@ -87,13 +89,29 @@ def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     return app_args
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int | None:
+    """Logical CPUs of a local Ray: `--num-cpus` if given; else Ray's own count of the cores (None),
+    unless the app reserves more, e.g. `--replicas 2` of 1 CPU each plus the router's CPU on 2
+    cores: then what it reserves, so every replica is placed. Logical CPUs only schedule; each
+    stage runs its own `cpus_per_stage` threads whatever Ray counts."""
+    if requested is not None:
+        return requested
+    reserved = math.ceil(app_args.cpus_reserved())
+    return reserved if reserved > cores else None
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray and Serve, deploy the app, print its URLs and block until Ctrl-C / SIGTERM.
     Returns the process exit code."""
     from neo_serve.app import build_app  # imports Ray: keep `neo-serve --help` fast
 
     try:
-        app = build_app(app_args_from_namespace(args))
+        app_args = parse_app_args(app_args_from_namespace(args))
+        app = build_app(app_args)
     except AppConfigError as exc:
         print(f"neo-serve up: {exc}", file=sys.stderr)
         return 2
@@ -114,10 +132,11 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2
 
+    num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, available_cores())
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(address=address, num_cpus=None if address else args.num_cpus, include_dashboard=False)
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=args.app_name, route_prefix="/")
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -126,6 +145,9 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
+        if num_cpus is not None and args.num_cpus is None:
+            print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {available_cores()} "
+                  "cores; each stage runs cpus_per_stage threads)", flush=True)
         if getattr(args, "playground", True):
             print(f"  playground   {base}/ui/", flush=True)
         print("Ctrl-C to stop.", flush=True)
