@@ -697,13 +697,13 @@ def served_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
 def ray_cpus(args: argparse.Namespace) -> int:
     """Logical CPUs for Ray: room for the largest application (one at a time), so that no
     placement group waits for CPUs. Only logical: each replica's torch threads are its own."""
-    from neo_serve.serve.config import ModelArgs, RouterArgs
+    from neo_serve.serve.config import AppArgs, ModelArgs
 
     needed = [float(args.threads)]  # the baseline replica
     for stages, replicas in served_configs(args):
-        model = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args))
-        bundles = model.placement_bundles()
-        needed.append(replicas * sum(bundle["CPU"] for bundle in bundles) + RouterArgs().num_cpus)
+        model = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args),
+                          num_replicas=replicas)
+        needed.append(AppArgs(models=[model], playground=False, verify_checkpoints=False).cpus_reserved())
     return math.ceil(max(needed)) + 1
 
 
