@@ -15,10 +15,10 @@ import json
 import pytest
 import ray
 
-from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, StealMeter, add_serve_bench_arguments,
-                                         cpus_per_stage, format_markdown, inter_token_gaps, make_requests,
-                                         percentile, ray_cpus, requests_per_point, run_serve_bench, served_configs,
-                                         served_system)
+from neo_serve.bench.machine import StealMeter
+from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments, cpus_per_stage,
+                                         format_markdown, inter_token_gaps, make_requests, percentile, ray_cpus,
+                                         requests_per_point, run_serve_bench, served_configs, served_system)
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
         "--min-requests", "3", "--request-timeout", "60"]

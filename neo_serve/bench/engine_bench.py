@@ -19,11 +19,13 @@ import json
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from neo_serve.bench.machine import STEAL_WARNING, StealMeter
 from neo_serve.config import load_model_config
 from neo_serve.models.stages import last_stage_extra_params, layer_param_count
 
@@ -224,11 +226,11 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         row = {"dtype": dtype, "kv_cache_dtype": args.kv_cache_dtype, "matmul_GFLOPs": rate / 1e9,
                "single_limit": single_limit, "batch_limit": batch_limit}
         engine = {"max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype}
-        row["ours_single"] = run_neo_serve(path, dtype, single, **engine)
-        row["ours_batch"] = run_neo_serve(path, dtype, batch, **engine)
+        row["ours_single"] = with_steal(lambda: run_neo_serve(path, dtype, single, **engine))
+        row["ours_batch"] = with_steal(lambda: run_neo_serve(path, dtype, batch, **engine))
         if not args.skip_transformers:
-            row["hf_single"] = run_transformers(path, dtype, single, batch_size=1)
-            row["hf_batch"] = run_transformers(path, dtype, batch, batch_size=args.hf_batch_size)
+            row["hf_single"] = with_steal(lambda: run_transformers(path, dtype, single, batch_size=1))
+            row["hf_batch"] = with_steal(lambda: run_transformers(path, dtype, batch, batch_size=args.hf_batch_size))
         results["runs"].append(row)
         print(json.dumps(row, indent=1))
     print(format_table(results))
@@ -237,9 +239,19 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_steal(run: Callable[[], dict]) -> dict:
+    """run()'s result with the CPU steal over it (`cpu_steal`, None where unknown)."""
+    meter = StealMeter()
+    result = run()
+    result["cpu_steal"] = meter.fraction()
+    return result
+
+
 def format_table(results: dict) -> str:
+    """The markdown table; CPU steal is neo-serve's / transformers' share over their runs."""
     lines = ["| dtype | KV cache | workload | neo-serve tok/s | transformers tok/s | speed-up | limit tok/s | "
-             "% of limit |", "|---|---|---|---|---|---|---|---|"]
+             "% of limit | CPU steal |", "|---|---|---|---|---|---|---|---|---|"]
+    stolen = 0
     for row in results["runs"]:
         for kind, run, key, limit in (("single stream decode", "single", "decode_tokens_per_s", row["single_limit"]),
                                       ("64 concurrent", "batch", "tokens_per_s", row["batch_limit"])):
@@ -251,9 +263,15 @@ def format_table(results: dict) -> str:
             kv = row["kv_cache_dtype"]
             if kv == "auto" and ours_run.get("kv_cache_dtype_used"):
                 kv = f"auto ({ours_run['kv_cache_dtype_used']})"
+            steals = [r.get("cpu_steal") for r in (ours_run, row.get(f"hf_{run}")) if r is not None]
+            stolen += any((v or 0) > STEAL_WARNING for v in steals)
+            steal_text = " / ".join("?" if v is None else f"{v:.0%}" for v in steals)
             lines.append(f"| {row['dtype']} | {kv} | {kind} | {ours:.1f} | {hf_text} | "
                          f"{speedup} | {limit:.1f} | "
-                         f"{100 * ours / limit:.0f}% |")
+                         f"{100 * ours / limit:.0f}% | {steal_text} |")
+    if stolen:
+        lines.append(f"\n**CPU steal above {STEAL_WARNING:.0%} in {stolen} row(s):** the hypervisor gave this "
+                     "machine's vCPUs to other guests meanwhile; those rows measured a slower machine.")
     return "\n".join(lines)
 
 

@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
+from neo_serve.bench.machine import STEAL_WARNING, StealMeter
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
-STEAL_WARNING = 0.10  # a point with more CPU steal than this is flagged in the report
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
 NEO_APP = "neo-serve-bench"
 BASELINE_APP = "hf-baseline-bench"
@@ -534,32 +534,6 @@ def format_ms(value: float | None) -> str:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-class StealMeter:
-    """Share of this machine's CPU time the hypervisor gave to other guests while a point ran
-    (`steal` in /proc/stat). On a shared VM it comes and goes within minutes and can take half
-    of what the model would get, so a point measured under it is not comparable with one
-    measured without."""
-
-    def __init__(self) -> None:
-        self._start = self._read()
-
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as stat:
-                fields = [int(v) for v in stat.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None  # not Linux: unknown
-        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
-        return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
-
-    def fraction(self) -> float | None:
-        end = self._read()
-        if self._start is None or end is None or end[1] <= self._start[1]:
-            return None
-        return (end[0] - self._start[0]) / (end[1] - self._start[1])
-
-
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
