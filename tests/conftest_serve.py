@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from neo_serve.serve.ingress import free_port  # noqa: F401 - the tests' ports come from here too
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_sse(lines: Iterable[str]) -> tuple[list[dict[str, Any]], bool]:

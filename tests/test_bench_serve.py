@@ -105,46 +105,44 @@ def test_tiny_run_measures_every_system(tmp_path):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
 
 
+def report_point(system: str, tokens_per_s: float, **extra) -> dict:
+    """A point as the bench records it, at N = 64, for the report's tests."""
+    ms = {"p50": 10.0, "p99": 20.0}
+    return {"system": system, "model": "m", "clients": 64, "requests": 4, "tokens_per_s": tokens_per_s,
+            "ttft_ms": ms, "itl_ms": ms, "complete": True, "cpu_steal": 0.0, **extra}
+
+
+def report_input(points: list[dict], **workload) -> dict:
+    """What format_markdown reads: the run's machine and workload, and `points`."""
+    machine = {"cpu": "cpu", "logical_cpus": 2, "torch_threads": 2, "torch": "t", "ray": "r", "transformers": "x",
+               "python": "3"}
+    return {"machine": machine, "points": points,
+            "workload": {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
+                         "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy", **workload}}
+
+
 def test_cpu_steal_is_read_from_proc_stat_and_flagged_in_the_report():
     meter = StealMeter()
     sum(range(2_000_000))  # some CPU time, so /proc/stat moves on
     steal = meter.fraction()
     assert steal is not None and 0 <= steal <= 1
 
-    def point(system: str, tokens_per_s: float, steal: float) -> dict:
-        ms = {"p50": 10.0, "p99": 20.0}
-        return {"system": system, "model": "m", "clients": 64, "requests": 4, "tokens_per_s": tokens_per_s,
-                "ttft_ms": ms, "itl_ms": ms, "complete": True, "cpu_steal": steal}
-
-    machine = {"cpu": "cpu", "logical_cpus": 2, "torch_threads": 2, "torch": "t", "ray": "r", "transformers": "x",
-               "python": "3"}
-    workload = {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
-                "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy"}
-    quiet = {"machine": machine, "workload": workload,
-             "points": [point("offline", 100.0, 0.01), point("neo-serve 1 stage", 80.0, 0.02)]}
+    quiet = report_input([report_point("offline", 100.0, cpu_steal=0.01),
+                          report_point("neo-serve 1 stage", 80.0, cpu_steal=0.02)])
     assert "CPU steal above" not in format_markdown(quiet)
     assert "| neo-serve 1 stage | 64 | 4 | 80.0 | 0.80x | - |" in format_markdown(quiet)
     assert "HAProxy ingress" in format_markdown(quiet)
-    noisy = {**quiet, "points": [point("offline", 100.0, 0.01), point("neo-serve 1 stage", 40.0, 0.62)]}
+    noisy = report_input([report_point("offline", 100.0, cpu_steal=0.01),
+                          report_point("neo-serve 1 stage", 40.0, cpu_steal=0.62)])
     assert "**CPU steal above 10% in 1 of 2 points (up to 62%):**" in format_markdown(noisy)
 
 
 def test_served_points_are_compared_with_their_paired_offline_point():
-    ms = {"p50": 10.0, "p99": 20.0}
-
-    def point(system: str, tokens_per_s: float, **extra) -> dict:
-        return {"system": system, "model": "m", "clients": 64, "requests": 4, "tokens_per_s": tokens_per_s,
-                "ttft_ms": ms, "itl_ms": ms, "complete": True, "cpu_steal": 0.0, **extra}
-
-    machine = {"cpu": "cpu", "logical_cpus": 2, "torch_threads": 2, "torch": "t", "ray": "r", "transformers": "x",
-               "python": "3"}
-    workload = {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
-                "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy", "paired": True}
     one, two = served_system(1, 1), served_system(1, 2)
     assert (one, two) == ("neo-serve 1 stage", "neo-serve 1 stage, 2 replicas")
-    report = format_markdown({"machine": machine, "workload": workload, "points": [
-        point(f"offline, paired with {one}", 200.0, paired_with=one), point(one, 120.0),
-        point(f"offline, paired with {two}", 100.0, paired_with=two), point(two, 90.0)]})
+    report = format_markdown(report_input([
+        report_point(f"offline, paired with {one}", 200.0, paired_with=one), report_point(one, 120.0),
+        report_point(f"offline, paired with {two}", 100.0, paired_with=two), report_point(two, 90.0)], paired=True))
     assert f"| {one} | 64 | 4 | 120.0 | 0.60x |" in report
     assert f"| {two} | 64 | 4 | 90.0 | 0.90x |" in report
     assert f"| m | {one} | 0.60x (missed) |" in report and f"| m | {two} | 0.90x (met) |" in report

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from neo_serve.bench.machine import STEAL_WARNING, StealMeter
+from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.config import load_model_config
 from neo_serve.models.stages import last_stage_extra_params, layer_param_count
 
@@ -265,7 +265,7 @@ def format_table(results: dict) -> str:
                 kv = f"auto ({ours_run['kv_cache_dtype_used']})"
             steals = [r.get("cpu_steal") for r in (ours_run, row.get(f"hf_{run}")) if r is not None]
             stolen += any((v or 0) > STEAL_WARNING for v in steals)
-            steal_text = " / ".join("?" if v is None else f"{v:.0%}" for v in steals)
+            steal_text = " / ".join(format_steal(v) for v in steals)
             lines.append(f"| {row['dtype']} | {kv} | {kind} | {ours:.1f} | {hf_text} | "
                          f"{speedup} | {limit:.1f} | "
                          f"{100 * ours / limit:.0f}% | {steal_text} |")

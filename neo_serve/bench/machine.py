@@ -30,3 +30,8 @@ class StealMeter:
         if self._start is None or end is None or end[1] <= self._start[1]:
             return None
         return (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
+def format_steal(value: float | None) -> str:
+    """A steal share for the reports: "12%", or "?" where it is unknown."""
+    return "?" if value is None else f"{value:.0%}"

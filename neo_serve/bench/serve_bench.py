@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
-from neo_serve.bench.machine import STEAL_WARNING, StealMeter
+from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
@@ -855,7 +855,7 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
                     f"{format_ms(p['ttft_ms']['p50'])} | {format_ms(p['ttft_ms']['p99'])} | "
                     f"{format_ms(p['itl_ms']['p50'])} | "
                     f"{format_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} | "
-                    f"{_percent(p.get('cpu_steal'))} |")
+                    f"{format_steal(p.get('cpu_steal'))} |")
         batches = [f"N={p['clients']}: {p['baseline_batches']['mean_batch_size']:.1f}" for p in points
                    if p["model"] == model and p.get("baseline_batches")]
         lines += ["", f"Baseline mean batch size: {', '.join(batches)}." if batches else "", ""]
@@ -897,10 +897,6 @@ def _verdict(ratio: float | None, target: float) -> str:
 def _ingress_name(ingress: str | None) -> str:
     """The report's words for the HTTP front door (runs before `ingress` was recorded: the proxy)."""
     return "Ray Serve's HAProxy ingress" if ingress == "haproxy" else "Ray Serve's Python proxy"
-
-
-def _percent(value: float | None) -> str:
-    return "?" if value is None else f"{value:.0%}"
 
 
 def _load(values: list[float] | None) -> str:

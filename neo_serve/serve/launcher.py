@@ -132,7 +132,8 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2
 
-    num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, available_cores())
+    cores = available_cores()
+    num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -146,7 +147,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
         if num_cpus is not None and args.num_cpus is None:
-            print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {available_cores()} "
+            print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {cores} "
                   "cores; each stage runs cpus_per_stage threads)", flush=True)
         if getattr(args, "playground", True):
             print(f"  playground   {base}/ui/", flush=True)
