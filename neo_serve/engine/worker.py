@@ -22,7 +22,7 @@ from neo_serve.models.stages import StageSpec
 
 @dataclass(frozen=True)
 class StepInput:
-    """One step's work, identical for every stage (sent once, shared by ObjectRef under Ray)."""
+    """One step's work, identical for every stage (under Ray, sent by value in each stage's call)."""
 
     input_ids: torch.Tensor  # [tokens] long, packed over sequences
     positions: torch.Tensor  # [tokens] long
