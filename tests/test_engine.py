@@ -136,3 +136,30 @@ def test_recompute_all_after_a_lost_cache_gives_the_same_tokens(llm):
             if out.finished:
                 finished[out.request_id] = out.outputs[0].token_ids
     assert [finished["r0"], finished["r1"]] == expected
+
+
+def test_a_step_pickles_as_plain_lists_and_round_trips(llm):
+    """A 2-stage replica pickles each micro-batch once per stage call on its event loop: the
+    step must arrive whole, without torch's tensor serializer on that path."""
+    import pickle
+
+    from neo_serve.engine.kv_cache import KVCopy
+
+    engine = llm.engine
+    engine.add_request(list(range(3, 20)), GREEDY, request_id="p0")
+    engine.add_request(list(range(40, 47)), GREEDY, request_id="p1")
+    prepared = engine.schedule_step()
+    try:
+        step = prepared.step_input
+        step = type(step)(step.input_ids, step.positions, step.sequences, step.logits_indices,
+                          (KVCopy(src=32, dst=64, num_slots=16),))
+        data = pickle.dumps(step)
+        assert b"_rebuild_tensor" not in data and b"SequenceSlice" not in data
+        back = pickle.loads(data)
+        assert back.sequences == step.sequences and back.kv_copies == step.kv_copies
+        for name in ("input_ids", "positions", "logits_indices"):
+            assert getattr(back, name).dtype == getattr(step, name).dtype
+            assert getattr(back, name).tolist() == getattr(step, name).tolist()
+    finally:
+        for request_id in ("p0", "p1"):
+            engine.abort_request(request_id)

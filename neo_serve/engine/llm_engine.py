@@ -25,7 +25,7 @@ from neo_serve.engine.sampler import Sample, SamplingRow, sample, top_logprobs
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from neo_serve.engine.sequence import Request, Sequence
-from neo_serve.engine.worker import StageWorkerSpec, StepInput
+from neo_serve.engine.worker import StageWorkerSpec, StepInput, step_positions
 from neo_serve.errors import ConfigError, InvalidRequestError
 from neo_serve.models.attention import SequenceSlice
 from neo_serve.models.stages import partition_layers
@@ -197,10 +197,9 @@ class LLMEngine:
                 logits_indices.append(query_start + chunk.length - 1)
             else:
                 sample_rows.append(-1)
-        positions = torch.cat([torch.arange(s.context_len, s.total_len) for s in slices])
         step_input = StepInput(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
-            positions=positions,
+            positions=step_positions(tuple(slices)),
             sequences=tuple(slices),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             kv_copies=tuple(batch.kv_copies),
