@@ -425,6 +425,14 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     kv_lines = [line for line in text.splitlines() if line.startswith("ray_neo_serve_kv_cache_usage{")]
     assert any('stage="1"' in line and 'model="neox"' in line for line in kv_lines)
 
+    def total(name: str) -> float:  # summed over replicas; counters may carry Prometheus' `_total`
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{", 1)[0] in (name, name + "_total") and 'model="neox"' in line)
+
+    assert total("ray_neo_serve_generation_tokens") >= 8  # this request's tokens, at least
+    assert total("ray_neo_serve_prompt_tokens") >= 1
+    assert total("ray_neo_serve_inter_token_latency_seconds_count") >= 1
+
 
 # ---- deployment config ---------------------------------------------------------------------------
 def test_autoscaling_config_reaches_serve(app, checkpoints):
