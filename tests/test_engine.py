@@ -151,8 +151,8 @@ def test_a_step_pickles_as_plain_lists_and_round_trips(llm):
     prepared = engine.schedule_step()
     try:
         step = prepared.step_input
-        step = type(step)(step.input_ids, step.positions, step.sequences, step.logits_indices,
-                          (KVCopy(src=32, dst=64, num_slots=16),))
+        step = type(step)(step.input_ids, step.positions + 5, step.sequences, step.logits_indices,
+                          (KVCopy(src=32, dst=64, num_slots=16),))  # positions as given, not derived
         data = pickle.dumps(step)
         assert b"_rebuild_tensor" not in data and b"SequenceSlice" not in data
         back = pickle.loads(data)

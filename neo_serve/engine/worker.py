@@ -40,15 +40,15 @@ class StepInput:
         # that loop more than submitting the calls; flat int lists pickle in microseconds.
         slices = [value for s in self.sequences
                   for value in (s.query_start, s.query_len, s.context_len, s.kv_start)]
-        return (_step_from_lists, (self.input_ids.tolist(), slices, self.logits_indices.tolist(),
-                                   self.kv_copies))
+        return (_step_from_lists, (self.input_ids.tolist(), self.positions.tolist(), slices,
+                                   self.logits_indices.tolist(), self.kv_copies))
 
 
-def _step_from_lists(input_ids: list[int], slices: list[int], logits_indices: list[int],
-                     kv_copies: tuple[KVCopy, ...]) -> StepInput:
+def _step_from_lists(input_ids: list[int], positions: list[int], slices: list[int],
+                     logits_indices: list[int], kv_copies: tuple[KVCopy, ...]) -> StepInput:
     sequences = tuple(SequenceSlice(*slices[i:i + 4]) for i in range(0, len(slices), 4))
     return StepInput(input_ids=torch.tensor(input_ids, dtype=torch.long),
-                     positions=step_positions(sequences), sequences=sequences,
+                     positions=torch.tensor(positions, dtype=torch.long), sequences=sequences,
                      logits_indices=torch.tensor(logits_indices, dtype=torch.long), kv_copies=kv_copies)
 
 

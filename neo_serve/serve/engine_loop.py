@@ -265,7 +265,8 @@ class PipelineCore:
             if queue is not None:
                 queue.put_nowait(output)
         if self.metrics is not None:
-            generated = sum(1 for live, sample in zip(sampled.live, sampled.samples) if live and sample is not None)
+            generated = sum(1 for live, sample in zip(sampled.live, sampled.samples)
+                            if live and sample is not None)
             self.metrics.record_step(running=self.engine.num_running(), waiting=self.engine.num_waiting(),
                                      kv_usage=self.engine.kv_cache_usage(),
                                      preemptions=self.engine.scheduler.num_preemptions, generated=generated)
