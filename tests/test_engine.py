@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.kv_cache import Extent, ExtentAllocator
@@ -115,6 +116,22 @@ def test_extent_allocator_extends_moves_and_coalesces():
     alloc.free(a)
     alloc.free(b)
     assert alloc.num_free_blocks == 10 and alloc.allocate(10) == Extent(0, 10)
+
+
+@pytest.mark.parametrize("token_major", [True, False])
+def test_kv_moves_apply_in_order_and_may_overlap(token_major):
+    from neo_serve.engine.kv_cache import KVArena, KVCopy
+
+    arena = KVArena(num_layers=2, num_slots=12, num_heads=2, head_dim=3, dtype=torch.float32,
+                    device="cpu", token_major=token_major)
+    slots = torch.arange(12, dtype=torch.float32)  # slot i holds the value i everywhere
+    shape = [1, 1, 12, 1, 1] if token_major else [1, 1, 1, 12, 1]
+    arena.tensor.copy_(slots.view(shape).expand_as(arena.tensor))
+    # 0-3 -> 8-11, then 4-7 into the freed 0-3, then a sliding (overlapping) move 1-4 -> 2-5.
+    arena.apply_copies((KVCopy(0, 8, 4), KVCopy(4, 0, 4), KVCopy(1, 2, 4)))
+    expected = [4, 5, 5, 6, 7, 4, 6, 7, 0, 1, 2, 3]
+    per_slot = arena.tensor.narrow(arena.slot_dim, 0, 12).movedim(arena.slot_dim, 0).reshape(12, -1)
+    assert (per_slot == torch.tensor(expected, dtype=torch.float32).unsqueeze(1)).all()
 
 
 def test_recompute_all_after_a_lost_cache_gives_the_same_tokens(llm):
