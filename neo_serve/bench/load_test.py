@@ -441,12 +441,10 @@ def load_app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ray_cpus_for(app_args: dict[str, Any]) -> int:
-    """Logical CPUs for a local Ray: the pipeline's bundles, the router, one spare."""
+    """Logical CPUs for a local Ray: what the app reserves (`AppArgs.cpus_reserved`), one spare."""
     from neo_serve.serve.config import parse_app_args
 
-    parsed = parse_app_args(app_args)
-    needed = sum(bundle["CPU"] for model in parsed.models for bundle in model.placement_bundles())
-    return math.ceil(needed + parsed.router.num_cpus) + 1
+    return math.ceil(parse_app_args(app_args).cpus_reserved()) + 1
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:

@@ -704,7 +704,7 @@ def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], 
     def measure(what: str, run: Callable[[], list[dict[str, Any]]]) -> None:
         results["points"].extend(attempt(what, run) or [])
 
-    paired = args.paired and not args.skip_offline
+    paired = results["workload"]["paired"]
     if not args.skip_offline and not paired:  # before Ray starts: nothing else runs on the machine
         for model in models:
             measure(f"{model.name} offline", lambda m=model: run_offline(m, workloads[m.name], args,
