@@ -12,7 +12,7 @@ import stat
 import pytest
 
 from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PORT_VARS, IngressUnavailable,
-                                     configure_local_ingress, haproxy_binary)
+                                     configure_local_ingress, ephemeral_port_range, free_port, haproxy_binary)
 
 
 def test_haproxy_comes_with_ray_serve():
@@ -62,3 +62,12 @@ def test_haproxy_without_a_binary_is_an_error_that_says_what_to_install(tmp_path
         configure_local_ingress("auto", {**env, HAPROXY_FLAG: "1"})
     with pytest.raises(ValueError, match="auto, haproxy, proxy"):
         configure_local_ingress("nginx", {})
+
+
+def test_free_ports_stay_clear_of_the_ports_ray_takes_while_it_starts():
+    # HAProxy and Serve bind their ports after ray.init; a port from the kernel's ephemeral range
+    # or Ray's worker range can be taken by Ray's own processes in between ("Address already in use").
+    ephemeral_low = ephemeral_port_range()[0]
+    ports = {free_port(host) for host in ("127.0.0.1", "") for _ in range(20)}
+    assert all(20000 <= port < ephemeral_low for port in ports), sorted(ports)
+    assert len(ports) > 1  # random within the range, not one fixed port that two clusters would share

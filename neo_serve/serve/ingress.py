@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 from collections.abc import Mapping, MutableMapping
@@ -85,8 +86,42 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
     return "haproxy" if use_haproxy else "proxy"
 
 
+# Ports a cluster's own processes take while it starts: Ray's workers listen on 10002-19999 (its
+# default worker port range) and every other Ray process and outgoing connection gets a port from
+# the kernel's ephemeral range. A port picked before `ray.init` for a server that binds only
+# after it (Serve's HTTP port, HAProxy's) is taken from between the two, so that Ray's start-up
+# cannot take it first (a CI run once lost HAProxy's metrics port that way).
+_RAY_WORKER_PORTS_END = 20000
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 and for outgoing connections (Linux default if unknown)."""
+    try:
+        with open(_EPHEMERAL_RANGE_FILE) as handle:
+            low, high = (int(value) for value in handle.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on at `host` right now ("": on any interface)."""
-    with socket.socket() as sock:
+    """A TCP port nothing listens on at `host` right now ("": on any interface), outside the
+    ranges Ray's start-up takes ports from when the machine leaves room for that."""
+    low, high = _RAY_WORKER_PORTS_END, ephemeral_port_range()[0] - 1
+    candidates = random.Random().sample(range(low, high + 1), min(64, max(high - low + 1, 0)))
+    for port in candidates:
+        if _bindable(host, port):
+            return port
+    with socket.socket() as sock:  # no room between the ranges: let the kernel choose
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
