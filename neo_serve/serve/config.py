@@ -117,7 +117,8 @@ class ModelArgs(_Scaling):
         "`timeout` may shorten it). None: no deadline.")
     stream_interval_s: float = Field(
         0.02, ge=0, description="After its first token, a stream sends at most one chunk per interval (the "
-        "tokens of several steps together): each chunk costs the replica, router and proxy CPU time.")
+        "tokens of several steps together): each chunk costs the replica, router and proxy CPU time. A "
+        "finished request's last chunk goes out at once.")
     max_stream_chunks_per_s: float | Literal["auto"] | None = Field(
         "auto", description="Chunks per second a replica aims to send over all its streams: with many "
         "streams each one's interval grows to streams / this, so serving overhead stays bounded as load "

@@ -79,6 +79,8 @@ class PipelineCore:
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
         self.failure: BaseException | None = None
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        # Streams pausing between chunks (see `_hold`), woken early when their request ends.
+        self._holding: dict[str, asyncio.Future[None]] = {}
         self._inflight: deque[tuple[PreparedStep, asyncio.Future[SampledStep]]] = deque()
         self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
@@ -120,7 +122,7 @@ class PipelineCore:
                 if last_token_chunk is not None:
                     pause = last_token_chunk + self.stream_interval() - time.monotonic()
                     if pause > 0:
-                        await asyncio.sleep(pause)
+                        await self._hold(request_id, pause)
                 item = await queue.get()
                 while not queue.empty() and not isinstance(item, BaseException):
                     item = queue.get_nowait()  # outputs are cumulative: the latest says it all
@@ -139,6 +141,26 @@ class PipelineCore:
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
+
+    async def _hold(self, request_id: str, seconds: float) -> None:
+        """Pause a stream for `seconds`, or until its request finishes or fails: a request's last
+        chunk is never held back, since its client's next request waits for it while the
+        sequence's batch slot stays empty (at 64 streams the interval is a second)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake_up, waiter)
+        self._holding[request_id] = waiter
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._holding.pop(request_id, None)
+
+    def _release(self, request_id: str) -> None:
+        """End a stream's pause now (its request finished or failed)."""
+        waiter = self._holding.get(request_id)
+        if waiter is not None:
+            _wake_up(waiter)
 
     def stream_interval(self) -> float:
         """Least time between two chunks of a stream, at the current number of streams."""
@@ -264,6 +286,8 @@ class PipelineCore:
             queue = self._streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+                if output.finished:
+                    self._release(output.request_id)
         if self.metrics is not None:
             generated = sum(1 for live, sample in zip(sampled.live, sampled.samples)
                             if live and sample is not None)
@@ -278,6 +302,7 @@ class PipelineCore:
             queue = self._streams.get(request_id)
             if queue is not None:
                 queue.put_nowait(error)
+                self._release(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         self.failure = error
@@ -286,3 +311,8 @@ class PipelineCore:
         self._inflight.clear()
         self._submitted.clear()
         self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))
+
+
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
