@@ -168,15 +168,54 @@ def test_a_step_pickles_as_plain_lists_and_round_trips(llm):
     prepared = engine.schedule_step()
     try:
         step = prepared.step_input
+        assert step.argmax_only  # plain greedy rows
         step = type(step)(step.input_ids, step.positions + 5, step.sequences, step.logits_indices,
-                          (KVCopy(src=32, dst=64, num_slots=16),))  # positions as given, not derived
+                          (KVCopy(src=32, dst=64, num_slots=16),), argmax_only=False)  # as given, not derived
         data = pickle.dumps(step)
         assert b"_rebuild_tensor" not in data and b"SequenceSlice" not in data
         back = pickle.loads(data)
         assert back.sequences == step.sequences and back.kv_copies == step.kv_copies
+        assert back.argmax_only is False
         for name in ("input_ids", "positions", "logits_indices"):
             assert getattr(back, name).dtype == getattr(step, name).dtype
             assert getattr(back, name).tolist() == getattr(step, name).tolist()
     finally:
         for request_id in ("p0", "p1"):
+            engine.abort_request(request_id)
+
+
+@pytest.mark.parametrize("other", [
+    SamplingParams(max_tokens=4, temperature=0.8, seed=1),
+    SamplingParams(max_tokens=4, temperature=0.0, logprobs=2),
+    SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=1),
+], ids=["sampled", "logprobs", "penalty", "prompt-logprobs"])
+def test_a_plain_greedy_step_brings_back_token_ids_instead_of_logits(llm, other):
+    """Under Ray the last stage's output crosses processes per micro-batch: when every row is a
+    plain greedy pick it is the picked token ids, the same tokens the sampler takes from logits."""
+    import dataclasses
+
+    engine = llm.engine
+    engine.add_request(list(range(3, 20)), GREEDY, request_id="g0")
+    engine.add_request(list(range(40, 47)), GREEDY, request_id="g1")
+    try:
+        prepared = engine.schedule_step()
+        assert prepared.step_input.argmax_only
+        token_ids = engine.executor.execute(prepared.step_input)
+        logits = engine.executor.execute(dataclasses.replace(prepared.step_input, argmax_only=False))
+        assert token_ids.dtype == torch.long and token_ids.shape == (2,)
+        assert logits.shape == (2, llm.engine.model_config.vocab_size)
+        assert token_ids.tolist() == logits.max(dim=-1).indices.tolist()
+        outputs = engine.process_step(prepared, token_ids)
+        assert sorted(o.outputs[0].token_ids for o in outputs) == sorted([t] for t in token_ids.tolist())
+    finally:
+        for request_id in ("g0", "g1"):
+            engine.abort_request(request_id)
+    # One row that needs more than the most likely token makes the whole step return logits.
+    engine.add_request(list(range(3, 20)), GREEDY, request_id="g2")
+    engine.add_request(list(range(50, 60)), other, request_id="o")
+    try:
+        assert not engine.schedule_step().step_input.argmax_only
+    finally:
+        for request_id in ("g2", "o"):
             engine.abort_request(request_id)

@@ -11,7 +11,8 @@ from neo_serve.engine.worker import StageWorker, StageWorkerSpec, StepInput
 
 class Executor(Protocol):
     def execute(self, step: StepInput) -> torch.Tensor:
-        """float32 logits [rows, vocab] for step.logits_indices."""
+        """The last stage's output for step.logits_indices: float32 logits [rows, vocab], or
+        int64 token ids [rows] when step.argmax_only (see StepInput)."""
 
 
 class LocalPipelineExecutor:

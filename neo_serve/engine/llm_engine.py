@@ -203,11 +203,15 @@ class LLMEngine:
             sequences=tuple(slices),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             kv_copies=tuple(batch.kv_copies),
+            # Only sampled rows (no prompt logprobs), each a plain greedy pick.
+            argmax_only=len(logits_indices) == sum(row >= 0 for row in sample_rows) and all(
+                chunk.seq.request.params.argmax_only for chunk, row in zip(batch.chunks, sample_rows) if row >= 0),
         )
         return PreparedStep(batch, step_input, sample_rows, prompt_rows)
 
     def process_step(self, prepared: PreparedStep, logits: torch.Tensor) -> list[RequestOutput]:
-        """Apply a step's logits: prompt logprobs, sampling, detokenizing, stop checks."""
+        """Apply a step's output (logits, or token ids for an argmax-only step): prompt logprobs,
+        sampling, detokenizing, stop checks."""
         return self.apply_step(prepared, self.sample_step(prepared, logits))
 
     @torch.inference_mode()
@@ -230,7 +234,12 @@ class LLMEngine:
                     chunk.seq.request, logits[first_row:first_row + count], chunk.start)
             if sample_row >= 0:
                 to_sample.append((index, chunk.seq, sample_row))
-        if to_sample:
+        if to_sample and prepared.step_input.argmax_only:
+            # The last stage already picked each row's most likely token: `logits` is int64 [rows].
+            token_ids = logits.tolist()
+            for index, _, row in to_sample:
+                samples[index] = Sample(token_ids[row], float("nan"), None)
+        elif to_sample:
             rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for _, s, _ in to_sample]
             sample_rows = [row for _, _, row in to_sample]
             # A decode step samples every row in order: sample from logits itself, not a copy.

@@ -74,6 +74,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def argmax_only(self) -> bool:
+        """The sample is the most likely token and nothing else of the logits is needed
+        (greedy, no penalties, no logprobs)."""
+        return self.greedy and not self.has_penalties and self.logprobs is None
+
+    @property
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)

@@ -29,6 +29,11 @@ class StepInput:
     sequences: tuple[SequenceSlice, ...]
     logits_indices: torch.Tensor  # [rows] positions in the packed batch whose logits are needed
     kv_copies: tuple[KVCopy, ...]  # extent moves to apply before the forward
+    # Every row is a plain greedy sample (SamplingParams.argmax_only): the last stage returns each
+    # row's most likely token, int64 [rows], instead of float32 logits [rows, vocab]. Under Ray
+    # that is a few bytes in the reply instead of an object-store object per micro-batch
+    # (demo: 32 rows x 4096 x 4 B = 512 KB; Pythia: 6.4 MB); on a GPU, no logits copy to the host.
+    argmax_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -41,15 +46,16 @@ class StepInput:
         slices = [value for s in self.sequences
                   for value in (s.query_start, s.query_len, s.context_len, s.kv_start)]
         return (_step_from_lists, (self.input_ids.tolist(), self.positions.tolist(), slices,
-                                   self.logits_indices.tolist(), self.kv_copies))
+                                   self.logits_indices.tolist(), self.kv_copies, self.argmax_only))
 
 
 def _step_from_lists(input_ids: list[int], positions: list[int], slices: list[int],
-                     logits_indices: list[int], kv_copies: tuple[KVCopy, ...]) -> StepInput:
+                     logits_indices: list[int], kv_copies: tuple[KVCopy, ...], argmax_only: bool) -> StepInput:
     sequences = tuple(SequenceSlice(*slices[i:i + 4]) for i in range(0, len(slices), 4))
     return StepInput(input_ids=torch.tensor(input_ids, dtype=torch.long),
                      positions=torch.tensor(positions, dtype=torch.long), sequences=sequences,
-                     logits_indices=torch.tensor(logits_indices, dtype=torch.long), kv_copies=kv_copies)
+                     logits_indices=torch.tensor(logits_indices, dtype=torch.long), kv_copies=kv_copies,
+                     argmax_only=argmax_only)
 
 
 def step_positions(sequences: tuple[SequenceSlice, ...]) -> torch.Tensor:
@@ -103,8 +109,9 @@ class StageWorker:
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: token ids in; others: the previous stage's hidden states [tokens, hidden].
 
-        Returns hidden states for the next stage, or on the last stage float32 logits
-        [rows, vocab] for `step.logits_indices`.
+        Returns hidden states for the next stage, or on the last stage the step's output for
+        `step.logits_indices`: float32 logits [rows, vocab], or with `step.argmax_only` each
+        row's most likely token, int64 [rows].
         """
         if step.kv_copies:
             self.kv.apply_copies(step.kv_copies)
@@ -114,7 +121,10 @@ class StageWorker:
         hidden = self.model(inputs, positions, self.kv.tensor, meta)
         if not self.spec.stage.is_last:
             return hidden
-        return self.model.compute_logits(hidden[step.logits_indices.to(self.device)])
+        logits = self.model.compute_logits(hidden[step.logits_indices.to(self.device)])
+        if step.argmax_only:
+            return logits.max(dim=-1).indices  # the first maximal token, as `sampler.sample` picks
+        return logits
 
     def ready(self) -> bool:
         return True
