@@ -5,16 +5,18 @@
 - `RayStageRunner` (num_stages > 1): one `StageActor` per placement-group bundle. A step is a
   chain of actor calls where stage k+1 receives stage k's result *as an ObjectRef*: activations
   move from stage to stage through the object store and never pass through the scheduler; only
-  the last stage's logits come back. Each actor runs its calls in submission order, so several
-  micro-batches can be in flight: stage k works on micro-batch i while stage k+1 works on i-1.
+  the last stage's output comes back (logits, or token ids for a plain greedy step). Each actor
+  runs its calls in submission order, so several micro-batches can be in flight: stage k works
+  on micro-batch i while stage k+1 works on i-1.
 
-`submit(step, finish)` hands back an asyncio future of `finish(logits)`, where logits are the
-last stage's float32 [rows, vocab]. The local runner calls `finish` (the engine's sampling) on
-its step thread: every parallel torch op of the replica then starts from that one thread. A
-second thread doing parallel ops (the event loop sampling) gives OpenMP a second thread team;
-with more OpenMP threads than cores libgomp stops spinning at barriers and every op of a step
-pays a sleep and wake-up (measured on 2 cores: the offline engine at 64 Pythia-160M streams
-runs 1.3x slower once another thread has run one parallel op).
+`submit(step, finish)` hands back an asyncio future of `finish(output)`, where output is the
+last stage's float32 logits [rows, vocab] (int64 token ids [rows] when `step.argmax_only`).
+The local runner calls `finish` (the engine's sampling) on its step thread: every parallel
+torch op of the replica then starts from that one thread. A second thread doing parallel ops
+(the event loop sampling) gives OpenMP a second thread team; with more OpenMP threads than
+cores libgomp stops spinning at barriers and every op of a step pays a sleep and wake-up
+(measured on 2 cores: the offline engine at 64 Pythia-160M streams runs 1.3x slower once
+another thread has run one parallel op).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class StepRunner(Protocol):
     depth: int  # micro-batches worth keeping in flight (the number of stages)
 
     def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
-        """Start a step; the future resolves to `finish(logits)`, logits float32 [rows, vocab]
-        on the CPU. `finish` must not touch state the event loop owns."""
+        """Start a step; the future resolves to `finish(output)`, the last stage's output on the
+        CPU (float32 logits [rows, vocab], or int64 token ids [rows] when `step.argmax_only`).
+        `finish` must not touch state the event loop owns."""
 
     def execute(self, step: StepInput) -> torch.Tensor:
         """Blocking form (the engine's `Executor` protocol)."""
@@ -112,7 +115,7 @@ class StageActor:
 
     def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
         # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
-        out = self.worker.execute(step, hidden)  # [tokens, hidden] or logits [rows, vocab]
+        out = self.worker.execute(step, hidden)  # [tokens, hidden], logits [rows, vocab] or token ids [rows]
         return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
 
 
@@ -204,7 +207,7 @@ class RayStageRunner:
 
     def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
         # The model runs in the stage actors' processes; in the replica only the event loop does
-        # torch work, so `finish` runs there once the last stage's logits arrive.
+        # torch work, so `finish` runs there once the last stage's output arrives.
         return asyncio.ensure_future(self._finish(self._chain(step), finish))
 
     @staticmethod
