@@ -68,6 +68,7 @@ def test_free_ports_stay_clear_of_the_ports_ray_takes_while_it_starts():
     # HAProxy and Serve bind their ports after ray.init; a port from the kernel's ephemeral range
     # or Ray's worker range can be taken by Ray's own processes in between ("Address already in use").
     ephemeral_low = ephemeral_port_range()[0]
-    ports = {free_port(host) for host in ("127.0.0.1", "") for _ in range(20)}
+    ports = [free_port(host) for host in ("127.0.0.1", "") for _ in range(20)]
     assert all(20000 <= port < ephemeral_low for port in ports), sorted(ports)
-    assert len(ports) > 1  # random within the range, not one fixed port that two clusters would share
+    # Never the same port twice: the servers they are for may all bind later, after ray.init.
+    assert len(set(ports)) == len(ports)

@@ -93,6 +93,9 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
 # cannot take it first (a CI run once lost HAProxy's metrics port that way).
 _RAY_WORKER_PORTS_END = 20000
 _EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Ports already handed out by this process: a server may not have bound its port yet when the
+# next one is asked for (a cluster's HTTP, HAProxy stats and metrics ports are picked together).
+_handed_out: set[int] = set()
 
 
 def ephemeral_port_range() -> tuple[int, int]:
@@ -111,7 +114,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     low, high = _RAY_WORKER_PORTS_END, ephemeral_port_range()[0] - 1
     candidates = random.Random().sample(range(low, high + 1), min(64, max(high - low + 1, 0)))
     for port in candidates:
-        if _bindable(host, port):
+        if port not in _handed_out and _bindable(host, port):
+            _handed_out.add(port)
             return port
     with socket.socket() as sock:  # no room between the ranges: let the kernel choose
         sock.bind((host, 0))
