@@ -25,4 +25,6 @@ fi
 # Ray: no token auth for the throwaway local clusters the tests start.
 export RAY_AUTH_MODE=disabled
 export RAY_USAGE_STATS_ENABLED=0
-python -m pytest -ra "$@"
+# -X faulthandler: a crash anywhere, even in a native library at interpreter exit after pytest
+# has reported, prints every thread's Python stack instead of a bare "Segmentation fault".
+python -X faulthandler -m pytest -ra "$@"
