@@ -10,6 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The tests stay offline. gradio_client's `Client(analytics_enabled=False)` still starts its
+# telemetry thread (it ORs the argument with this variable), which posts to huggingface.co.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 from checkpoints import build_tokenizer, make_neo, make_neox  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
