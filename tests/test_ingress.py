@@ -72,3 +72,17 @@ def test_free_ports_stay_clear_of_the_ports_ray_takes_while_it_starts():
     assert all(20000 <= port < ephemeral_low for port in ports), sorted(ports)
     # Never the same port twice: the servers they are for may all bind later, after ray.init.
     assert len(set(ports)) == len(ports)
+
+
+def test_free_ports_are_never_handed_out_twice_when_the_kernel_chooses(tmp_path, monkeypatch):
+    # A machine whose ephemeral range starts right where Ray's worker ports end leaves no room
+    # between them, so free_port lets the kernel choose; the kernel, though, may choose a port it
+    # gave before and that nobody has bound yet (1000 picks from its range nearly always repeat one).
+    from neo_serve.serve import ingress
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("20000\t60999\n")
+    monkeypatch.setattr(ingress, "_EPHEMERAL_RANGE_FILE", str(ranges))
+    monkeypatch.setattr(ingress, "_handed_out", set())
+    ports = [free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)

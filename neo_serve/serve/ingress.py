@@ -117,9 +117,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _handed_out and _bindable(host, port):
             _handed_out.add(port)
             return port
-    with socket.socket() as sock:  # no room between the ranges: let the kernel choose
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    while True:  # no room between the ranges: let the kernel choose, never a port handed out
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _bindable(host: str, port: int) -> bool:
