@@ -80,9 +80,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _session_exit_status = int(exitstatus)
 
 
+def _process_is_pytest() -> bool:
+    """True when this process is `pytest` or `python -m pytest`, not a program calling pytest.main()."""
+    program = Path(sys.argv[0])
+    return program.name in ("pytest", "py.test") or (program.name == "__main__.py" and program.parent.name == "pytest")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _session_exit_status is None:
+    if _session_exit_status is None or not _process_is_pytest():
         return
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():  # a fixture that never reached its teardown
