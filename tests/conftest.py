@@ -90,8 +90,10 @@ def _process_is_pytest() -> bool:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _session_exit_status is None or not _process_is_pytest():
         return
+    # os._exit skips Ray's own atexit shutdown: a session a test left up (outside the module
+    # fixtures, which always tear down) would otherwise leave its GCS and raylet running.
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():  # a fixture that never reached its teardown
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
     print(f"conftest: tests reported; ending the process with exit status {_session_exit_status} "
           "without the interpreter's teardown", file=sys.stderr)
