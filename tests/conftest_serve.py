@@ -55,10 +55,13 @@ def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[st
     from ray import serve
 
     from neo_serve.serve.ingress import configure_local_ingress
+    from neo_serve.serve.local_cluster import apply_local_serve_settings
 
     port = free_port()
-    # The front door `neo-serve up` uses: HAProxy when its binary is installed (with ray[serve]).
+    # The front door `neo-serve up` uses: HAProxy when its binary is installed (with ray[serve]),
+    # and the Serve settings it starts local clusters with.
     configure_local_ingress("auto")
+    apply_local_serve_settings()
     ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

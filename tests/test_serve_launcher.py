@@ -12,12 +12,14 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG
+from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,6 +27,18 @@ pytestmark = pytest.mark.timeout(300)
 def _reader(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
+
+
+def _controller_environ(session_id: int) -> dict[str, str]:
+    """The environment of the Serve controller among the processes of session `session_id`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (proc.info["cmdline"] or [""])[0].startswith("ray::ServeController") and \
+                    os.getsid(proc.pid) == session_id:
+                return proc.environ()
+        except (psutil.Error, ProcessLookupError):
+            continue
+    raise AssertionError(f"no Serve controller in session {session_id}")
 
 
 def test_up_serves_until_ctrl_c(tmp_path):
@@ -37,8 +51,10 @@ def test_up_serves_until_ctrl_c(tmp_path):
         [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--stages", "2", "--dtype", "float32",
          "--port", str(port), "--num-cpus", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux).
-        env={**{k: v for k, v in os.environ.items() if k != HAPROXY_FLAG}, "RAY_DEDUP_LOGS": "0",
+        # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
+        # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
+        env={**{k: v for k, v in os.environ.items() if k != HAPROXY_FLAG and k not in LOCAL_SERVE_SETTINGS},
+             "RAY_DEDUP_LOGS": "0",
              "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
@@ -60,6 +76,9 @@ def test_up_serves_until_ctrl_c(tmp_path):
         stats = httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats;csv", timeout=10)
         assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        # The Serve settings for local clusters reached Serve's controller (a process of this cluster).
+        controller_env = _controller_environ(process.pid)
+        assert {key: controller_env.get(key) for key in LOCAL_SERVE_SETTINGS} == LOCAL_SERVE_SETTINGS
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == [name]
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
                                                           "temperature": 0}, timeout=60).json()

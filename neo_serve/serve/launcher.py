@@ -19,6 +19,7 @@ from typing import Any
 
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
+from neo_serve.serve.local_cluster import apply_local_serve_settings
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +129,7 @@ def run_up(args: argparse.Namespace) -> int:
     else:
         try:
             ingress = configure_local_ingress(args.ingress)  # before Ray starts: its processes inherit it
+            apply_local_serve_settings()  # likewise
         except IngressUnavailable as exc:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2
