@@ -55,8 +55,7 @@ def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[st
     import ray
     from ray import serve
 
-    from neo_serve.serve.ingress import configure_local_ingress
-    from neo_serve.serve.local_cluster import apply_local_serve_settings
+    from neo_serve.serve.local_cluster import configure_local_cluster
 
     port = free_port()
     # The front door `neo-serve up` uses: HAProxy when its binary is installed (with ray[serve]),
@@ -64,9 +63,8 @@ def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[st
     # interval (0.1 s) instead of its 0.5 s: the tests deploy and delete dozens of applications,
     # each waiting for the controller's rounds (test_serve_app and test_reliability took 394 s
     # at 0.5 s against 341 s at 0.1 s). test_serve_launcher checks what `neo-serve up` sets.
-    configure_local_ingress("auto")
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
-    apply_local_serve_settings()
+    configure_local_cluster("auto")
     ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -52,7 +52,7 @@ from typing import Any
 from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
-from neo_serve.serve.local_cluster import apply_local_serve_settings
+from neo_serve.serve.local_cluster import configure_local_cluster
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
@@ -395,8 +395,7 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
     import ray
     from ray import serve
 
-    used = configure_local_ingress(ingress)
-    apply_local_serve_settings()  # what `neo-serve up` runs with
+    used = configure_local_cluster(ingress)  # what `neo-serve up` runs with
     port = free_port()
     started = time.perf_counter()
     try:

@@ -18,8 +18,8 @@ import threading
 from typing import Any
 
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
-from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
-from neo_serve.serve.local_cluster import apply_local_serve_settings
+from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
+from neo_serve.serve.local_cluster import configure_local_cluster
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +128,7 @@ def run_up(args: argparse.Namespace) -> int:
                   "started with (RAY_SERVE_ENABLE_HA_PROXY in its environment)", file=sys.stderr)
     else:
         try:
-            ingress = configure_local_ingress(args.ingress)  # before Ray starts: its processes inherit it
-            apply_local_serve_settings()  # likewise
+            ingress = configure_local_cluster(args.ingress)  # before Ray starts: its processes inherit it
         except IngressUnavailable as exc:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2

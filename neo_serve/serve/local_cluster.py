@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
+from neo_serve.serve.ingress import configure_local_ingress
+
 LOCAL_SERVE_SETTINGS: dict[str, str] = {
     # Serve's controller reconciles every 0.1 s by default, and each round reads from Ray's GCS.
     # On a 2-vCPU machine an idle demo app's controller took 0.065 cores and the GCS 0.031; every
@@ -39,3 +41,13 @@ def apply_local_serve_settings(environ: MutableMapping[str, str] | None = None) 
     for variable, value in LOCAL_SERVE_SETTINGS.items():
         env.setdefault(variable, value)
     return {variable: env[variable] for variable in LOCAL_SERVE_SETTINGS}
+
+
+def configure_local_cluster(ingress: str) -> str:
+    """Prepare this process's environment for a Ray cluster it is about to start: the HTTP
+    front door `ingress` asks for (see neo_serve/serve/ingress.py) and `LOCAL_SERVE_SETTINGS`.
+    Returns the front door that will be used; raises `IngressUnavailable` like
+    `configure_local_ingress`."""
+    used = configure_local_ingress(ingress)
+    apply_local_serve_settings()
+    return used
