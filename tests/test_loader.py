@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -51,9 +52,14 @@ def test_dtype_auto_follows_the_checkpoint(neox_checkpoint, tmp_path):
     raw.pop("dtype", None)
     raw.pop("torch_dtype", None)
     (half / "config.json").write_text(json.dumps(raw))
+    # On a GPU `auto` keeps the stored float16; on a CPU, which has no fast float16 kernels,
+    # the model runs in float32 (the worker loads with the rule below).
+    half_config = load_model_config(half)
+    assert resolve_dtype("auto", half_config, CheckpointFiles.open(half), "cuda:0") == torch.float16
     llm = LLM(str(half), dtype="auto")
-    assert llm.engine.executor.workers[0].dtype == torch.float16
-    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    worker = llm.engine.executor.workers[0]
+    assert worker.dtype == torch.float32 and worker.model.embed_out.weight.dtype == torch.float32
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         worker = LLM(str(half), dtype=dtype).engine.executor.workers[0]
         assert worker.model.embed_out.weight.dtype == expected
 
@@ -124,3 +130,16 @@ def test_convert_refuses_pickled_code(tmp_path):
     torch.save({"weight": Payload()}, src / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights_only"):
         cli_main(["convert", str(src), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("bf16_kernels, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_keeps_bfloat16_on_a_cpu_only_with_its_kernels(neox_checkpoint, monkeypatch, bf16_kernels, expected):
+    import neo_serve.loader as loader
+
+    config = dataclasses.replace(load_model_config(neox_checkpoint), checkpoint_dtype="bfloat16")
+    monkeypatch.setattr(loader, "cpu_has_bfloat16_kernels", lambda: bf16_kernels)
+    assert resolve_dtype("auto", config, None, "cpu") == expected
+    assert resolve_dtype("auto", config, None, "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", config, None, "cpu") == torch.float16  # an explicit dtype is kept
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8", config, None, "cpu")

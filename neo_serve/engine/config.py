@@ -17,7 +17,7 @@ class EngineConfig:
 
     model: str
     tokenizer: str | None = None  # directory with tokenizer files; defaults to `model`
-    dtype: str = "auto"  # auto (the checkpoint's) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (the checkpoint's; float16 -> float32 on CPU) | float32 | bfloat16 | float16
     num_stages: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     kv_cache_tokens: int = 32768  # KV slots per stage (every stage holds its layers' share)

@@ -85,7 +85,7 @@ class StageWorker:
         self.device = torch.device(spec.device)
         config = load_model_config(spec.checkpoint)
         files = CheckpointFiles.open(spec.checkpoint)
-        self.dtype = resolve_dtype(spec.dtype, config, files)
+        self.dtype = resolve_dtype(spec.dtype, config, files, self.device)
         self.backend = make_backend(spec.attention_backend)
         self.model = load_stage(spec.checkpoint, config, spec.stage, dtype=self.dtype, device=self.device,
                                 backend=self.backend, files=files)

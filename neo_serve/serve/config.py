@@ -84,7 +84,9 @@ class ModelArgs(_Scaling):
     num_stages: int = Field(1, ge=1, description="Pipeline stages per replica, one accelerator (bundle) each. "
                                                  "1 runs the model inside the replica's process.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight and KV dtype; "
-                                                                     "auto keeps the checkpoint's.")
+                                                                     "auto keeps the checkpoint's, except that on a CPU "
+                                                                     "float16 (and bfloat16 without oneDNN bfloat16 "
+                                                                     "kernels) runs in float32.")
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="KV cache dtype; auto: the weights' on GPU; on CPU float32, or the weights' "
                            "half-precision dtype where a probe at load finds its attention kernels clearly faster.")

@@ -34,7 +34,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     scaling.add_argument("--replicas", type=int, metavar="R", help="fixed pipeline replicas per model (default 1)")
     scaling.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale each model between MIN and MAX replicas")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weight dtype (default: the checkpoint's)")
+                        help="weight dtype (default auto: the checkpoint's; on a CPU, float16 runs in float32)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per stage")
     parser.add_argument("--cpus-per-stage", type=float, metavar="C",
                         help="CPUs per stage, which are also its torch threads (default 1). On a CPU machine a small "
