@@ -53,7 +53,7 @@ def test_dtype_auto_follows_the_checkpoint(neox_checkpoint, tmp_path):
     raw.pop("torch_dtype", None)
     (half / "config.json").write_text(json.dumps(raw))
     # On a GPU `auto` keeps the stored float16; on a CPU, which has no fast float16 kernels,
-    # the model runs in float32 (the worker loads with the rule below).
+    # the worker loads the model in float32.
     half_config = load_model_config(half)
     assert resolve_dtype("auto", half_config, CheckpointFiles.open(half), "cuda:0") == torch.float16
     llm = LLM(str(half), dtype="auto")
