@@ -98,7 +98,7 @@ def _stored_dtype(first: tuple[str, Path]) -> torch.dtype:
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, files: CheckpointFiles | None,
-                  device: torch.device | str = "cpu") -> torch.dtype:
+                  device: torch.device | str) -> torch.dtype:
     """`auto` means the checkpoint's own dtype (config's, else the stored tensors'), except on a CPU.
 
     CPUs have no fast float16 matrix kernels, so there a float16 checkpoint (the demo, Pythia,

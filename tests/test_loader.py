@@ -44,7 +44,7 @@ def test_stage_reads_only_its_own_tensors(neox_sharded_checkpoint, monkeypatch):
 
 def test_dtype_auto_follows_the_checkpoint(neox_checkpoint, tmp_path):
     config = load_model_config(neox_checkpoint)
-    assert resolve_dtype("auto", config, CheckpointFiles.open(neox_checkpoint)) == torch.float32
+    assert resolve_dtype("auto", config, CheckpointFiles.open(neox_checkpoint), "cpu") == torch.float32
     half = copy_checkpoint(neox_checkpoint, tmp_path)
     tensors = {k: v.to(torch.float16) for k, v in load_file(half / "model.safetensors").items()}
     save_file(tensors, half / "model.safetensors")
