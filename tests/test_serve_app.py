@@ -57,7 +57,7 @@ def app(base_url, checkpoints):
         {"name": "neox", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
          "kv_cache_tokens": 8192, "max_num_seqs": 64},
         {"name": "neo", "checkpoint": checkpoints["neo"], "num_stages": 1, "dtype": "float32",
-         "kv_cache_tokens": 4096},
+         "kv_cache_tokens": 4096, "cpus_per_stage": 2},
     ]}), name=APP, route_prefix="/")
     return handle
 
@@ -96,6 +96,9 @@ def test_health_and_models(client):
     stats = pipeline_stats()
     assert [s["layers"] for s in stats["stages"]] == [[0, 2], [2, 4]]
     assert [s["kv_cache_dtype"] for s in stats["stages"]] == ["float32", "float32"]  # a float32 model
+    # A stage's CPUs are its torch threads: in its stage actor, and in the replica itself with one stage.
+    assert [s["threads"] for s in stats["stages"]] == [1, 1]
+    assert [s["threads"] for s in pipeline_stats("neo")["stages"]] == [2]
 
 
 # ---- exactness against the offline engine ------------------------------------------------------

@@ -15,7 +15,8 @@ from checkpoints import build_tokenizer, make_neox
 from neo_serve.app import build_app
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     parse_app_args)
-from neo_serve.serve.launcher import add_up_arguments, app_args_from_namespace, local_num_cpus
+from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, local_cpu_threads, local_num_cpus,
+                                      threads_per_stage)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REFERENCE = Path("/work/shared/reference")
@@ -139,6 +140,35 @@ def test_up_arguments_make_app_args():
     assert demo == {"models": [{"num_stages": 1, "dtype": "auto", "use_gpu": False, "num_replicas": 3}]}
     threads = app_args_from_namespace(parser.parse_args(["--cpus-per-stage", "4"]))
     assert threads["models"][0]["cpus_per_stage"] == 4.0
+
+
+def test_up_on_a_local_cpu_cluster_gives_the_stages_the_machines_threads():
+    parser = argparse.ArgumentParser()
+    add_up_arguments(parser)
+
+    def per_stage(*argv: str, threads: int | None) -> list:
+        app = app_args_from_namespace(parser.parse_args(list(argv)), cpu_threads=threads)
+        return [m.get("cpus_per_stage") for m in app["models"]]
+
+    # One stage of one replica takes them all; stages and replicas (at most, when autoscaling) share.
+    assert per_stage(threads=2) == [2]
+    assert per_stage("--stages", "2", threads=2) == [1]
+    assert per_stage("--replicas", "2", threads=2) == [1]
+    assert per_stage("/m/a", "/m/b", "--autoscale", "1:2", threads=7) == [1, 1]
+    assert per_stage("/m/a", "/m/b", threads=7) == [3, 3]
+    assert per_stage("--stages", "3", threads=2) == [1]  # at least one each
+    # An explicit --cpus-per-stage wins; a GPU stage and a joined cluster keep the app's 1 CPU.
+    assert per_stage("--cpus-per-stage", "4", threads=2) == [4.0]
+    assert per_stage("--gpu", threads=8) == [None]
+    assert per_stage(threads=None) == [None]
+    assert threads_per_stage(15, 2, 3) == 2
+
+    # torch's threads, at most the usable cores, one left to Serve and Ray above two.
+    assert local_cpu_threads(2, torch_threads=2) == 2
+    assert local_cpu_threads(1, torch_threads=2) == 1
+    assert local_cpu_threads(16, torch_threads=8) == 7  # physical cores of a laptop with SMT
+    assert local_cpu_threads(4, torch_threads=32) == 3  # a container allowed 4 of a host's cores
+    assert local_cpu_threads(3, torch_threads=1) == 1  # OMP_NUM_THREADS=1
 
 
 def test_a_local_ray_has_room_for_every_replica_the_app_reserves():

@@ -19,6 +19,7 @@ from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG
+from neo_serve.serve.launcher import available_cores, local_cpu_threads
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,7 +49,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
     checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
     name = "neo-demo" if demo else "tiny"
     process = subprocess.Popen(
-        [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--stages", "2", "--dtype", "float32",
+        [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--dtype", "float32",
          "--port", str(port), "--num-cpus", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
@@ -71,6 +72,19 @@ def test_up_serves_until_ctrl_c(tmp_path):
         banner = "".join(output)
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
+        # With no --cpus-per-stage the one stage gets the machine's threads (2 on a 2-core machine),
+        # and the replica that runs it says so when its stage is loaded.
+        threads = local_cpu_threads(available_cores())
+        assert f"threads      {threads} per stage" in banner
+        ready_deadline = time.monotonic() + 30  # replica logs reach this process through Ray's log monitor
+        while not any("pipeline for" in line and "ready:" in line for line in output):
+            assert time.monotonic() < ready_deadline, "".join(output)
+            try:
+                output.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        ready = next(line for line in output if "pipeline for" in line and "ready:" in line)
+        assert f"'threads': {threads}}}" in ready, ready
         base = f"http://127.0.0.1:{port}"
         # HAProxy, not Serve's Python proxy, holds the port: its stats page shows its HTTP frontend.
         stats = httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats;csv", timeout=10)

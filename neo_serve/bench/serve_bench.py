@@ -53,6 +53,7 @@ from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkp
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 from neo_serve.serve.local_cluster import configure_local_cluster
+from neo_serve.serve.launcher import threads_per_stage
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
@@ -664,7 +665,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
 def cpus_per_stage(stages: int, replicas: int, args: argparse.Namespace) -> int:
     """The app gets the same CPU threads as the offline engine, split over its replicas' stages."""
-    return args.cpus_per_stage or max(1, args.threads // (stages * replicas))
+    return args.cpus_per_stage or threads_per_stage(args.threads, stages, replicas)
 
 
 def served_configs(args: argparse.Namespace) -> list[tuple[int, int]]:

@@ -37,8 +37,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight dtype (default auto: the checkpoint's; on a CPU, float16 runs in float32)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per stage")
     parser.add_argument("--cpus-per-stage", type=float, metavar="C",
-                        help="CPUs per stage, which are also its torch threads (default 1). On a CPU machine a small "
-                             "model serves more with --replicas R of 1 CPU each than with one replica of R CPUs")
+                        help="CPUs per stage, which are also its torch threads. Default on a local CPU cluster: "
+                             "torch's threads (the physical cores; one left to the router and Ray above two) over "
+                             "every stage of every replica; else 1. On a CPU a small model may serve more under "
+                             "load with --replicas R of 1 CPU each than with one replica of R CPUs")
     parser.add_argument("--kv-cache-tokens", type=int, metavar="T", help="KV cache slots per stage")
     parser.add_argument("--max-num-seqs", type=int, metavar="S", help="most sequences running per pipeline")
     parser.add_argument("--max-model-len", type=int, metavar="L", help="context window (default: the model's)")
@@ -58,8 +60,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not serve the Gradio playground at /ui")
 
 
-def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
-    """The `build_app` args that `neo-serve up` options describe."""
+def app_args_from_namespace(args: argparse.Namespace, cpu_threads: int | None = None) -> dict[str, Any]:
+    """The `build_app` args that `neo-serve up` options describe. `cpu_threads`: the threads a
+    local CPU cluster has for its models (`local_cpu_threads`), split over their stages unless
+    `--cpus-per-stage` or `--gpu` is given; None keeps the app's default of one CPU per stage."""
     names = args.name or []
     checkpoints = args.checkpoints or [None]
     if names and len(names) != len(checkpoints):
@@ -68,14 +72,19 @@ def app_args_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("cpus_per_stage", "kv_cache_tokens", "max_num_seqs", "max_model_len"):
         if getattr(args, option) is not None:
             model[option] = getattr(args, option)
+    most_replicas = args.replicas or 1
     if args.autoscale:
         try:
             low, high = (int(part) for part in args.autoscale.split(":"))
         except ValueError:
             raise AppConfigError(f"--autoscale must be MIN:MAX, got {args.autoscale!r}") from None
         model["autoscaling"] = {"min_replicas": low, "max_replicas": high}
+        most_replicas = high
     elif args.replicas is not None:
         model["num_replicas"] = args.replicas
+    if cpu_threads is not None and args.cpus_per_stage is None and not args.gpu:
+        pipelines = len(checkpoints) * max(1, most_replicas)
+        model["cpus_per_stage"] = threads_per_stage(cpu_threads, args.stages, pipelines)
     models = []
     for index, checkpoint in enumerate(checkpoints):
         entry = dict(model)
@@ -94,6 +103,27 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def local_cpu_threads(cores: int, torch_threads: int | None = None) -> int:
+    """Threads the models of a local CPU cluster share: torch's own default (the physical cores,
+    or OMP_NUM_THREADS), at most the cores this process may use, less one core for the router,
+    the HTTP front door and Ray when there are more than two. Under 64 streams those took about
+    half a core on 2 vCPUs, and a preempted OpenMP thread holds up all of its step's threads (as
+    vLLM's CPU backend reserves a core for its API server). On 2 cores the model keeps both: one
+    replica on 2 threads served as much as on 1 under load and 1.5x more to a single stream of
+    Pythia-160M (docs/serving.md)."""
+    if torch_threads is None:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, cores))
+    return threads - 1 if threads > 2 else threads
+
+
+def threads_per_stage(threads: int, stages: int, pipelines: int) -> int:
+    """`threads` split evenly over `pipelines` x `stages` stages, at least one each."""
+    return max(1, threads // (stages * pipelines))
+
+
 def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int | None:
     """Logical CPUs of a local Ray: `--num-cpus` if given; else Ray's own count of the cores (None),
     unless the app reserves more, e.g. `--replicas 2` of 1 CPU each plus the router's CPU on 2
@@ -110,8 +140,12 @@ def run_up(args: argparse.Namespace) -> int:
     Returns the process exit code."""
     from neo_serve.app import build_app  # imports Ray: keep `neo-serve --help` fast
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    cores = available_cores()
+    # A joined cluster's nodes are not this machine: there a stage keeps the app's 1 CPU.
+    cpu_threads = None if address else local_cpu_threads(cores)
     try:
-        app_args = parse_app_args(app_args_from_namespace(args))
+        app_args = parse_app_args(app_args_from_namespace(args, cpu_threads))
         app = build_app(app_args)
     except AppConfigError as exc:
         print(f"neo-serve up: {exc}", file=sys.stderr)
@@ -120,7 +154,6 @@ def run_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ingress = "the cluster's own"
         if args.ingress != "auto":
@@ -133,7 +166,6 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2
 
-    cores = available_cores()
     num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -147,6 +179,10 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
+        if not args.gpu:
+            per_stage = sorted({m.cpus_per_stage for m in app_args.models})
+            print(f"  threads      {', '.join(f'{c:g}' for c in per_stage)} per stage (torch threads; "
+                  "--cpus-per-stage)", flush=True)
         if num_cpus is not None and args.num_cpus is None:
             print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {cores} "
                   "cores; each stage runs cpus_per_stage threads)", flush=True)

@@ -57,11 +57,13 @@ class StepRunner(Protocol):
 
 
 def describe_stage(worker: StageWorker) -> dict[str, Any]:
-    """What a loaded stage runs, including what `auto` resolved to (e.g. the CPU KV dtype probe)."""
+    """What a loaded stage runs, including what `auto` resolved to (e.g. the CPU KV dtype probe)
+    and its torch threads (Ray sets OMP_NUM_THREADS from the stage's CPUs)."""
     spec, stage = worker.spec, worker.spec.stage
     return {"stage": stage.index, "layers": [stage.layer_start, stage.layer_end],
             "dtype": str(worker.dtype).removeprefix("torch."), "device": spec.device,
-            "kv_slots": spec.num_kv_slots, "kv_cache_dtype": str(worker.kv.tensor.dtype).removeprefix("torch.")}
+            "kv_slots": spec.num_kv_slots, "kv_cache_dtype": str(worker.kv.tensor.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads()}
 
 
 class UnloadedExecutor:
