@@ -45,8 +45,11 @@ def metrics_port():
 
 @pytest.fixture(scope="module")
 def base_url(metrics_port):
+    # OMP_NUM_THREADS=1 in every worker's environment, as some container images set it: Ray then
+    # leaves it alone, and a stage still runs as many torch threads as it has CPUs.
     with ray_serve_on_loopback(num_cpus=12, _metrics_export_port=metrics_port,
-                               _system_config={"metrics_report_interval_ms": 1000}) as url:
+                               _system_config={"metrics_report_interval_ms": 1000},
+                               runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}) as url:
         yield url
 
 
@@ -96,7 +99,8 @@ def test_health_and_models(client):
     stats = pipeline_stats()
     assert [s["layers"] for s in stats["stages"]] == [[0, 2], [2, 4]]
     assert [s["kv_cache_dtype"] for s in stats["stages"]] == ["float32", "float32"]  # a float32 model
-    # A stage's CPUs are its torch threads: in its stage actor, and in the replica itself with one stage.
+    # A stage's CPUs are its torch threads, whatever OMP_NUM_THREADS says: in its stage actor, and in
+    # the replica itself with one stage.
     assert [s["threads"] for s in stats["stages"]] == [1, 1]
     assert [s["threads"] for s in pipeline_stats("neo")["stages"]] == [2]
 

@@ -91,7 +91,8 @@ class ModelArgs(_Scaling):
         "auto", description="KV cache dtype; auto: the weights' on GPU; on CPU float32, or the weights' "
                            "half-precision dtype where a probe at load finds its attention kernels clearly faster.")
     use_gpu: bool = Field(False, description="Give every stage one GPU (bundles {'CPU': cpus_per_stage, 'GPU': 1}).")
-    cpus_per_stage: float = Field(1.0, gt=0, description="CPUs reserved per stage bundle.")
+    cpus_per_stage: float = Field(1.0, gt=0, description="CPUs reserved per stage bundle; on a CPU also the "
+                                                         "stage's torch threads (at least one).")
     kv_cache_tokens: int = Field(32768, ge=1, description="KV cache slots per stage (tokens of all running "
                                                           "sequences together).")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once per pipeline.")
@@ -165,6 +166,10 @@ class ModelArgs(_Scaling):
                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             max_model_len=self.max_model_len, attention_backend=self.attention_backend,
                             kv_cache_dtype=self.kv_cache_dtype, seed=self.seed)
+
+    def stage_threads(self) -> int | None:
+        """Torch threads of each CPU stage: its CPUs (at least one). None on GPUs: torch's default."""
+        return None if self.use_gpu else max(1, int(self.cpus_per_stage))
 
     def stage_resources(self) -> dict[str, float]:
         """What one stage worker reserves inside its bundle."""

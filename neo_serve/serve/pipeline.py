@@ -44,13 +44,14 @@ class PipelineServer:
         engine = LLMEngine(model.engine_config(), executor=UnloadedExecutor())  # config, tokenizer, scheduler
         runner: StepRunner
         if model.num_stages == 1:
-            runner = await LocalStepRunner.load(engine.stage_specs)
+            runner = await LocalStepRunner.load(engine.stage_specs, num_threads=model.stage_threads())
         else:
             context = serve.get_replica_context()
             resources = model.stage_resources()
             runner = await RayStageRunner.start(
                 engine.stage_specs, num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
-                name_prefix=stage_actor_prefix(context.app_name, context.deployment, context.replica_id.unique_id))
+                name_prefix=stage_actor_prefix(context.app_name, context.deployment, context.replica_id.unique_id),
+                num_threads=model.stage_threads())
         engine.executor = runner
         self.core = PipelineCore(engine, runner, metrics=PipelineMetrics(model.served_name, model.num_stages),
                                  step_timeout_s=model.step_timeout_s, recovery_timeout_s=model.recovery_timeout_s,

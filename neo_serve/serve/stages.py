@@ -56,9 +56,18 @@ class StepRunner(Protocol):
     def close(self) -> None: ...
 
 
+def set_stage_threads(num_threads: int | None) -> None:
+    """Run this thread's torch ops on `num_threads` threads; None leaves torch's default. Called
+    on the thread that will compute, before it loads the stage: Ray derives OMP_NUM_THREADS from
+    a worker's CPUs only where the environment does not set it already (some container images set
+    it to 1), so a stage's CPUs are its threads only if set here."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
 def describe_stage(worker: StageWorker) -> dict[str, Any]:
     """What a loaded stage runs, including what `auto` resolved to (e.g. the CPU KV dtype probe)
-    and its torch threads (Ray sets OMP_NUM_THREADS from the stage's CPUs)."""
+    and its torch threads (call it on the thread that runs the stage's steps)."""
     spec, stage = worker.spec, worker.spec.stage
     return {"stage": stage.index, "layers": [stage.layer_start, stage.layer_end],
             "dtype": str(worker.dtype).removeprefix("torch."), "device": spec.device,
@@ -78,15 +87,21 @@ class LocalStepRunner:
 
     depth = 1
 
-    def __init__(self, executor: LocalPipelineExecutor, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, executor: LocalPipelineExecutor, pool: ThreadPoolExecutor,
+                 infos: list[dict[str, Any]]) -> None:
         self.executor = executor
         self._pool = pool
+        self._infos = infos
 
     @classmethod
-    async def load(cls, specs: list[StageWorkerSpec]) -> "LocalStepRunner":
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neo-serve-step")
-        executor = await asyncio.get_running_loop().run_in_executor(pool, LocalPipelineExecutor, specs)
-        return cls(executor, pool)
+    async def load(cls, specs: list[StageWorkerSpec], *, num_threads: int | None = None) -> "LocalStepRunner":
+        """Load the stages on the step thread, which runs its torch ops on `num_threads` threads."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neo-serve-step",
+                                  initializer=set_stage_threads, initargs=(num_threads,))
+        loop = asyncio.get_running_loop()
+        executor = await loop.run_in_executor(pool, LocalPipelineExecutor, specs)
+        infos = await loop.run_in_executor(pool, lambda: [describe_stage(w) for w in executor.workers])
+        return cls(executor, pool, infos)
 
     def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, step, finish)
@@ -98,7 +113,7 @@ class LocalStepRunner:
         return self.executor.execute(step)
 
     def stage_info(self) -> list[dict[str, Any]]:
-        return [describe_stage(w) for w in self.executor.workers]
+        return list(self._infos)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -108,7 +123,8 @@ class LocalStepRunner:
 class StageActor:
     """One pipeline stage in its own placement-group bundle: its layers and their KV cache."""
 
-    def __init__(self, spec: StageWorkerSpec) -> None:
+    def __init__(self, spec: StageWorkerSpec, num_threads: int | None = None) -> None:
+        set_stage_threads(num_threads)  # a sync actor runs its constructor and calls on one thread
         self.worker = StageWorker(spec)
 
     def info(self) -> dict[str, Any]:
@@ -125,20 +141,23 @@ class RayStageRunner:
     """A chain of stage actors, one per bundle of the replica's placement group."""
 
     def __init__(self, specs: list[StageWorkerSpec], actors: list[Any], infos: list[dict[str, Any]], *,
-                 num_cpus: float, num_gpus: float, name_prefix: str | None) -> None:
+                 num_cpus: float, num_gpus: float, name_prefix: str | None, num_threads: int | None = None) -> None:
         self.specs = specs
         self.actors = actors
         self.depth = len(actors)
         self._infos = infos
         self._num_cpus, self._num_gpus, self._name_prefix = num_cpus, num_gpus, name_prefix
+        self._num_threads = num_threads
         self.generation = 0  # how many times stages were restarted (part of new actors' names)
 
     @classmethod
     async def start(cls, specs: list[StageWorkerSpec], *, num_cpus: float, num_gpus: float,
-                    name_prefix: str | None = None) -> "RayStageRunner":
+                    name_prefix: str | None = None, num_threads: int | None = None) -> "RayStageRunner":
         """Start one actor per stage in bundle `stage` of this replica's placement group (when it
-        runs in one: a Serve replica with `placement_group_bundles`) and wait until all loaded."""
-        runner = cls(specs, [], [], num_cpus=num_cpus, num_gpus=num_gpus, name_prefix=name_prefix)
+        runs in one: a Serve replica with `placement_group_bundles`), each running its torch ops
+        on `num_threads` threads, and wait until all loaded."""
+        runner = cls(specs, [], [], num_cpus=num_cpus, num_gpus=num_gpus, name_prefix=name_prefix,
+                     num_threads=num_threads)
         runner.actors = [runner._spawn(index) for index in range(len(specs))]
         runner.depth = len(specs)
         try:
@@ -157,7 +176,7 @@ class RayStageRunner:
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index)
-        return StageActor.options(**options).remote(self.specs[index])
+        return StageActor.options(**options).remote(self.specs[index], self._num_threads)
 
     async def restart_stages(self, *, all_stages: bool = False, probe_timeout_s: float = 5.0) -> list[int]:
         """Replace dead stage actors (or every one, e.g. after a hung step) in their own bundles,
