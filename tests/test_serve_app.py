@@ -45,12 +45,14 @@ def metrics_port():
 
 @pytest.fixture(scope="module")
 def base_url(metrics_port):
-    # OMP_NUM_THREADS=1 in every worker's environment, as some container images set it: Ray then
-    # leaves it alone, and a stage still runs as many torch threads as it has CPUs.
-    with ray_serve_on_loopback(num_cpus=12, _metrics_export_port=metrics_port,
-                               _system_config={"metrics_report_interval_ms": 1000},
-                               runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}) as url:
-        yield url
+    # OMP_NUM_THREADS=1 in the environment Ray's processes inherit, as some container images set
+    # it: Ray then leaves it alone, and a stage still runs as many torch threads as it has CPUs.
+    # (Not a runtime_env: workers with one cannot come from Ray's prestarted pool.)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        with ray_serve_on_loopback(num_cpus=12, _metrics_export_port=metrics_port,
+                                   _system_config={"metrics_report_interval_ms": 1000}) as url:
+            yield url
 
 
 @pytest.fixture(scope="module")
