@@ -179,10 +179,10 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
-        if not args.gpu:
-            per_stage = sorted({m.cpus_per_stage for m in app_args.models})
-            print(f"  threads      {', '.join(f'{c:g}' for c in per_stage)} per stage (torch threads; "
-                  "--cpus-per-stage)", flush=True)
+        per_stage = sorted({t for m in app_args.models if (t := m.stage_threads()) is not None})
+        if per_stage:  # CPU stages: the torch threads each one sets (GPU stages keep torch's default)
+            print(f"  threads      {', '.join(map(str, per_stage))} per stage (torch threads; --cpus-per-stage)",
+                  flush=True)
         if num_cpus is not None and args.num_cpus is None:
             print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {cores} "
                   "cores; each stage runs cpus_per_stage threads)", flush=True)
