@@ -101,6 +101,23 @@ def test_stop_strings_are_cut_and_reported(llm):
     assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def test_streamed_text_never_shows_what_a_long_stop_string_takes_back(llm):
+    # Streams build their text from what each step shows, and never take a piece back, so every
+    # step's text must be a prefix of the final one, also while the text is still shorter than
+    # the longest stop string.
+    text, _ = text_and_ids(llm, PROMPT, max_tokens=40, temperature=0.0, ignore_eos=True)
+    stop = text[2:26]
+    assert len(stop) == 24 and text.find(stop) == 2
+    engine = llm.engine
+    request = engine.add_request(PROMPT, SamplingParams(max_tokens=40, temperature=0.0, stop=[stop],
+                                                        ignore_eos=True))
+    shown = []
+    while not request.finished:
+        shown += [out.outputs[0].text for out in engine.step() if out.request_id == request.request_id]
+    assert shown[-1] == text[:2] and len(shown) > 3
+    assert all(text[:2].startswith(piece) for piece in shown), shown
+
+
 def test_stop_token_ids_and_eos(llm):
     _, ids = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
     stop_token = ids[5]

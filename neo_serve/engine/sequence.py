@@ -69,7 +69,9 @@ class Sequence:
         if self.finished:
             return self.output_text
         hold = self.request.stop_holdback
-        return self.output_text[:len(self.output_text) - hold] if hold else self.output_text
+        # max(0, ...): a text shorter than the hold shows nothing yet (a negative end would count
+        # from the end and show text a stop string may still take back).
+        return self.output_text[:max(0, len(self.output_text) - hold)] if hold else self.output_text
 
     def to_output(self) -> CompletionOutput:
         wants_logprobs = self.request.params.logprobs is not None
