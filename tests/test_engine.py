@@ -155,6 +155,30 @@ def test_recompute_all_after_a_lost_cache_gives_the_same_tokens(llm):
     assert [finished["r0"], finished["r1"]] == expected
 
 
+def test_a_prompt_recomputed_halfway_is_scored_once(neox_checkpoint):
+    """Preemption or a stage restart recomputes a prompt from its first token, also one whose
+    prefill was cut into chunks and stopped halfway; its prompt logprobs (lm-evaluation-harness's
+    scores) must still be one entry per prompt token."""
+    llm = LLM(str(neox_checkpoint), dtype="float32", max_model_len=128, kv_cache_tokens=1024,
+              max_num_batched_tokens=16)
+    prompt = list(range(3, 60))
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0]
+    engine = llm.engine
+    request = engine.add_request(prompt, params, request_id="scored")
+    engine.step()
+    engine.step()  # two 16-token chunks of the 57-token prompt are scored
+    assert len(request.prompt_logprobs) == 33
+    assert engine.recompute_all() == 1
+    while not request.finished:
+        engine.step()
+    got = request.to_output()
+    assert len(got.prompt_logprobs) == len(prompt) and got.prompt_logprobs[0] is None
+    for entry, reference, token in zip(got.prompt_logprobs[1:], expected.prompt_logprobs[1:], prompt[1:]):
+        assert entry[token] == pytest.approx(reference[token], abs=1e-5)
+    assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+
+
 def test_a_step_pickles_as_plain_lists_and_round_trips(llm):
     """A 2-stage replica pickles each micro-batch once per stage call on its event loop: the
     step must arrive whole, without torch's tensor serializer on that path."""

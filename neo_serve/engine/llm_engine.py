@@ -39,7 +39,8 @@ class PreparedStep:
     batch: ScheduledBatch
     step_input: StepInput
     sample_rows: list[int]  # per chunk: logits row of its sampled token, or -1
-    prompt_rows: list[tuple[int, int]]  # per chunk: (first logits row, count) of prompt logprobs
+    # per chunk: (first logits row, count, first position) of its prompt logprobs
+    prompt_rows: list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class LLMEngine:
         slices: list[SequenceSlice] = []
         logits_indices: list[int] = []
         sample_rows: list[int] = []
-        prompt_rows: list[tuple[int, int]] = []
+        prompt_rows: list[tuple[int, int, int]] = []
         now = time.monotonic()
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -186,12 +187,15 @@ class LLMEngine:
             input_ids.extend([seq.token_at(chunk.start)] if chunk.length == 1 else seq.tokens(chunk.start, chunk.end))
             slices.append(SequenceSlice(query_start, chunk.length, chunk.start,
                                         seq.extent.start * self.allocator.block_size))
-            # Prompt logprobs: the logits at position p score prompt token p + 1.
+            # Prompt logprobs: the logits at position p score prompt token p + 1. A prompt
+            # recomputed after preemption scores only the tokens it has not scored yet.
             first_row = len(logits_indices)
+            first_scored = chunk.start
             if seq.index == 0 and seq.request.needs_prompt_logprobs:
+                first_scored = max(chunk.start, len(seq.request.prompt_logprobs) - 1)
                 scored_end = min(chunk.end, len(seq.prompt_ids) - 1)
-                logits_indices.extend(query_start + p - chunk.start for p in range(chunk.start, scored_end))
-            prompt_rows.append((first_row, len(logits_indices) - first_row))
+                logits_indices.extend(query_start + p - chunk.start for p in range(first_scored, scored_end))
+            prompt_rows.append((first_row, len(logits_indices) - first_row, first_scored))
             if chunk.samples and seq.request.max_tokens > 0:
                 sample_rows.append(len(logits_indices))
                 logits_indices.append(query_start + chunk.length - 1)
@@ -225,13 +229,13 @@ class LLMEngine:
         prompt_logprobs: list[list[LogprobDict] | None] = [None] * len(chunks)
         samples: list[Sample | None] = [None] * len(chunks)
         to_sample: list[tuple[int, Sequence, int]] = []
-        for index, (chunk, sample_row, (first_row, count)) in enumerate(
+        for index, (chunk, sample_row, (first_row, count, first_scored)) in enumerate(
                 zip(chunks, prepared.sample_rows, prepared.prompt_rows)):
             if not live[index]:
                 continue  # aborted or preempted while the step ran: its generator stays untouched
             if count:
                 prompt_logprobs[index] = self._prompt_logprobs(
-                    chunk.seq.request, logits[first_row:first_row + count], chunk.start)
+                    chunk.seq.request, logits[first_row:first_row + count], first_scored)
             if sample_row >= 0:
                 to_sample.append((index, chunk.seq, sample_row))
         if to_sample and prepared.step_input.argmax_only:
