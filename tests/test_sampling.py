@@ -82,6 +82,14 @@ def test_sample_picks_the_first_best_token_and_leaves_the_logits_alone():
     assert torch.equal(logits, before)
 
 
+def test_a_vanishing_temperature_is_greedy():
+    # logits / 1e-40 overflow float32 to inf, and a softmax over inf is NaN: such a row must
+    # still get the most likely token, as temperature 0 gives.
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0]])
+    row = SamplingRow(SamplingParams(temperature=1e-40, seed=0), [0], [], torch.Generator().manual_seed(0))
+    assert [s.token_id for s in sample(logits, [row], torch.Generator().manual_seed(0))] == [1]
+
+
 def test_repetition_penalty_stops_repeats(llm):
     prompt = llm.tokenizer.encode("a a a a a a a a")
     _, plain = text_and_ids(llm, prompt, max_tokens=24, temperature=0.0, ignore_eos=True)

@@ -8,13 +8,16 @@ from neo_serve.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily, as in vLLM: dividing float32 logits by a far smaller
+# temperature overflows to inf, and the softmax of inf is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(kw_only=True)
 class SamplingParams:
     """How to generate for one request.
 
-    temperature 0 is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N` returns, for each
+    temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N` returns, for each
     generated token, its log-probability and the N most likely alternatives; `prompt_logprobs=N`
     the same for each prompt token (given the tokens before it). Log-probabilities are those of
     the model's distribution, before temperature, penalties or truncation.
@@ -71,7 +74,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def argmax_only(self) -> bool:

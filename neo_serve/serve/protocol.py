@@ -68,7 +68,7 @@ class CompletionRequest(BaseModel):
         ..., description="A string, a list of strings, a list of token ids or a list of token id lists.")
     max_tokens: int | None = Field(16, ge=0, le=MAX_INT32, description="Tokens to generate per choice; null: up to the "
                                                          "context window.")
-    temperature: float = Field(1.0, ge=0.0, description="0 is greedy.")
+    temperature: float = Field(1.0, ge=0.0, description="0 (or below 1e-5) is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: keep the k most likely tokens (0/-1: off).")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
