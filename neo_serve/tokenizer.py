@@ -18,8 +18,10 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer) -> None:
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.special_ids = frozenset(
-            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
+        added = backend.get_added_tokens_decoder()
+        self.special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
+        self._added_ids = frozenset(added)
+        self._byte_alphabet = _BYTE_LEVEL_ALPHABET if isinstance(backend.decoder, decoders.ByteLevel) else None
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
@@ -40,6 +42,37 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a byte-level BPE token stands for (a multi-byte character may be split over
+        several tokens); None for added tokens and for vocabularies that are not byte-level."""
+        if self._byte_alphabet is None or token_id in self._added_ids:
+            return None
+        piece = self.backend.id_to_token(token_id)
+        try:
+            return bytes(self._byte_alphabet[char] for char in piece) if piece is not None else None
+        except KeyError:  # not a byte-level piece after all
+            return None
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE (GPT-NeoX's and GPT-Neo's) writes every byte as a printable
+    character: printable Latin-1 bytes as themselves, the other 68 as U+0100 onwards, in byte
+    order. Character -> byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet: dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + shifted)] = byte
+            shifted += 1
+    return alphabet
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
 def _special_tokens(directory: Path) -> list[str]:

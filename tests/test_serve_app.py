@@ -8,6 +8,7 @@ compared token for token with the offline engine (`neo_serve.LLM`) on the same c
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 
 import httpx
@@ -231,6 +232,25 @@ def test_prompt_logprobs_for_lm_eval(client, offline):
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
 
 
+def test_logprobs_of_characters_split_over_tokens(client):
+    """Byte-level BPE splits ü, ß, ï, é and 🙂 over several tokens. Each piece shows its bytes
+    (OpenAI's `bytes:` form, so different pieces stay apart among the alternatives), and text
+    offsets count the whole characters before a token, as they stand in the text."""
+    prompt = PROMPTS[3]
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": prompt, "max_tokens": 0,
+                                                "logprobs": 5, "echo": True}).json()
+    choice = body["choices"][0]
+    logprobs, text = choice["logprobs"], choice["text"]
+    assert text == prompt
+    pieces = [codecs.escape_decode(token[len("bytes:"):])[0] if token.startswith("bytes:")
+              else token.encode() for token in logprobs["tokens"]]
+    assert any(token.startswith("bytes:") for token in logprobs["tokens"])
+    assert b"".join(pieces).decode() == prompt
+    expected_offsets = [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(pieces))]
+    assert logprobs["text_offset"] == expected_offsets
+    assert all(len(top) >= 5 for top in logprobs["top_logprobs"][1:])
+
+
 def test_generated_logprobs(client, offline):
     [out] = offline["neox"].generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, logprobs=3))
     choice = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[0], "max_tokens": 8,
@@ -240,11 +260,17 @@ def test_generated_logprobs(client, offline):
     assert len(got["tokens"]) == 8
     assert got["token_logprobs"] == pytest.approx(
         [entry[token] for entry, token in zip(completion.logprobs, completion.token_ids)], abs=1e-5)
-    decode = offline["neox"].tokenizer.decode
+    tokenizer = offline["neox"].tokenizer
+
+    def shown(token: int) -> str:  # a piece of a character as its bytes, as OpenAI shows it
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        raw = tokenizer.token_bytes(token)
+        if "\ufffd" not in text or raw is None:
+            return text
+        return "bytes:" + "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in raw)
+
     for top, entry in zip(got["top_logprobs"], completion.logprobs):
-        expected: dict[str, float] = {}
-        for token, logprob in sorted(entry.items(), key=lambda kv: -kv[1]):
-            expected.setdefault(decode([token], skip_special_tokens=False), logprob)
+        expected = {shown(token): logprob for token, logprob in entry.items()}
         assert top == pytest.approx(expected, abs=1e-5)
         assert len(entry) in (3, 4)  # the top 3, plus the chosen token when it is not among them
 

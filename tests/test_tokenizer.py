@@ -39,3 +39,15 @@ def test_incremental_detokenizer_never_emits_broken_characters(neox_checkpoint):
     deltas.append(detok.flush())
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == text
+
+
+@pytest.mark.parametrize("checkpoint", ["neox_checkpoint", "neo_checkpoint"])
+def test_token_bytes_are_the_texts_utf8_bytes(checkpoint, request):
+    """Logprobs show a piece of a split character by its bytes: the pieces' bytes must add up
+    to the text's UTF-8, whole characters and split ones alike."""
+    tokenizer = Tokenizer.from_dir(request.getfixturevalue(checkpoint))
+    for text in TEXTS:
+        text = text.replace("<|endoftext|>", "")
+        ids = tokenizer.encode(text)
+        assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8"), text
+    assert tokenizer.token_bytes(tokenizer.encode("<|endoftext|>")[0]) is None  # an added token

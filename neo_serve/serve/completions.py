@@ -103,7 +103,7 @@ def _logprobs_delta(entries: list[TokenLogprob], offset: int) -> tuple[Completio
         out.token_logprobs.append(entry.logprob)
         out.top_logprobs.append(entry.top)
         out.text_offset.append(offset)
-        offset += len(entry.token)
+        offset += entry.text_len
     return out, offset
 
 

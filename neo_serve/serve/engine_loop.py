@@ -73,8 +73,7 @@ class PipelineCore:
         self.stream_interval_s = stream_interval_s
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self.num_recoveries = 0
-        self.decode_token = TokenDecoder(
-            lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
+        self.decode_token = TokenDecoder(engine.tokenizer)
         self.num_steps = 0
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
         self.failure: BaseException | None = None

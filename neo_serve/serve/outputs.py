@@ -8,8 +8,9 @@ checkpoint's tokenizer).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import codecs
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from neo_serve.engine.outputs import LogprobDict, RequestOutput
 
@@ -18,12 +19,17 @@ from neo_serve.engine.outputs import LogprobDict, RequestOutput
 class TokenLogprob:
     """One position: the token, its log-probability and the top alternatives (token text -> logprob).
 
-    `logprob` and `top` are None for the first prompt token, which has no context."""
+    `logprob` and `top` are None for the first prompt token, which has no context. A token that
+    holds only part of a character's UTF-8 bytes shows as `bytes:\\xe4\\xb8` (OpenAI's form), so
+    such tokens stay apart as keys of `top`."""
 
     token_id: int
     token: str
     logprob: float | None
     top: dict[str, float] | None
+    # Characters of the text this token completes: 0 for the leading bytes of a character split
+    # over tokens, 1 for the token that ends it. Text offsets add these up.
+    text_len: int
 
 
 @dataclass
@@ -54,9 +60,13 @@ class GenerationChunk:
 class DeltaTracker:
     """Remembers what a request's stream has sent and makes the next delta."""
 
-    def __init__(self, request_id: str, decode_token: Callable[[int], str]) -> None:
+    PROMPT = -1  # `_utf8` key of the prompt's tokens; the sequences use their index
+
+    def __init__(self, request_id: str, decode_token: "TokenDecoder") -> None:
         self.request_id = request_id
         self._decode = decode_token
+        # Per stream of tokens (prompt, each sequence): UTF-8 bytes of a character not yet whole.
+        self._utf8: dict[int, codecs.IncrementalDecoder] = {}
         self._text_len: dict[int, int] = {}
         self._num_tokens: dict[int, int] = {}
         self._finished: set[int] = set()
@@ -71,7 +81,7 @@ class DeltaTracker:
         if output.prompt_logprobs is not None and len(output.prompt_logprobs) > self._prompt_logprobs_sent:
             start = self._prompt_logprobs_sent
             chunk.prompt_logprobs = [
-                self._token_logprob(output.prompt_token_ids[p], entry)
+                self._token_logprob(self.PROMPT, output.prompt_token_ids[p], entry)
                 for p, entry in enumerate(output.prompt_logprobs[start:], start)
             ]
             self._prompt_logprobs_sent = len(output.prompt_logprobs)
@@ -83,7 +93,7 @@ class DeltaTracker:
                 continue
             delta = SequenceDelta(seq.index, text=seq.text[text_sent:], token_ids=seq.token_ids[tokens_sent:])
             if seq.logprobs is not None:
-                delta.logprobs = [self._token_logprob(token, entry)
+                delta.logprobs = [self._token_logprob(seq.index, token, entry)
                                   for token, entry in zip(delta.token_ids, seq.logprobs[tokens_sent:])]
             if finishing:
                 delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
@@ -95,28 +105,80 @@ class DeltaTracker:
             return None
         return chunk
 
-    def _token_logprob(self, token_id: int, entry: LogprobDict | None) -> TokenLogprob:
+    def _token_logprob(self, stream: int, token_id: int, entry: LogprobDict | None) -> TokenLogprob:
+        text_len = self._chars_completed(stream, token_id)
         if entry is None:
-            return TokenLogprob(token_id, self._decode(token_id), None, None)
+            return TokenLogprob(token_id, self._decode(token_id), None, None, text_len)
         # The engine's dict holds the chosen token and the top alternatives, by token id.
         top: dict[str, float] = {}
         for t, lp in sorted(entry.items(), key=lambda kv: -kv[1]):
             top.setdefault(self._decode(t), lp)  # ids decoding to the same text: keep the likeliest
-        return TokenLogprob(token_id, self._decode(token_id), entry.get(token_id), top)
+        return TokenLogprob(token_id, self._decode(token_id), entry.get(token_id), top, text_len)
+
+    def _chars_completed(self, stream: int, token_id: int) -> int:
+        """How many characters of its stream's text `token_id` completes, given the tokens before
+        it (the bytes of a character split over tokens count once, at the token that ends it)."""
+        utf8 = self._utf8.get(stream)
+        if utf8 is None:
+            utf8 = self._utf8[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+        raw = self._decode.token_bytes(token_id)
+        if raw is not None:
+            return len(utf8.decode(raw))
+        # An added token (e.g. <|endoftext|>): bytes left over decode on their own, as U+FFFD.
+        left_over = len(utf8.decode(b"", final=True))
+        utf8.reset()
+        return left_over + len(self._decode.decoded(token_id))
+
+
+class TokenSource(Protocol):
+    """What `TokenDecoder` needs of a tokenizer (neo_serve.tokenizer.Tokenizer)."""
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class _TokenText:
+    shown: str  # what logprobs show
+    decoded: str  # the token decoded alone (special tokens kept)
+    raw: bytes | None  # its bytes, for a byte-level BPE token
 
 
 class TokenDecoder:
-    """Token id -> its text (special tokens kept), cached: logprobs decode the same ids often."""
+    """Token id -> its text in logprobs (special tokens kept), cached: logprobs decode the same
+    ids often. A token whose bytes are not whole UTF-8 characters (byte-level BPE splits
+    multi-byte characters) shows as `bytes:` and its bytes, printable ASCII as itself and the
+    others escaped (`bytes: \\xe2\\x80`), as OpenAI's API shows them:
+    decoded alone each would be U+FFFD, and different tokens would look the same."""
 
-    def __init__(self, decode: Callable[[list[int]], str], max_entries: int = 65536) -> None:
-        self._decode = decode
-        self._cache: dict[int, str] = {}
+    def __init__(self, tokenizer: TokenSource, max_entries: int = 65536) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, _TokenText] = {}
         self._max = max_entries
 
     def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._decode([token_id])
+        return self._lookup(token_id).shown
+
+    def decoded(self, token_id: int) -> str:
+        return self._lookup(token_id).decoded
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return self._lookup(token_id).raw
+
+    def _lookup(self, token_id: int) -> _TokenText:
+        entry = self._cache.get(token_id)
+        if entry is None:
+            decoded = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = self._tokenizer.token_bytes(token_id)
+            shown = decoded
+            if raw is not None and "\ufffd" in decoded:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    shown = "bytes:" + "".join(
+                        chr(byte) if 0x20 <= byte < 0x7f and byte != 0x5c else f"\\x{byte:02x}" for byte in raw)
+            entry = _TokenText(shown, decoded, raw)
             if len(self._cache) < self._max:
-                self._cache[token_id] = text
-        return text
+                self._cache[token_id] = entry
+        return entry
