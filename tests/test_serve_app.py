@@ -160,9 +160,12 @@ def test_sampling_with_seed_matches_offline(client, offline):
 def test_stop_strings(client, offline):
     [[(full, _)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0)
     stop = full[5:8]
-    [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0, stop=[stop])
+    # Five, as lm-evaluation-harness sends for a task with four: it adds the EOS text.
+    stops = ["\n\nQuestion:", "never-there", "</s>", stop, "<|endoftext|>"]
+    [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0, stop=stops)
+    assert text == full[:full.find(stop)]
     for stream in (False, True):
-        request = {"model": "neox", "prompt": PROMPTS[2], "max_tokens": 32, "temperature": 0, "stop": stop,
+        request = {"model": "neox", "prompt": PROMPTS[2], "max_tokens": 32, "temperature": 0, "stop": stops,
                    "stream": stream}
         if stream:
             with client.stream("POST", "/v1/completions", json=request) as response:

@@ -17,6 +17,10 @@ from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
 
 MAX_INT32 = 2**31 - 1  # bound of integer counts: larger values are certainly mistakes
+# OpenAI takes at most 4 stop strings, vLLM any number; lm-evaluation-harness adds the EOS text to
+# a task's own (often 4), so a cap of 4 would refuse its requests. Each string is searched for
+# after every token, hence a bound.
+MAX_STOP_STRINGS = 64
 
 
 def is_encodable(text: str) -> bool:
@@ -127,8 +131,8 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(value)}")
         return value
 
     def prompts(self) -> list[Prompt]:
