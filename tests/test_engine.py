@@ -145,7 +145,9 @@ def test_recompute_all_after_a_lost_cache_gives_the_same_tokens(llm):
         engine.step()
     worker = engine.executor.workers[0]
     worker.kv.tensor.normal_()  # the cache is garbage now, as after a stage restart
+    preemptions = engine.scheduler.num_preemptions
     assert engine.recompute_all() == 2
+    assert engine.scheduler.num_preemptions == preemptions  # not for want of KV: not a preemption
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
     finished = {}
     while engine.has_unfinished_requests():

@@ -19,9 +19,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = ["def hello_world():", "import os\nimport sys\n", "class Stack:", "for i in range(10):"]
 
 
-async def start_core(checkpoint, **core_options) -> PipelineCore:
-    engine = LLMEngine(EngineConfig(model=str(checkpoint), device="cpu", kv_cache_tokens=4096),
-                       executor=UnloadedExecutor())
+async def start_core(checkpoint, engine_options=None, **core_options) -> PipelineCore:
+    options = {"kv_cache_tokens": 4096, **(engine_options or {})}
+    engine = LLMEngine(EngineConfig(model=str(checkpoint), device="cpu", **options), executor=UnloadedExecutor())
     runner = await LocalStepRunner.load(engine.stage_specs)
     engine.executor = runner
     core = PipelineCore(engine, runner, **core_options)
@@ -113,3 +113,57 @@ def test_a_finished_request_is_not_held_back_by_the_chunk_budget(neox_checkpoint
     assert elapsed < 6.0, f"the last chunks waited for the streams' 8 s pause ({elapsed:.1f} s)"
     stats = seen["core"].stats()
     assert stats["streams"] == 0 and stats["requests"] == 0
+
+
+def test_a_sequence_that_evicts_itself_is_readmitted(neox_checkpoint):
+    # A 128-token cache (8 blocks of 16). B takes block 0 and finishes after 8 tokens; A, admitted
+    # meanwhile, takes the blocks after it and grows in place up to the arena's end. A's last block then fits neither in place
+    # nor anywhere else, so A evicts itself, leaving the cache empty. Nothing is in flight and no
+    # request arrives: the loop must still admit A again, not wait for a wake-up that never comes.
+    params_a = SamplingParams(max_tokens=118, temperature=0.0, ignore_eos=True)
+    params_b = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt_a = list(range(5, 15))
+    expected = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate([prompt_a], params_a)
+
+    async def main():
+        core = await start_core(neox_checkpoint, {"kv_cache_tokens": 128, "max_model_len": 128})
+        try:
+            short = asyncio.ensure_future(collect(core, [3, 4, 5, 6], params_b, "b"))
+            await asyncio.sleep(0)
+            chunks = await asyncio.wait_for(collect(core, prompt_a, params_a, "a"), timeout=120)
+            await short
+            return chunks, core.engine.scheduler.num_preemptions
+        finally:
+            core.close()
+            core.runner.close()
+
+    chunks, preemptions = asyncio.run(main())
+    assert preemptions >= 1  # the eviction happened
+    assert token_ids(chunks) == expected[0].outputs[0].token_ids
+
+
+def test_a_request_that_ends_while_its_consumer_is_away_is_not_paused(neox_checkpoint, offline_tokens):
+    # Serve pulls a stream's next chunk when its previous one went out; if the request finishes
+    # meanwhile (no pause in progress to cut short), the stream must not then start an 8 s pause
+    # (4 streams at 0.5 chunks/s) with its last chunk already queued.
+    async def slow_consumer(core, prompt, request_id):
+        chunks, stream = [], core.generate(prompt, GREEDY, request_id)
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 2:  # the first token: away while the tiny model finishes
+                await asyncio.sleep(2.0)
+        return chunks
+
+    async def main():
+        core = await start_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.5)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(*(slow_consumer(core, p, f"r{i}") for i, p in enumerate(PROMPTS)))
+            return results, time.monotonic() - started
+        finally:
+            core.close()
+            core.runner.close()
+
+    results, elapsed = asyncio.run(main())
+    assert [token_ids(chunks) for chunks in results] == offline_tokens
+    assert elapsed < 6.0, f"a stream paused with its last chunk queued ({elapsed:.1f} s)"

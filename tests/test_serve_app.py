@@ -471,6 +471,18 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     assert total("ray_neo_serve_prompt_tokens") >= 1
     assert total("ray_neo_serve_inter_token_latency_seconds_count") >= 1
 
+    # Idle now: the load gauges fall back to nothing, whatever the last step reported.
+    def idle():
+        text = scrape()
+        if text is None:
+            return None
+        load = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.split("{", 1)[0] in ("ray_neo_serve_num_running_seqs", "ray_neo_serve_kv_cache_usage")
+                and 'model="neox"' in line]
+        return load if load and not any(load) else None
+
+    wait_until(idle, timeout=30, interval=1, what="idle neox gauges at 0")
+
 
 # ---- deployment config ---------------------------------------------------------------------------
 def test_autoscaling_config_reaches_serve(app, checkpoints):

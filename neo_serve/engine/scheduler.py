@@ -104,8 +104,11 @@ class Scheduler:
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed, length))
             scheduled.add(seq)
             budget -= length
-        if batch.preempted:
+        if batch.preempted and (batch.chunks or busy):
             return batch  # the cache is full: admit nobody new this step
+        # Otherwise the preempted sequences were all there was (one that evicted itself for want
+        # of a contiguous extent leaves the cache empty): admit them again now, since a caller
+        # that sees an empty batch with nothing in flight has no reason to schedule again.
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(batch.chunks) < seq_budget):
             seq = self.waiting[0]
@@ -159,7 +162,7 @@ class Scheduler:
         victims = list(self.running)
         batch = ScheduledBatch()
         for seq in reversed(victims):  # latest first, so the earliest ends up first in line
-            self._preempt(seq, batch)
+            self._preempt(seq, batch, for_space=False)
         return len(victims)
 
     def _pick_victim(self, protected: set[Sequence] | frozenset[Sequence]) -> Sequence:
@@ -168,14 +171,17 @@ class Scheduler:
                 return candidate
         raise RuntimeError("KV cache cannot hold a single sequence")  # prevented by engine checks
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch, *, for_space: bool = True) -> None:
+        """Free seq's KV and queue it for recompute. `for_space`: the cache was full, which is
+        what the preemption counts (a stage restart's recompute is not one)."""
         self.running.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         # Keep arrival order among the waiting: preempted sequences arrived before any waiting one.
         self.waiting.appendleft(seq)
-        seq.request.metrics.num_preemptions += 1
-        self.num_preemptions += 1
+        if for_space:
+            seq.request.metrics.num_preemptions += 1
+            self.num_preemptions += 1
         batch.preempted.append(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -80,6 +80,9 @@ class PipelineCore:
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         # Streams pausing between chunks (see `_hold`), woken early when their request ends.
         self._holding: dict[str, asyncio.Future[None]] = {}
+        # Streams whose request ended while they were not pausing (e.g. between yields): their
+        # next pause must not start, the final chunk is already queued.
+        self._ended: set[str] = set()
         self._inflight: deque[tuple[PreparedStep, asyncio.Future[SampledStep]]] = deque()
         self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
@@ -120,7 +123,7 @@ class PipelineCore:
             while True:
                 if last_token_chunk is not None:
                     pause = last_token_chunk + self.stream_interval() - time.monotonic()
-                    if pause > 0:
+                    if pause > 0 and request_id not in self._ended:
                         await self._hold(request_id, pause)
                 item = await queue.get()
                 while not queue.empty() and not isinstance(item, BaseException):
@@ -137,6 +140,7 @@ class PipelineCore:
         finally:
             # Reached on completion, on error and on cancellation (CancelledError / GeneratorExit).
             self._streams.pop(request_id, None)
+            self._ended.discard(request_id)
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
@@ -160,6 +164,8 @@ class PipelineCore:
         waiter = self._holding.get(request_id)
         if waiter is not None:
             _wake_up(waiter)
+        elif request_id in self._streams:
+            self._ended.add(request_id)
 
     def stream_interval(self) -> float:
         """Least time between two chunks of a stream, at the current number of streams."""
@@ -195,6 +201,10 @@ class PipelineCore:
                 self._wake.clear()
                 self._fill()
                 if not self._inflight:
+                    # Gauges go out at most every half second while steps run; the last step
+                    # before going idle (or the cancellations that emptied the pipe) may have
+                    # been skipped, and an idle replica would keep reporting its last load.
+                    self._record_gauges()
                     await self._wake.wait()
                     continue
                 oldest = self._inflight[0][1]
@@ -290,10 +300,15 @@ class PipelineCore:
         if self.metrics is not None:
             generated = sum(1 for live, sample in zip(sampled.live, sampled.samples)
                             if live and sample is not None)
+            self._record_gauges(generated=generated, force=False)
+        return None
+
+    def _record_gauges(self, *, generated: int = 0, force: bool = True) -> None:
+        if self.metrics is not None:
             self.metrics.record_step(running=self.engine.num_running(), waiting=self.engine.num_waiting(),
                                      kv_usage=self.engine.kv_cache_usage(),
-                                     preemptions=self.engine.scheduler.num_preemptions, generated=generated)
-        return None
+                                     preemptions=self.engine.scheduler.num_preemptions, generated=generated,
+                                     force=force)
 
     def _fail_requests(self, request_ids: set[str], error: BaseException) -> None:
         for request_id in request_ids:
