@@ -48,6 +48,11 @@ class PipelinePlan:
     stages: list[StagePlan]
     gpu_memory_bytes: int
     usable_bytes: int  # per GPU, after the utilisation cap and the activation reserve
+    context_tokens: int  # the model's context window: the engine needs KV room for one
+
+    @property
+    def weights_fit(self) -> bool:
+        return all(stage.fits for stage in self.stages)
 
     @property
     def kv_tokens(self) -> int:
@@ -56,7 +61,9 @@ class PipelinePlan:
 
     @property
     def fits(self) -> bool:
-        return all(stage.fits for stage in self.stages)
+        """The engine starts: every stage's weights fit, and beside them KV for one full context
+        (it refuses a kv_cache_tokens below max_model_len)."""
+        return self.weights_fit and self.kv_tokens >= self.context_tokens
 
 
 def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int, dtype: str = "float16",
@@ -73,7 +80,7 @@ def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int
         per_token = KVArena.bytes_per_token(spec.num_layers, config.num_heads, config.head_dim, torch_dtype)
         kv_tokens = max(0, (usable - weights) // per_token)
         stages.append(StagePlan(spec.index, spec.layer_start, spec.layer_end, weights, per_token, kv_tokens))
-    return PipelinePlan(stages, total, usable)
+    return PipelinePlan(stages, total, usable, config.max_position_embeddings)
 
 
 def format_plan(plan: PipelinePlan, name: str) -> str:
@@ -87,6 +94,12 @@ def format_plan(plan: PipelinePlan, name: str) -> str:
                      f"{stage.kv_tokens:>10}")
     if plan.fits:
         lines.append(f"pipeline KV capacity: {plan.kv_tokens} tokens (set kv_cache_tokens <= this)")
+    elif plan.weights_fit:
+        # Whole KV blocks: 256 tokens with flash-attn, 16 without; 256 suits both.
+        shorter = plan.kv_tokens // 256 * 256
+        lines.append(f"DOES NOT FIT: room for {plan.kv_tokens} KV tokens, less than one full context of "
+                     f"{plan.context_tokens} (kv_cache_tokens must be >= max_model_len); use more stages or "
+                     f"bigger GPUs" + (f", or serve a shorter context: max_model_len <= {shorter}" if shorter else ""))
     else:
         lines.append("DOES NOT FIT: a stage's weights exceed its GPU; use more stages or bigger GPUs")
     return "\n".join(lines)

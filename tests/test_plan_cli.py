@@ -27,6 +27,13 @@ def test_plan_gpt_neox_20b_on_gpus(reference_dir, capsys):
     assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "1",
                  "--gpu-memory", "24GiB"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+    # The weights fit two 23 GiB GPUs, but beside them not one 2048-token context: the engine
+    # would refuse such a kv_cache_tokens, so the plan must not say it fits.
+    tight = plan_pipeline(config, num_stages=2, gpu_memory="23GiB", dtype="float16")
+    assert tight.weights_fit and 0 < tight.kv_tokens < 2048 and not tight.fits
+    assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "2",
+                 "--gpu-memory", "23GiB"]) == 1
+    assert f"max_model_len <= {tight.kv_tokens // 256 * 256}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512Mi", 512 * 2**20), (7, 7)])
