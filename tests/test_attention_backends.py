@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 import flash_attn_standin
 from neo_serve import LLM, SamplingParams
@@ -45,3 +46,14 @@ def test_backends_agree(checkpoint, request, flash_standin):
 def test_auto_backend_is_sdpa_without_cuda(neox_checkpoint, flash_standin):
     llm = LLM(str(neox_checkpoint))
     assert llm.engine.executor.workers[0].backend.name == "sdpa"
+
+
+@pytest.mark.parametrize("capability, usable", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)],
+                         ids=["V100", "T4", "A100", "H100"])
+def test_flash_attn_only_on_gpus_that_run_it(flash_standin, monkeypatch, capability, usable):
+    # No GPU here: the CUDA queries answer as a GPU of that generation would.
+    from neo_serve.models.attention import flash_attn_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert flash_attn_available() is usable

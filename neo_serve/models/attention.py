@@ -238,8 +238,16 @@ class FlashAttentionBackend:
         out[index] = result.reshape(-1, heads, dim)
 
 
+# FlashAttention-2 runs on Ampere or newer GPUs (A100, A10G, L4, H100); a T4 or V100 would
+# fail at the first forward, so `auto` takes SDPA there.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+
+
 def flash_attn_available() -> bool:
+    """flash-attn is installed and the current CUDA device can run it."""
     if not torch.cuda.is_available():
+        return False
+    if tuple(torch.cuda.get_device_capability()) < FLASH_ATTN_MIN_CAPABILITY:
         return False
     try:
         importlib.import_module("flash_attn")
@@ -249,7 +257,7 @@ def flash_attn_available() -> bool:
 
 
 def make_backend(name: str) -> AttentionBackend:
-    """`auto` picks flash-attn on CUDA when installed, otherwise SDPA."""
+    """`auto` picks flash-attn on a CUDA device that can run it when installed, otherwise SDPA."""
     if name == "auto":
         name = "flash" if flash_attn_available() else "sdpa"
     if name == "sdpa":
