@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -105,9 +106,12 @@ def test_deploy_configs_are_valid(path):
     args = parse_app_args(application.args)
     for model in args.models:
         if model.checkpoint is None:
-            # The demo runs as is: build the whole app.
+            # The demo runs as is: build the whole app. The CPUs its comment tells users to start
+            # Ray with must hold the app at its largest.
             assert DEMO_CHECKPOINT.is_dir()
             build_app(application.args)
+            [num_cpus] = re.findall(r"ray start --head --num-cpus (\d+)", path.read_text())
+            assert int(num_cpus) >= args.cpus_reserved(), f"{path.name} tells users to start Ray with too few CPUs"
             continue
         assert model.use_gpu and model.dtype == "float16"
         # The real checkpoints are not here; check the shape against the published config.
