@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -40,6 +42,14 @@ def _controller_environ(session_id: int) -> dict[str, str]:
         except (psutil.Error, ProcessLookupError):
             continue
     raise AssertionError(f"no Serve controller in session {session_id}")
+
+
+def readme_python_example() -> str:
+    """The README's Python block that uses a Serve handle."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    [example] = [block for block in blocks if "get_app_handle" in block]
+    return example
 
 
 def test_up_serves_until_ctrl_c(tmp_path):
@@ -97,6 +107,12 @@ def test_up_serves_until_ctrl_c(tmp_path):
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
                                                           "temperature": 0}, timeout=60).json()
         assert body["usage"]["completion_tokens"] == 8
+        # The README's handle example, run as a user runs it: from a process of its own.
+        example = readme_python_example()
+        ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
         with pytest.raises(httpx.HTTPError):
