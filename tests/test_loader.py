@@ -119,6 +119,41 @@ def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoin
             == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
 
 
+def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkeypatch):
+    """A sharded pickle checkpoint converts one shard at a time: the first safetensors shard is
+    on disk before the second pickle file is read (an init container converting GPT-NeoX-20B
+    cannot hold the whole checkpoint), and the result serves the same tokens."""
+    import neo_serve.convert as convert
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy2(neox_checkpoint / name, pickled / name)
+    state = load_file(neox_checkpoint / "model.safetensors")
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, part in halves.items():
+        torch.save({name: state[name] for name in part}, pickled / file)
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {name: file for file, part in halves.items() for name in part}}))
+    events: list[str] = []
+    load, save = convert._load_weights, convert.save_file
+    monkeypatch.setattr(convert, "_load_weights", lambda file: events.append(f"load {file.name}") or load(file))
+    monkeypatch.setattr(convert, "save_file", lambda *a, **k: events.append("save") or save(*a, **k))
+    converted = tmp_path / "converted"
+    convert.convert_checkpoint(pickled, converted, max_shard_bytes=64 * 1024)
+    second_load = events.index("load pytorch_model-00002-of-00002.bin")
+    assert "save" in events[:second_load], events
+    shards = sorted(converted.glob("*.safetensors"))
+    assert len(shards) > 2 and not list(converted.glob("*.partial"))
+    assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompt = [[5, 6, 7, 8]]
+    assert (LLM(str(converted)).generate(prompt, params)[0].outputs[0].token_ids
+            == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
+
+
 def test_convert_refuses_pickled_code(tmp_path):
     src = tmp_path / "evil"
     src.mkdir()
