@@ -20,7 +20,7 @@ import pytest
 from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
-from neo_serve.serve.ingress import HAPROXY_FLAG
+from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PORT_VARS
 from neo_serve.serve.launcher import available_cores, local_cpu_threads
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
@@ -44,6 +44,17 @@ def _controller_environ(session_id: int) -> dict[str, str]:
     raise AssertionError(f"no Serve controller in session {session_id}")
 
 
+def _user_environ() -> dict[str, str]:
+    """This process's environment as a user's shell would have it: without what earlier tests'
+    clusters set in it (the ingress choice, its HAProxy ports, the local Serve settings)."""
+    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *LOCAL_SERVE_SETTINGS}
+    return {k: v for k, v in os.environ.items() if k not in set_by_tests}
+
+
+def _haproxy_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
+
+
 def readme_python_example() -> str:
     """The README's Python block that uses a Serve handle."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -58,14 +69,14 @@ def test_up_serves_until_ctrl_c(tmp_path):
     demo = (DEMO_CHECKPOINT / "config.json").is_file()
     checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
     name = "neo-demo" if demo else "tiny"
+    haproxy_before = _haproxy_pids()
     process = subprocess.Popen(
         [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--dtype", "float32",
          "--port", str(port), "--num-cpus", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
         # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
-        env={**{k: v for k, v in os.environ.items() if k != HAPROXY_FLAG and k not in LOCAL_SERVE_SETTINGS},
-             "RAY_DEDUP_LOGS": "0",
+        env={**_user_environ(), "RAY_DEDUP_LOGS": "0",
              "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
@@ -110,7 +121,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         # The README's handle example, run as a user runs it: from a process of its own.
         example = readme_python_example()
         ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120,
-                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+                             env=_user_environ())
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
         process.send_signal(signal.SIGINT)
@@ -123,3 +134,10 @@ def test_up_serves_until_ctrl_c(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            # Ray starts HAProxy outside the process group: left running it would hold its ports
+            # and fail the next cluster's HAProxy.
+            for pid in _haproxy_pids() - haproxy_before:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
