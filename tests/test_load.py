@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 
+import httpx
 import pytest
 from ray import serve
 
@@ -160,9 +162,24 @@ def test_past_the_queue_limit_requests_are_refused_at_once(base_url):
     args = load_args("--max-ongoing-requests", "4", "--max-queued-requests", "4", "--max-tokens", "128",
                      "--rounds", "1")
     url = deploy(args, "neo-load-busy", "/busy", base_url)
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    # A readiness probe (Kubernetes') meanwhile: a full queue must not make the router unready.
+    health: list[int] = []
+    probing = threading.Event()
+
+    def probe() -> None:
+        while not probing.is_set():
+            health.append(httpx.get(f"{url}/health", timeout=30).status_code)
+            probing.wait(0.25)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
     try:
         results = run_load_rounds(url, "neo-load-busy", "demo_model", concurrency=CONCURRENCY, rounds=1,
                                   max_tokens=args.max_tokens, timeout_s=args.timeout_s, verbose=False)
+        probing.set()
+        prober.join(timeout=60)
+        assert len(health) >= 4 and set(health) == {200}, health
         [summary] = results["rounds"]
         assert summary["lost"] == 0 and summary["wrong"] == 0, summary["problems"]
         assert summary["completed"] + summary["refused"] == CONCURRENCY
@@ -178,4 +195,5 @@ def test_past_the_queue_limit_requests_are_refused_at_once(base_url):
         assert max(r["latency_s"] for r in refused) < max(r["latency_s"] for r in completed)
         assert judge(results, max_rss_growth_mib=RSS_BOUND_MIB) == []
     finally:
+        probing.set()
         serve.delete("neo-load-busy")

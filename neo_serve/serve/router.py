@@ -110,6 +110,11 @@ class Router:
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
+        # Models whose pipeline has answered `ready` once. They are not asked again: the question
+        # waits in the pipeline's request queue, so under load it would time out or be refused
+        # (429), and a readiness probe would take a busy router out of its load balancer. Serve
+        # health-checks the pipeline replicas and replaces failed ones itself.
+        self._loaded: set[str] = set()
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
         _access.max_body_bytes = settings.max_body_bytes
 
@@ -130,8 +135,12 @@ class Router:
     @api.get("/health")
     async def health(self) -> JSONResponse:
         """200 once every stage of every model's pipeline is loaded, else 503."""
-        states = await asyncio.gather(*(self._ready(name, handle) for name, handle in self.service.pipelines.items()))
-        models = dict(zip(self.service.pipelines, states))
+        pending = [name for name in self.service.pipelines if name not in self._loaded]
+        states = await asyncio.gather(*(self._ready(name, self.service.pipelines[name]) for name in pending))
+        self._loaded.update(name for name, state in zip(pending, states) if state.get("ready"))
+        answers = dict(zip(pending, states))
+        models = {name: answers.get(name) or {"model": name, "ready": True, "detail": "loaded"}
+                  for name in self.service.pipelines}
         ready = all(state.get("ready") for state in models.values())
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
