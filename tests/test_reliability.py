@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -185,13 +186,24 @@ def test_a_thousand_cancelled_or_disconnected_requests_leave_nothing_behind(base
 
 # ---- a dead replica ----------------------------------------------------------------------------------
 def test_killed_pipeline_replica_is_replaced_and_serves_again(base_url, app, offline):
-    """Kill the pipeline's replica process (its stage actors die with it): Serve starts a new
-    pipeline and requests succeed again, exactly, within a bounded time."""
+    """Kill the pipeline's replica process (its stage actors die with it): the request inside it
+    gets a 503 to retry, Serve starts a new pipeline and requests succeed again, exactly, within
+    a bounded time."""
     before = stats()["replica"]
     [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#Pipeline") and a["name"].endswith(before)]
+    in_flight: list[httpx.Response] = []
+    long_request = threading.Thread(target=lambda: in_flight.append(httpx.post(
+        f"{base_url}/v1/completions", json={"prompt": "import os", "max_tokens": 480, "ignore_eos": True},
+        timeout=120)))
+    long_request.start()
+    wait_until(lambda: stats()["running"] > 0, timeout=30, interval=0.05, what="the long request running")
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
     killed_at = time.monotonic()
+    long_request.join(timeout=120)
+    [lost] = in_flight
+    assert lost.status_code == 503 and lost.headers.get("retry-after"), (lost.status_code, lost.text)
+    assert lost.json()["error"]["type"] == "service_unavailable_error"
     body = {"prompt": "def hello_world():", "max_tokens": 16, "temperature": 0}
     expected = greedy(offline, [body["prompt"]], 16)[0]
     statuses: list[int] = []

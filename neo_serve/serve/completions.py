@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
@@ -78,6 +78,9 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
         raise APIError(str(exc), param=exc.field) from None
 
 
+RETRY_AFTER_UNAVAILABLE_S = 5  # a replaced pipeline replica reloads its stages: seconds, not one
+
+
 def as_api_error(exc: BaseException) -> APIError | None:
     """The client-facing error behind an exception raised in a replica, if it is one."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
@@ -91,7 +94,12 @@ def as_api_error(exc: BaseException) -> APIError | None:
                         status=cause.status_code, type="rate_limit_error", code="server_busy", retry_after_s=retry)
     if isinstance(cause, PipelineFailed):  # Serve is replacing the replica: retry later
         return APIError(f"the model's pipeline failed and is being restarted: {cause}", status=503,
-                        type="service_unavailable_error")
+                        type="service_unavailable_error", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
+        # The pipeline replica died with the request in it (a node lost, a scale-down past its
+        # graceful shutdown), or Serve has none to route to yet: the request may succeed if retried.
+        return APIError(f"the model's pipeline replica is unavailable ({type(cause).__name__}); retry shortly",
+                        status=503, type="service_unavailable_error", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
     return None
 
 
