@@ -130,6 +130,10 @@ class ModelArgs(_Scaling):
         "256 with GPUs (64 streams: a chunk per 0.25 s). None: only stream_interval_s.")
     health_check_period_s: float = Field(10.0, gt=0, description="How often Serve checks a replica (a dead "
                                                                  "stage fails the check and the replica is replaced).")
+    graceful_shutdown_timeout_s: float = Field(
+        300.0, ge=0, description="When autoscaling removes a replica (or a redeploy replaces it), how long its "
+        "running requests may still finish before it is stopped; Serve's own default, 20 s, would cut a long "
+        "generation of a large model short.")
 
     @field_validator("max_stream_chunks_per_s")
     @classmethod

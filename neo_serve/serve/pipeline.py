@@ -111,6 +111,7 @@ def pipeline_deployment(model: ModelArgs, index: int) -> serve.Deployment:
         # Past the queue: 429 with Retry-After at once (Serve answers for the router's handle call).
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         health_check_period_s=model.health_check_period_s,
+        graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
         **model.scaling_options(),
     )
 
