@@ -57,3 +57,30 @@ def test_flash_attn_only_on_gpus_that_run_it(flash_standin, monkeypatch, capabil
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert flash_attn_available() is usable
+
+
+def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_checkpoint, flash_standin, monkeypatch):
+    # No GPU here: the engine is built for "cuda" without loading stages (nothing touches CUDA),
+    # and the CUDA queries answer as an A100 would.
+    from neo_serve.engine.config import EngineConfig
+    from neo_serve.engine.llm_engine import LLMEngine
+    from neo_serve.errors import ConfigError
+    from neo_serve.serve.stages import UnloadedExecutor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+    def backend(**options) -> str:
+        engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cuda", **options),
+                           executor=UnloadedExecutor())
+        return engine.stage_specs[0].attention_backend
+
+    assert backend(dtype="float16") == "flash"
+    # flash-attn runs half precision only: auto takes SDPA for a float32 model or KV cache...
+    assert backend(dtype="float32") == "sdpa"
+    assert backend(dtype="float16", kv_cache_dtype="float32") == "sdpa"
+    # ...and an explicit flash that cannot run is refused with what to change.
+    with pytest.raises(ConfigError, match="float16 or bfloat16"):
+        backend(dtype="float32", attention_backend="flash")
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        backend(dtype="float16", attention_backend="flash", block_size=16)

@@ -58,9 +58,3 @@ class EngineConfig:
             return "flash" if self.resolved_device.startswith("cuda") and flash_attn_available() else "sdpa"
         return self.attention_backend
 
-    @property
-    def resolved_block_size(self) -> int:
-        if self.block_size is not None:
-            return self.block_size
-        # flash-attn's paged KV wants pages of a multiple of 256 slots.
-        return 256 if self.resolved_attention_backend == "flash" else 16

@@ -27,7 +27,8 @@ from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfi
 from neo_serve.engine.sequence import Request, Sequence
 from neo_serve.engine.worker import StageWorkerSpec, StepInput, step_positions
 from neo_serve.errors import ConfigError, InvalidRequestError
-from neo_serve.models.attention import SequenceSlice
+from neo_serve.loader import DTYPES, CheckpointFiles, resolve_dtype
+from neo_serve.models.attention import FlashAttentionBackend, SequenceSlice
 from neo_serve.models.stages import partition_layers
 from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -62,7 +63,7 @@ class LLMEngine:
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
                               f"max_position_embeddings {self.model_config.max_position_embeddings}")
-        block_size = config.resolved_block_size
+        attention_backend, block_size = self._attention_backend_and_block_size(config)
         num_blocks = config.kv_cache_tokens // block_size
         if num_blocks * block_size < self.max_model_len:
             raise ConfigError(f"kv_cache_tokens ({config.kv_cache_tokens}) must hold at least one sequence of "
@@ -71,7 +72,7 @@ class LLMEngine:
         self.stage_specs = [
             StageWorkerSpec(checkpoint=config.model, stage=stage, dtype=config.dtype,
                             device=config.resolved_device, num_kv_slots=num_blocks * block_size,
-                            block_size=block_size, attention_backend=config.resolved_attention_backend,
+                            block_size=block_size, attention_backend=attention_backend,
                             kv_cache_dtype=config.kv_cache_dtype, pack_cpu_linears=config.pack_cpu_linears)
             for stage in self.stages
         ]
@@ -83,6 +84,31 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
+
+    def _attention_backend_and_block_size(self, config: EngineConfig) -> tuple[str, int]:
+        """The attention backend and KV block size the stages use. flash-attn runs float16 and
+        bfloat16 only, with pages of a multiple of 256 slots: `auto` takes SDPA for a float32 model
+        or cache (e.g. GPT-Neo, whose published checkpoints are float32, under `dtype: auto`), and
+        an explicit `flash` that cannot run is refused here rather than failing at the first step."""
+        backend = config.resolved_attention_backend
+        if backend == "flash" and config.resolved_device.startswith("cuda"):
+            model_dtype = resolve_dtype(config.dtype, self.model_config, CheckpointFiles.open(config.model),
+                                        config.resolved_device)
+            kv_dtype = model_dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+            if torch.float32 in (model_dtype, kv_dtype):
+                if config.attention_backend == "auto":
+                    backend = "sdpa"
+                else:
+                    raise ConfigError(f"attention_backend flash runs float16 and bfloat16 only, but the model runs "
+                                      f"in {model_dtype} with a {kv_dtype} KV cache: set dtype (and kv_cache_dtype) "
+                                      "to float16 or bfloat16, or attention_backend to sdpa")
+        page = FlashAttentionBackend.PAGE_MULTIPLE
+        if config.block_size is None:
+            return backend, page if backend == "flash" else 16
+        if backend == "flash" and config.block_size % page:
+            raise ConfigError(f"block_size {config.block_size}: flash-attn's paged KV cache needs a multiple of "
+                              f"{page} slots")
+        return backend, config.block_size
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
