@@ -57,4 +57,3 @@ class EngineConfig:
 
             return "flash" if self.resolved_device.startswith("cuda") and flash_attn_available() else "sdpa"
         return self.attention_backend
-

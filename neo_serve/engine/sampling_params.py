@@ -17,9 +17,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How to generate for one request.
 
-    temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N` returns, for each
-    generated token, its log-probability and the N most likely alternatives; `prompt_logprobs=N`
-    the same for each prompt token (given the tokens before it). Log-probabilities are those of
+    temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N`
+    returns, for each generated token, its log-probability and the N most likely alternatives;
+    `prompt_logprobs=N` the same for each prompt token (given the tokens before it). Log-probabilities are those of
     the model's distribution, before temperature, penalties or truncation.
     """
 
