@@ -35,6 +35,9 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_id: int | None
     checkpoint_dtype: str | None  # the dtype the weights were saved in, if the config says
+    # A config may name several end tokens (`eos_token_id: [0, 50277]`, as chat fine-tunes do);
+    # generation stops at any of them, as transformers' does. The first is `eos_token_id`.
+    more_eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -164,6 +167,7 @@ def _common_fields(raw: dict[str, Any]) -> dict[str, Any]:
         "max_position_embeddings": raw.get("max_position_embeddings", 2048),
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_id": _single_id(raw.get("eos_token_id")),
+        "more_eos_token_ids": tuple(raw["eos_token_id"][1:]) if isinstance(raw.get("eos_token_id"), list) else (),
         "checkpoint_dtype": str(dtype).removeprefix("torch.") if dtype else None,
     }
 

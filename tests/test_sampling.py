@@ -145,6 +145,26 @@ def test_stop_token_ids_and_eos(llm):
     assert ignored.token_ids == ids and ignored.finish_reason == "length"
 
 
+def test_every_eos_id_a_config_names_ends_generation(llm, neox_checkpoint, tmp_path):
+    # Chat fine-tunes list several end tokens (`"eos_token_id": [0, 50277]`); transformers stops
+    # at any of them, and so must the engine, not only at the first.
+    import json
+    import shutil
+
+    _, ids = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
+    end = ids[5]
+    checkpoint = tmp_path / "several-eos"
+    shutil.copytree(neox_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    first_eos = config["eos_token_id"] if isinstance(config["eos_token_id"], int) else config["eos_token_id"][0]
+    assert end != first_eos
+    config["eos_token_id"] = [first_eos, end]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    out = LLM(str(checkpoint), dtype="float32").generate(
+        [PROMPT], SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
+    assert out.token_ids == ids[:ids.index(end) + 1] and out.finish_reason == "stop"
+
+
 def test_logprobs_of_generated_tokens_match_transformers(llm, neox_checkpoint):
     from transformers import AutoModelForCausalLM
 

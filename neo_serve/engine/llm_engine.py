@@ -330,10 +330,10 @@ class LLMEngine:
             seq.cumulative_logprob += logprob
         delta = seq.detokenizer.add(token)
         seq.output_text += delta
-        eos = self.model_config.eos_token_id
+        config = self.model_config
         if token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif token == eos and not params.ignore_eos:
+        elif (token == config.eos_token_id or token in config.more_eos_token_ids) and not params.ignore_eos:
             self._finish(seq, "stop", None)
         elif params.stop and self._check_stop_strings(seq, len(delta)):
             pass
