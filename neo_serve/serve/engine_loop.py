@@ -80,9 +80,6 @@ class PipelineCore:
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         # Streams pausing between chunks (see `_hold`), woken early when their request ends.
         self._holding: dict[str, asyncio.Future[None]] = {}
-        # Streams whose request ended while they were not pausing (e.g. between yields): their
-        # next pause must not start, the final chunk is already queued.
-        self._ended: set[str] = set()
         self._inflight: deque[tuple[PreparedStep, asyncio.Future[SampledStep]]] = deque()
         self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
@@ -123,7 +120,9 @@ class PipelineCore:
             while True:
                 if last_token_chunk is not None:
                     pause = last_token_chunk + self.stream_interval() - time.monotonic()
-                    if pause > 0 and request_id not in self._ended:
+                    # A request the engine no longer holds has ended (finished or failed) while
+                    # its stream was not pausing, e.g. between yields: its last item is queued.
+                    if pause > 0 and request_id in self.engine.requests:
                         await self._hold(request_id, pause)
                 item = await queue.get()
                 while not queue.empty() and not isinstance(item, BaseException):
@@ -140,7 +139,6 @@ class PipelineCore:
         finally:
             # Reached on completion, on error and on cancellation (CancelledError / GeneratorExit).
             self._streams.pop(request_id, None)
-            self._ended.discard(request_id)
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
@@ -164,8 +162,6 @@ class PipelineCore:
         waiter = self._holding.get(request_id)
         if waiter is not None:
             _wake_up(waiter)
-        elif request_id in self._streams:
-            self._ended.add(request_id)
 
     def stream_interval(self) -> float:
         """Least time between two chunks of a stream, at the current number of streams."""
