@@ -161,21 +161,17 @@ def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 def _common_fields(raw: dict[str, Any]) -> dict[str, Any]:
     dtype = _first(raw, "dtype", "torch_dtype")
+    eos = raw.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, list) else [eos]  # one id, None, or a list of them
     return {
         "vocab_size": raw.get("vocab_size"),
         "hidden_size": raw.get("hidden_size"),
         "max_position_embeddings": raw.get("max_position_embeddings", 2048),
         "bos_token_id": raw.get("bos_token_id"),
-        "eos_token_id": _single_id(raw.get("eos_token_id")),
-        "more_eos_token_ids": tuple(raw["eos_token_id"][1:]) if isinstance(raw.get("eos_token_id"), list) else (),
+        "eos_token_id": eos_ids[0] if eos_ids else None,
+        "more_eos_token_ids": tuple(eos_ids[1:]),
         "checkpoint_dtype": str(dtype).removeprefix("torch.") if dtype else None,
     }
-
-
-def _single_id(value: Any) -> int | None:
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
 
 
 def _neox_from_dict(raw: dict[str, Any], common: dict[str, Any]) -> GPTNeoXConfig:
