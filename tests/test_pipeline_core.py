@@ -12,6 +12,7 @@ import pytest
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.llm_engine import LLMEngine
+from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.engine_loop import PipelineCore
 from neo_serve.serve.stages import LocalStepRunner, UnloadedExecutor
 
@@ -167,3 +168,40 @@ def test_a_request_that_ends_while_its_consumer_is_away_is_not_paused(neox_check
     results, elapsed = asyncio.run(main())
     assert [token_ids(chunks) for chunks in results] == offline_tokens
     assert elapsed < 6.0, f"a stream paused with its last chunk queued ({elapsed:.1f} s)"
+
+
+def test_a_long_text_prompt_does_not_stall_the_other_streams(neox_checkpoint):
+    # Encoding a few MiB of text takes seconds; on the event loop it would stop every stream of
+    # the replica (and its health checks) until the prompt is refused as too long.
+    long_prompt = "def hello_world():\n    print('hello, world')\n" * 60_000  # 2.6 MB, ~700k tokens
+
+    async def main():
+        core = await start_core(neox_checkpoint)
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)  # the ticker runs
+        try:
+            started = time.monotonic()
+            with pytest.raises(InvalidRequestError, match="context window"):
+                await collect(core, long_prompt, GREEDY, "long")
+            took = time.monotonic() - started
+            chunks = await collect(core, PROMPTS[0], GREEDY, "short")  # the replica still serves
+        finally:
+            ticker.cancel()
+            core.close()
+            core.runner.close()
+        return took, max(gaps), chunks
+
+    took, longest_gap, chunks = asyncio.run(main())
+    assert took > 0.5, f"encoding took only {took:.2f} s: the prompt is too short to show a stall"
+    assert longest_gap < 0.3, f"the event loop stalled for {longest_gap:.2f} s while a prompt was encoded"
+    assert len(token_ids(chunks)) == GREEDY.max_tokens

@@ -112,13 +112,15 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> Request:
-        """Validate and queue a request. Raises InvalidRequestError naming the bad field."""
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError naming the bad field.
+        `prompt_token_ids`: a text prompt's ids from `self.tokenizer`, when the caller encoded it
+        already (off the event loop)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", field="request_id")
-        text, prompt_ids = self._tokenize(prompt)
+        text, prompt_ids = self._tokenize(prompt, prompt_token_ids)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         request = Request(request_id, text, prompt_ids, params, max_tokens)
         if params.prompt_logprobs is not None:
@@ -141,13 +143,16 @@ class LLMEngine:
                 self.scheduler.add(seq)
         return request
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: str | list[int],
+                  prompt_token_ids: list[int] | None = None) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty", field="prompt")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids", field="prompt")
+        if len(prompt) > self.max_model_len:  # refused before a Python loop over a million ids
+            raise self._too_long(len(prompt))
         vocab = self.model_config.vocab_size
         for position, token in enumerate(prompt):
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
@@ -158,8 +163,7 @@ class LLMEngine:
 
     def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and params.max_tokens != 0):
-            raise InvalidRequestError(
-                f"prompt has {prompt_len} tokens; the context window is {self.max_model_len}", field="prompt")
+            raise self._too_long(prompt_len)
         if params.max_tokens is None:
             return self.max_model_len - prompt_len
         if prompt_len + params.max_tokens > self.max_model_len:
@@ -167,6 +171,10 @@ class LLMEngine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.max_model_len} tokens", field="max_tokens")
         return params.max_tokens
+
+    def _too_long(self, prompt_len: int) -> InvalidRequestError:
+        return InvalidRequestError(f"prompt has {prompt_len} tokens; the context window is {self.max_model_len}",
+                                   field="prompt")
 
     def abort_request(self, request_id: str) -> bool:
         """Remove a request and free its KV now. Returns whether it was known."""
