@@ -8,17 +8,17 @@ python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
 # The playground's browser tests drive Debian's Chromium through Playwright (never
-# `playwright install`). Install it when missing and we may; otherwise those tests skip and
-# `pytest -ra` prints why.
+# `playwright install`). Install it when missing and we may; otherwise those tests fail and
+# say how to install it (never a silent skip).
 if [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "test.sh: installing Debian's chromium for the playground's browser tests" >&2
         if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-            echo "test.sh: could not install chromium; the browser tests will be skipped" >&2
+            echo "test.sh: could not install chromium; the browser tests will fail" >&2
         fi
     else
         echo "test.sh: /usr/bin/chromium is missing and cannot be installed here (not root or no apt-get);" \
-             "the browser tests will be skipped" >&2
+             "the browser tests will fail" >&2
     fi
 fi
 

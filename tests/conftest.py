@@ -61,6 +61,18 @@ def reference_dir() -> Path:
         pytest.fail(f"{path} is missing: the tests need ../shared beside the repository")
     return path
 
+# ---- no silent skips ------------------------------------------------------------------------
+# A skipped test passes CI unchecked; a missing tool (Chromium, ../shared) must fail the run and
+# say what to install. Any skip, from a marker or a call, is reported as a failure.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"the suite does not skip tests; this one was skipped: {reason}"
+
 
 # ---- ending the test process ----------------------------------------------------------------
 # The suite starts and stops several local Ray clusters in this one process. Ray Serve leaves

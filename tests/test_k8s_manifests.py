@@ -63,11 +63,18 @@ DNS1123_SUBDOMAIN = re.compile(rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*")
 QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 IMAGE = re.compile(r"(^|/)neo-serve:(?P<version>[^-:]+)-(?P<flavor>cpu|gpu)$")
 
-needs_schemas = pytest.mark.skipif(
-    not SCHEMAS.is_dir(), reason=f"{SCHEMAS} is absent: the KubeRay CRD schemas (../shared/k8s-schemas/ beside the "
-                                 f"repository) are needed to validate the manifests offline")
-needs_reference = pytest.mark.skipif(
-    not REFERENCE.is_dir(), reason=f"{REFERENCE} is absent: the model configs the resource checks size against")
+
+@pytest.fixture(scope="module")
+def shared_schemas() -> Path:
+    # A missing ../shared fails these tests loudly: skipped, they would pass CI unchecked.
+    if not SCHEMAS.is_dir():
+        pytest.fail(f"{SCHEMAS} is missing: the KubeRay CRD schemas (../shared/k8s-schemas/ beside the "
+                    f"repository) are needed to validate the manifests offline")
+    return SCHEMAS
+
+
+needs_schemas = pytest.mark.usefixtures("shared_schemas")
+needs_reference = pytest.mark.usefixtures("reference_dir")  # conftest: fails when ../shared/reference is missing
 
 
 # ---- YAML as kubectl reads it ---------------------------------------------------------------

@@ -249,13 +249,13 @@ def test_model_not_loaded_is_reported(base_url, app):
 @pytest.fixture(scope="module")
 def browser():
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"browser test skipped: no Chromium at {CHROMIUM}; install Debian's package "
+        pytest.fail(f"no Chromium at {CHROMIUM} for the browser tests; install Debian's package "
                     f"(apt-get install -y chromium; scripts/test.sh does it when run as root) "
                     f"or point NEO_SERVE_CHROMIUM at a Chromium binary")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        pytest.skip(f"browser test skipped: the playwright Python package is not installed ({exc}); "
+        pytest.fail(f"the browser tests need the playwright Python package ({exc}); "
                     f"pip install -e '.[test]'")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
