@@ -388,11 +388,23 @@ LONG = {"model": "neox", "prompt": PROMPTS[0], "max_tokens": 480, "temperature":
         "stream": True}
 
 
-def _assert_freed_soon() -> None:
-    """The aborted sequence is gone within a step: no running sequence, every KV block free."""
+# Steps a cancelled sequence may still take part in: the micro-batches already in flight, and the
+# steps run while the cancel travels from the client through the router to the replica (tens of
+# milliseconds; a step of the tiny model takes a few). Running on to 480 tokens would take ~470.
+STEPS_AFTER_CANCEL = 16
+
+
+def _assert_freed_soon(steps_at_cancel: int) -> None:
+    """The aborted sequence is gone within a few steps: no running sequence, every KV block free,
+    and no step taken since."""
     stats = wait_until(lambda: (s := pipeline_stats())["requests"] == 0 and s, timeout=10, what="abort")
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["free_kv_blocks"] == stats["total_kv_blocks"]
+    print(f"steps after cancel: {stats['num_steps'] - steps_at_cancel}")
+    assert stats["num_steps"] - steps_at_cancel <= STEPS_AFTER_CANCEL, \
+        f"the sequence ran {stats['num_steps'] - steps_at_cancel} more steps after it was cancelled"
+    time.sleep(0.3)
+    assert pipeline_stats()["num_steps"] == stats["num_steps"]  # nothing is stepped any more
 
 
 def test_handle_cancel_frees_the_sequence(app):
@@ -404,13 +416,7 @@ def test_handle_cancel_frees_the_sequence(app):
     assert running["running"] == 1 and running["free_kv_blocks"] < running["total_kv_blocks"]
     steps_at_cancel = running["num_steps"]
     stream.cancel()
-    _assert_freed_soon()
-    # The request ended long before its 480 tokens: it was aborted, not completed, and nothing
-    # is stepped any more.
-    steps_after = pipeline_stats()["num_steps"]
-    assert steps_after - steps_at_cancel < 400
-    time.sleep(0.5)
-    assert pipeline_stats()["num_steps"] == steps_after
+    _assert_freed_soon(steps_at_cancel)
 
 
 def test_http_disconnect_frees_the_sequence(client):
@@ -418,9 +424,10 @@ def test_http_disconnect_frees_the_sequence(client):
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
-        assert pipeline_stats()["running"] == 1
+        running = pipeline_stats()
+        assert running["running"] == 1
     # Leaving the block closed the connection mid-stream.
-    _assert_freed_soon()
+    _assert_freed_soon(running["num_steps"])
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -433,17 +440,15 @@ def test_request_deadline_ends_the_request_and_frees_it(client):
     error = response.json()["error"]
     assert error["code"] == "request_timeout" and error["type"] == "timeout_error" and error["param"] == "timeout"
     assert time.monotonic() - started < 5
-    _assert_freed_soon()
+    _assert_freed_soon(pipeline_stats()["num_steps"])
 
     with client.stream("POST", "/v1/completions", json={**LONG, "timeout": 0.5}) as streamed:
         assert streamed.status_code == 200
         events, done = parse_sse(list(streamed.iter_lines()))
+        steps_at_deadline = pipeline_stats()["num_steps"]
     assert done and events[-1]["error"]["code"] == "request_timeout"
     assert join_stream(events[:-1])[0]  # the text generated before the deadline arrived
-    _assert_freed_soon()
-    steps = pipeline_stats()["num_steps"]
-    time.sleep(0.3)
-    assert pipeline_stats()["num_steps"] == steps
+    _assert_freed_soon(steps_at_deadline)
 
 
 def test_metrics_on_prometheus_endpoint(client, metrics_port):
