@@ -47,8 +47,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
                    "max_model_len": card.get("max_model_len")}
                   for index, (model, card) in enumerate(zip(app_args.models, cards))]
         playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
-    request_timeouts = {model.served_name: model.request_timeout_s for model in app_args.models}
-    return router_deployment(app_args.router).bind(pipelines, cards, app_args.router, playground, request_timeouts)
+    limits = {model.served_name: model.route_limits() for model in app_args.models}
+    return router_deployment(app_args.router).bind(pipelines, cards, app_args.router, playground, limits)
 
 
 def verify_model(model: ModelArgs, index: int) -> int:

@@ -734,5 +734,18 @@ def test_backpressure_refuses_at_once_with_retry_after(base_url, app, checkpoint
                 assert elapsed < 5  # refused at once, not after waiting
             else:
                 assert status == 200 and response.json()["usage"]["completion_tokens"] == 300
+
+        # A request's prompts are calls sent together, each counted as queued until a replica takes
+        # it: past max_queued_requests (1) they could never all be accepted, so 2 prompts are a 400
+        # naming the limit (they were a 429 on every retry, on an idle server).
+        short = {**body, "max_tokens": 4}
+        too_many = httpx.post(url, json={**short, "prompt": ["def f(", "def g("]}, timeout=60)
+        assert too_many.status_code == 400, too_many.text
+        error = too_many.json()["error"]
+        assert error["param"] == "prompt" and error["code"] == "too_many_prompts"
+        assert "2 prompts" in error["message"] and "at most 1" in error["message"]
+        fits = httpx.post(url, json={**short, "prompt": ["def f("], "n": 2}, timeout=60)
+        assert fits.status_code == 200, fits.text
+        assert [c["index"] for c in fits.json()["choices"]] == [0, 1]
     finally:
         serve.delete(name)

@@ -40,6 +40,7 @@ def checkpoint(tmp_path_factory) -> str:
     ({"num_stages": "two"}, "models[0].num_stages"),
     ({"models": [{"max_stream_chunks_per_s": 0}]}, "models[0].max_stream_chunks_per_s"),
     ({"models": [{"stream_interval_s": -1}]}, "models[0].stream_interval_s"),
+    ({"models": [{"max_queued_requests": 0}]}, "models[0].max_queued_requests"),
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(AppConfigError) as excinfo:

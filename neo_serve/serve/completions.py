@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
+from neo_serve.serve.config import RouteLimits
 from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, TokenLogprob
 from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -209,20 +210,31 @@ def request_timed_out(timeout_s: float) -> APIError:
 class CompletionService:
     """Runs completion requests against the models' pipeline deployment handles.
 
-    `request_timeouts` gives each model's default deadline (None: none); a request's own
-    `timeout` can only shorten it. `log_requests` logs each request's prompts and outputs (off by
-    default: prompts and outputs stay out of the logs)."""
+    `limits` gives each model's `RouteLimits`; a request's own `timeout` can only shorten the
+    model's deadline. `log_requests` logs each request's prompts and outputs (off by default:
+    prompts and outputs stay out of the logs)."""
 
-    def __init__(self, pipelines: Mapping[str, Any], request_timeouts: Mapping[str, float | None] | None = None,
+    def __init__(self, pipelines: Mapping[str, Any], limits: Mapping[str, RouteLimits] | None = None,
                  log_requests: bool = False) -> None:
         self.pipelines = dict(pipelines)  # served name -> DeploymentHandle of its pipeline
         self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
-        self.request_timeouts = dict(request_timeouts or {})
+        self.limits = dict(limits or {})
         self.log_requests = log_requests
 
     def timeout_for(self, model: str, request: CompletionRequest) -> float | None:
-        limits = [t for t in (self.request_timeouts.get(model), request.timeout) if t is not None]
+        model_timeout = self.limits.get(model, RouteLimits()).request_timeout_s
+        limits = [t for t in (model_timeout, request.timeout) if t is not None]
         return min(limits) if limits else None
+
+    def check_prompt_count(self, model: str, num_prompts: int) -> None:
+        """Refuse a request with more prompts than the model's pipelines can ever take at once:
+        each prompt is one call, and calls past the queue are refused, so such a request would get
+        a 429 on every retry, even on an idle server."""
+        limit = self.limits.get(model, RouteLimits()).max_prompts_per_request
+        if limit is not None and num_prompts > limit:
+            raise APIError(f"the request has {num_prompts} prompts; model `{model}` takes at most {limit} per "
+                           "request (its max_queued_requests): split the list into several requests",
+                           param="prompt", code="too_many_prompts")
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:
@@ -268,11 +280,12 @@ class _Run:
     @classmethod
     async def start(cls, service: CompletionService, request: CompletionRequest) -> "_Run":
         model = service.resolve_model(request.model)
+        prompts = request.prompts()
+        service.check_prompt_count(model, len(prompts))
         deadline = _Deadline(service.timeout_for(model, request))
         params = sampling_params(request)
         handle = service.streaming[model]
         base = uuid.uuid4().hex
-        prompts = request.prompts()
         streams = [handle.generate.remote(prompt, params, f"{base}-{i}") for i, prompt in enumerate(prompts)]
         try:
             firsts = await deadline.run(asyncio.gather(*(stream.__anext__() for stream in streams),

@@ -8,6 +8,7 @@ a description (they are the reference documentation of the args) and errors name
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,14 @@ class _Scaling(_Strict):
         return {"num_replicas": self.num_replicas or 1}
 
 
+@dataclass(frozen=True)
+class RouteLimits:
+    """What the router enforces for one model before it calls the model's pipelines."""
+
+    request_timeout_s: float | None = None  # the model's default deadline; None: none
+    max_prompts_per_request: int | None = None  # None: no limit
+
+
 class ModelArgs(_Scaling):
     """One served model: its checkpoint, pipeline shape and engine limits."""
 
@@ -106,7 +115,9 @@ class ModelArgs(_Scaling):
                                 "The engine itself queues sequences beyond max_num_seqs.")
     max_queued_requests: int = Field(
         1024, ge=-1, description="Requests that may wait for a replica (all replicas at max_ongoing_requests) "
-                                 "before new ones are refused at once with 429 and Retry-After; -1: no limit.")
+                                 "before new ones are refused at once with 429 and Retry-After; -1: no limit. "
+                                 "Also the most prompts one request may hold (each is a call that waits here "
+                                 "until a replica takes it).")
     seed: int = Field(0, description="Seed of unseeded requests' random draws.")
     step_timeout_s: float | None = Field(
         None, gt=0, description="A micro-batch taking longer means a stage hangs: the pipeline restarts its "
@@ -134,6 +145,13 @@ class ModelArgs(_Scaling):
         300.0, ge=0, description="When autoscaling removes a replica (or a redeploy replaces it), how long its "
         "running requests may still finish before it is stopped; Serve's own default, 20 s, would cut a long "
         "generation of a large model short.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_size(cls, value: int) -> int:
+        if value == 0:  # Serve's own rule, checked here to name the field at build time
+            raise ValueError("must be -1 (no limit) or at least 1 (0 would refuse every request)")
+        return value
 
     @field_validator("max_stream_chunks_per_s")
     @classmethod
@@ -170,6 +188,14 @@ class ModelArgs(_Scaling):
                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             max_model_len=self.max_model_len, attention_backend=self.attention_backend,
                             kv_cache_dtype=self.kv_cache_dtype, seed=self.seed)
+
+    def route_limits(self) -> RouteLimits:
+        """The router's limits for this model. Each prompt of a request is one call to the
+        pipelines, sent together; Serve counts each call as queued until a replica takes it and
+        refuses calls past max_queued_requests, so a request with more prompts than that could
+        never be accepted whole."""
+        max_prompts = None if self.max_queued_requests < 0 else self.max_queued_requests
+        return RouteLimits(request_timeout_s=self.request_timeout_s, max_prompts_per_request=max_prompts)
 
     def stage_threads(self) -> int | None:
         """Torch threads of each CPU stage: its CPUs (at least one). None on GPUs: torch's default."""

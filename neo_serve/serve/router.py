@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
-from neo_serve.serve.config import RouterArgs
+from neo_serve.serve.config import RouteLimits, RouterArgs
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
 from neo_serve.ui import bridge
 
@@ -105,8 +105,8 @@ class Router:
 
     def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
                  settings: RouterArgs, playground: DeploymentHandle | None = None,
-                 request_timeouts: dict[str, float | None] | None = None) -> None:
-        self.service = CompletionService(pipelines, request_timeouts, log_requests=settings.log_requests)
+                 limits: dict[str, RouteLimits] | None = None) -> None:
+        self.service = CompletionService(pipelines, limits, log_requests=settings.log_requests)
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
