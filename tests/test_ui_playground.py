@@ -24,6 +24,7 @@ from checkpoints import build_tokenizer, make_neo
 from conftest_serve import ray_serve_on_loopback, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
+from neo_serve.ui.backend import parse_stop
 from neo_serve.ui.blocks import EXAMPLES
 
 pytestmark = pytest.mark.timeout(300)
@@ -83,7 +84,7 @@ def pipeline_stats(model: str = DEMO) -> dict:
 
 def router_completion(prompt: str, model: str, settings: dict) -> dict:
     """What the router's handle answers for the playground's settings."""
-    stop = [s for s in settings["stop"].replace("\\n", "\n").splitlines(keepends=False) if s] or None
+    stop = parse_stop(settings["stop"]) or None  # the playground's own reading of the box
     return off_loop(lambda: serve.get_app_handle(APP).generate.remote(
         model=model, prompt=prompt, max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
         top_p=settings["top_p"], top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
@@ -124,6 +125,10 @@ def test_playground_is_one_replica_behind_the_router(base_url, app):
     config = httpx.get(f"{base_url}/ui/config").json()
     assert config["root"] == f"{base_url}/ui"  # Gradio's URLs point under /ui
     assert httpx.get(f"{base_url}/ui/no/such/thing").status_code == 404
+    # Gradio's upload route is refused: files sent there would stay on the playground's disk.
+    for path in ("gradio_api/upload", "/gradio_api/upload?upload_id=x"):
+        upload = httpx.post(f"{base_url}/ui/{path}", files={"files": ("a.txt", b"x" * 1024, "text/plain")})
+        assert upload.status_code == 404 and "no file uploads" in upload.json()["error"]["message"], upload.text
     # The router's own API is untouched.
     assert [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]] == [DEMO, TINY]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 import re
 
 import httpx
@@ -16,8 +17,8 @@ from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta
 from neo_serve.ui import bridge
-from neo_serve.ui.backend import (PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed, parse_stop,
-                                  replica_label, sampling_params)
+from neo_serve.ui.backend import (PlaygroundBackend, PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed,
+                                  parse_stop, replica_label, sampling_params)
 
 MODEL = PlaygroundModel("neo-demo", "Pipeline-0-neo-demo", num_stages=2, max_model_len=512)
 
@@ -157,6 +158,36 @@ def test_bridge_streams_and_a_disconnect_reaches_the_app(bridged):
     assert handle.streams[-1].cancelled
 
 
+def test_a_client_hanging_up_mid_stream_is_not_logged_as_an_error(caplog):
+    # An app that sends after the client left gets an OSError from `send` (Gradio's event streams
+    # do): that is the client leaving, not a failure of the playground, which logged an ERROR with
+    # a traceback for every tab closed during a run.
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+        await asyncio.sleep(0.05)  # the client hangs up meanwhile
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+
+    async def hang_up_after_the_first_chunk():
+        messages = bridge.serve_asgi(app, {"type": "http", "method": "GET", "path": "/ui/events"}, b"")
+        assert (await messages.__anext__())["type"] == "http.response.start"
+        assert (await messages.__anext__())["body"] == b"data: 0\n\n"
+        await messages.aclose()
+        while bridge._background:
+            await asyncio.sleep(0.01)
+
+    serve_logger = logging.getLogger("ray.serve")  # Ray's logger may not propagate to the root
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ray.serve"):
+            asyncio.run(hang_up_after_the_first_chunk())
+    finally:
+        serve_logger.removeHandler(caplog.handler)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert any("client left" in r.getMessage() for r in caplog.records)
+
+
 def threading_sleep(seconds: float) -> None:
     import time
 
@@ -182,6 +213,12 @@ def test_stop_strings_and_seed():
         parse_stop("a\nb\nc\nd\ne")
     assert parse_seed(-1) is None and parse_seed(None) is None and parse_seed("") is None
     assert parse_seed(42.0) == 42
+    assert parse_seed(2.0**53 - 1) == 2**53 - 1
+    # Above what a browser's number holds exactly the page would send a rounded seed, and past
+    # 2**64 torch's generator raised inside the engine ("Internal error").
+    for too_large in (2.0**53, 2.0**64):
+        with pytest.raises(PlaygroundError, match="Seed must be at most 9007199254740991"):
+            parse_seed(too_large)
 
 
 def test_sampling_params_from_controls():
@@ -218,12 +255,34 @@ def test_errors_read_as_sentences(exc, title, words):
 
 def test_busy_and_unavailable_errors():
     from ray.serve._private.common import DeploymentID
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     busy = describe_error(BackPressureError(num_queued_requests=10, max_queued_requests=10), MODEL)
     assert busy.title == "Server busy" and "request queue is full" in busy.message
     gone = describe_error(DeploymentUnavailableError(DeploymentID("Pipeline-0-neo-demo", "neo-serve")), MODEL)
     assert gone.title == "Model not loaded" and "failed to deploy" in gone.message
+    for died in (RayActorError(), ReplicaUnavailableError("ab12cd34")):
+        error = describe_error(died, MODEL)
+        assert error.title == "Pipeline unavailable", error
+        assert error.message == ("The neo-demo pipeline replica serving this run went away (it is being "
+                                 "replaced). Try again."), error.message
+
+
+def test_a_prompt_that_is_not_unicode_text_is_refused_before_any_call():
+    # JSON lets a lone surrogate through ("\ud800"); the tokenizer raised TypeError ("Internal error").
+    backend = PlaygroundBackend({}, [MODEL], app_name=None)
+    run = Run(MODEL, max_new_tokens=4)
+
+    async def first_update():
+        params = sampling_params(max_new_tokens=4, temperature=0, top_p=1, top_k=0, repetition_penalty=1, seed=-1,
+                                 stop="")
+        async for update in backend.generate(run, "a\ud800b", params):
+            return update
+
+    with pytest.raises(PlaygroundError) as excinfo:
+        asyncio.run(first_update())
+    assert excinfo.value.title == "Invalid prompt" and "lone surrogate" in excinfo.value.message
 
 
 def test_replica_label():

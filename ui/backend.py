@@ -19,6 +19,7 @@ from typing import Any
 
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.serve.outputs import GenerationChunk
+from neo_serve.serve.protocol import is_encodable
 
 logger = logging.getLogger("ray.serve")
 
@@ -124,10 +125,17 @@ def sampling_params(*, max_new_tokens: float, temperature: float, top_p: float, 
         raise PlaygroundError("Invalid setting", str(exc)) from None
 
 
+# The largest seed a browser's number field holds exactly (JavaScript's Number.MAX_SAFE_INTEGER;
+# above it the page would send a rounded seed), well inside the API's 64-bit range.
+MAX_SEED = 2**53 - 1
+
+
 def parse_seed(seed: float | str | None) -> int | None:
     """None, "" or a negative number: a random seed."""
     if seed is None or seed == "" or float(seed) < 0:
         return None
+    if float(seed) > MAX_SEED:
+        raise PlaygroundError("Invalid setting", f"Seed must be at most {MAX_SEED}, got {seed:.0f}.")
     return int(seed)
 
 
@@ -174,6 +182,9 @@ class PlaygroundBackend:
         the sequence leaves its batch and frees its KV blocks."""
         if not prompt:
             raise PlaygroundError("Empty prompt", "Type a prompt, or pick one of the examples.")
+        if not is_encodable(prompt):  # only through the API: JSON lets a lone surrogate through
+            raise PlaygroundError("Invalid prompt", "The prompt is not valid Unicode text (it contains a lone "
+                                                    "surrogate).")
         handle = self.pipelines[run.model.name]
         request_id = f"playground-{uuid.uuid4().hex}"
         try:
@@ -214,7 +225,7 @@ class PlaygroundBackend:
         try:
             status = await asyncio.to_thread(serve.status)
             deployment = status.applications[self.app_name].deployments[model.deployment]
-            state = deployment.status
+            state = getattr(deployment.status, "value", deployment.status)  # "UPDATING", not the enum's repr
             running = deployment.replica_states.get("RUNNING", 0)
         except Exception:  # noqa: BLE001 - the status is only for the message
             running = 0
@@ -258,6 +269,9 @@ def describe_error(exc: BaseException, model: PlaygroundModel) -> PlaygroundErro
     if isinstance(cause, DeploymentUnavailableError):
         return PlaygroundError("Model not loaded", f"{model.name} is not available: its pipeline deployment "
                                                    f"{model.deployment} failed to deploy.")
+    if isinstance(cause, RayActorError) or type(cause).__name__ == "ReplicaUnavailableError":
+        return PlaygroundError("Pipeline unavailable", f"The {model.name} pipeline replica serving this run went "
+                                                       f"away (it is being replaced). Try again.")
     error = as_api_error(exc)
     if error is not None:
         message = _control_names(error.message)
@@ -268,9 +282,6 @@ def describe_error(exc: BaseException, model: PlaygroundModel) -> PlaygroundErro
                 " Shorten the prompt."
             return PlaygroundError("Prompt too long", f"{message} ({model.name}).{hint}")
         return PlaygroundError("Invalid request", f"{message}.")
-    if isinstance(cause, RayActorError) or type(cause).__name__ == "ReplicaUnavailableError":
-        return PlaygroundError("Pipeline unavailable", f"The {model.name} pipeline replica serving this run went "
-                                                       f"away (it is being replaced). Try again.")
     logger.error("neo-serve playground: run on %s failed", model.name, exc_info=exc)
     return PlaygroundError("Internal error", f"The run failed ({type(cause).__name__}); the server log has the "
                                              f"details.")

@@ -19,7 +19,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from neo_serve.serve.config import PlaygroundArgs
-from neo_serve.ui.backend import PlaygroundBackend, PlaygroundError, Run, describe_error, sampling_params
+from neo_serve.ui.backend import MAX_SEED, PlaygroundBackend, PlaygroundError, Run, describe_error, sampling_params
 
 MOUNT_PATH = "/ui"
 
@@ -103,8 +103,8 @@ def finish_reason(run: Run) -> str:
         return "stopped"
     if run.status == "error":
         return "error"
-    if run.finish_reason == "length":
-        return "length" if run.generated_tokens >= run.max_new_tokens else "length (context full)"
+    if run.finish_reason == "length":  # max new tokens: a run that would pass the context is refused
+        return "length"
     if run.finish_reason == "stop":
         if isinstance(run.stop_reason, str):
             return f"stop string {run.stop_reason!r}"
@@ -222,7 +222,8 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
                     repetition_penalty = gr.Slider(1.0, 2.0, value=Defaults.repetition_penalty, step=0.01,
                                                    label="Repetition penalty", info="1 = off",
                                                    elem_id="repetition-penalty")
-                    seed = gr.Number(Defaults.seed, label="Seed", precision=0, minimum=-1, elem_id="seed",
+                    seed = gr.Number(Defaults.seed, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED,
+                                     elem_id="seed",
                                      info="-1 = random; any other value repeats a sampled run")
                     stop_strings = gr.Textbox(label="Stop strings", lines=2, elem_id="stop-strings",
                                               info=r"one per line (at most 4); \n is a newline",

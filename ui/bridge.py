@@ -38,6 +38,15 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 FORWARDED_SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                         "root_path", "headers", "client", "server")
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Gradio serves a file-upload route on every app. The playground has no file inputs, and files
+# sent there would stay on the playground node's disk (nothing deletes them): the router refuses
+# these paths (below /ui) before they reach the playground.
+REFUSED_PATH_PREFIXES = ("gradio_api/upload",)
+
+
+def refused(path: str) -> bool:
+    """Whether the router refuses `path` (below /ui) instead of forwarding it."""
+    return path.lstrip("/").startswith(REFUSED_PATH_PREFIXES)
 # After a client hangs up, how long the app gets to notice `http.disconnect` and return.
 DISCONNECT_GRACE_S = 2.0
 
@@ -81,7 +90,12 @@ async def serve_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes, *,
         try:
             await app(scope, receive, send)
         except Exception as exc:  # the consumer answers 500 if nothing was sent yet
-            logger.error("neo-serve playground: %s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            if disconnected.is_set():  # e.g. `send` after the hang-up (OSError): the client left, no failure
+                logger.debug("neo-serve playground: %s %s ended, the client left (%r)", scope.get("method"),
+                             scope.get("path"), exc)
+            else:
+                logger.error("neo-serve playground: %s %s failed", scope.get("method"), scope.get("path"),
+                             exc_info=exc)
             messages.put_nowait(exc)
         finally:
             messages.put_nowait(_DONE)

@@ -164,6 +164,8 @@ class Router:
         if self.playground is None:
             raise APIError("the playground is disabled in this application (build arg playground: false)",
                            status=404, type="not_found_error")
+        if bridge.refused(request.path_params.get("path", "")):
+            raise APIError("the playground takes no file uploads", status=404, type="not_found_error")
         try:
             return await bridge.forward(self.playground, request)
         except Exception as exc:  # noqa: BLE001 - e.g. the playground replica is being replaced
