@@ -41,12 +41,13 @@ def test_greedy_tokens_and_prompt_logprobs_match_transformers(checkpoint, reques
     assert len(batch[-1]) > 2 * 16  # longer than the GPT-Neo local window
     outs = llm.generate(batch, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0,
                                               ignore_eos=True))
+    assert len(outs) == len(batch)  # zip below would hide a missing output
     for prompt, out in zip(batch, outs):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == reference_greedy(ref, prompt, NEW_TOKENS)
         assert out.outputs[0].finish_reason == "length"
         expected = reference_prompt_logprobs(ref, prompt)
-        assert out.prompt_logprobs[0] is None
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
         got = [entry[token] for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
         assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4
 
@@ -62,8 +63,10 @@ def test_stage_splits_and_batching_give_identical_outputs(checkpoint, request):
         llm = single if stages == 1 else LLM(path, dtype="float32", num_stages=stages)
         assert len(llm.engine.executor.workers) == stages
         together = llm.generate(batch, params)
+        assert len(together) == len(batch)
         for solo, joint in zip(alone, together):
             assert joint.outputs[0].token_ids == solo.token_ids
+            assert len(joint.outputs[0].logprobs) == len(solo.logprobs) == NEW_TOKENS
             for a, b in zip(joint.outputs[0].logprobs, solo.logprobs):
                 assert a.keys() == b.keys()
                 assert max(abs(a[k] - b[k]) for k in a) < 1e-4
