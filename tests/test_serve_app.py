@@ -468,13 +468,36 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     kv_lines = [line for line in text.splitlines() if line.startswith("ray_neo_serve_kv_cache_usage{")]
     assert any('stage="1"' in line and 'model="neox"' in line for line in kv_lines)
 
-    def total(name: str) -> float:  # summed over replicas; counters may carry Prometheus' `_total`
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.split("{", 1)[0] in (name, name + "_total") and 'model="neox"' in line)
+    counted = ("ray_neo_serve_generation_tokens", "ray_neo_serve_prompt_tokens",
+               "ray_neo_serve_time_to_first_token_seconds_count", "ray_neo_serve_inter_token_latency_seconds_count")
 
-    assert total("ray_neo_serve_generation_tokens") >= 8  # this request's tokens, at least
-    assert total("ray_neo_serve_prompt_tokens") >= 1
-    assert total("ray_neo_serve_inter_token_latency_seconds_count") >= 1
+    def totals(text: str) -> dict[str, float]:  # summed over replicas; counters may carry `_total`
+        return {name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.split("{", 1)[0] in (name, name + "_total") and 'model="neox"' in line)
+                for name in counted}
+
+    # The module's earlier requests are all exported once two scrapes, 2.5 export periods apart, agree.
+    def settled():
+        first = totals(scrape() or "")
+        time.sleep(2.5)
+        return first if first == totals(scrape() or "") else None
+
+    before = wait_until(settled, timeout=60, interval=0, what="settled neo-serve counters")
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[1], "max_tokens": 8,
+                                                "temperature": 0, "ignore_eos": True}).json()
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == 8 and prompt_tokens > 1
+
+    def grown():
+        now = totals(scrape() or "")
+        return {name: now[name] - before[name] for name in counted}
+
+    expected = {"ray_neo_serve_generation_tokens": 8, "ray_neo_serve_prompt_tokens": prompt_tokens,
+                "ray_neo_serve_time_to_first_token_seconds_count": 1}
+    growth = wait_until(lambda: (g := grown()) and all(g[k] >= v for k, v in expected.items()) and g,
+                        timeout=30, interval=0.5, what="this request's tokens in the counters")
+    assert {k: growth[k] for k in expected} == expected  # exactly this request's, no more
+    assert 1 <= growth["ray_neo_serve_inter_token_latency_seconds_count"] <= 7  # one per chunk after the first
 
     # Idle now: the load gauges fall back to nothing, whatever the last step reported.
     def idle():
