@@ -20,9 +20,10 @@ import pytest
 from ray import serve
 
 from conftest_serve import ray_serve_on_loopback
+from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
-from neo_serve.bench.load_test import (LoadResult, _classify_refusal, _read_stream, add_load_arguments, judge,
-                                       load_app_args, run_load_rounds)
+from neo_serve.bench.load_test import (LoadResult, _classify_refusal, _read_stream, add_load_arguments,
+                                       check_against_references, judge, load_app_args, run_load_rounds)
 from neo_serve.serve.config import DEMO_CHECKPOINT
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,6 +105,17 @@ def test_stream_classification():
         assert result.outcome == "lost" and reason in result.reason, (lines, result.reason)
 
 
+def test_a_completion_that_differs_from_its_reference_is_wrong():
+    references = [{"prompt": "a", "text": " b c", "token_ids": [1, 2]}, {"prompt": "d", "text": " e", "token_ids": [3]}]
+    right, wrong_ids, wrong_text, refused = (LoadResult(0), LoadResult(1), LoadResult(0), LoadResult(1))
+    for result, text, ids in ((right, " b c", [1, 2]), (wrong_ids, " e", [4]), (wrong_text, " b x", [1, 2])):
+        result.outcome, result.text, result.token_ids = "completed", text, ids
+    refused.outcome = "refused"
+    check_against_references([right, wrong_ids, wrong_text, refused], references)
+    assert [r.outcome for r in (right, wrong_ids, wrong_text, refused)] == ["completed", "wrong", "wrong", "refused"]
+    assert "from token 0" in wrong_ids.reason and "from token 2" in wrong_text.reason
+
+
 def test_refusal_classification():
     error = json.dumps({"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": None}})
     cases = [(429, {"retry-after": "1"}, error, "refused"), (503, {}, error, "refused"),
@@ -143,6 +155,12 @@ def test_200_concurrent_streams_complete_exactly_and_memory_stays_bounded(base_u
         references = results["references"]
         assert len(references) >= 4 and all(len(r["token_ids"]) == MAX_TOKENS for r in references)
         assert len({r["text"] for r in references}) > 1  # distinct prompts, distinct answers
+        # The run marks a completed request "wrong" unless it equals its prompt's unloaded answer
+        # from the server; that answer is the offline engine's (itself checked against transformers).
+        offline = LLM(str(DEMO_CHECKPOINT), dtype=args.dtype).generate(
+            [r["prompt"] for r in references], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        assert [r["token_ids"] for r in references] == [o.outputs[0].token_ids for o in offline]
+        assert [r["text"] for r in references] == [o.outputs[0].text for o in offline]
         for summary in results["rounds"]:
             assert_round_clean(summary)
             # Nothing refuses below the queue limits: every request completes.
