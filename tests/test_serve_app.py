@@ -662,10 +662,14 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
     first = handle.stats.remote().result()["doomed"]["replica"]
     actor = stage_actor(first, 1)
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    # The idle pipeline finds its stage dead at this request's first step, so this request is
+    # the one that fails: explicitly, retryable, and soon (the recovery deadline is 0.05 s).
+    started = time.monotonic()
     failed = httpx.post(url, json=request, timeout=60)
-    assert failed.status_code in (503, 200), failed.text  # 200 only if Serve already replaced it
-    if failed.status_code == 503:
-        assert failed.json()["error"]["type"] == "service_unavailable_error"
+    assert failed.status_code == 503, failed.text
+    assert failed.json()["error"]["type"] == "service_unavailable_error"
+    assert failed.headers["retry-after"] == "5"
+    assert time.monotonic() - started < 20
 
     def replaced():
         stats = handle.stats.remote().result()["doomed"]
