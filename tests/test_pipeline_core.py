@@ -80,11 +80,13 @@ def test_sampling_runs_on_the_step_thread_and_gives_the_offline_tokens(neox_chec
 
 
 @pytest.mark.parametrize("budget", [None, 1000.0])
-def test_streams_send_a_chunk_per_step_when_the_budget_allows(neox_checkpoint, budget):
+def test_streams_send_a_chunk_per_step_when_the_budget_allows(neox_checkpoint, offline_tokens, budget):
     results = run_prompts(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=budget)
+    assert [token_ids(chunks) for chunks in results] == offline_tokens
     for chunks in results:
-        assert len(token_ids(chunks)) == GREEDY.max_tokens
-        assert len(chunks) - 1 >= GREEDY.max_tokens // 3  # chunks after the acceptance chunk
+        # Chunks after the acceptance chunk. Not exactly one per token: a step may finish before
+        # the stream's consumer runs, and then its chunk carries both steps' tokens.
+        assert len(chunks) - 1 >= GREEDY.max_tokens // 3
 
 
 def test_many_streams_share_the_chunk_budget(neox_checkpoint, offline_tokens):
