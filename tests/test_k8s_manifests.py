@@ -857,6 +857,38 @@ def test_resource_check_fails_when_the_weights_do_not_fit(gpu_doc, checkpoints, 
     assert any(expected in p for p in problems), problems
 
 
+def custom_resources(group: dict[str, Any]) -> dict[str, float]:
+    """A group's custom Ray resources from rayStartParams `resources`, read as Ray's autoscaler
+    on KubeRay reads it ('"{\\"name\\": 8}"' in YAML): outer quotes dropped, backslashes removed."""
+    text = (group.get("rayStartParams") or {}).get("resources")
+    if not text:
+        return {}
+    assert text[0] == text[-1] == '"', f"rayStartParams resources must be a quoted JSON object: {text!r}"
+    return json.loads(text[1:-1].replace("\\", ""))
+
+
+@needs_reference
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_router_and_playground_can_only_be_placed_on_the_head(path, checkpoints):
+    # Serve spreads replicas without a placement group over the nodes; CPUs alone leave room for
+    # a router on a worker Pod, which then could not scale down. A resource that only the head
+    # offers, and that they ask for, keeps them there.
+    doc = rayservice(path)
+    cluster = cluster_spec(doc)
+    head = custom_resources(cluster["headGroupSpec"])
+    on_workers = {name for group in worker_groups(cluster) for name in custom_resources(group)}
+    unplaced = [d for d in serve_demands(doc, checkpoints) if not d.bundles]
+    assert {d.name for d in unplaced} == {"Router", "Playground"}
+    needed: dict[str, float] = {}
+    for demand in unplaced:
+        resources = demand.actor.get("resources") or {}
+        assert resources, f"{demand.name}: no custom resource keeps it on the head"
+        for name, amount in resources.items():
+            assert name in head and name not in on_workers, (demand.name, name, head, on_workers)
+            needed[name] = needed.get(name, 0) + amount * demand.max_replicas
+    assert all(head[name] >= amount for name, amount in needed.items()), (head, needed)
+
+
 @needs_reference
 def test_routers_stay_on_the_head(gpu_doc, checkpoints):
     edit_args(gpu_doc, lambda a: a["router"]["autoscaling"].update(max_replicas=4))

@@ -45,6 +45,9 @@ def metrics_port():
     return free_port()
 
 
+INGRESS_RESOURCE = "neo-serve-ingress"  # what the k8s manifests give the head for the routers
+
+
 @pytest.fixture(scope="module")
 def base_url(metrics_port):
     # OMP_NUM_THREADS=1 in the environment Ray's processes inherit, as some container images set
@@ -52,7 +55,7 @@ def base_url(metrics_port):
     # (Not a runtime_env: workers with one cannot come from Ray's prestarted pool.)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OMP_NUM_THREADS", "1")
-        with ray_serve_on_loopback(num_cpus=12, _metrics_export_port=metrics_port,
+        with ray_serve_on_loopback(num_cpus=12, resources={INGRESS_RESOURCE: 8}, _metrics_export_port=metrics_port,
                                    _system_config={"metrics_report_interval_ms": 1000}) as url:
             yield url
 
@@ -536,7 +539,9 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
     serve.run(build_app({"models": [{"name": "scaled", "checkpoint": checkpoints["neo"], "dtype": "float32",
                                      "autoscaling": {"min_replicas": 2, "max_replicas": 3,
                                                      "target_ongoing_requests": 4}}],
-                         "router": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}}),
+                         "router": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2},
+                                    "resources": {INGRESS_RESOURCE: 1}},
+                         "playground": {"resources": {INGRESS_RESOURCE: 2}}}),
               name=name, route_prefix="/scaled")
     try:
         from ray.serve.context import _get_global_client
@@ -552,6 +557,11 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         # And Serve acts on it: min_replicas pipelines are running.
         status = serve.status().applications[name].deployments["Pipeline-0-scaled"]
         assert status.replica_states.get("RUNNING") == 2
+        # The router and the playground hold the custom resource that pins them to the nodes
+        # offering it (on Kubernetes: the head): 1 router x 1 + the playground's 2 of 8.
+        assert deployments["Router"].deployment_config.ray_actor_options.resources == {INGRESS_RESOURCE: 1}
+        wait_until(lambda: ray.available_resources().get(INGRESS_RESOURCE) == 5, timeout=30,
+                   what=f"router and playground holding {INGRESS_RESOURCE}")
     finally:
         serve.delete(name)
 

@@ -41,6 +41,8 @@ def checkpoint(tmp_path_factory) -> str:
     ({"models": [{"max_stream_chunks_per_s": 0}]}, "models[0].max_stream_chunks_per_s"),
     ({"models": [{"stream_interval_s": -1}]}, "models[0].stream_interval_s"),
     ({"models": [{"max_queued_requests": 0}]}, "models[0].max_queued_requests"),
+    ({"router": {"resources": {"GPU": 1}}}, "router.resources"),
+    ({"playground": {"resources": {"neo-serve-ingress": 0}}}, "playground.resources"),
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(AppConfigError) as excinfo:

@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from neo_serve.serve.config import PlaygroundArgs
+from neo_serve.serve.config import PlaygroundArgs, ingress_actor_options
 from neo_serve.ui.backend import PlaygroundBackend, PlaygroundModel
 from neo_serve.ui.bridge import LifespanManager, serve_asgi
 
@@ -57,7 +57,7 @@ def playground_deployment(settings: PlaygroundArgs) -> serve.Deployment:
     return PlaygroundDeployment.options(
         name=DEPLOYMENT_NAME,
         num_replicas=1,
-        ray_actor_options={"num_cpus": settings.num_cpus},
+        ray_actor_options=ingress_actor_options(settings.num_cpus, settings.resources),
         # Every open page holds an event stream; static files and API calls come on top.
         max_ongoing_requests=1024,
         # Open event streams would otherwise hold a redeploy for the default 20 s.

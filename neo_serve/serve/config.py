@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from neo_serve.engine.config import EngineConfig
 
@@ -28,6 +29,28 @@ class AppConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if not name or name in _RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} is not a custom resource name (CPUs and GPUs have fields of their own)")
+        if not amount > 0:
+            raise ValueError(f"{name}: the amount must be > 0, got {amount}")
+    return value
+
+
+# Custom Ray resources a replica needs, e.g. {"neo-serve-ingress": 1}: it is then placed only on
+# nodes started with that resource (`ray start --resources`); the manifests give it to the head.
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
+
+def ingress_actor_options(num_cpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    """`ray_actor_options` of a deployment placed without a placement group."""
+    return {"num_cpus": num_cpus, **({"resources": dict(resources)} if resources else {})}
 
 
 class AutoscalingArgs(_Strict):
@@ -224,6 +247,9 @@ class RouterArgs(_Scaling):
     """The ingress deployment (FastAPI, stateless)."""
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs per router replica.")
+    resources: CustomResources = Field(default_factory=dict, description="Custom Ray resources per router "
+                                       "replica, e.g. {'neo-serve-ingress': 1} to keep routers on the nodes "
+                                       "started with that resource (the Kubernetes manifests' head), off GPU nodes.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica handles at once.")
     health_timeout_s: float = Field(2.0, gt=0, description="How long /health waits for each model's pipeline.")
     api_keys_env: str | None = Field("NEO_SERVE_API_KEYS", description="Environment variable (in the router's "
@@ -243,6 +269,8 @@ class PlaygroundArgs(_Strict):
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the playground replica. It only relays "
                                                    "between the browser and the pipelines, so 0 by default; set "
                                                    "e.g. 0.5 to keep it on a node with CPU room.")
+    resources: CustomResources = Field(default_factory=dict, description="Custom Ray resources of the playground "
+                                       "replica (as router.resources).")
     concurrency_limit: int = Field(16, ge=1, description="Generations the playground runs at once, over all "
                                                          "users; further clicks wait in Gradio's queue.")
     max_queue_size: int = Field(64, ge=1, description="Generations waiting in Gradio's queue before the "

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
-from neo_serve.serve.config import RouteLimits, RouterArgs
+from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
 from neo_serve.ui import bridge
 
@@ -204,7 +204,7 @@ RouterDeployment = serve.deployment(Router)
 def router_deployment(settings: RouterArgs) -> serve.Deployment:
     return RouterDeployment.options(
         name="Router",
-        ray_actor_options={"num_cpus": settings.num_cpus},
+        ray_actor_options=ingress_actor_options(settings.num_cpus, settings.resources),
         max_ongoing_requests=settings.max_ongoing_requests,
         **settings.scaling_options(),
     )
