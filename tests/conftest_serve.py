@@ -37,6 +37,16 @@ def join_stream(events: list[dict[str, Any]]) -> dict[int, str]:
     return texts
 
 
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -49,26 +59,38 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 
 
 
 @contextlib.contextmanager
-def ray_serve_on_loopback(*, num_cpus: int, **ray_init_args: Any) -> Iterator[str]:
+def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ray_init_args: Any) -> Iterator[str]:
     """A local Ray cluster with Serve's HTTP proxy on a free loopback port; yields the base URL
-    and shuts both down afterwards (for module-scoped fixtures: one start-up per module)."""
+    and shuts both down afterwards (for module-scoped fixtures: one start-up per module).
+
+    `as_on_kubernetes`: Serve's own front door (its Python proxy) and its default threading, as
+    the KubeRay manifests run it, instead of what `neo-serve up` sets for a local cluster (this
+    process's environment is restored afterwards, for the later clusters of the test run)."""
     import ray
     from ray import serve
 
-    from neo_serve.serve.local_cluster import configure_local_cluster
+    from neo_serve.serve.ingress import configure_local_ingress
+    from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS, configure_local_cluster
 
-    port = free_port()
-    # The front door `neo-serve up` uses: HAProxy when its binary is installed (with ray[serve]),
-    # and the Serve settings it starts local clusters with, but for Serve's own control-loop
-    # interval (0.1 s) instead of its 0.5 s: the tests deploy and delete dozens of applications,
-    # each waiting for the controller's rounds (test_serve_app and test_reliability took 394 s
-    # at 0.5 s against 341 s at 0.1 s). test_serve_launcher checks what `neo-serve up` sets.
-    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
-    configure_local_cluster("auto")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with _environment_restored() if as_on_kubernetes else contextlib.nullcontext():
+        port = free_port()
+        # The front door `neo-serve up` uses: HAProxy when its binary is installed (with
+        # ray[serve]), and the Serve settings it starts local clusters with, but for Serve's own
+        # control-loop interval (0.1 s) instead of its 0.5 s: the tests deploy and delete dozens
+        # of applications, each waiting for the controller's rounds (test_serve_app and
+        # test_reliability took 394 s at 0.5 s against 341 s at 0.1 s). test_serve_launcher
+        # checks what `neo-serve up` sets.
+        os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+        if as_on_kubernetes:
+            for variable in LOCAL_SERVE_SETTINGS:
+                os.environ.pop(variable, None)
+            configure_local_ingress("proxy")
+        else:
+            configure_local_cluster("auto")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
