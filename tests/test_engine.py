@@ -54,8 +54,17 @@ def test_abort_frees_the_kv_at_once(llm):
     for _ in range(3):
         engine.step()
     assert engine.allocator.num_free_blocks < engine.allocator.num_blocks
+    free_before = engine.allocator.num_free_blocks
+    [gone] = engine.requests["gone"].sequences
+    held = gone.extent.length
+    assert held > 0
     assert engine.abort_request("gone")
+    # Freed at once, not at some later step: its blocks are back before anything else runs.
+    assert engine.allocator.num_free_blocks == free_before + held
     assert all(seq.request.request_id != "gone" for seq in engine.scheduler.running)
+    prepared = engine.schedule_step()  # the next micro-batch has only the other request
+    assert prepared is not None and {c.seq.request.request_id for c in prepared.batch.chunks} == {"stays"}
+    engine.apply_step(prepared, engine.sample_step(prepared, engine.executor.execute(prepared.step_input)))
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks

@@ -207,3 +207,26 @@ def test_a_long_text_prompt_does_not_stall_the_other_streams(neox_checkpoint):
     assert took > 0.5, f"encoding took only {took:.2f} s: the prompt is too short to show a stall"
     assert longest_gap < 0.3, f"the event loop stalled for {longest_gap:.2f} s while a prompt was encoded"
     assert len(token_ids(chunks)) == GREEDY.max_tokens
+
+
+def test_a_cancelled_stream_leaves_the_engine_at_once(neox_checkpoint):
+    # A client that hangs up (the stream is closed): its sequence leaves the engine and frees its
+    # KV blocks before the next micro-batch is scheduled, not when it would have finished.
+    async def main():
+        core = await start_core(neox_checkpoint)
+        try:
+            stream = core.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                                   "gone")
+            for _ in range(4):
+                await stream.__anext__()
+            steps_at_cancel = core.num_steps
+            await stream.aclose()
+            assert "gone" not in core.engine.requests
+            assert core.engine.allocator.num_free_blocks == core.engine.allocator.num_blocks
+            await asyncio.sleep(0.3)
+            return core.num_steps - steps_at_cancel
+        finally:
+            core.close()
+            core.runner.close()
+
+    assert asyncio.run(main()) <= 1  # at most the micro-batch already in flight (one stage)
