@@ -254,3 +254,19 @@ def test_a_plain_greedy_step_brings_back_token_ids_instead_of_logits(llm, other)
     finally:
         for request_id in ("g2", "o"):
             engine.abort_request(request_id)
+
+
+def test_stages_that_resolved_different_dtypes_still_run_together(neox_checkpoint):
+    # `dtype: auto` resolves on each stage's node: a bfloat16 checkpoint runs bfloat16 where the
+    # CPU has bfloat16 kernels and float32 elsewhere, so a pipeline over mixed nodes passes
+    # bfloat16 hidden states into float32 layers (a dtype error in the first matmul).
+    import dataclasses
+
+    from neo_serve.engine.worker import StageWorker
+
+    llm = LLM(str(neox_checkpoint), dtype="float32", num_stages=2, max_model_len=128, kv_cache_tokens=1024)
+    first, second = llm.engine.executor.workers
+    llm.engine.executor.workers[0] = StageWorker(dataclasses.replace(first.spec, dtype="bfloat16"))
+    assert (llm.engine.executor.workers[0].dtype, second.dtype) == (torch.bfloat16, torch.float32)
+    [output] = llm.generate([list(range(5, 30))], GREEDY)
+    assert len(output.outputs[0].token_ids) == GREEDY.max_tokens

@@ -117,7 +117,9 @@ class StageWorker:
             self.kv.apply_copies(step.kv_copies)
         meta = AttentionMetadata.build(step.sequences, self.spec.block_size, self.device)
         positions = step.positions.to(self.device)
-        inputs = step.input_ids.to(self.device) if self.spec.stage.is_first else hidden.to(self.device)
+        # A previous stage may compute in another dtype: `auto` resolves per stage, and on a
+        # bfloat16 checkpoint a CPU without bfloat16 kernels runs float32 (heterogeneous nodes).
+        inputs = step.input_ids.to(self.device) if self.spec.stage.is_first else hidden.to(self.device, self.dtype)
         hidden = self.model(inputs, positions, self.kv.tensor, meta)
         if not self.spec.stage.is_last:
             return hidden
