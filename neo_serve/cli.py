@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True, help="GPUs per pipeline (one stage each)")
     plan.add_argument("--stages", type=int, default=None, help="stages (default: --gpus)")
     plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB")
-    plan.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    plan.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                      help="weights and KV dtype (auto: the checkpoint's, as config.json names it, else float32, "
+                           "as a GPU would serve it)")
     plan.add_argument("--memory-utilization", type=float, default=0.90)
     plan.set_defaults(func=_plan)
 

@@ -49,6 +49,7 @@ class PipelinePlan:
     gpu_memory_bytes: int
     usable_bytes: int  # per GPU, after the utilisation cap and the activation reserve
     context_tokens: int  # the model's context window: the engine needs KV room for one
+    dtype: str  # of the weights and the KV cache
 
     @property
     def weights_fit(self) -> bool:
@@ -66,8 +67,17 @@ class PipelinePlan:
         return self.weights_fit and self.kv_tokens >= self.context_tokens
 
 
-def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int, dtype: str = "float16",
+def planned_dtype(config: ModelConfig, dtype: str = "auto") -> str:
+    """The dtype a GPU serves the model in: `auto` is the checkpoint's own, as the config names it,
+    else float32 (GPT-Neo's configs name none, and its published weights are float32)."""
+    if dtype != "auto":
+        return dtype
+    return config.checkpoint_dtype or "float32"
+
+
+def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int, dtype: str = "auto",
                   memory_utilization: float = 0.90, activation_reserve: str | int = "1GiB") -> PipelinePlan:
+    dtype = planned_dtype(config, dtype)
     torch_dtype = DTYPES[dtype]
     element = torch.empty((), dtype=torch_dtype).element_size()
     total = parse_bytes(gpu_memory)
@@ -80,12 +90,12 @@ def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int
         per_token = KVArena.bytes_per_token(spec.num_layers, config.num_heads, config.head_dim, torch_dtype)
         kv_tokens = max(0, (usable - weights) // per_token)
         stages.append(StagePlan(spec.index, spec.layer_start, spec.layer_end, weights, per_token, kv_tokens))
-    return PipelinePlan(stages, total, usable, config.max_position_embeddings)
+    return PipelinePlan(stages, total, usable, config.max_position_embeddings, dtype)
 
 
 def format_plan(plan: PipelinePlan, name: str) -> str:
     gib = 2**30
-    lines = [f"{name}: {len(plan.stages)} stage(s), {plan.gpu_memory_bytes / gib:.1f} GiB per GPU "
+    lines = [f"{name}: {len(plan.stages)} stage(s) in {plan.dtype}, {plan.gpu_memory_bytes / gib:.1f} GiB per GPU "
              f"({plan.usable_bytes / gib:.1f} GiB usable after the utilisation cap and activation reserve)",
              f"{'stage':>5}  {'layers':>9}  {'weights GiB':>11}  {'KV MiB/token':>12}  {'KV tokens':>10}"]
     for stage in plan.stages:

@@ -36,6 +36,22 @@ def test_plan_gpt_neox_20b_on_gpus(reference_dir, capsys):
     assert f"max_model_len <= {tight.kv_tokens // 256 * 256}" in capsys.readouterr().out
 
 
+def test_plan_sizes_the_dtype_the_model_is_served_in(reference_dir, capsys):
+    # GPT-Neo's configs name no dtype and its published weights are float32, which is what
+    # `dtype: auto` serves on a GPU: planned in float16, 2.7B would need half the memory it does.
+    neo = load_model_config(reference_dir / "gpt-neo-2.7b.config.json")
+    auto = plan_pipeline(neo, num_stages=1, gpu_memory="24GiB")
+    assert auto.dtype == "float32" and 10.5e9 < sum(s.weight_bytes for s in auto.stages) < 11.5e9
+    half = plan_pipeline(neo, num_stages=1, gpu_memory="24GiB", dtype="float16")
+    assert sum(s.weight_bytes for s in half.stages) * 2 == sum(s.weight_bytes for s in auto.stages)
+    # GPT-NeoX-20B's config says float16.
+    assert plan_pipeline(load_model_config(reference_dir / "gpt-neox-20b.config.json"), num_stages=4,
+                         gpu_memory="24GiB").dtype == "float16"
+    assert main(["plan", "--config", str(reference_dir / "gpt-neo-2.7b.config.json"), "--gpus", "1",
+                 "--gpu-memory", "24GiB"]) == 0
+    assert "1 stage(s) in float32" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512Mi", 512 * 2**20), (7, 7)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
