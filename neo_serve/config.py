@@ -8,6 +8,7 @@ and the keys current transformers writes (`rope_parameters` with `partial_rotary
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any, ClassVar
 
 from neo_serve.errors import ConfigError, UnsupportedArchitectureError
 
-SUPPORTED_ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
+# The keys of neo_serve.models.layers.ACTIVATIONS (a test keeps them equal).
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "relu",
+                         "relu6", "silu", "swish", "tanh", "quick_gelu")
 CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -126,13 +129,40 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a JSON object")
     try:
-        return config_from_dict(raw)
+        config = config_from_dict(raw)
     except ConfigError as exc:
         raise type(exc)(f"{file}: {exc}") from None
+    return _with_generation_eos(config, file.parent / "generation_config.json")
+
+
+def _with_generation_eos(config: ModelConfig, file: Path) -> ModelConfig:
+    """Also stop at the end tokens of generation_config.json, as transformers' `generate` (which
+    reads only that file) and vLLM do: a fine-tune may name its chat end token only there."""
+    if not file.is_file():
+        return config
+    try:
+        eos = json.loads(file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{file}: not a JSON object ({exc})") from None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids if i is not None):
+        raise ConfigError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    known = {config.eos_token_id, *config.more_eos_token_ids}
+    extra = tuple(dict.fromkeys(i for i in ids if i is not None and i not in known))
+    if not extra:
+        return config
+    if config.eos_token_id is None:
+        return dataclasses.replace(config, eos_token_id=extra[0], more_eos_token_ids=extra[1:])
+    return dataclasses.replace(config, more_eos_token_ids=config.more_eos_token_ids + extra)
 
 
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     architecture = _architecture_of(raw)
+    if raw.get("quantization_config"):
+        method = (raw["quantization_config"] or {}).get("quant_method", "unknown") \
+            if isinstance(raw["quantization_config"], dict) else "unknown"
+        raise ConfigError(f"quantized checkpoints are not supported (quantization_config: {method}); serve the "
+                          "original float16 / bfloat16 / float32 weights")
     common = _common_fields(raw)
     if architecture == GPTNeoXConfig.architecture:
         return _neox_from_dict(raw, common)

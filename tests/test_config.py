@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from neo_serve.config import GPTNeoConfig, GPTNeoXConfig, config_from_dict, load_model_config
 from neo_serve.errors import ConfigError, UnsupportedArchitectureError
@@ -58,4 +59,23 @@ def test_bad_values_name_the_field(tmp_path):
         config_from_dict(raw)
     raw.update(hidden_act="gelu", num_hidden_layers=0)
     with pytest.raises(ConfigError, match="num_layers"):
+        config_from_dict(raw)
+
+
+def test_every_activation_name_computes_what_transformers_computes():
+    from transformers.activations import ACT2FN
+
+    from neo_serve.config import SUPPORTED_ACTIVATIONS
+    from neo_serve.models.layers import ACTIVATIONS
+
+    assert set(SUPPORTED_ACTIVATIONS) == set(ACTIVATIONS)
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float32)
+    for name, function in ACTIVATIONS.items():
+        assert torch.allclose(function(x), ACT2FN[name](x), atol=1e-5), name
+
+
+def test_quantized_checkpoints_are_refused_by_name():
+    raw = {"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    with pytest.raises(ConfigError, match="quantized checkpoints are not supported.*gptq"):
         config_from_dict(raw)

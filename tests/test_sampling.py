@@ -203,3 +203,21 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field and field in str(info.value)
+
+
+def test_end_tokens_of_generation_config_also_end_generation(llm, neox_checkpoint, tmp_path):
+    # transformers' `generate` reads its end tokens from generation_config.json, and a fine-tune
+    # may name its chat end token only there: the engine stops at those too (as vLLM does).
+    import json
+    import shutil
+
+    _, ids = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
+    end = ids[4]
+    checkpoint = tmp_path / "generation-eos"
+    shutil.copytree(neox_checkpoint, checkpoint)
+    first_eos = json.loads((checkpoint / "config.json").read_text())["eos_token_id"]
+    assert end != first_eos
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [first_eos, end]}))
+    out = LLM(str(checkpoint), dtype="float32").generate(
+        [PROMPT], SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
+    assert out.token_ids == ids[:ids.index(end) + 1] and out.finish_reason == "stop"

@@ -19,13 +19,19 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# The `hidden_act` names transformers accepts for these models (its ACT2FN), as it computes them.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
+    "gelu_python": F.gelu,  # the same exact (erf) gelu, written out in Python
     "gelu_new": _gelu_tanh,
     "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
     "relu": F.relu,
+    "relu6": F.relu6,
     "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
     "quick_gelu": _quick_gelu,
 }
 
