@@ -30,6 +30,10 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers old checkpoints carry that the model recomputes (rotary tables, causal masks).
 LEGACY_TENSOR = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+# Other names a tensor is saved under, per architecture: transformers 5 calls GPT-NeoX's output
+# head `lm_head` in memory (it renames `embed_out` on load), so a checkpoint written from its
+# state_dict (accelerate's save_model, safetensors.save_file) holds `lm_head.weight`.
+TENSOR_ALIASES: dict[str, dict[str, str]] = {"GPTNeoXForCausalLM": {"embed_out.weight": "lm_head.weight"}}
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ def _index_tensors(directory: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index} names shard(s) that are missing from {directory}: {', '.join(missing)}")
         return files
     single = directory / SINGLE_FILE
-    candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+    # Not an adapter saved beside pickle weights (a LoRA's adapter_model.safetensors).
+    candidates = [single] if single.is_file() else sorted(
+        path for path in directory.glob("*.safetensors") if not path.name.startswith("adapter_"))
     if len(candidates) == 1:
         return {name: candidates[0] for name in _tensor_names(candidates[0])}
     if len(candidates) > 1:
@@ -139,11 +145,13 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
     with init_empty_weights():
         model = build_stage_model(config, stage, backend or SdpaBackend())
     tied = model.tied_weights()
+    stored = _stored_names(files, config)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for param_name in model.state_dict().keys():
         source = param_name
-        if source not in files.tensor_files and param_name in tied:
+        if source not in stored and param_name in tied:
             source = tied[param_name]
+        source = stored[source]
         by_file.setdefault(files.tensor_files[source], []).append((param_name, source))
     for file, names in by_file.items():
         try:
@@ -157,9 +165,18 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
     return model.eval().requires_grad_(False)
 
 
+def _stored_names(files: CheckpointFiles, config: ModelConfig) -> dict[str, str]:
+    """The model's name of each stored tensor -> its name in the checkpoint (see TENSOR_ALIASES)."""
+    names = {name: name for name in files.tensor_files if not LEGACY_TENSOR.search(name)}
+    for canonical, alias in TENSOR_ALIASES.get(config.architecture, {}).items():
+        if canonical not in names and alias in names:
+            names[canonical] = names.pop(alias)
+    return names
+
+
 def _check_tensor_names(files: CheckpointFiles, config: ModelConfig) -> None:
     expected, tied = expected_tensors(config)
-    stored = {name for name in files.tensor_files if not LEGACY_TENSOR.search(name)}
+    stored = set(_stored_names(files, config))
     missing = sorted(name for name in expected - stored if tied.get(name) not in stored)
     unexpected = sorted(stored - expected)
     problems = []

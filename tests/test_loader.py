@@ -108,6 +108,8 @@ def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoin
         shutil.copy2(neox_checkpoint / name, pickled / name)
     state = load_file(neox_checkpoint / "model.safetensors")
     torch.save(state, pickled / "pytorch_model.bin")
+    # A LoRA adapter saved beside the pickle weights is not taken for the model's safetensors.
+    save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, pickled / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="neo-serve convert"):
         LLM(str(pickled))
     converted = tmp_path / "converted"
@@ -117,6 +119,21 @@ def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoin
     prompt = [[5, 6, 7, 8]]
     assert (LLM(str(converted)).generate(prompt, params)[0].outputs[0].token_ids
             == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
+
+
+def test_a_neox_head_saved_as_lm_head_loads(neox_checkpoint, tmp_path):
+    # transformers 5 names GPT-NeoX's head `lm_head` in memory, so a checkpoint saved from its
+    # state_dict holds lm_head.weight where the Hub's have embed_out.weight.
+    renamed = tmp_path / "lm-head"
+    shutil.copytree(neox_checkpoint, renamed)
+    state = load_file(renamed / "model.safetensors")
+    state["lm_head.weight"] = state.pop("embed_out.weight")
+    save_file(state, renamed / "model.safetensors")
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
+    [ours], [reference] = (LLM(str(path), dtype="float32").generate([[5, 6, 7, 8]], params)
+                           for path in (renamed, neox_checkpoint))
+    assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert ours.outputs[0].logprobs == reference.outputs[0].logprobs
 
 
 def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkeypatch):
