@@ -17,7 +17,7 @@ from neo_serve.errors import CheckpointError
 from neo_serve.loader import INDEX_FILE
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.json", "merges.txt", "README.md")
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md")
 
 
 def _pickle_files(src: Path) -> list[Path]:

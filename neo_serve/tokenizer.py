@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -30,7 +31,7 @@ class Tokenizer:
             return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")))
         vocab, merges = directory / "vocab.json", directory / "merges.txt"
         if vocab.is_file() and merges.is_file():
-            return cls(_gpt2_bpe(vocab, merges, _special_tokens(directory)))
+            return cls(_gpt2_bpe(directory, _special_tokens(directory)))
         raise CheckpointError(f"{directory} has no tokenizer.json and no vocab.json + merges.txt")
 
     def encode(self, text: str) -> list[int]:
@@ -85,8 +86,8 @@ def _special_tokens(directory: Path) -> list[str]:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            value = data.get(key)
+        named = [data.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        for value in [*named, *(data.get("additional_special_tokens") or [])]:
             if isinstance(value, dict):
                 value = value.get("content")
             if isinstance(value, str) and value not in tokens:
@@ -97,13 +98,52 @@ def _special_tokens(directory: Path) -> list[str]:
     return tokens or list(DEFAULT_SPECIAL_TOKENS)
 
 
-def _gpt2_bpe(vocab: Path, merges: Path, special_tokens: list[str]) -> HFTokenizer:
-    tokenizer = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    # GPT-2's byte-level BPE: no prefix space, GPT-2's split regex, byte-level decoding.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+def _added_tokens(directory: Path) -> dict[int, dict[str, Any]]:
+    """Tokens a GPT-2 style checkpoint adds beyond its BPE vocabulary (added_tokens.json and
+    tokenizer_config.json's added_tokens_decoder): id -> {"content", "special", ...}."""
+    added: dict[int, dict[str, Any]] = {}
+    path = directory / "added_tokens.json"
+    if path.is_file():
+        for content, token_id in json.loads(path.read_text()).items():
+            added[int(token_id)] = {"content": content}
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        for token_id, entry in (json.loads(path.read_text()).get("added_tokens_decoder") or {}).items():
+            added[int(token_id)] = entry
+    return added
+
+
+def _add_prefix_space(directory: Path) -> bool:
+    path = directory / "tokenizer_config.json"
+    return bool(path.is_file() and json.loads(path.read_text()).get("add_prefix_space", False))
+
+
+def _gpt2_bpe(directory: Path, special_tokens: list[str]) -> HFTokenizer:
+    """vocab.json + merges.txt, with the tokens the checkpoint adds at the ids it gives them (a
+    fine-tune's pad or chat tokens): the model's embedding rows are indexed by those ids."""
+    tokenizer = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+    # GPT-2's byte-level BPE: GPT-2's split regex, byte-level decoding, no prefix space unless asked.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=_add_prefix_space(directory))
     tokenizer.decoder = decoders.ByteLevel()
+    specials = set(special_tokens)
     known = [t for t in special_tokens if tokenizer.token_to_id(t) is not None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in known])
+    for token_id, entry in sorted(_added_tokens(directory).items()):
+        content = entry["content"]
+        special = bool(entry.get("special")) or content in specials
+        existing = tokenizer.token_to_id(content)
+        if existing is not None:
+            if existing != token_id:
+                raise CheckpointError(f"{directory}: added token {content!r} has id {token_id} there, but the "
+                                      f"vocabulary gives it {existing}")
+            continue
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if token_id != size:
+            raise CheckpointError(f"{directory}: added token {content!r} has id {token_id}, but the vocabulary "
+                                  f"before it has {size} tokens (added ids must follow on from the vocabulary)")
+        token = AddedToken(content, special=special, normalized=not special, lstrip=bool(entry.get("lstrip")),
+                           rstrip=bool(entry.get("rstrip")), single_word=bool(entry.get("single_word")))
+        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
     return tokenizer
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from neo_serve.errors import CheckpointError
 from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = ["def hello_world():\n    return 'hi'\n", "Grüße, naïve café — 日本語 🙂🚀 <|endoftext|> after the end",
@@ -51,3 +52,31 @@ def test_token_bytes_are_the_texts_utf8_bytes(checkpoint, request):
         ids = tokenizer.encode(text)
         assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8"), text
     assert tokenizer.token_bytes(tokenizer.encode("<|endoftext|>")[0]) is None  # an added token
+
+
+def test_a_gpt2_style_tokenizer_keeps_the_tokens_a_fine_tune_adds(neo_checkpoint, tmp_path):
+    # GPT-Neo fine-tunes with a pad or chat tokens ship vocab.json + merges.txt + added_tokens.json:
+    # the added tokens must encode to their own ids (the model's embedding rows), not to BPE pieces.
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(neo_checkpoint, tuned)
+    size = len(json.loads((tuned / "vocab.json").read_text()))
+    (tuned / "added_tokens.json").write_text(json.dumps({"<|pad|>": size, "<|user|>": size + 1}))
+    special_map = json.loads((tuned / "special_tokens_map.json").read_text())
+    special_map["pad_token"] = "<|pad|>"
+    (tuned / "special_tokens_map.json").write_text(json.dumps(special_map))
+    ours = Tokenizer.from_dir(tuned)
+    theirs = AutoTokenizer.from_pretrained(tuned)
+    text = "<|user|>hello there<|pad|><|pad|> and <|endoftext|>"
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ids[0] == size + 1 and ids.count(size) == 2
+    assert ours.decode(ids, skip_special_tokens=False) == text
+    assert size in ours.special_ids and size + 1 not in ours.special_ids  # the pad is special, <|user|> not
+    (tuned / "added_tokens.json").write_text(json.dumps({"<|user|>": size + 5}))
+    with pytest.raises(CheckpointError, match="must follow on"):
+        Tokenizer.from_dir(tuned)
