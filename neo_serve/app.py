@@ -44,7 +44,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     playground = None
     if app_args.playground.enabled:
         models = [{"name": card["id"], "deployment": deployment_name(model, index), "num_stages": model.num_stages,
-                   "max_model_len": card.get("max_model_len")}
+                   "max_model_len": card.get("max_model_len"), "request_timeout_s": model.request_timeout_s}
                   for index, (model, card) in enumerate(zip(app_args.models, cards))]
         playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
     limits = {model.served_name: model.route_limits() for model in app_args.models}

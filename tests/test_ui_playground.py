@@ -250,6 +250,31 @@ def test_model_not_loaded_is_reported(base_url, app):
         serve.delete(name)
 
 
+def test_a_run_past_the_models_deadline_is_stopped(base_url, app):
+    """The model's request_timeout_s holds for the playground's runs as for the router's
+    requests: past it the run ends with a readable error and its sequence is stopped."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    name = "neo-deadline"
+    serve.run(build_app({
+        "models": [{"name": "timed", "checkpoint": str(DEMO_CHECKPOINT), "dtype": "float32", "cpus_per_stage": 0.5,
+                    "request_timeout_s": 1.5}],
+        "router": {"num_cpus": 0.5}}), name=name, route_prefix="/deadline")
+    try:
+        timed = Client(f"{base_url}/deadline/ui/", verbose=False, analytics_enabled=False, download_files=False)
+        settings = {**GREEDY, "max_new_tokens": 480}  # seconds of generation on the demo model
+        started = time.monotonic()
+        with pytest.raises(AppError, match="did not finish within timed's deadline of 1.5 s"):
+            timed.predict("def f():", "timed", *settings.values(), api_name="/generate")
+        assert time.monotonic() - started < 30
+        stats = wait_until(lambda: (s := serve.get_app_handle(name).stats.remote().result()["timed"])["requests"] == 0
+                           and s, timeout=10, what="the timed-out sequence stopped")
+        assert stats["num_steps"] < 400  # stopped, not run to its 480 tokens
+    finally:
+        serve.delete(name)
+
+
 # ---- a real browser ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():

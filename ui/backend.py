@@ -32,6 +32,7 @@ class PlaygroundModel:
     deployment: str  # the Serve deployment of its pipelines, e.g. Pipeline-0-neo-demo
     num_stages: int
     max_model_len: int | None = None
+    request_timeout_s: float | None = None  # the model's deadline for a run, as the router's for a request
 
 
 class PlaygroundError(Exception):
@@ -187,16 +188,28 @@ class PlaygroundBackend:
                                                     "surrogate).")
         handle = self.pipelines[run.model.name]
         request_id = f"playground-{uuid.uuid4().hex}"
+        deadline = _deadline(run.model.request_timeout_s)
         try:
             async with self._replica(run.model, handle) as selection:
                 run.replica = replica_label(selection.replica_id)
                 stream = handle.dispatch(selection, prompt, params, request_id)
                 try:
-                    async for chunk in stream:
+                    while True:
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                chunk = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
                         run.feed(chunk)
                         yield run
                 finally:
-                    stream.cancel()  # a no-op once finished; on Stop the pipeline aborts the sequence
+                    stream.cancel()  # a no-op once finished; on Stop or past the deadline the pipeline aborts it
+        except TimeoutError as exc:
+            if deadline is None or asyncio.get_running_loop().time() < deadline:
+                raise describe_error(exc, run.model) from None  # another timeout, not the deadline's
+            raise PlaygroundError("Timed out", f"The run did not finish within {run.model.name}'s deadline of "
+                                               f"{run.model.request_timeout_s:g} s (request_timeout_s); it was "
+                                               "stopped.") from None
         except Exception as exc:  # not CancelledError / GeneratorExit: a Stop is no error
             raise describe_error(exc, run.model) from None
 
@@ -235,6 +248,11 @@ class PlaygroundBackend:
         return PlaygroundError("Model not loaded", f"{model.name} is not loaded yet: no pipeline replica is running"
                                + (f" (deployment {model.deployment}: {state})" if state else "")
                                + ". Its stages may still be loading or waiting for resources; try again shortly.")
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    """The event loop's time by which a run must end (None: no deadline)."""
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
 
 def busy_error(detail: str) -> PlaygroundError:
