@@ -196,17 +196,14 @@ class PlaygroundBackend:
                 try:
                     while True:
                         try:
-                            async with asyncio.timeout_at(deadline):
-                                chunk = await stream.__anext__()
+                            chunk = await _before(deadline, stream.__anext__())
                         except StopAsyncIteration:
                             break
                         run.feed(chunk)
                         yield run
                 finally:
                     stream.cancel()  # a no-op once finished; on Stop or past the deadline the pipeline aborts it
-        except TimeoutError as exc:
-            if deadline is None or asyncio.get_running_loop().time() < deadline:
-                raise describe_error(exc, run.model) from None  # another timeout, not the deadline's
+        except _DeadlinePassed:
             raise PlaygroundError("Timed out", f"The run did not finish within {run.model.name}'s deadline of "
                                                f"{run.model.request_timeout_s:g} s (request_timeout_s); it was "
                                                "stopped.") from None
@@ -253,6 +250,19 @@ class PlaygroundBackend:
 def _deadline(timeout_s: float | None) -> float | None:
     """The event loop's time by which a run must end (None: no deadline)."""
     return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+class _DeadlinePassed(Exception):
+    """A run's deadline passed (its own type: other timeouts are not the deadline's)."""
+
+
+async def _before(deadline: float | None, awaitable: Any) -> Any:
+    if deadline is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+    except asyncio.TimeoutError:
+        raise _DeadlinePassed() from None
 
 
 def busy_error(detail: str) -> PlaygroundError:

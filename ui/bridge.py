@@ -38,15 +38,17 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 FORWARDED_SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                         "root_path", "headers", "client", "server")
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-# Gradio serves a file-upload route on every app. The playground has no file inputs, and files
-# sent there would stay on the playground node's disk (nothing deletes them): the router refuses
-# these paths (below /ui) before they reach the playground.
+# Gradio serves routes that write multipart bodies to temporary files on every app (its upload
+# route, process_recording). The playground has no file inputs, and such files would stay on the
+# playground node's disk (nothing deletes them): the router refuses these paths and any
+# multipart body below /ui before they reach the playground.
 REFUSED_PATH_PREFIXES = ("gradio_api/upload",)
 
 
-def refused(path: str) -> bool:
-    """Whether the router refuses `path` (below /ui) instead of forwarding it."""
-    return path.lstrip("/").startswith(REFUSED_PATH_PREFIXES)
+def refused(path: str, content_type: str | None) -> bool:
+    """Whether the router refuses a request to `path` (below /ui) instead of forwarding it."""
+    multipart = (content_type or "").strip().lower().startswith("multipart/")
+    return multipart or path.lstrip("/").startswith(REFUSED_PATH_PREFIXES)
 # After a client hangs up, how long the app gets to notice `http.disconnect` and return.
 DISCONNECT_GRACE_S = 2.0
 

@@ -164,7 +164,7 @@ class Router:
         if self.playground is None:
             raise APIError("the playground is disabled in this application (build arg playground: false)",
                            status=404, type="not_found_error")
-        if bridge.refused(request.path_params.get("path", "")):
+        if bridge.refused(request.path_params.get("path", ""), request.headers.get("content-type")):
             raise APIError("the playground takes no file uploads", status=404, type="not_found_error")
         try:
             return await bridge.forward(self.playground, request)
