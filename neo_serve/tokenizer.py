@@ -23,6 +23,9 @@ class Tokenizer:
         self.special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
         self._added_ids = frozenset(added)
         self._byte_alphabet = _BYTE_LEVEL_ALPHABET if isinstance(backend.decoder, decoders.ByteLevel) else None
+        # The most characters one token stands for: a byte-level entry has one character per
+        # byte, at least as many as its decoded text; an added token is its own text.
+        self.max_token_chars = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=1)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
@@ -132,13 +135,13 @@ def _gpt2_bpe(directory: Path, special_tokens: list[str]) -> HFTokenizer:
         content = entry["content"]
         special = bool(entry.get("special")) or content in specials
         existing = tokenizer.token_to_id(content)
-        if existing is not None:
-            if existing != token_id:
-                raise CheckpointError(f"{directory}: added token {content!r} has id {token_id} there, but the "
-                                      f"vocabulary gives it {existing}")
-            continue
+        if existing is not None and existing != token_id:
+            raise CheckpointError(f"{directory}: added token {content!r} has id {token_id} there, but the "
+                                  f"vocabulary gives it {existing}")
         size = tokenizer.get_vocab_size(with_added_tokens=True)
-        if token_id != size:
+        # Already in vocab.json: registered all the same (it keeps its id) so that it is matched
+        # whole, before the byte-level split; new tokens take the next id.
+        if existing is None and token_id != size:
             raise CheckpointError(f"{directory}: added token {content!r} has id {token_id}, but the vocabulary "
                                   f"before it has {size} tokens (added ids must follow on from the vocabulary)")
         token = AddedToken(content, special=special, normalized=not special, lstrip=bool(entry.get("lstrip")),

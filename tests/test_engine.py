@@ -270,3 +270,13 @@ def test_stages_that_resolved_different_dtypes_still_run_together(neox_checkpoin
     assert (llm.engine.executor.workers[0].dtype, second.dtype) == (torch.bfloat16, torch.float32)
     [output] = llm.generate([list(range(5, 30))], GREEDY)
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_a_text_prompt_too_long_for_any_tokenization_is_refused_before_encoding(llm, monkeypatch):
+    engine = llm.engine
+    assert engine.max_prompt_chars == 4 * engine.max_model_len * engine.tokenizer.max_token_chars
+    encoded: list[int] = []
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: encoded.append(len(text)) or [1])
+    with pytest.raises(InvalidRequestError, match="characters, more than a context window of 128 tokens") as excinfo:
+        engine.add_request("x" * (engine.max_prompt_chars + 1), GREEDY)
+    assert excinfo.value.field == "prompt" and encoded == []

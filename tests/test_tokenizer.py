@@ -80,3 +80,17 @@ def test_a_gpt2_style_tokenizer_keeps_the_tokens_a_fine_tune_adds(neo_checkpoint
     (tuned / "added_tokens.json").write_text(json.dumps({"<|user|>": size + 5}))
     with pytest.raises(CheckpointError, match="must follow on"):
         Tokenizer.from_dir(tuned)
+
+    # An added token that vocab.json already holds is still matched whole, at its id.
+    (tuned / "added_tokens.json").unlink()
+    vocab = json.loads((tuned / "vocab.json").read_text())
+    vocab["<|sys|>"] = size
+    (tuned / "vocab.json").write_text(json.dumps(vocab))
+    config_path = tuned / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tokenizer_config["added_tokens_decoder"] = {str(size): {"content": "<|sys|>", "special": False}}
+    config_path.write_text(json.dumps(tokenizer_config))
+    text = "<|sys|>hello there"
+    assert Tokenizer.from_dir(tuned).encode(text) == AutoTokenizer.from_pretrained(tuned).encode(
+        text, add_special_tokens=False)
+    assert Tokenizer.from_dir(tuned).encode(text)[0] == size

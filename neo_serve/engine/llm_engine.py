@@ -60,6 +60,10 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(config.model)
         self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        # Longer text prompts cannot fit the context however they tokenize: no token covers more
+        # than `max_token_chars` characters (x4 for normalizers that merge characters, e.g. NFC).
+        # They are refused before encoding, which for a few MiB takes seconds and GiBs.
+        self.max_prompt_chars = 4 * self.max_model_len * self.tokenizer.max_token_chars
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
                               f"max_position_embeddings {self.model_config.max_position_embeddings}")
@@ -148,6 +152,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty", field="prompt")
+            self.check_prompt_text(prompt)
             return prompt, prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids", field="prompt")
@@ -171,6 +176,13 @@ class LLMEngine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.max_model_len} tokens", field="max_tokens")
         return params.max_tokens
+
+    def check_prompt_text(self, text: str) -> None:
+        """Refuse, before encoding it, a text prompt longer than `max_prompt_chars`."""
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"prompt has {len(text)} characters, more than a context window of {self.max_model_len} tokens "
+                f"can hold (at most {self.max_prompt_chars} characters for this tokenizer)", field="prompt")
 
     def _too_long(self, prompt_len: int) -> InvalidRequestError:
         return InvalidRequestError(f"prompt has {prompt_len} tokens; the context window is {self.max_model_len}",

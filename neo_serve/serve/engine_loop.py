@@ -103,8 +103,9 @@ class PipelineCore:
         arrival = time.monotonic()
         prompt_token_ids = None
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            self.engine.check_prompt_text(prompt)  # far too long: refused without encoding it
             # On a worker thread (the tokenizer releases the GIL): on the event loop, a long text
-            # would stall every stream of the replica while it is encoded (4 MiB: seconds).
+            # would stall every stream of the replica while it is encoded (1 MiB: over a second).
             prompt_token_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
         if self.failure is not None:
             raise PipelineFailed(f"pipeline failed: {self.failure!r}")
