@@ -132,6 +132,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
         config = config_from_dict(raw)
     except ConfigError as exc:
         raise type(exc)(f"{file}: {exc}") from None
+    if file.name != "config.json":  # e.g. a reference copy named gpt-neox-20b.config.json: no checkpoint
+        return config
     return _with_generation_eos(config, file.parent / "generation_config.json")
 
 

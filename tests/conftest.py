@@ -74,6 +74,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"the suite does not skip tests; this one was skipped: {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    # A module that skips itself (pytest.skip(allow_module_level=True), importorskip) skips at
+    # collection: that fails the run too.
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"the suite does not skip tests; {collector.nodeid} was skipped: {report.longrepr}"
+
+
 # ---- ending the test process ----------------------------------------------------------------
 # The suite starts and stops several local Ray clusters in this one process. Ray Serve leaves
 # threads behind in a driver that used handles (its router's event loop, a daemon thread kept for

@@ -39,12 +39,17 @@ def join_stream(events: list[dict[str, Any]]) -> dict[int, str]:
 
 @contextlib.contextmanager
 def _environment_restored() -> Iterator[None]:
+    """Undo this process's environment changes afterwards, key by key (never clearing it: threads
+    Ray Serve leaves in the driver may read it meanwhile)."""
     saved = dict(os.environ)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for key in [key for key in os.environ if key not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:

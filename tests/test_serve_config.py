@@ -43,6 +43,7 @@ def checkpoint(tmp_path_factory) -> str:
     ({"models": [{"max_queued_requests": 0}]}, "models[0].max_queued_requests"),
     ({"router": {"resources": {"GPU": 1}}}, "router.resources"),
     ({"playground": {"resources": {"neo-serve-ingress": 0}}}, "playground.resources"),
+    ({"router": {"resources": {"neo-serve-ingress": 1.5}}}, "router.resources"),
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(AppConfigError) as excinfo:

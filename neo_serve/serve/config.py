@@ -38,8 +38,9 @@ def _custom_resources(value: dict[str, float]) -> dict[str, float]:
     for name, amount in value.items():
         if not name or name in _RAY_BUILTIN_RESOURCES:
             raise ValueError(f"{name!r} is not a custom resource name (CPUs and GPUs have fields of their own)")
-        if not amount > 0:
-            raise ValueError(f"{name}: the amount must be > 0, got {amount}")
+        if not 0 < amount < float("inf") or (amount > 1 and amount != int(amount)):
+            # Ray's rule: a fraction of one unit, or whole units.
+            raise ValueError(f"{name}: the amount must be a fraction in (0, 1] or a whole number, got {amount}")
     return value
 
 
