@@ -3,7 +3,8 @@
 Both spellings found in the wild are read: the keys published on the Hub (GPT-NeoX-20B's
 `rotary_pct` / `rotary_emb_base`, no `use_parallel_residual`; GPT-Neo's `attention_types`)
 and the keys current transformers writes (`rope_parameters` with `partial_rotary_factor` and
-`rope_theta`, `dtype` instead of `torch_dtype`).
+`rope_theta`, `dtype` instead of `torch_dtype`). RoPE scaling: `linear` only (others are
+refused by name rather than served wrong).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class GPTNeoXConfig(ModelConfig):
     architecture: ClassVar[str] = "GPTNeoXForCausalLM"
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
+    rotary_position_scale: float = 1.0  # linear RoPE scaling: positions are divided by this factor
     use_parallel_residual: bool = True
     attention_bias: bool = True
     tie_word_embeddings: bool = False
@@ -81,6 +83,8 @@ class GPTNeoXConfig(ModelConfig):
             raise ConfigError(f"config.json: rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:
             raise ConfigError(f"config.json: rotary dims ({self.rotary_dim}) must be even")
+        if not self.rotary_position_scale > 0:
+            raise ConfigError(f"config.json: rope scaling factor must be > 0, got {self.rotary_position_scale}")
 
     @property
     def rotary_dim(self) -> int:
@@ -209,8 +213,10 @@ def _common_fields(raw: dict[str, Any]) -> dict[str, Any]:
 def _neox_from_dict(raw: dict[str, Any], common: dict[str, Any]) -> GPTNeoXConfig:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ConfigError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default')")
+    if rope_type not in ("default", "linear", None):
+        raise ConfigError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default' and 'linear')")
+    # Linear scaling (position interpolation, long-context fine-tunes): positions / factor.
+    position_scale = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
     hidden = common["hidden_size"]
     return GPTNeoXConfig(
         **common,
@@ -224,6 +230,7 @@ def _neox_from_dict(raw: dict[str, Any], common: dict[str, Any]) -> GPTNeoXConfi
         rotary_base=float(_first(rope, "rope_theta", default=None)
                           or _first(raw, "rope_theta", "rotary_emb_base", default=10000.0)),
         # NOTE: GPT-NeoX-20B's published config has no use_parallel_residual key; it means true.
+        rotary_position_scale=position_scale,
         use_parallel_residual=bool(raw.get("use_parallel_residual", True)),
         attention_bias=bool(raw.get("attention_bias", True)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

@@ -108,3 +108,23 @@ def test_bfloat16_close_to_float32(neox_checkpoint, kv_cache_dtype):
     diffs = [abs(x[t] - y[t]) for x, y, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], prompt[1:])]
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 0.5
     assert a.outputs[0].token_ids[:3] == b.outputs[0].token_ids[:3]
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path, tokenizer):
+    # Long-context GPT-NeoX fine-tunes interpolate positions (rope_type "linear", factor 2):
+    # every rotary angle is halved, so outputs differ from the unscaled model's.
+    from checkpoints import make_neox
+
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    scaled = str(make_neox(tmp_path / "scaled", tokenizer, seed=4, rotary_pct=0.5, rope_parameters=rope))
+    llm = LLM(scaled, dtype="float32")
+    assert llm.engine.model_config.rotary_position_scale == 2.0
+    ref = reference_model(scaled)
+    for prompt in prompts(llm)[1:]:
+        out = llm.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0,
+                                                    ignore_eos=True))[0]
+        assert out.outputs[0].token_ids == reference_greedy(ref, prompt, NEW_TOKENS)
+        got = [entry[token] for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+        expected = reference_prompt_logprobs(ref, prompt)
+        assert len(got) == len(expected) == len(prompt) - 1
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4

@@ -43,11 +43,12 @@ class RotaryEmbedding(nn.Module):
     `rotary_pct * head_dim` dims; the rest of each head passes through unchanged.
     """
 
-    def __init__(self, rotary_dim: int, max_positions: int, base: float) -> None:
+    def __init__(self, rotary_dim: int, max_positions: int, base: float, position_scale: float = 1.0) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        # Linear RoPE scaling divides the frequencies (transformers' "linear" rope_type).
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq / position_scale)
         angles = torch.cat((freqs, freqs), dim=-1)  # [positions, rotary_dim]
         # Computed in float32 and kept there: the tables are tiny and bf16 angles lose positions.
         self.register_buffer("cos_table", angles.cos(), persistent=False)
