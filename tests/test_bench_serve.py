@@ -16,9 +16,11 @@ import pytest
 import ray
 
 from neo_serve.bench.machine import StealMeter
-from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments, cpus_per_stage,
-                                         format_markdown, inter_token_gaps, make_requests, percentile, ray_cpus,
-                                         requests_per_point, run_serve_bench, served_configs, served_system)
+from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments, chunk_gaps,
+                                         chunk_stats, cpus_per_stage, format_markdown, inter_token_gaps,
+                                         make_requests, percentile, ray_cpus, requests_per_point, run_serve_bench,
+                                         served_configs, served_system)
+from neo_serve.cli import main as cli_main
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
         "--min-requests", "3", "--request-timeout", "60"]
@@ -91,7 +93,11 @@ def test_tiny_run_measures_every_system(tmp_path):
             assert all(len(r["token_times"]) == r["tokens"] for r in point["raw"])
 
     report = out_md.read_text()
-    assert "| all tokens | CPU steal |" in report
+    assert "| chunk gap p50 | chunk gap p99 | tokens / chunk | all tokens | CPU steal |" in report
+    # --from-json renders the same report from the saved numbers, measuring nothing.
+    again = out_md.with_suffix(".again")
+    assert cli_main(["bench", "serve", "--from-json", str(out_json), "--markdown", str(again)]) == 0
+    assert again.read_text() == report
     assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
     served, paired = points[("neo-serve 1 stage", 2)], points[(offline, 2)]
     vs_offline = f"{served['tokens_per_s'] / paired['tokens_per_s']:.2f}x"
@@ -164,3 +170,15 @@ def test_ray_has_room_for_every_replica():
     args.threads = 2
     assert served_configs(args) == [(1, 1), (1, 2), (2, 1)]
     assert [cpus_per_stage(s, r, args) for s, r in served_configs(args)] == [2, 1, 1]
+
+
+def test_chunk_gaps_are_the_waits_between_chunks():
+    # Three chunks: 1 token at 0.1 s, 4 tokens at 1.1 s, 2 tokens at 2.1 s (seconds after sending).
+    times = [0.1, 1.1, 1.1, 1.1, 1.1, 2.1, 2.1]
+    gaps, chunks = chunk_gaps(times)
+    assert gaps == pytest.approx([1.0, 1.0]) and chunks == 3
+    stats, per_chunk = chunk_stats({"raw": [{"token_times": times}, {"token_times": [0.5]}]})
+    assert stats["p50"] == pytest.approx(1000.0) and per_chunk == pytest.approx(8 / 4)
+    # ITL spreads a chunk's wait over its tokens: that is 250 ms for the 4-token chunk, not 1 s.
+    record = RequestRecord(8, 7, sent=0.0, token_times=times)
+    assert inter_token_gaps(record) == pytest.approx([0.25] * 4 + [0.5] * 2)

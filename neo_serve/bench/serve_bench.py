@@ -123,7 +123,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def inter_token_gaps(record: RequestRecord) -> list[float]:
     """Gaps between a request's consecutive tokens; a chunk of k tokens that arrives `d` after
-    the previous one counts as k gaps of d / k. The first token's delay is TTFT, not a gap."""
+    the previous one counts as k gaps of d / k (time per output token). The first token's delay
+    is TTFT, not a gap. What a client waits between chunks is `chunk_gaps`."""
     gaps: list[float] = []
     times = record.token_times
     i = 1
@@ -135,6 +136,27 @@ def inter_token_gaps(record: RequestRecord) -> list[float]:
         gaps.extend([(times[i] - times[i - 1]) / k] * k)
         i = j + 1
     return gaps
+
+
+def chunk_gaps(token_times: list[float]) -> tuple[list[float], int]:
+    """The waits a streaming client sees: between consecutive chunks (tokens arriving together),
+    from the first token's chunk on; and the number of chunks. Times in any common origin."""
+    arrivals = sorted(set(token_times))
+    return [later - earlier for earlier, later in zip(arrivals, arrivals[1:])], len(arrivals)
+
+
+def chunk_stats(point: dict[str, Any]) -> tuple[dict[str, float | None], float | None]:
+    """A streamed point's chunk gaps (ms: p50, p99, mean) and mean tokens per chunk, from its
+    per-request token arrival times (so also for results saved before these were reported)."""
+    gaps: list[float] = []
+    chunks = tokens = 0
+    for record in point.get("raw") or []:
+        times = record.get("token_times") or []
+        record_gaps, record_chunks = chunk_gaps(times)
+        gaps += record_gaps
+        chunks += record_chunks
+        tokens += len(times)
+    return _stats(gaps, 1e3), (tokens / chunks if chunks else None)
 
 
 def _stats(values: list[float], scale: float) -> dict[str, float | None]:
@@ -619,10 +641,14 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", default=None, help="write the markdown report here")
     parser.add_argument("--json", default=None, help="write all numbers (per request too) here")
     parser.add_argument("--plots-dir", default=None, help="write PNG plots here (needs matplotlib)")
+    parser.add_argument("--from-json", default=None, help="measure nothing: print (or with --markdown write) the "
+                                                          "report of a saved --json file with the current columns")
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every request of every point got exactly its tokens."""
+    if args.from_json:
+        return render_saved(args.from_json, args.markdown)
     import torch
 
     args.threads = args.threads or torch.get_num_threads()
@@ -813,6 +839,17 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
 
 
+def render_saved(path: str, markdown: str | None) -> int:
+    """`neo-serve bench serve --from-json F`: the report of a saved run, with the current columns."""
+    table = format_markdown(json.loads(Path(path).read_text()))
+    if markdown:
+        Path(markdown).write_text(table)
+        print(f"wrote {markdown}")
+    else:
+        print(table)
+    return 0
+
+
 def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
     """The report: machine, workload, one table per model, the issue's targets, plot links."""
     machine, workload, points = results["machine"], results["workload"], results["points"]
@@ -831,6 +868,10 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         "loopback HTTP, streaming. `baseline`: transformers `generate` under `@serve.batch(max_batch_size="
         f"{workload['baseline_batch_size']})` over HTTP, no streaming (TTFT = time to the whole response). Both "
         f"through {_ingress_name(workload.get('ingress'))}.", "",
+        "ITL: a chunk of k tokens arriving d after the previous one counts as k gaps of d / k (time per output "
+        "token). Chunk gap: what a streaming client waits between two chunks; a replica sends at most "
+        "`max_stream_chunks_per_s` chunks over all its streams (64 on CPU), so at N = 64 each stream gets about "
+        "one chunk a second carrying several tokens.", "",
     ]
     if workload.get("paired"):
         lines += ["Paired: each served point ran right after an offline point of the same N (`offline, paired "
@@ -848,21 +889,24 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
     for model in dict.fromkeys(p["model"] for p in points):
         lines += [f"### {model}", "",
                   "| system | N | requests | tokens/s | vs offline | vs baseline | TTFT p50 | TTFT p99 | "
-                  "ITL p50 | ITL p99 | all tokens | CPU steal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "ITL p50 | ITL p99 | chunk gap p50 | chunk gap p99 | tokens / chunk | all tokens | CPU steal |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         systems = dict.fromkeys(p["system"] for p in points if p["model"] == model)
         for system in systems:
             for p in (p for p in points if p["model"] == model and p["system"] == system):
                 offline = _offline_for(points, p)
                 baseline = _find(points, model, "baseline", p["clients"])
                 served = system.startswith("neo-serve")
+                gap, per_chunk = chunk_stats(p) if system != "baseline" else ({"p50": None, "p99": None}, None)
                 lines.append(
                     f"| {system} | {p['clients']} | {p['requests']} | {p['tokens_per_s']:.1f} | "
                     f"{_ratio(p['tokens_per_s'], offline and offline['tokens_per_s']) if served else '-'} | "
                     f"{_ratio(p['tokens_per_s'], baseline and baseline['tokens_per_s']) if served else '-'} | "
                     f"{format_ms(p['ttft_ms']['p50'])} | {format_ms(p['ttft_ms']['p99'])} | "
                     f"{format_ms(p['itl_ms']['p50'])} | "
-                    f"{format_ms(p['itl_ms']['p99'])} | {'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} | "
+                    f"{format_ms(p['itl_ms']['p99'])} | {format_ms(gap['p50'])} | {format_ms(gap['p99'])} | "
+                    f"{'-' if per_chunk is None else f'{per_chunk:.1f}'} | "
+                    f"{'yes' if p['complete'] else 'NO: ' + str(p['num_errors'])} | "
                     f"{format_steal(p.get('cpu_steal'))} |")
         batches = [f"N={p['clients']}: {p['baseline_batches']['mean_batch_size']:.1f}" for p in points
                    if p["model"] == model and p.get("baseline_batches")]
