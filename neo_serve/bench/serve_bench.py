@@ -345,9 +345,13 @@ def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int) ->
 
 def load_offline(model: ModelSpec, requests: list[BenchRequest], args: argparse.Namespace,
                  engine_args: dict[str, Any]) -> Any:
-    """The offline engine (an `LLM`), loaded and warmed up."""
+    """The offline engine (an `LLM`), loaded and warmed up, on `--threads` torch threads like
+    the served stages and the baseline (the report says each system had that many)."""
+    import torch
+
     from neo_serve import LLM, SamplingParams
 
+    torch.set_num_threads(args.threads)
     llm = LLM(str(model.path), dtype=args.dtype, **engine_args)
     llm.generate([requests[0].prompt[:16]] * 2, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     return llm
