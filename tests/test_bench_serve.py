@@ -100,6 +100,7 @@ def test_tiny_run_measures_every_system(tmp_path):
     without_plots = "\n".join(line for line in report.splitlines() if not line.startswith("![")).rstrip()
     assert again.read_text().rstrip() == without_plots
     assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
+    assert "| TTFT p50 served vs baseline | latency p50 served vs baseline |" in report
     served, paired = points[("neo-serve 1 stage", 2)], points[(offline, 2)]
     vs_offline = f"{served['tokens_per_s'] / paired['tokens_per_s']:.2f}x"
     assert f"| neo-serve 1 stage | 2 | {served['requests']} | {served['tokens_per_s']:.1f} | {vs_offline} |" in report

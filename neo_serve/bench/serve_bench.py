@@ -927,9 +927,11 @@ def _targets(points: list[dict[str, Any]]) -> list[str]:
         return []
     top = max(p["clients"] for p in served)
     lines = [f"### Targets at N = {top}", "",
+             "The baseline does not stream: its TTFT is its whole response. Request latency (sent to last "
+             "token) compares the same thing in both.", "",
              "| model | system | served / offline (>= 0.8x) | served / baseline (>= 3x) | "
-             "TTFT p50 served vs baseline |",
-             "|---|---|---|---|---|"]
+             "TTFT p50 served vs baseline | latency p50 served vs baseline |",
+             "|---|---|---|---|---|---|"]
     for p in (p for p in served if p["clients"] == top):
         offline = _offline_for(points, p)
         baseline = _find(points, p["model"], "baseline", top)
@@ -940,7 +942,11 @@ def _targets(points: list[dict[str, Any]]) -> list[str]:
             lower = p["ttft_ms"]["p50"] < baseline["ttft_ms"]["p50"]
             ttft = (f"{format_ms(p['ttft_ms']['p50'])} vs {format_ms(baseline['ttft_ms']['p50'])} "
                     f"{'(met)' if lower else '(missed)'}")
-        lines.append(f"| {p['model']} | {p['system']} | {_verdict(vs_off, 0.8)} | {_verdict(vs_base, 3.0)} | {ttft} |")
+        latency = "-"
+        if baseline and p["latency_s"]["p50"] is not None and baseline["latency_s"]["p50"] is not None:
+            latency = f"{p['latency_s']['p50']:.1f} s vs {baseline['latency_s']['p50']:.1f} s"
+        lines.append(f"| {p['model']} | {p['system']} | {_verdict(vs_off, 0.8)} | {_verdict(vs_base, 3.0)} | {ttft} | "
+                     f"{latency} |")
     return lines + [""]
 
 
