@@ -83,6 +83,12 @@ def test_tiny_run_measures_every_system(tmp_path):
         assert point["seconds"] > 0 and point["tokens_per_s"] > 0
         assert 0 <= point["cpu_steal"] <= 1  # /proc/stat's steal over the point
         assert point["tokens_per_s"] == pytest.approx(point["generated_tokens"] / point["seconds"])
+        # The window is the requests' own: first sent to last done (no warm-up or deploy time).
+        assert point["seconds"] == pytest.approx(max(r["done"] for r in point["raw"])
+                                                 - min(r["sent"] for r in point["raw"]), abs=1e-5)
+        if clients == 2:  # N clients really have N requests in flight at once
+            first, second = sorted(point["raw"], key=lambda r: r["sent"])[:2]
+            assert second["sent"] < first["done"], (system, first, second)
         assert 0 < point["ttft_ms"]["p50"] <= point["ttft_ms"]["p99"]
         assert point["latency_s"]["p50"] > 0
         if system == "baseline":  # not streamed: TTFT is the whole response, no inter-token latency
