@@ -19,7 +19,7 @@ from typing import Any
 
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.serve.outputs import GenerationChunk
-from neo_serve.serve.protocol import is_encodable
+from neo_serve.serve.protocol import APIError, is_encodable
 
 logger = logging.getLogger("ray.serve")
 
@@ -186,9 +186,11 @@ class PlaygroundBackend:
         if not is_encodable(prompt):  # only through the API: JSON lets a lone surrogate through
             raise PlaygroundError("Invalid prompt", "The prompt is not valid Unicode text (it contains a lone "
                                                     "surrogate).")
+        from neo_serve.serve.completions import Deadline
+
         handle = self.pipelines[run.model.name]
         request_id = f"playground-{uuid.uuid4().hex}"
-        deadline = _deadline(run.model.request_timeout_s)
+        deadline = Deadline(run.model.request_timeout_s)
         try:
             async with self._replica(run.model, handle) as selection:
                 run.replica = replica_label(selection.replica_id)
@@ -196,14 +198,16 @@ class PlaygroundBackend:
                 try:
                     while True:
                         try:
-                            chunk = await _before(deadline, stream.__anext__())
+                            chunk = await deadline.run(stream.__anext__())
                         except StopAsyncIteration:
                             break
                         run.feed(chunk)
                         yield run
                 finally:
                     stream.cancel()  # a no-op once finished; on Stop or past the deadline the pipeline aborts it
-        except _DeadlinePassed:
+        except APIError as exc:
+            if exc.code != "request_timeout":  # only the deadline raises one here
+                raise describe_error(exc, run.model) from None
             raise PlaygroundError("Timed out", f"The run did not finish within {run.model.name}'s deadline of "
                                                f"{run.model.request_timeout_s:g} s (request_timeout_s); it was "
                                                "stopped.") from None
@@ -245,24 +249,6 @@ class PlaygroundBackend:
         return PlaygroundError("Model not loaded", f"{model.name} is not loaded yet: no pipeline replica is running"
                                + (f" (deployment {model.deployment}: {state})" if state else "")
                                + ". Its stages may still be loading or waiting for resources; try again shortly.")
-
-
-def _deadline(timeout_s: float | None) -> float | None:
-    """The event loop's time by which a run must end (None: no deadline)."""
-    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-
-
-class _DeadlinePassed(Exception):
-    """A run's deadline passed (its own type: other timeouts are not the deadline's)."""
-
-
-async def _before(deadline: float | None, awaitable: Any) -> Any:
-    if deadline is None:
-        return await awaitable
-    try:
-        return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
-    except asyncio.TimeoutError:
-        raise _DeadlinePassed() from None
 
 
 def busy_error(detail: str) -> PlaygroundError:

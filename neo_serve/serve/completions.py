@@ -267,7 +267,7 @@ class _Run:
     """One completion request in progress: its pipeline streams and choice states."""
 
     def __init__(self, model: str, request: CompletionRequest, streams: list[Any],
-                 states: list[_PromptState], deadline: _Deadline, log_requests: bool) -> None:
+                 states: list[_PromptState], deadline: Deadline, log_requests: bool) -> None:
         self.id = new_completion_id()
         self.created = int(time.time())
         self.model = model
@@ -282,7 +282,7 @@ class _Run:
         model = service.resolve_model(request.model)
         prompts = request.prompts()
         service.check_prompt_count(model, len(prompts))
-        deadline = _Deadline(service.timeout_for(model, request))
+        deadline = Deadline(service.timeout_for(model, request))
         params = sampling_params(request)
         handle = service.streaming[model]
         base = uuid.uuid4().hex
@@ -350,8 +350,9 @@ class _Run:
 
 
 
-class _Deadline:
-    """A request's deadline on the router's clock (None: none); `run` awaits within it."""
+class Deadline:
+    """A request's deadline on this process's clock (None: none); `run` awaits within it and
+    raises the 408 `request_timeout` APIError past it. The playground holds its runs to it too."""
 
     def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
