@@ -34,7 +34,7 @@ class Tokenizer:
             return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")))
         vocab, merges = directory / "vocab.json", directory / "merges.txt"
         if vocab.is_file() and merges.is_file():
-            return cls(_gpt2_bpe(directory, _special_tokens(directory)))
+            return cls(_gpt2_bpe(directory))
         raise CheckpointError(f"{directory} has no tokenizer.json and no vocab.json + merges.txt")
 
     def encode(self, text: str) -> list[int]:
@@ -81,14 +81,15 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
-def _special_tokens(directory: Path) -> list[str]:
-    """Special tokens named by tokenizer_config.json / special_tokens_map.json, else <|endoftext|>."""
+def _json_object(path: Path) -> dict[str, Any]:
+    """A tokenizer file's JSON object; {} when the checkpoint does not ship it."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _special_tokens(*configs: dict[str, Any]) -> list[str]:
+    """Special tokens named by special_tokens_map.json / tokenizer_config.json, else <|endoftext|>."""
     tokens: list[str] = []
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = directory / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
+    for data in configs:
         named = [data.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")]
         for value in [*named, *(data.get("additional_special_tokens") or [])]:
             if isinstance(value, dict):
@@ -101,37 +102,31 @@ def _special_tokens(directory: Path) -> list[str]:
     return tokens or list(DEFAULT_SPECIAL_TOKENS)
 
 
-def _added_tokens(directory: Path) -> dict[int, dict[str, Any]]:
+def _added_tokens(added_tokens: dict[str, Any], tokenizer_config: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Tokens a GPT-2 style checkpoint adds beyond its BPE vocabulary (added_tokens.json and
     tokenizer_config.json's added_tokens_decoder): id -> {"content", "special", ...}."""
-    added: dict[int, dict[str, Any]] = {}
-    path = directory / "added_tokens.json"
-    if path.is_file():
-        for content, token_id in json.loads(path.read_text()).items():
-            added[int(token_id)] = {"content": content}
-    path = directory / "tokenizer_config.json"
-    if path.is_file():
-        for token_id, entry in (json.loads(path.read_text()).get("added_tokens_decoder") or {}).items():
-            added[int(token_id)] = entry
+    added: dict[int, dict[str, Any]] = {int(token_id): {"content": content}
+                                        for content, token_id in added_tokens.items()}
+    for token_id, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+        added[int(token_id)] = entry
     return added
 
 
-def _add_prefix_space(directory: Path) -> bool:
-    path = directory / "tokenizer_config.json"
-    return bool(path.is_file() and json.loads(path.read_text()).get("add_prefix_space", False))
-
-
-def _gpt2_bpe(directory: Path, special_tokens: list[str]) -> HFTokenizer:
+def _gpt2_bpe(directory: Path) -> HFTokenizer:
     """vocab.json + merges.txt, with the tokens the checkpoint adds at the ids it gives them (a
     fine-tune's pad or chat tokens): the model's embedding rows are indexed by those ids."""
+    tokenizer_config = _json_object(directory / "tokenizer_config.json")
+    special_tokens = _special_tokens(_json_object(directory / "special_tokens_map.json"), tokenizer_config)
     tokenizer = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
     # GPT-2's byte-level BPE: GPT-2's split regex, byte-level decoding, no prefix space unless asked.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=_add_prefix_space(directory))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(tokenizer_config.get("add_prefix_space", False)))
     tokenizer.decoder = decoders.ByteLevel()
     specials = set(special_tokens)
     known = [t for t in special_tokens if tokenizer.token_to_id(t) is not None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in known])
-    for token_id, entry in sorted(_added_tokens(directory).items()):
+    added = _added_tokens(_json_object(directory / "added_tokens.json"), tokenizer_config)
+    for token_id, entry in sorted(added.items()):
         content = entry["content"]
         special = bool(entry.get("special")) or content in specials
         existing = tokenizer.token_to_id(content)
