@@ -548,12 +548,6 @@ def cached_plan(config_path: Path, num_stages: int, gpu_memory: str, dtype: str)
     return plan_pipeline(load_model_config(config_path), num_stages=num_stages, gpu_memory=gpu_memory, dtype=dtype)
 
 
-def plan_dtype(model: Any, config_path: Path) -> str:
-    if model.dtype != "auto":
-        return model.dtype
-    return json.loads(config_path.read_text()).get("torch_dtype") or "float32"
-
-
 def resource_problems(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> list[str]:
     """Whether the cluster can hold what Serve may scale to, and each stage's GPU its weights.
 
@@ -616,7 +610,7 @@ def resource_problems(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> l
         except LookupError as exc:
             problems.append(f"{demand.name}: {exc}")
             continue
-        plan = cached_plan(config_path, demand.model.num_stages, gpu_memory, plan_dtype(demand.model, config_path))
+        plan = cached_plan(config_path, demand.model.num_stages, gpu_memory, demand.model.dtype)  # plan resolves auto
         for stage in plan.stages:
             if not stage.fits:
                 problems.append(f"{demand.name}: stage {stage.index}'s weights ({stage.weight_bytes / 2**30:.2f} GiB) "
