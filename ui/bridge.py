@@ -43,14 +43,14 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # playground node's disk (nothing deletes them): the router refuses these paths and any
 # multipart body below /ui before they reach the playground.
 REFUSED_PATH_PREFIXES = ("gradio_api/upload",)
+# After a client hangs up, how long the app gets to notice `http.disconnect` and return.
+DISCONNECT_GRACE_S = 2.0
 
 
 def refused(path: str, content_type: str | None) -> bool:
     """Whether the router refuses a request to `path` (below /ui) instead of forwarding it."""
     multipart = (content_type or "").strip().lower().startswith("multipart/")
     return multipart or path.lstrip("/").startswith(REFUSED_PATH_PREFIXES)
-# After a client hangs up, how long the app gets to notice `http.disconnect` and return.
-DISCONNECT_GRACE_S = 2.0
 
 
 def forwarded_scope(scope: Scope) -> dict[str, Any]:

@@ -901,7 +901,7 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
                 offline = _offline_for(points, p)
                 baseline = _find(points, model, "baseline", p["clients"])
                 served = system.startswith("neo-serve")
-                gap, per_chunk = chunk_stats(p) if system != "baseline" else ({"p50": None, "p99": None}, None)
+                gap, per_chunk = chunk_stats(p)  # none for the baseline: it records no token arrivals
                 lines.append(
                     f"| {system} | {p['clients']} | {p['requests']} | {p['tokens_per_s']:.1f} | "
                     f"{_ratio(p['tokens_per_s'], offline and offline['tokens_per_s']) if served else '-'} | "

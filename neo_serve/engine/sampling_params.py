@@ -19,8 +19,9 @@ class SamplingParams:
 
     temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N`
     returns, for each generated token, its log-probability and the N most likely alternatives;
-    `prompt_logprobs=N` the same for each prompt token (given the tokens before it). Log-probabilities are those of
-    the model's distribution, before temperature, penalties or truncation.
+    `prompt_logprobs=N` the same for each prompt token (given the tokens before it).
+    Log-probabilities are those of the model's distribution, before temperature, penalties or
+    truncation.
     """
 
     n: int = 1
