@@ -3,8 +3,8 @@
 One run (the demo model, N = 1 and 2, a few tokens per request) through the offline engine, the
 neo-serve app (one stage: the quickest to deploy; test_serve_app covers pipelines) and the
 transformers `@serve.batch` baseline; every request must come back with exactly its max_tokens,
-the numbers must be real, each served point must follow its own offline point (paired), and Ray
-must be gone afterwards.
+the numbers must be real, each served point must follow its own offline point and precede the
+baseline's point of its N (paired), and Ray must be gone afterwards.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ def test_tiny_run_measures_every_system(tmp_path):
     points = {(p["system"], p["clients"]): p for p in results["points"]}
     offline = "offline, paired with neo-serve 1 stage"
     assert set(points) == {(system, n) for system in (offline, "neo-serve 1 stage", "baseline") for n in (1, 2)}
-    # Paired: each served point right after the offline point of its N, and compared with it.
+    # Paired: each served point right after the offline point of its N, and compared with it; one
+    # N at a time, the baseline's point of that N right after the served ones.
     order = [(p["system"], p["clients"]) for p in results["points"]]
-    assert order[:4] == [(offline, 1), ("neo-serve 1 stage", 1), (offline, 2), ("neo-serve 1 stage", 2)]
-    assert results["workload"]["paired"] is True
+    assert order == [(offline, 1), ("neo-serve 1 stage", 1), ("baseline", 1),
+                     (offline, 2), ("neo-serve 1 stage", 2), ("baseline", 2)]
+    assert results["workload"]["paired"] is True and results["workload"]["baseline_paired"] is True
     for (system, clients), point in points.items():
         expected: list[BenchRequest] = workload[:requests_per_point(clients, args)]
         assert point["model"] == "neo-demo"
@@ -107,6 +109,7 @@ def test_tiny_run_measures_every_system(tmp_path):
     assert again.read_text().rstrip() == without_plots
     assert "| neo-serve 1 stage | 2 |" in report and "| baseline | 1 |" in report and "Targets at N = 2" in report
     assert "| TTFT p50 served vs baseline | latency p50 served vs baseline |" in report
+    assert "the baseline's right after the served points of its N" in report
     served, paired = points[("neo-serve 1 stage", 2)], points[(offline, 2)]
     vs_offline = f"{served['tokens_per_s'] / paired['tokens_per_s']:.2f}x"
     assert f"| neo-serve 1 stage | 2 | {served['requests']} | {served['tokens_per_s']:.1f} | {vs_offline} |" in report

@@ -23,8 +23,10 @@ check that every request got exactly its `max_tokens` tokens.
 Paired (the default): every served point comes right after an offline point of the same N,
 measured in this process (with Ray up, no app deployed), and "vs offline" compares the two. This
 machine's speed moves by tens of percent within minutes (CPU steal, and drift that steal does not
-show), so an offline run minutes earlier is no reference. `--no-paired` measures the offline
-engine once per model before Ray starts instead.
+show), so an offline run minutes earlier is no reference. The points run one N at a time: each
+served system (after its offline point), then the baseline, so "vs baseline" too compares points
+minutes apart. `--no-paired` measures the offline engine once per model before Ray starts, and
+each system at every N in one deployment.
 
 Ray is started once, one Serve application runs at a time on 127.0.0.1 (a free port) and is
 deleted before the next (paired: before each offline point); Serve and Ray are shut down at the
@@ -477,10 +479,12 @@ def served_system(stages: int, replicas: int) -> str:
 
 
 def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[BenchRequest], base_url: str,
-               args: argparse.Namespace, engine_args: dict[str, Any], offline: Any = None) -> list[dict[str, Any]]:
-    """The neo-serve app's points. With `offline` (an `LLM`), each comes right after an offline
-    point of the same N, measured while no app is deployed (an idle app's replica and router
-    still wake up now and then), so the app is deployed anew for each point."""
+               args: argparse.Namespace, engine_args: dict[str, Any], offline: Any = None,
+               clients: list[int] | None = None) -> list[dict[str, Any]]:
+    """The neo-serve app's points at each N of `clients` (default: --clients). With `offline` (an
+    `LLM`), each comes right after an offline point of the same N, measured while no app is
+    deployed (an idle app's replica and router still wake up now and then), so the app is
+    deployed anew for each point."""
     from neo_serve.app import AppArgs, build_app
 
     cpus = cpus_per_stage(stages, replicas, args)
@@ -492,7 +496,8 @@ def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[Benc
     url = f"{base_url}/v1/completions"
     system = served_system(stages, replicas)
     points = []
-    groups = [[n] for n in args.clients] if offline is not None else [args.clients]
+    clients_list = clients or args.clients
+    groups = [[n] for n in clients_list] if offline is not None else [clients_list]
     for clients_group in groups:
         if offline is not None:
             points.append(measure_offline(offline, model, requests, clients_group[0], args, paired_with=system))
@@ -514,7 +519,8 @@ def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[Benc
 
 
 def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
+                 args: argparse.Namespace, clients: list[int] | None = None) -> list[dict[str, Any]]:
+    """The `@serve.batch` baseline's points at each N of `clients` (default: --clients), one deployment."""
     from neo_serve.bench.baseline_app import build_baseline_app
 
     app = build_baseline_app(str(model.path), dtype=args.dtype, num_threads=args.threads,
@@ -525,12 +531,12 @@ def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
     with deployed(app, BASELINE_APP, timeout=args.deploy_timeout) as handle:
         print(f"[{model.name}] baseline: deployed in {time.perf_counter() - started:.1f} s", flush=True)
         _http_warmup(lambda http: full_sender(http, url), requests, args)
-        for clients in args.clients:
-            batch = requests[:requests_per_point(clients, args)]
+        for n in clients or args.clients:
+            batch = requests[:requests_per_point(n, args)]
             handle.reset_stats.remote().result()
-            records, beside = run_http(lambda http: full_sender(http, url), batch, clients=clients,
+            records, beside = run_http(lambda http: full_sender(http, url), batch, clients=n,
                                        timeout=args.request_timeout)
-            point = {"system": "baseline", "model": model.name, "stages": 1, "clients": clients,
+            point = {"system": "baseline", "model": model.name, "stages": 1, "clients": n,
                      "cpus_per_stage": args.threads, **summarize(records, streaming=False), **beside,
                      "baseline_batches": handle.stats.remote().result()}
             _print_point(point)
@@ -638,8 +644,9 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP front door, as for `neo-serve up` (default auto: HAProxy when installed)")
     parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                         help="measure an offline point right before each served point of the same N (the app is "
-                             "deployed anew for each point) and compare the two (default); --no-paired: the "
-                             "offline engine once per model, before Ray starts")
+                             "deployed anew for each point) and compare the two, one N at a time with the "
+                             "baseline's point of that N right after (default); --no-paired: the offline engine "
+                             "once per model, before Ray starts, then each system at every N")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--markdown", default=None, help="write the markdown report here")
@@ -672,6 +679,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                      "dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "baseline_batch_size": args.baseline_batch_size,
                      "ingress": ingress, "paired": args.paired and not args.skip_offline,
+                     "baseline_paired": args.paired and not args.skip_offline and not args.skip_baseline,
                      "replicas": args.replicas},
         "points": [], "failures": [], "interrupted": False,
     }
@@ -753,14 +761,18 @@ def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], 
             if paired:  # the engine is loaded once per model and measured beside each served point
                 offline = attempt(f"{model.name} offline", lambda m=model: load_offline(
                     m, workloads[m.name], args, _engine_args(m, args)))
-            for stages, replicas in served_configs(args):
-                measure(f"{model.name} {served_system(stages, replicas)}",
-                        lambda m=model, s=stages, r=replicas, o=offline: run_served(
-                            m, s, r, workloads[m.name], base_url, args, _engine_args(m, args), o))
+            # Paired: one N at a time, each served system then the baseline, so that every "vs
+            # baseline" compares points minutes apart rather than a model's whole run apart.
+            for clients in [[n] for n in args.clients] if paired else [args.clients]:
+                at = f" N={clients[0]}" if paired else ""
+                for stages, replicas in served_configs(args):
+                    measure(f"{model.name} {served_system(stages, replicas)}{at}",
+                            lambda m=model, s=stages, r=replicas, o=offline, c=clients: run_served(
+                                m, s, r, workloads[m.name], base_url, args, _engine_args(m, args), o, c))
+                if not args.skip_baseline:
+                    measure(f"{model.name} baseline{at}",
+                            lambda m=model, c=clients: run_baseline(m, workloads[m.name], base_url, args, c))
             del offline
-            if not args.skip_baseline:
-                measure(f"{model.name} baseline",
-                        lambda m=model: run_baseline(m, workloads[m.name], base_url, args))
 
 
 @contextmanager
@@ -879,7 +891,9 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
     ]
     if workload.get("paired"):
         lines += ["Paired: each served point ran right after an offline point of the same N (`offline, paired "
-                  "with ...`, with Ray up and no app deployed), and its \"vs offline\" compares the two.", ""]
+                  "with ...`, with Ray up and no app deployed), and its \"vs offline\" compares the two."
+                  + (" The points ran one N at a time, the baseline's right after the served points of its N."
+                     if workload.get("baseline_paired") else ""), ""]
     if results.get("interrupted"):
         lines += ["**Interrupted: partial results.**", ""]
     stolen = [p for p in points if (p.get("cpu_steal") or 0) > STEAL_WARNING]
