@@ -71,6 +71,27 @@ def test_abort_frees_the_kv_at_once(llm):
     assert not engine.abort_request("gone")
 
 
+def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch):
+    """Ctrl-C in a notebook mid-generate: the next call neither runs those requests nor lacks their KV."""
+    engine = llm.engine
+    expected = solo(llm, [7, 8, 9])
+    execute, steps = engine.executor.execute, []
+
+    def interrupted_at_the_third_step(step):
+        steps.append(step)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return execute(step)
+
+    monkeypatch.setattr(engine.executor, "execute", interrupted_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert not engine.has_unfinished_requests() and not engine.scheduler.running
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+    monkeypatch.setattr(engine.executor, "execute", execute)
+    assert solo(llm, [7, 8, 9]) == expected and not engine.has_unfinished_requests()
+
+
 def test_kv_admission_makes_requests_wait(neox_checkpoint):
     llm = LLM(str(neox_checkpoint), dtype="float32", max_model_len=64, kv_cache_tokens=64)
     prompts = [list(range(1, 41)), list(range(2, 42)), list(range(3, 43))]
@@ -125,6 +146,33 @@ def test_extent_allocator_extends_moves_and_coalesces():
     alloc.free(a)
     alloc.free(b)
     assert alloc.num_free_blocks == 10 and alloc.allocate(10) == Extent(0, 10)
+
+
+def test_an_outgrown_extent_moves_to_a_free_run_that_holds_it_before_preempting_anyone():
+    from neo_serve.engine.scheduler import Scheduler, SchedulerConfig
+    from neo_serve.engine.sequence import Request, Sequence, SequenceStatus
+
+    alloc = ExtentAllocator(num_blocks=20, block_size=16)
+    scheduler = Scheduler(SchedulerConfig(), alloc)
+
+    def running(name: str, blocks: int, computed: int) -> Sequence:
+        request = Request(name, None, [1] * computed, SamplingParams(), max_tokens=320 - computed)
+        seq = Sequence(request, 0, None, None, output_ids=[2], status=SequenceStatus.RUNNING,
+                       num_computed=computed, extent=alloc.allocate(blocks))
+        request.sequences.append(seq)
+        scheduler.running.append(seq)
+        return seq
+
+    # Blocks: a 0-7 (full: 128 tokens and a new one), b 8, free 9-17, c 18-19. a needs a 9th
+    # block; its wish (growth of a quarter: 10 blocks) fits nowhere, but the 9 it needs fit 9-17.
+    a, b = running("a", 8, 128), running("b", 1, 10)
+    gap = alloc.allocate(9)
+    c = running("c", 2, 20)
+    alloc.free(gap)
+    batch = scheduler.schedule()
+    assert batch.preempted == [] and scheduler.num_preemptions == 0
+    assert a.extent == Extent(9, 9) and [(k.src, k.dst, k.num_slots) for k in batch.kv_copies] == [(0, 9 * 16, 128)]
+    assert {chunk.seq for chunk in batch.chunks} == {a, b, c}
 
 
 @pytest.mark.parametrize("token_major", [True, False])

@@ -47,16 +47,19 @@ class LLM:
                 ids.append(request.request_id)
                 if request.finished:  # nothing to compute (max_tokens=0, no prompt logprobs)
                     finished[request.request_id] = request.to_output()
-        except Exception:
-            for request_id in ids:  # leave the engine as it was
-                self.engine.abort_request(request_id)
+            pending = set(ids) - set(finished)
+            while pending:
+                if not self.engine.scheduler.has_work():  # cannot happen unless the engine lost requests
+                    raise RuntimeError(f"engine has no work left but requests {sorted(pending)} did not finish")
+                for output in self.engine.step():
+                    if output.finished and output.request_id in pending:
+                        finished[output.request_id] = output
+                        pending.discard(output.request_id)
+        except BaseException:
+            # A bad prompt, a failed step or Ctrl-C: leave the engine as it was, so that the next
+            # call neither runs these requests nor finds their KV cache taken.
+            for request_id in ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
             raise
-        pending = set(ids) - set(finished)
-        while pending:
-            if not self.engine.scheduler.has_work():  # cannot happen unless the engine lost requests
-                raise RuntimeError(f"engine has no work left but requests {sorted(pending)} did not finish")
-            for output in self.engine.step():
-                if output.finished and output.request_id in pending:
-                    finished[output.request_id] = output
-                    pending.discard(output.request_id)
         return [finished[request_id] for request_id in ids]

@@ -142,7 +142,8 @@ class Scheduler:
             grow = max(need, min(grow, allocator.blocks_for(self._max_len(seq)) - seq.extent.length))
             if allocator.try_extend(seq.extent, grow) or allocator.try_extend(seq.extent, need):
                 return True
-            moved = allocator.allocate(seq.extent.length + grow)
+            # A move to a free run that holds the growth, else just the need, before preempting anyone.
+            moved = allocator.allocate(seq.extent.length + grow) or allocator.allocate(seq.extent.length + need)
             if moved is not None:
                 batch.kv_copies.append(KVCopy(seq.extent.start * allocator.block_size,
                                               moved.start * allocator.block_size, seq.num_computed))
