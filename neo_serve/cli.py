@@ -12,10 +12,11 @@ DEMO_MODEL = Path(__file__).parent / "demo_model"
 def _generate(args: argparse.Namespace) -> int:
     from neo_serve import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, num_stages=args.stages)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    for output in llm.generate(args.prompt, params):
+    llm = LLM(args.model, dtype=args.dtype, num_stages=args.stages)
+    prompt = " ".join(args.prompt)  # an unquoted prompt's words are one prompt, as the shell split them
+    for output in llm.generate([prompt], params):
         print(output.prompt + output.outputs[0].text)
     return 0
 
@@ -24,8 +25,11 @@ def _plan(args: argparse.Namespace) -> int:
     from neo_serve.config import load_model_config
     from neo_serve.plan import format_plan, plan_pipeline
 
+    if args.stages is not None and args.stages != args.gpus:
+        raise ValueError(f"--stages {args.stages} with --gpus {args.gpus}: a plan puts one stage on each GPU, "
+                         "so leave --stages out (it defaults to --gpus)")
     config = load_model_config(args.config)
-    plan = plan_pipeline(config, num_stages=args.stages or args.gpus, gpu_memory=args.gpu_memory, dtype=args.dtype,
+    plan = plan_pipeline(config, num_stages=args.gpus, gpu_memory=args.gpu_memory, dtype=args.dtype,
                          memory_utilization=args.memory_utilization)
     print(format_plan(plan, f"{config.architecture} ({args.config})"))
     return 0 if plan.fits else 1
@@ -57,6 +61,20 @@ def _bench_load(args: argparse.Namespace) -> int:
     return run_load_test(args)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], the share of each GPU's memory to use; got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,16 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         up.set_defaults(func=run_up)
 
     gen = sub.add_parser("generate", help="generate offline with the in-process engine")
-    gen.add_argument("prompt", nargs="+")
-    gen.add_argument("--model", default=str(DEMO_MODEL))
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--stages", type=int, default=1)
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("prompt", nargs="+", help="the prompt (several words are joined with spaces into one)")
+    gen.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the bundled demo)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--stages", type=_positive_int, default=1)
+    gen.add_argument("--max-tokens", type=_positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_generate, input_errors_as_messages=True)
 
     bench = sub.add_parser("bench", help="benchmark the engine (or with `bench serve`, the served path) "
                                          "against transformers on this machine")
@@ -105,25 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="stage split, weights and KV capacity per GPU, on the meta device")
     plan.add_argument("--config", required=True, help="a checkpoint's config.json (or its directory)")
-    plan.add_argument("--gpus", type=int, required=True, help="GPUs per pipeline (one stage each)")
-    plan.add_argument("--stages", type=int, default=None, help="stages (default: --gpus)")
-    plan.add_argument("--gpu-memory", default="24GiB", help="memory of one GPU, e.g. 24GiB, 80GB")
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs per pipeline (one stage each)")
+    plan.add_argument("--stages", type=_positive_int, default=None, help="stages: one per GPU, so only --gpus")
+    plan.add_argument("--gpu-memory", default="24GiB",
+                      help="memory of one GPU as CUDA reports it (nvidia-smi's total), e.g. 80GiB; a '24 GB' A10G "
+                           "or L4 has about 22GiB, an RTX 4090 24GiB (default 24GiB)")
     plan.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                       help="weights and KV dtype (auto: the checkpoint's, as config.json names it, else float32, "
                            "as a GPU would serve it)")
-    plan.add_argument("--memory-utilization", type=float, default=0.90)
-    plan.set_defaults(func=_plan)
+    plan.add_argument("--memory-utilization", type=_fraction, default=0.90,
+                      help="share of each GPU's memory for weights and KV cache (default 0.90)")
+    plan.set_defaults(func=_plan, input_errors_as_messages=True)
 
     convert = sub.add_parser("convert", help="pickle .bin checkpoint -> sharded safetensors")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.set_defaults(func=_convert)
+    convert.set_defaults(func=_convert, input_errors_as_messages=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from neo_serve.errors import NeoServeError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if not getattr(args, "input_errors_as_messages", False):
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (NeoServeError, ValueError, FileNotFoundError) as exc:
+        # Bad input (a path, a config, a size): one line naming it, not a traceback.
+        print(f"neo-serve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,3 +66,35 @@ def test_generate_cli_on_the_bundled_demo(capsys):
     assert main(["generate", "def hello_world():", "--max-tokens", "24"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("def hello_world():") and len(text) > len("def hello_world():") + 10
+
+
+def test_generate_takes_an_unquoted_prompt_as_one_prompt(capsys):
+    assert main(["generate", "def hello_world():", "--max-tokens", "6"]) == 0
+    quoted = capsys.readouterr().out
+    assert main(["generate", "def", "hello_world():", "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out == quoted  # greedy: the same single completion
+
+
+def test_bad_cli_input_is_one_line_naming_it(reference_dir, tmp_path, capsys):
+    neox = str(reference_dir / "gpt-neox-20b.config.json")
+    cases = [
+        (["plan", "--config", str(tmp_path / "nowhere"), "--gpus", "2"], "neo-serve plan: ", "nowhere"),
+        (["plan", "--config", neox, "--gpus", "45"], "neo-serve plan: ", "44 layers"),
+        (["plan", "--config", neox, "--gpus", "2", "--gpu-memory", "24XB"], "neo-serve plan: ", "24XB"),
+        # --stages must not quietly plan 4 GPUs' memory on 2.
+        (["plan", "--config", neox, "--gpus", "2", "--stages", "4"], "neo-serve plan: ", "one stage on each GPU"),
+        (["generate", "hi", "--model", str(tmp_path / "nowhere")], "neo-serve generate: ", "nowhere"),
+        (["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")], "neo-serve convert: ", "nowhere"),
+    ]
+    for argv, prefix, named in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(prefix) and named in err and "Traceback" not in err, (argv, err)
+    # Values argparse can check are refused with its usage line.
+    for argv in (["plan", "--config", neox, "--gpus", "0"],
+                 ["plan", "--config", neox, "--gpus", "2", "--memory-utilization", "1.5"],
+                 ["generate", "hi", "--stages", "0"], ["generate", "hi", "--dtype", "fp16"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        assert "error: argument" in capsys.readouterr().err

@@ -44,6 +44,7 @@ def checkpoint(tmp_path_factory) -> str:
     ({"router": {"resources": {"GPU": 1}}}, "router.resources"),
     ({"playground": {"resources": {"neo-serve-ingress": 0}}}, "playground.resources"),
     ({"router": {"resources": {"neo-serve-ingress": 1.5}}}, "router.resources"),
+    ({"attention_backend": "flash"}, "models[0]"),  # flash-attn on a CPU deployment: at build, not at load
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(AppConfigError) as excinfo:
@@ -165,6 +166,8 @@ def test_up_on_a_local_cpu_cluster_gives_the_stages_the_machines_threads():
     assert per_stage("/m/a", "/m/b", "--autoscale", "1:2", threads=7) == [1, 1]
     assert per_stage("/m/a", "/m/b", threads=7) == [3, 3]
     assert per_stage("--stages", "3", threads=2) == [1]  # at least one each
+    with pytest.raises(AppConfigError, match=r"models\[0\]\.num_stages"):  # named, not a ZeroDivisionError
+        parse_app_args(app_args_from_namespace(parser.parse_args(["--stages", "0"]), cpu_threads=2))
     # An explicit --cpus-per-stage wins; a GPU stage and a joined cluster keep the app's 1 CPU.
     assert per_stage("--cpus-per-stage", "4", threads=2) == [4.0]
     assert per_stage("--gpu", threads=8) == [None]

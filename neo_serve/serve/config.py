@@ -177,6 +177,14 @@ class ModelArgs(_Scaling):
             raise ValueError("must be -1 (no limit) or at least 1 (0 would refuse every request)")
         return value
 
+    @model_validator(mode="after")
+    def _flash_needs_gpus(self) -> "ModelArgs":
+        # Checked here so a CPU deployment fails at build time, not when each stage loads.
+        if self.attention_backend == "flash" and not self.use_gpu:
+            raise ValueError("attention_backend 'flash' runs flash-attn on CUDA GPUs only: set use_gpu: true, "
+                             "or attention_backend 'auto' or 'sdpa' on CPUs")
+        return self
+
     @field_validator("max_stream_chunks_per_s")
     @classmethod
     def _positive_budget(cls, value: float | str | None) -> float | str | None:

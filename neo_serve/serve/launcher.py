@@ -120,8 +120,9 @@ def local_cpu_threads(cores: int, torch_threads: int | None = None) -> int:
 
 
 def threads_per_stage(threads: int, stages: int, pipelines: int) -> int:
-    """`threads` split evenly over `pipelines` x `stages` stages, at least one each."""
-    return max(1, threads // (stages * pipelines))
+    """`threads` split evenly over `pipelines` x `stages` stages, at least one each (bad counts
+    are left for the app's validation to name)."""
+    return max(1, threads // max(1, stages * pipelines))
 
 
 def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int | None:
@@ -159,6 +160,9 @@ def run_up(args: argparse.Namespace) -> int:
         if args.ingress != "auto":
             print(f"neo-serve up: --ingress {args.ingress} ignored: a joined cluster keeps the ingress it was "
                   "started with (RAY_SERVE_ENABLE_HA_PROXY in its environment)", file=sys.stderr)
+        if args.num_cpus is not None:
+            print(f"neo-serve up: --num-cpus {args.num_cpus} ignored: a joined cluster's nodes declare their own "
+                  "CPUs (ray start --num-cpus)", file=sys.stderr)
     else:
         try:
             ingress = configure_local_cluster(args.ingress)  # before Ray starts: its processes inherit it
