@@ -284,7 +284,7 @@ def _nan() -> float:
 
 INF = float("inf")
 DEEP_LIST = Raw("[" * DEEP + "]" * DEEP)  # past Python's recursion limit for json.loads
-NUMBER_STRICT = ("lots", [], {}, _nan(), [1.5], DEEP_LIST)  # + None where the field is not optional
+NUMBER_STRICT = ("lots", [], {}, _nan(), [1.5], DEEP_LIST)  # null is the default for most fields (as in vLLM)
 HUGE = (2**63, 2**64, 10**30, -2**64, Raw(HUGE_INT, 10**5000), Raw("1e999", INF))
 BIG_PROMPT = "a" * (MAX_BODY - 4096)  # a huge string within the body limit
 
@@ -293,7 +293,7 @@ def invalid_values(body: dict[str, Any]) -> dict[str, st.SearchStrategy]:
     """Per field: (value, strict) pairs; MISSING drops the field."""
     model = body.get("model")
     too_long = MAX_LEN[model] + 1 if model in MAX_LEN else MAX_LEN[LONG] + 1
-    bool_field = st.one_of(strict("maybe", 2, -1, [], {}, None, 0.5), odd("true", "false", 1, 0, "yes"))
+    bool_field = st.one_of(strict("maybe", 2, -1, [], {}, 0.5), odd("true", "false", 1, 0, "yes", None))
     return {
         "model": st.one_of(strict(MISSING, None, "gpt-4", "", 5, [SHORT], {"name": SHORT}, SHORT.upper(),
                                   SHORT + " ", *SURROGATES),
@@ -309,20 +309,20 @@ def invalid_values(body: dict[str, Any]) -> dict[str, st.SearchStrategy]:
                 lambda ids: any(not 0 <= t < VOCAB for t in ids)), st.just(True))),
         "max_tokens": st.one_of(strict(-1, -10**6, 10**6, too_long, *HUGE, 1.5, *NUMBER_STRICT),
                                 odd("3", True, False, 2.0)),
-        "temperature": st.one_of(strict(-1e-9, -1, -INF, *NUMBER_STRICT, None), odd(INF, 1e308, 1e-300, 5e-324, "0.5")),
-        "top_p": st.one_of(strict(0, 0.0, -0.5, 1.0000001, 2, INF, -INF, *NUMBER_STRICT, None), odd(5e-324, "1")),
+        "temperature": st.one_of(strict(-1e-9, -1, -INF, *NUMBER_STRICT), odd(INF, 1e308, 1e-300, 5e-324, "0.5", None)),
+        "top_p": st.one_of(strict(0, 0.0, -0.5, 1.0000001, 2, INF, -INF, *NUMBER_STRICT), odd(5e-324, "1", None)),
         "top_k": st.one_of(strict(-2, -10**9, 1.5, "x", [], Raw(HUGE_INT, 10**5000)),
                            odd(2**31, 2**63, 2**64, 10**30, None, "5")),
-        "n": st.one_of(strict(0, -1, 17, 10**6, 2**64, 1.5, *NUMBER_STRICT, None), odd("1", True)),
+        "n": st.one_of(strict(0, -1, 17, 10**6, 2**64, 1.5, *NUMBER_STRICT), odd("1", True, None)),
         "best_of": strict(0, -1, 17, 10**9, (body["n"] if isinstance(body.get("n"), int) else 1) + 1, 1.5, "x", []),
         "stop": st.one_of(strict("", [""], ["a", ""], 5, [1], ["a"] * 65, {"a": 1}, [["a"]]),
                           odd(*SURROGATES, "x" * 100_000, ["\n", "\n\n", " ", "e"])),
         "stop_token_ids": st.one_of(strict([-1], "x", [1.5], 5, [[1]], {"1": 1}), odd([10**30], [], [0] * 100)),
         "seed": st.one_of(strict(1.5, "x", [], {}),
                           odd(-1, -2**63, 2**63, 2**64, -2**64, 10**30, Raw(HUGE_INT, 10**5000))),
-        "presence_penalty": st.one_of(strict(2.5, -3, INF, -INF, *NUMBER_STRICT, None), odd("1")),
-        "frequency_penalty": st.one_of(strict(2.0001, -2.0001, INF, *NUMBER_STRICT, None), odd(-0.0)),
-        "repetition_penalty": st.one_of(strict(0, -1, -INF, *NUMBER_STRICT, None), odd(INF, 1e-300, 1e300)),
+        "presence_penalty": st.one_of(strict(2.5, -3, INF, -INF, *NUMBER_STRICT), odd("1", None)),
+        "frequency_penalty": st.one_of(strict(2.0001, -2.0001, INF, *NUMBER_STRICT), odd(-0.0, None)),
+        "repetition_penalty": st.one_of(strict(0, -1, -INF, *NUMBER_STRICT), odd(INF, 1e-300, 1e300, None)),
         "logprobs": st.one_of(strict(-1, 21, 10**9, 2**64, 1.5, "x", []), odd(True, "2")),
         "echo": bool_field, "stream": bool_field, "ignore_eos": bool_field, "skip_special_tokens": bool_field,
         "return_token_ids": bool_field,

@@ -66,8 +66,9 @@ def app(base_url, checkpoints):
     handle = serve.run(build_app({"models": [
         {"name": "neox", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
          "kv_cache_tokens": 8192, "max_num_seqs": 64},
+        # A small step budget: prompts past 64 tokens are scored over several steps.
         {"name": "neo", "checkpoint": checkpoints["neo"], "num_stages": 1, "dtype": "float32",
-         "kv_cache_tokens": 4096, "cpus_per_stage": 2},
+         "kv_cache_tokens": 4096, "cpus_per_stage": 2, "max_num_batched_tokens": 64},
     ]}), name=APP, route_prefix="/")
     return handle
 
@@ -195,6 +196,13 @@ def test_openai_client_matches_offline(base_url, app, offline):
         text += "".join(c.text for c in chunk.choices)
     assert text == expected[0][0][0]
     assert [m.id for m in api.models.list().data] == ["neox", "neo"]
+    # A parameter passed as None goes out as null (e.g. temperature=args.temperature left unset):
+    # the default, as vLLM reads it, not a 400. Seeded, so the sampled text is the offline one.
+    [[(sampled, _)]] = reference(offline["neox"], [PROMPTS[0]], max_tokens=8, seed=5)
+    result = api.completions.create(model="neox", prompt=PROMPTS[0], max_tokens=8, seed=5, temperature=None,
+                                    top_p=None, presence_penalty=None, frequency_penalty=None, n=None, echo=None,
+                                    stream=None)
+    assert result.choices[0].text == sampled
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="missing", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError) as excinfo:
@@ -237,6 +245,23 @@ def test_prompt_logprobs_for_lm_eval(client, offline):
     assert all(len(top) >= 1 for top in logprobs["top_logprobs"][1:])
     assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+def test_prompt_logprobs_of_a_prompt_scored_over_several_steps(client, offline):
+    """A prompt longer than the step's token budget (64 for "neo") is scored in pieces: the echo
+    must still carry every prompt token's logprob, with max_tokens=0 (whose choice is marked
+    finished from the start) and with a second choice that samples before the prompt is scored."""
+    prompt = [(7 * i + 3) % 500 + 10 for i in range(300)]
+    [out] = offline["neo"].generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    expected = [None] + [entry[token] for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+    for extra in ({"max_tokens": 0}, {"max_tokens": 1, "n": 2, "temperature": 0}):
+        body = client.post("/v1/completions", json={"model": "neo", "prompt": prompt, "logprobs": 1, "echo": True,
+                                                    **extra}).json()
+        for choice in body["choices"]:
+            scored = choice["logprobs"]["token_logprobs"][:len(prompt)]
+            assert len(choice["logprobs"]["tokens"]) == len(prompt) + extra["max_tokens"], extra
+            assert scored[0] is None and scored[1:] == pytest.approx(expected[1:], abs=1e-4), extra
+        assert body["usage"]["prompt_tokens"] == len(prompt)
 
 
 def test_logprobs_of_characters_split_over_tokens(client):

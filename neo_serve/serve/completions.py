@@ -24,7 +24,7 @@ from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.config import RouteLimits
 from neo_serve.serve.engine_loop import PipelineFailed
-from neo_serve.serve.outputs import GenerationChunk, TokenLogprob
+from neo_serve.serve.outputs import GenerationChunk, SequenceDelta, TokenLogprob
 from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
                                       new_completion_id)
@@ -174,6 +174,8 @@ class _PromptState:
         self.echo_pending = request.echo
         self.want_prompt_logprobs = request.echo and request.logprobs is not None
         self.prompt_logprobs: list[TokenLogprob] = []
+        # Sequence deltas that came while the echo waited for the prompt's scoring to finish.
+        self.held: list[SequenceDelta] = []
         self.choices = [_Choice(prompt_index * request.n + i, request.logprobs is not None)
                         for i in range(request.n)]
 
@@ -182,17 +184,26 @@ class _PromptState:
         if chunk.prompt_logprobs:
             self.prompt_logprobs.extend(chunk.prompt_logprobs)
         deltas: dict[int, _Delta] = {}
-        prompt_scored = not self.want_prompt_logprobs or len(self.prompt_logprobs) >= self.num_prompt_tokens
-        if self.echo_pending and (prompt_scored or chunk.sequences or chunk.finished):
+        sequences = chunk.sequences
+        if self.echo_pending:
+            prompt_scored = not self.want_prompt_logprobs or len(self.prompt_logprobs) >= self.num_prompt_tokens
+            if not (prompt_scored or chunk.finished):
+                # The echo leads each choice and carries every prompt logprob, and a prompt longer
+                # than a step's token budget is scored over several steps: hold what the choices
+                # sent meanwhile (other choices sampling, or max_tokens=0's "length" mark).
+                self.held.extend(sequences)
+                return []
             self.echo_pending = False
             entries = self.prompt_logprobs if self.want_prompt_logprobs else []
             deltas = {i: _Delta(self.prompt_text, list(entries)) for i in range(len(self.choices))}
-        for seq in chunk.sequences:
+            sequences, self.held = [*self.held, *sequences], []
+        for seq in sequences:
             delta = deltas.setdefault(seq.index, _Delta())
             delta.text += seq.text
             delta.entries.extend(seq.logprobs or [])
             delta.token_ids.extend(seq.token_ids)
-            delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
+            if seq.finish_reason is not None:
+                delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
         return [self.choices[i].feed(d.text, d.entries, d.token_ids, d.finish_reason, d.stop_reason)
                 for i, d in sorted(deltas.items())]
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
@@ -59,6 +59,12 @@ class StreamOptions(BaseModel):
 
 Prompt = str | list[int]
 
+# Fields whose null is read as "not given" (their defaults are not null). max_tokens keeps its own
+# meaning of null (up to the context window).
+NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "presence_penalty", "frequency_penalty",
+                                "repetition_penalty", "echo", "stream", "ignore_eos", "skip_special_tokens",
+                                "return_token_ids"})
+
 
 class CompletionRequest(BaseModel):
     """POST /v1/completions body (and the keyword arguments of the handle's `generate`)."""
@@ -99,6 +105,15 @@ class CompletionRequest(BaseModel):
         "Extension: seconds this request may take, from its arrival at the router; past it the request ends "
         "with a 408 `request_timeout` error (or that error event in a stream) and its sequences are stopped. "
         "Can only shorten the model's `request_timeout_s`."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's schema makes these nullable and its Python client sends null for a parameter
+        # passed as None (e.g. temperature=args.temperature): null takes the default, as in vLLM.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_MEANS_DEFAULT}
+        return data
 
     @field_validator("prompt")
     @classmethod
