@@ -148,31 +148,64 @@ def test_extent_allocator_extends_moves_and_coalesces():
     assert alloc.num_free_blocks == 10 and alloc.allocate(10) == Extent(0, 10)
 
 
+def running_sequence(scheduler, name: str, extent: Extent, computed: int):
+    """A decoding sequence holding `extent`, with `computed` tokens in its cache and one new token."""
+    from neo_serve.engine.sequence import Request, Sequence, SequenceStatus
+
+    request = Request(name, None, [1] * computed, SamplingParams(), max_tokens=320 - computed)
+    seq = Sequence(request, 0, None, None, output_ids=[2], status=SequenceStatus.RUNNING,
+                   num_computed=computed, extent=extent)
+    request.sequences.append(seq)
+    scheduler.running.append(seq)
+    return seq
+
+
 def test_an_outgrown_extent_moves_to_a_free_run_that_holds_it_before_preempting_anyone():
     from neo_serve.engine.scheduler import Scheduler, SchedulerConfig
-    from neo_serve.engine.sequence import Request, Sequence, SequenceStatus
 
     alloc = ExtentAllocator(num_blocks=20, block_size=16)
     scheduler = Scheduler(SchedulerConfig(), alloc)
-
-    def running(name: str, blocks: int, computed: int) -> Sequence:
-        request = Request(name, None, [1] * computed, SamplingParams(), max_tokens=320 - computed)
-        seq = Sequence(request, 0, None, None, output_ids=[2], status=SequenceStatus.RUNNING,
-                       num_computed=computed, extent=alloc.allocate(blocks))
-        request.sequences.append(seq)
-        scheduler.running.append(seq)
-        return seq
-
     # Blocks: a 0-7 (full: 128 tokens and a new one), b 8, free 9-17, c 18-19. a needs a 9th
     # block; its wish (growth of a quarter: 10 blocks) fits nowhere, but the 9 it needs fit 9-17.
-    a, b = running("a", 8, 128), running("b", 1, 10)
+    a = running_sequence(scheduler, "a", alloc.allocate(8), 128)
+    b = running_sequence(scheduler, "b", alloc.allocate(1), 10)
     gap = alloc.allocate(9)
-    c = running("c", 2, 20)
+    c = running_sequence(scheduler, "c", alloc.allocate(2), 20)
     alloc.free(gap)
     batch = scheduler.schedule()
     assert batch.preempted == [] and scheduler.num_preemptions == 0
     assert a.extent == Extent(9, 9) and [(k.src, k.dst, k.num_slots) for k in batch.kv_copies] == [(0, 9 * 16, 128)]
     assert {chunk.seq for chunk in batch.chunks} == {a, b, c}
+
+
+def test_only_later_arrivals_whose_blocks_make_room_are_preempted():
+    from neo_serve.engine.scheduler import Scheduler, SchedulerConfig
+
+    def arena(arrivals: str):
+        # Blocks: p 0-4, b 5-6, free 7-9, a 10-14 (full: 80 tokens and a new one), d 15-19,
+        # c 20-21, free 22-23. a needs a 6th block.
+        alloc = ExtentAllocator(num_blocks=24, block_size=16)
+        scheduler = Scheduler(SchedulerConfig(), alloc)
+        extents = {name: alloc.allocate(length) for name, length in
+                   (("p", 5), ("b", 2), ("gap", 3), ("a", 5), ("d", 5), ("c", 2))}
+        alloc.free(extents.pop("gap"))
+        computed = {"p": 70, "d": 70, "a": 80, "b": 20, "c": 20}
+        return scheduler, {name: running_sequence(scheduler, name, extents[name], computed[name])
+                           for name in arrivals}
+
+    # Arrivals p, d, a, b, c: b's and c's blocks, freed, make no run a can use (none after a, none
+    # of 6 blocks), so evicting them would cost their work for nothing: a gives way itself.
+    scheduler, seqs = arena("pdabc")
+    batch = scheduler.schedule()
+    assert batch.preempted == [seqs["a"]] and scheduler.num_preemptions == 1
+    assert {chunk.seq for chunk in batch.chunks} == {seqs[n] for n in "pdbc"}
+    # Arrivals p, a, d, b, c: d (after a) makes room once c's blocks join it; b and c, latest,
+    # would not. Only d is preempted, and a grows in place.
+    scheduler, seqs = arena("padbc")
+    batch = scheduler.schedule()
+    assert batch.preempted == [seqs["d"]] and scheduler.num_preemptions == 1
+    assert seqs["a"].extent.start == 10 and seqs["a"].extent.length > 5 and not batch.kv_copies
+    assert {chunk.seq for chunk in batch.chunks} == {seqs[n] for n in "pabc"}
 
 
 @pytest.mark.parametrize("token_major", [True, False])

@@ -66,6 +66,10 @@ class ExtentAllocator:
                 return Extent(start, length)
         return None
 
+    def free_runs(self) -> dict[int, int]:
+        """The free runs, start -> length in blocks (a copy)."""
+        return dict(self._free_len)
+
     def try_extend(self, extent: Extent, extra: int) -> bool:
         """Grow `extent` in place by `extra` blocks if the blocks right after it are free."""
         run = self._free_len.get(extent.end)

@@ -2,9 +2,10 @@
 
 Every step: running sequences first (each decode takes one token, an unfinished prefill takes
 a chunk), then waiting ones in arrival order while the token budget, the sequence limit and the
-KV cache allow. A running sequence that outgrows its extent is extended or moved; if the cache
-is full, the most recently arrived running sequence is preempted: its KV is freed and it waits
-to be recomputed from its tokens (prompt + what it generated), losing nothing.
+KV cache allow. A running sequence that outgrows its extent is extended or moved; if no free
+run allows either, the most recently arrived running sequences whose blocks make one are
+preempted (or, if none would, the sequence itself): their KV is freed and they wait to be
+recomputed from their tokens (prompt + what they generated), losing nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from neo_serve.engine.kv_cache import ExtentAllocator, KVCopy
+from neo_serve.engine.kv_cache import Extent, ExtentAllocator, KVCopy
 from neo_serve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -150,11 +151,50 @@ class Scheduler:
                 allocator.free(seq.extent)
                 seq.extent = moved
                 return True
-            victim = self._pick_victim(protected)
-            self._preempt(victim, batch)
-            if victim is seq:
+            # Extents are contiguous: a later arrival's blocks help only if, freed, they join a run
+            # that seq can grow into or move to. Preempt just the later arrivals that make one, or
+            # else seq itself, rather than each in turn for nothing.
+            victims = self._victims_making_room(seq, need, protected)
+            for victim in victims or [seq]:
+                self._preempt(victim, batch)
+            if not victims:
                 return False
         return True
+
+    def _victims_making_room(self, seq: Sequence, need: int,
+                             protected: set[Sequence] | frozenset[Sequence]) -> list[Sequence] | None:
+        """Later arrivals (never `protected` ones) whose freed blocks let seq grow by `need` blocks
+        in place or move to a free run, or None if no set of them does. Going back from the
+        latest arrival until their blocks and the free ones make such a run; of those, only the
+        ones inside it, less any it can do without (earlier arrivals are spared first)."""
+        free = self.allocator.free_runs()
+        runs = free
+        candidates: list[Sequence] = []
+        for candidate in reversed(self.running):
+            if candidate is seq:
+                return None
+            if candidate in protected or candidate.extent is None:
+                continue
+            candidates.append(candidate)
+            runs = _with_freed(runs, candidate.extent)
+            room = self._room_for(seq, need, runs)
+            if room is not None:
+                start, length = room
+                victims = [v for v in candidates if start <= v.extent.start < start + length]
+                for spared in reversed(list(victims)):
+                    rest = [v for v in victims if v is not spared]
+                    if self._room_for(seq, need, _with_freed(free, *(v.extent for v in rest))) is not None:
+                        victims = rest
+                return victims
+        return None
+
+    @staticmethod
+    def _room_for(seq: Sequence, need: int, runs: dict[int, int]) -> tuple[int, int] | None:
+        """The free run (start, length) that lets seq grow by `need` blocks in place, else one it
+        can move to, else None."""
+        if runs.get(seq.extent.end, 0) >= need:
+            return seq.extent.end, runs[seq.extent.end]
+        return next(((s, n) for s, n in sorted(runs.items()) if n >= seq.extent.length + need), None)
 
     def preempt_all(self) -> int:
         """Free every running sequence's KV and queue it for recompute (a stage lost its cache).
@@ -165,12 +205,6 @@ class Scheduler:
         for seq in reversed(victims):  # latest first, so the earliest ends up first in line
             self._preempt(seq, batch, for_space=False)
         return len(victims)
-
-    def _pick_victim(self, protected: set[Sequence] | frozenset[Sequence]) -> Sequence:
-        for candidate in reversed(self.running):
-            if candidate not in protected:
-                return candidate
-        raise RuntimeError("KV cache cannot hold a single sequence")  # prevented by engine checks
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch, *, for_space: bool = True) -> None:
         """Free seq's KV and queue it for recompute. `for_space`: the cache was full, which is
@@ -190,3 +224,18 @@ class Scheduler:
             self.allocator.free(seq.extent)
             seq.extent = None
         seq.num_computed = 0
+
+
+def _with_freed(runs: dict[int, int], *extents: Extent) -> dict[int, int]:
+    """Free runs (start -> length) after `extents`' blocks are freed too, coalesced."""
+    merged = dict(runs)
+    for extent in extents:
+        start, length = extent.start, extent.length
+        if start + length in merged:  # the run right after
+            length += merged.pop(start + length)
+        before = next((s for s, n in merged.items() if s + n == start), None)
+        if before is not None:
+            merged[before] += length
+        else:
+            merged[start] = length
+    return merged
