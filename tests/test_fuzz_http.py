@@ -259,8 +259,9 @@ def valid_bodies(draw) -> dict[str, Any]:
     maybe(draw, body, "logprobs", st.one_of(st.none(), st.integers(0, 5), st.just(20)))
     for name in ("echo", "stream", "ignore_eos", "skip_special_tokens", "return_token_ids"):
         maybe(draw, body, name, st.booleans())
-    maybe(draw, body, "stream_options", st.one_of(st.none(), st.just({}),
-                                                  st.builds(lambda b: {"include_usage": b}, st.booleans())))
+    if body.get("stream"):  # stream_options without a stream is refused, as by OpenAI and vLLM
+        maybe(draw, body, "stream_options", st.one_of(st.none(), st.just({}),
+                                                      st.builds(lambda b: {"include_usage": b}, st.booleans())))
     maybe(draw, body, "user", st.one_of(st.none(), unicode_text))
     maybe(draw, body, "suffix", st.sampled_from([None, ""]))
     maybe(draw, body, "logit_bias", st.sampled_from([None, {}]))
@@ -890,6 +891,7 @@ BAD = [
     ("logit_bias", {**OK, "logit_bias": {"5": 1.0}}, {400}, {"logit_bias"}),
     ("suffix", {**OK, "suffix": "x"}, {400}, {"suffix"}),
     ("stream_options", {**OK, "stream_options": "x"}, {400}, {"stream_options"}),
+    ("stream_options-without-stream", {**OK, "stream_options": {"include_usage": True}}, {400}, {"stream_options"}),
     ("unknown-field", {**OK, "frobnicate": {"a": [1, None]}}, {400}, {"frobnicate"}),
     ("misspelt-field", {**OK, "max_token": 5}, {400}, {"max_token"}),
     ("lone-surrogate-field", {**OK, "\ud800": 1}, {400}, {None}),  # a name JSON cannot carry as UTF-8

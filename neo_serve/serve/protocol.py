@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
@@ -141,6 +141,14 @@ class CompletionRequest(BaseModel):
         for text in texts:
             if isinstance(text, str) and not is_encodable(text):
                 raise ValueError("must be valid Unicode text (it contains a lone surrogate)")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # As OpenAI and vLLM: options of a stream that will not be sent are a mistake to name.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
         return value
 
     @field_validator("stop")
