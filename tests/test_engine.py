@@ -131,6 +131,22 @@ def test_bad_requests_raise_and_others_keep_running(llm, prompt, params, field):
     assert outputs["innocent"].outputs[0].token_ids == solo(llm, [7, 8, 9])
 
 
+@pytest.mark.parametrize("bad,field", [
+    ({"top_k": 2**63}, "top_k"),  # past int64: the sampler's shared top_k tensor overflowed
+    ({"temperature": 10**400}, "temperature"),  # past float: the shared temperature tensor
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"seed": 2**64}, "seed"),  # past what a torch generator takes
+    ({"max_tokens": -10**5000}, "max_tokens"),  # named, not a ValueError from printing it
+])
+def test_sampling_values_a_batch_cannot_hold_are_refused_for_that_request(llm, bad, field):
+    """Checked where the request is made: in a step every row's values share tensors, so one
+    overflow there failed every request of the micro-batch (through the offline LLM or the
+    pipeline deployment's handle, which the HTTP schema's bounds do not cover)."""
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{"max_tokens": 4, **bad})
+    assert info.value.field == field and len(str(info.value)) < 200
+
+
 def test_kv_cache_smaller_than_context_is_a_config_error(neox_checkpoint):
     with pytest.raises(ConfigError, match="kv_cache_tokens"):
         LLM(str(neox_checkpoint), kv_cache_tokens=100, max_model_len=512)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from neo_serve.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1  # past any vocabulary; the sampler holds top_k in int64 tensors
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators' seeds
 # Temperatures below this sample greedily, as in vLLM: dividing float32 logits by a far smaller
 # temperature overflows to inf, and the softmax of inf is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -52,7 +55,7 @@ class SamplingParams:
         self._check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
-        self._check_int("top_k", self.top_k, low=-1)
+        self._check_int("top_k", self.top_k, low=-1, high=MAX_TOP_K)
         self._check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0.0:
             raise InvalidRequestError(
@@ -63,7 +66,7 @@ class SamplingParams:
             if not -2.0 <= value <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", field=name)
         if self.seed is not None:
-            self._check_int("seed", self.seed)
+            self._check_int("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -93,13 +96,29 @@ class SamplingParams:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidRequestError(f"{name} must be an integer, got {value!r}", field=name)
         if low is not None and value < low:
-            raise InvalidRequestError(f"{name} must be >= {low}, got {value}", field=name)
+            raise InvalidRequestError(f"{name} must be >= {low}, got {_short(value)}", field=name)
         if high is not None and value > high:
-            raise InvalidRequestError(f"{name} must be <= {high}, got {value}", field=name)
+            raise InvalidRequestError(f"{name} must be <= {high}, got {_short(value)}", field=name)
 
     @staticmethod
     def _check_number(name: str, value: object, *, low: float | None = None) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise InvalidRequestError(f"{name} must be a number, got {value!r}", field=name)
+        # Finite, as float: the sampler puts every row's value in one tensor, so an overflow
+        # there (10**400, inf) would fail the whole batch instead of this request.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise InvalidRequestError(f"{name} must be a finite number, got {_short(value)}", field=name)
         if low is not None and value < low:
             raise InvalidRequestError(f"{name} must be >= {low}, got {value}", field=name)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def _short(value: object) -> str:
+    """A value for an error message (an int of thousands of digits cannot even be printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)[:80]
