@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -372,9 +373,16 @@ class Deadline:
     async def run(self, awaitable: Any) -> Any:
         if self.at is None:
             return await awaitable
+        remaining = max(0.0, self.at - time.monotonic())
         try:
-            return await asyncio.wait_for(awaitable, max(0.0, self.at - time.monotonic()))
-        except asyncio.TimeoutError:
+            if sys.version_info >= (3, 11):
+                # Not wait_for: until Python 3.12 it returns the result instead of raising when
+                # this task is cancelled (a client disconnect) as the awaited chunk arrives, and
+                # Serve cancels only once, so the request's sequences would run on.
+                async with asyncio.timeout(remaining):
+                    return await awaitable
+            return await asyncio.wait_for(awaitable, remaining)  # 3.10 has no asyncio.timeout
+        except (asyncio.TimeoutError, TimeoutError):
             raise request_timed_out(self.timeout_s) from None
 
 
