@@ -172,6 +172,44 @@ def test_a_request_that_ends_while_its_consumer_is_away_is_not_paused(neox_check
     assert elapsed < 6.0, f"a stream paused with its last chunk queued ({elapsed:.1f} s)"
 
 
+def test_a_paused_stream_holds_only_its_latest_output(neox_checkpoint, offline_tokens):
+    """The chunk budget pauses a stream for seconds under load (streams / budget); meanwhile it
+    must not keep a copy of its output (tokens, logprobs, text) for every step."""
+    import gc
+
+    from neo_serve.engine.outputs import RequestOutput
+
+    LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    def held(request_id: str) -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, RequestOutput) and o.request_id == request_id)
+
+    async def main():
+        core = await start_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.25)
+        try:
+            stream = core.generate(PROMPTS[0], LONG, "paused")
+            chunks = [await stream.__anext__(), await stream.__anext__()]  # accepted; the first token
+            steps = core.num_steps
+            # The consumer is back for more: the stream pauses (1 stream at 0.25 chunks/s: 4 s)
+            # while the engine steps on.
+            following = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.3)
+            stepped, count = core.num_steps - steps, held("paused")
+            assert not following.done()  # still paused
+            chunks.append(await following)
+            chunks += [chunk async for chunk in stream]
+            return chunks, stepped, count
+        finally:
+            core.close()
+            core.runner.close()
+
+    chunks, stepped, count = asyncio.run(main())
+    tokens = token_ids(chunks)
+    assert len(tokens) == 400 and tokens[:len(offline_tokens[0])] == offline_tokens[0]
+    assert stepped >= 5, stepped  # the request kept generating while its stream paused
+    assert count <= 2, f"a paused stream held {count} outputs after {stepped} steps"
+
+
 def test_a_long_text_prompt_does_not_stall_the_other_streams(neox_checkpoint):
     # Encoding a few MiB of text takes seconds; on the event loop it would stop every stream of
     # the replica (and its health checks) until the prompt is refused as too long.

@@ -12,8 +12,8 @@ to `runner.depth` (= num_stages) micro-batches in flight:
     drain: await the oldest micro-batch's sampled tokens (or a new request, if the pipe has room)
            -> apply_step -> push outputs to the requests' streams
 
-Each request has an asyncio queue of cumulative outputs; its `generate` stream turns them into
-deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
+Each request has a mailbox holding its latest cumulative output (or error); its `generate`
+stream turns them into deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
 which frees its KV blocks before the next micro-batch is scheduled.
 
 Faults: when a stage actor dies (or a step outlives `step_timeout_s`, i.e. a stage hangs), the
@@ -53,6 +53,28 @@ _Item = RequestOutput | BaseException
 INLINE_TOKENIZE_CHARS = 1024
 
 
+class _Mailbox:
+    """A stream's next item. The engine's outputs are cumulative, so only the latest is kept: a
+    stream paused by the chunk budget (up to streams / budget seconds) would otherwise hold a copy
+    of its tokens, logprobs and text for every step meanwhile. An error, once put, stays."""
+
+    def __init__(self) -> None:
+        self._item: _Item | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: _Item) -> None:
+        if not isinstance(self._item, BaseException):
+            self._item = item
+        self._ready.set()
+
+    async def get(self) -> _Item:
+        await self._ready.wait()
+        item, self._item = self._item, None
+        self._ready.clear()
+        assert item is not None
+        return item
+
+
 class PipelineFailed(RuntimeError):
     """The pipeline cannot run steps any more (a stage died); the replica must be replaced."""
 
@@ -80,7 +102,7 @@ class PipelineCore:
         self.num_steps = 0
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
         self.failure: BaseException | None = None
-        self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        self._streams: dict[str, _Mailbox] = {}
         # Streams pausing between chunks (see `_hold`), woken early when their request ends.
         self._holding: dict[str, asyncio.Future[None]] = {}
         self._inflight: deque[tuple[PreparedStep, asyncio.Future[SampledStep]]] = deque()
@@ -116,9 +138,9 @@ class PipelineCore:
         timer = RequestTimer(self.metrics, arrival)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        mailbox = _Mailbox()
         if not request.finished:
-            self._streams[request_id] = queue
+            self._streams[request_id] = mailbox
             self._wake.set()
         try:
             yield tracker.first_chunk(request.to_output(), prompt_text)
@@ -130,12 +152,10 @@ class PipelineCore:
                 if last_token_chunk is not None:
                     pause = last_token_chunk + self.stream_interval() - time.monotonic()
                     # A request the engine no longer holds has ended (finished or failed) while
-                    # its stream was not pausing, e.g. between yields: its last item is queued.
+                    # its stream was not pausing, e.g. between yields: its last item is waiting.
                     if pause > 0 and request_id in self.engine.requests:
                         await self._hold(request_id, pause)
-                item = await queue.get()
-                while not queue.empty() and not isinstance(item, BaseException):
-                    item = queue.get_nowait()  # outputs are cumulative: the latest says it all
+                item = await mailbox.get()
                 if isinstance(item, BaseException):
                     raise item
                 chunk = tracker.update(item)
@@ -297,9 +317,9 @@ class PipelineCore:
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
         for output in outputs:
-            queue = self._streams.get(output.request_id)
-            if queue is not None:
-                queue.put_nowait(output)
+            mailbox = self._streams.get(output.request_id)
+            if mailbox is not None:
+                mailbox.put(output)
                 if output.finished:
                     self._release(output.request_id)
         if self.metrics is not None:
@@ -318,9 +338,9 @@ class PipelineCore:
     def _fail_requests(self, request_ids: set[str], error: BaseException) -> None:
         for request_id in request_ids:
             self.engine.abort_request(request_id)
-            queue = self._streams.get(request_id)
-            if queue is not None:
-                queue.put_nowait(error)
+            mailbox = self._streams.get(request_id)
+            if mailbox is not None:
+                mailbox.put(error)
                 self._release(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
