@@ -278,3 +278,31 @@ def test_a_cancelled_stream_leaves_the_engine_at_once(neox_checkpoint):
             core.runner.close()
 
     assert asyncio.run(main()) <= 1  # at most the micro-batch already in flight (one stage)
+
+
+def test_a_request_id_is_not_reused_while_its_stream_is_open(neox_checkpoint, offline_tokens):
+    """A handle caller's own request id, reused after the engine finished the request but before
+    its stream closed: that stream's cleanup would have removed the new request's mailbox and
+    aborted it by id, leaving the new stream waiting forever. The reuse is refused instead."""
+    async def main():
+        core = await start_core(neox_checkpoint)
+        try:
+            first = core.generate(PROMPTS[0], GREEDY, "mine")
+            chunks = [await first.__anext__()]  # accepted; the consumer then looks away
+            for _ in range(200):
+                if "mine" not in core.engine.requests:
+                    break
+                await asyncio.sleep(0.01)
+            assert "mine" not in core.engine.requests  # finished in the engine, stream still open
+            with pytest.raises(InvalidRequestError, match="still streaming") as refused:
+                await collect(core, PROMPTS[1], GREEDY, "mine")
+            chunks += [chunk async for chunk in first]
+            again = await asyncio.wait_for(collect(core, PROMPTS[1], GREEDY, "mine"), 30)  # closed: free
+            return refused.value.field, chunks, again
+        finally:
+            core.close()
+            core.runner.close()
+
+    field, chunks, again = asyncio.run(main())
+    assert field == "request_id"
+    assert token_ids(chunks) == offline_tokens[0] and token_ids(again) == offline_tokens[1]

@@ -41,6 +41,7 @@ from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
+from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
 from neo_serve.serve.stages import StepRunner
@@ -131,6 +132,8 @@ class PipelineCore:
             prompt_token_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
         if self.failure is not None:
             raise PipelineFailed(f"pipeline failed: {self.failure!r}")
+        if request_id in self._streams:  # finished in the engine, its stream not yet closed
+            raise InvalidRequestError(f"request id {request_id!r} is still streaming", field="request_id")
         request = self.engine.add_request(prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids)
         tracker = DeltaTracker(request_id, self.decode_token)
         prompt_text = request.prompt if request.prompt is not None else self.engine.tokenizer.decode(
