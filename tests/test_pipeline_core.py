@@ -182,7 +182,7 @@ def test_a_paused_stream_holds_only_its_latest_output(neox_checkpoint, offline_t
     LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
     def held(request_id: str) -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, RequestOutput) and o.request_id == request_id)
+        return sum(1 for o in gc.get_objects() if type(o) is RequestOutput and o.request_id == request_id)
 
     async def main():
         core = await start_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.25)
