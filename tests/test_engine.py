@@ -92,6 +92,23 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch):
     assert solo(llm, [7, 8, 9]) == expected and not engine.has_unfinished_requests()
 
 
+def test_a_sequence_aborted_while_its_step_runs_generates_nothing(llm):
+    """The pipeline's generation_tokens metric counts what a step applied: a request cancelled
+    while its micro-batch ran gets no token from it, so none is counted."""
+    engine = llm.engine
+    engine.add_request([1, 2, 3], GREEDY, request_id="stays")
+    engine.add_request([4, 5, 6], GREEDY, request_id="goes")
+    engine.step()
+    before = engine.num_generated_tokens
+    prepared = engine.schedule_step()
+    sampled = engine.sample_step(prepared, engine.executor.execute(prepared.step_input))
+    assert engine.abort_request("goes")
+    [output] = engine.apply_step(prepared, sampled)
+    assert output.request_id == "stays" and engine.num_generated_tokens == before + 1
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def test_kv_admission_makes_requests_wait(neox_checkpoint):
     llm = LLM(str(neox_checkpoint), dtype="float32", max_model_len=64, kv_cache_tokens=64)
     prompts = [list(range(1, 41)), list(range(2, 42)), list(range(3, 43))]

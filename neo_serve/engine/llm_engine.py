@@ -88,6 +88,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
+        self.num_generated_tokens = 0  # tokens appended to sequences (not those of sequences aborted mid-step)
 
     def _attention_backend_and_block_size(self, config: EngineConfig) -> tuple[str, int]:
         """The attention backend and KV block size the stages use. flash-attn runs float16 and
@@ -316,6 +317,7 @@ class LLMEngine:
                 touched[request.request_id] = request
             if result is not None:
                 self._append_token(seq, result.token_id, result.logprob, result.top_logprobs)
+                self.num_generated_tokens += 1
                 request.metrics.first_token_time = request.metrics.first_token_time or now
                 touched[request.request_id] = request
         # A prompt-only request (max_tokens=0) ends once its prompt is scored.

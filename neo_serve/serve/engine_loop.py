@@ -317,6 +317,7 @@ class PipelineCore:
             logger.exception("neo-serve step failed; failing its requests")
             self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks}, exc)
             return None
+        generated_before = self.engine.num_generated_tokens
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
         for output in outputs:
@@ -326,9 +327,8 @@ class PipelineCore:
                 if output.finished:
                     self._release(output.request_id)
         if self.metrics is not None:
-            generated = sum(1 for live, sample in zip(sampled.live, sampled.samples)
-                            if live and sample is not None)
-            self._record_gauges(generated=generated, force=False)
+            # Only the tokens applied: a sequence aborted while its step ran gets none.
+            self._record_gauges(generated=self.engine.num_generated_tokens - generated_before, force=False)
         return None
 
     def _record_gauges(self, *, generated: int = 0, force: bool = True) -> None:
