@@ -13,8 +13,8 @@ to `runner.depth` (= num_stages) micro-batches in flight:
            -> apply_step -> push outputs to the requests' streams
 
 Each request has a mailbox holding its latest cumulative output (or error); its `generate`
-stream turns them into deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the request in its `finally`,
-which frees its KV blocks before the next micro-batch is scheduled.
+stream turns them into deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the
+request in its `finally`, which frees its KV blocks before the next micro-batch is scheduled.
 
 Faults: when a stage actor dies (or a step outlives `step_timeout_s`, i.e. a stage hangs), the
 in-flight micro-batches are dropped, the dead (or all) stages are restarted in their bundles,
