@@ -70,6 +70,12 @@ class ExtentAllocator:
         """The free runs, start -> length in blocks (a copy)."""
         return dict(self._free_len)
 
+    def copy(self) -> "ExtentAllocator":
+        """A scratch allocator in the same state, to try frees and allocations on."""
+        scratch = ExtentAllocator(self.num_blocks, self.block_size)
+        scratch._free_starts, scratch._free_len = list(self._free_starts), dict(self._free_len)
+        return scratch
+
     def try_extend(self, extent: Extent, extra: int) -> bool:
         """Grow `extent` in place by `extra` blocks if the blocks right after it are free."""
         run = self._free_len.get(extent.end)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from neo_serve.engine.kv_cache import Extent, ExtentAllocator, KVCopy
+from neo_serve.engine.kv_cache import ExtentAllocator, KVCopy
 from neo_serve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -167,8 +167,7 @@ class Scheduler:
         in place or move to a free run, or None if no set of them does. Going back from the
         latest arrival until their blocks and the free ones make such a run; of those, only the
         ones inside it, less any it can do without (earlier arrivals are spared first)."""
-        free = self.allocator.free_runs()
-        runs = free
+        scratch = self.allocator.copy()  # the allocator's own frees, coalescing as they would
         candidates: list[Sequence] = []
         for candidate in reversed(self.running):
             if candidate is seq:
@@ -176,17 +175,23 @@ class Scheduler:
             if candidate in protected or candidate.extent is None:
                 continue
             candidates.append(candidate)
-            runs = _with_freed(runs, candidate.extent)
-            room = self._room_for(seq, need, runs)
+            scratch.free(candidate.extent)
+            room = self._room_for(seq, need, scratch.free_runs())
             if room is not None:
                 start, length = room
                 victims = [v for v in candidates if start <= v.extent.start < start + length]
                 for spared in reversed(list(victims)):
                     rest = [v for v in victims if v is not spared]
-                    if self._room_for(seq, need, _with_freed(free, *(v.extent for v in rest))) is not None:
+                    if self._room_for(seq, need, self._free_runs_after(rest)) is not None:
                         victims = rest
                 return victims
         return None
+
+    def _free_runs_after(self, victims: list[Sequence]) -> dict[int, int]:
+        scratch = self.allocator.copy()
+        for victim in victims:
+            scratch.free(victim.extent)
+        return scratch.free_runs()
 
     @staticmethod
     def _room_for(seq: Sequence, need: int, runs: dict[int, int]) -> tuple[int, int] | None:
@@ -224,18 +229,3 @@ class Scheduler:
             self.allocator.free(seq.extent)
             seq.extent = None
         seq.num_computed = 0
-
-
-def _with_freed(runs: dict[int, int], *extents: Extent) -> dict[int, int]:
-    """Free runs (start -> length) after `extents`' blocks are freed too, coalesced."""
-    merged = dict(runs)
-    for extent in extents:
-        start, length = extent.start, extent.length
-        if start + length in merged:  # the run right after
-            length += merged.pop(start + length)
-        before = next((s for s, n in merged.items() if s + n == start), None)
-        if before is not None:
-            merged[before] += length
-        else:
-            merged[start] = length
-    return merged
