@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     from neo_serve.errors import NeoServeError
 
     args = build_parser().parse_args(argv)
-    if not getattr(args, "input_errors_as_messages", False):
-        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
     except (NeoServeError, ValueError, FileNotFoundError) as exc:
+        if not getattr(args, "input_errors_as_messages", False):
+            raise
         # Bad input (a path, a config, a size): one line naming it, not a traceback.
         print(f"neo-serve {args.command}: {exc}", file=sys.stderr)
         return 2
