@@ -58,6 +58,16 @@ def test_top_k_and_top_p_masks():
     assert torch.isinf(kept[0]).tolist() == [True, False, False, True] and not torch.isinf(kept[1]).any()
 
 
+def test_top_p_of_one_keeps_every_token_beside_rows_that_cut():
+    # Over a 50k vocabulary the float32 cumsum of a row's probabilities reaches 1.0 before its
+    # last tokens; a top_p=1 row batched with a top_p<1 row must still keep all of them.
+    logits = torch.randn(8, 50304, generator=torch.Generator().manual_seed(0)) * 3
+    top_p = torch.tensor([0.5, 1.0] * 4)
+    kept = apply_top_p(logits.clone(), top_p)
+    assert not torch.isinf(kept[1::2]).any()
+    assert torch.isinf(kept[0::2]).all(dim=1).logical_not().all() and torch.isinf(kept[0::2]).any(dim=1).all()
+
+
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0]])
     params = SamplingParams(repetition_penalty=2.0)

@@ -72,6 +72,10 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
     drop_sorted = mass_before >= top_p.unsqueeze(1)
+    # A row with top_p 1 keeps everything, even beside rows that cut: the float32 cumsum of its
+    # probabilities can reach 1.0 before the last tokens, which would drop them (and make a
+    # seeded request's tokens depend on its batch).
+    drop_sorted &= (top_p < 1.0).unsqueeze(1)
     drop_sorted[:, 0] = False  # always keep the most likely token
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
