@@ -394,3 +394,27 @@ def test_a_text_prompt_too_long_for_any_tokenization_is_refused_before_encoding(
     with pytest.raises(InvalidRequestError, match="characters, more than a context window of 128 tokens") as excinfo:
         engine.add_request("x" * (engine.max_prompt_chars + 1), GREEDY)
     assert excinfo.value.field == "prompt" and encoded == []
+
+
+def test_a_text_prompt_with_a_token_the_model_lacks_is_refused_for_that_request_alone(neo_checkpoint, tmp_path):
+    # A fine-tune that added <|pad|> to its tokenizer without resizing the embedding: a text prompt
+    # holding it encodes past the model's vocabulary, which would fail every sequence of the step.
+    import json
+    import shutil
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(neo_checkpoint, tuned)
+    vocab_size = json.loads((tuned / "config.json").read_text())["vocab_size"]
+    assert len(json.loads((tuned / "vocab.json").read_text())) == vocab_size
+    (tuned / "added_tokens.json").write_text(json.dumps({"<|pad|>": vocab_size}))
+    engine = LLM(str(tuned), dtype="float32", max_model_len=128, kv_cache_tokens=1024).engine
+    engine.add_request("hello there", GREEDY, request_id="innocent")
+    engine.step()
+    with pytest.raises(InvalidRequestError, match=rf"'<\|pad\|>' \(token {vocab_size}\).* vocabulary of {vocab_size}") as info:
+        engine.add_request("hi<|pad|>", GREEDY)
+    assert info.value.field == "prompt"
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert len(outputs["innocent"].outputs[0].token_ids) == GREEDY.max_tokens

@@ -154,7 +154,9 @@ class LLMEngine:
             if not prompt:
                 raise InvalidRequestError("prompt is empty", field="prompt")
             self.check_prompt_text(prompt)
-            return prompt, prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
+            ids = prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
+            self._check_text_ids(ids)
+            return prompt, ids
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids", field="prompt")
         if len(prompt) > self.max_model_len:  # refused before a Python loop over a million ids
@@ -166,6 +168,16 @@ class LLMEngine:
                     f"prompt token {token!r} at position {position} is outside the vocabulary [0, {vocab})",
                     field="prompt")
         return None, list(prompt)
+
+    def _check_text_ids(self, ids: list[int]) -> None:
+        # A fine-tune's tokenizer may add tokens (a pad, chat markers) past the rows of an embedding
+        # that was never resized: such an id would fail the whole step, not just this request.
+        vocab = self.model_config.vocab_size
+        if ids and max(ids) >= vocab:
+            token = next(t for t in ids if t >= vocab)
+            raise InvalidRequestError(
+                f"prompt contains {self.tokenizer.decode([token], skip_special_tokens=False)!r} (token {token}), "
+                f"which the tokenizer has but the model's vocabulary of {vocab} does not", field="prompt")
 
     def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and params.max_tokens != 0):
