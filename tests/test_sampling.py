@@ -143,15 +143,19 @@ def test_stop_token_ids_and_eos(llm):
     out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[stop_token],
                                                 ignore_eos=True))[0].outputs[0]
     assert out.token_ids == ids[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_token
+    # The stop token is in token_ids but not in the text, as in vLLM.
+    before_stop = llm.tokenizer.decode(ids[:first])
+    assert llm.tokenizer.decode(ids[:first + 1]) != before_stop and out.text == before_stop
     engine = llm.engine
     original = engine.model_config
     engine.model_config = dataclasses.replace(original, eos_token_id=stop_token)
     try:
-        eos_out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
+        eos_out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0,
+                                                        skip_special_tokens=False))[0].outputs[0]
         ignored = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0].outputs[0]
     finally:
         engine.model_config = original
-    assert eos_out.token_ids == ids[:first + 1] and eos_out.finish_reason == "stop"
+    assert eos_out.token_ids == ids[:first + 1] and eos_out.finish_reason == "stop" and eos_out.text == before_stop
     assert ignored.token_ids == ids and ignored.finish_reason == "length"
 
 

@@ -362,14 +362,17 @@ class LLMEngine:
         if top is not None:  # logprobs were asked for
             seq.logprobs.append(top)
             seq.cumulative_logprob += logprob
-        delta = seq.detokenizer.add(token)
-        seq.output_text += delta
         config = self.model_config
+        # A stop token or EOS stays in token_ids (and logprobs) but not in the text, as in vLLM.
         if token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif (token == config.eos_token_id or token in config.more_eos_token_ids) and not params.ignore_eos:
+            return
+        if (token == config.eos_token_id or token in config.more_eos_token_ids) and not params.ignore_eos:
             self._finish(seq, "stop", None)
-        elif params.stop and self._check_stop_strings(seq, len(delta)):
+            return
+        delta = seq.detokenizer.add(token)
+        seq.output_text += delta
+        if params.stop and self._check_stop_strings(seq, len(delta)):
             pass
         elif len(seq.output_ids) >= seq.request.max_tokens or seq.total_len >= self.max_model_len:
             self._finish(seq, "length", None)
