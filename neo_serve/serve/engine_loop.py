@@ -135,7 +135,7 @@ class PipelineCore:
         if request_id in self._streams:  # finished in the engine, its stream not yet closed
             raise InvalidRequestError(f"request id {request_id!r} is still streaming", field="request_id")
         request = self.engine.add_request(prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids)
-        tracker = DeltaTracker(request_id, self.decode_token)
+        tracker = DeltaTracker(request_id, self.decode_token, skip_special_tokens=params.skip_special_tokens)
         prompt_text = request.prompt if request.prompt is not None else self.engine.tokenizer.decode(
             request.prompt_ids, skip_special_tokens=False)
         timer = RequestTimer(self.metrics, arrival)

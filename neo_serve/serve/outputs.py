@@ -62,9 +62,12 @@ class DeltaTracker:
 
     PROMPT = -1  # `_utf8` key of the prompt's tokens; the sequences use their index
 
-    def __init__(self, request_id: str, decode_token: "TokenDecoder") -> None:
+    def __init__(self, request_id: str, decode_token: "TokenDecoder", *, skip_special_tokens: bool = True) -> None:
         self.request_id = request_id
         self._decode = decode_token
+        # The generated text leaves special tokens out (the request's `skip_special_tokens`): they
+        # then take no characters of it. The echoed prompt always shows them.
+        self._skip_special = skip_special_tokens
         # Per stream of tokens (prompt, each sequence): UTF-8 bytes of a character not yet whole.
         self._utf8: dict[int, codecs.IncrementalDecoder] = {}
         self._text_len: dict[int, int] = {}
@@ -118,6 +121,8 @@ class DeltaTracker:
     def _chars_completed(self, stream: int, token_id: int) -> int:
         """How many characters of its stream's text `token_id` completes, given the tokens before
         it (the bytes of a character split over tokens count once, at the token that ends it)."""
+        if stream != self.PROMPT and self._skip_special and self._decode.is_special(token_id):
+            return 0  # absent from the text; bytes of a character before it join those after it
         utf8 = self._utf8.get(stream)
         if utf8 is None:
             utf8 = self._utf8[stream] = codecs.getincrementaldecoder("utf-8")("replace")
@@ -132,6 +137,8 @@ class DeltaTracker:
 
 class TokenSource(Protocol):
     """What `TokenDecoder` needs of a tokenizer (neo_serve.tokenizer.Tokenizer)."""
+
+    special_ids: frozenset[int]
 
     def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str: ...
 
@@ -165,6 +172,9 @@ class TokenDecoder:
 
     def token_bytes(self, token_id: int) -> bytes | None:
         return self._lookup(token_id).raw
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._tokenizer.special_ids
 
     def _lookup(self, token_id: int) -> _TokenText:
         entry = self._cache.get(token_id)
