@@ -955,6 +955,58 @@ def dockerfile_text() -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), text)
 
 
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of deploy/Dockerfile, continuation lines joined, comments dropped."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", joined, re.M)]
+
+
+def test_the_image_imports_the_installed_package_where_its_processes_run(tmp_path):
+    """Replay the Dockerfile's files: COPY, the package's pip install (into a scratch site dir),
+    rm, WORKDIR; then run its import check in its working directory, as `docker build` would. A
+    source tree left there shadows the installed package for Python and for every Ray process
+    started there (the playground ships from ui/ as `neo_serve.ui`, which neo_serve/ lacks)."""
+    import os
+    import site
+    import subprocess
+
+    root, site_dir = tmp_path / "image", tmp_path / "site-packages"
+    here = lambda container_path: root / container_path.lstrip("/")  # noqa: E731
+    workdir, checks = "/", []
+    for instruction, args in dockerfile_instructions():
+        if instruction == "WORKDIR":
+            workdir = args if args.startswith("/") else f"{workdir.rstrip('/')}/{args}"
+            here(workdir).mkdir(parents=True, exist_ok=True)
+        elif instruction == "COPY":
+            *sources, dest = [a for a in args.split() if not a.startswith("--")]
+            dest_path = here(dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}")
+            for source in sources:
+                target = dest_path / Path(source).name if dest.endswith("/") or len(sources) > 1 else dest_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (REPO / source).is_dir() else shutil.copy)(REPO / source, target)
+        elif instruction == "RUN":
+            for command in re.split(r"\s*&&\s*", args):
+                if package := re.match(r'pip install [^"]*"(/[^"$]+|\.)', command):  # the package, not a PyPI name
+                    source = package[1] if package[1].startswith("/") else workdir
+                    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                    "--no-build-isolation", "--target", str(site_dir), str(here(source))],
+                                   check=True, capture_output=True, timeout=300)
+                elif removed := re.match(r"rm -rf (/\S+)$", command):
+                    shutil.rmtree(here(removed[1]))
+                elif check := re.match(r'python -c "([^"]+)"$', command):
+                    checks.append((check[1], workdir))
+    assert site_dir.is_dir() and checks, f"{DOCKERFILE}: expected a pip install of the package and an import check"
+    # -S: only the installed copy, not this checkout's editable install (its finder is a .pth);
+    # the interpreter's own site-packages stay reachable for torch, ray and gradio.
+    path = os.pathsep.join([str(site_dir), *site.getsitepackages()])
+    for code, directory in checks:
+        result = subprocess.run([sys.executable, "-S", "-c", code], cwd=here(directory), capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": path}, timeout=300)
+        assert result.returncode == 0, f"{DOCKERFILE}: `python -c {code!r}` in {directory}:\n{result.stderr[-2000:]}"
+    assert workdir == checks[-1][1], "the last import check runs where the image's processes start"
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_images_are_the_neo_serve_image_of_the_clusters_ray(path):
     import ray
