@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo
-from conftest_serve import ray_serve_on_loopback, wait_until
+from conftest_serve import free_port, ray_serve_on_loopback, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.ui.backend import parse_stop
@@ -43,8 +43,14 @@ API_PARAMS = ["prompt", "model", "max_new_tokens", "temperature", "top_p", "top_
 
 
 @pytest.fixture(scope="module")
-def base_url():
-    with ray_serve_on_loopback(num_cpus=8) as url:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def base_url(metrics_port):
+    with ray_serve_on_loopback(num_cpus=8, _metrics_export_port=metrics_port,
+                               _system_config={"metrics_report_interval_ms": 1000}) as url:
         yield url
 
 
@@ -218,9 +224,22 @@ def test_errors_are_readable(client, app, args, title, words):
     assert pipeline_stats()["requests"] == 0
 
 
-def test_model_not_loaded_is_reported(base_url, app):
+def queued_requests(metrics_port: int, deployment: str) -> float | None:
+    """Serve's `serve_deployment_queued_queries` for `deployment` on Ray's Prometheus endpoint:
+    requests its callers' handles hold, not yet given to a replica (None: not exported yet)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_serve_deployment_queued_queries{") and f'deployment="{deployment}"' in line]
+    return sum(values) if values else None
+
+
+def test_model_not_loaded_is_reported(base_url, app, metrics_port):
     """An app whose pipeline cannot be placed (its CPUs are held): the playground, served under a
-    route prefix, says the model is not loaded instead of waiting forever."""
+    route prefix, says the model is not loaded instead of waiting forever, and leaves no request
+    queued for it (which its autoscaler would count, and a replica would serve once up)."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -246,6 +265,19 @@ def test_model_not_loaded_is_reported(base_url, app):
         late = Client(f"{base_url}/late/ui/", verbose=False, analytics_enabled=False, download_files=False)
         with pytest.raises(AppError, match="late is not loaded yet: no pipeline replica is running"):
             late.predict("def f():", "late", *GREEDY.values(), api_name="/generate")
+
+        for _ in range(8):
+            print("DEBUG queued", queued_requests(metrics_port, "Pipeline-0-late"), flush=True)
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            print("DEBUG lines", [l for l in text.splitlines() if "queued_queries{" in l], flush=True)
+            time.sleep(1)
+
+        def none_queued():  # in two exports (1 s apart) three seconds apart
+            first = queued_requests(metrics_port, "Pipeline-0-late")
+            time.sleep(3)
+            return first == 0 and queued_requests(metrics_port, "Pipeline-0-late") == 0
+
+        wait_until(none_queued, timeout=30, interval=0, what="no playground request left queued for `late`")
     finally:
         remove_placement_group(blocker)
         serve.delete(name)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,23 +186,24 @@ class PlaygroundBackend:
                                                     "surrogate).")
         from neo_serve.serve.completions import Deadline
 
-        handle = self.pipelines[run.model.name]
         request_id = f"playground-{uuid.uuid4().hex}"
         deadline = Deadline(run.model.request_timeout_s)
+        # A plain call, not `choose_replica`: Serve shields the latter's routing from cancellation,
+        # so a wait that timed out (or a Stop) would leave a phantom request queued for the model,
+        # counted by its autoscaler and served first once a replica comes up.
+        stream = self.pipelines[run.model.name].remote(prompt, params, request_id)
         try:
-            async with self._replica(run.model, handle) as selection:
-                run.replica = replica_label(selection.replica_id)
-                stream = handle.dispatch(selection, prompt, params, request_id)
+            first = await self._accepted(stream, run.model)
+            run.replica = first.replica
+            run.feed(first)
+            yield run
+            while True:
                 try:
-                    while True:
-                        try:
-                            chunk = await deadline.run(stream.__anext__())
-                        except StopAsyncIteration:
-                            break
-                        run.feed(chunk)
-                        yield run
-                finally:
-                    stream.cancel()  # a no-op once finished; on Stop or past the deadline the pipeline aborts it
+                    chunk = await deadline.run(stream.__anext__())
+                except StopAsyncIteration:
+                    break
+                run.feed(chunk)
+                yield run
         except APIError as exc:
             if exc.code != "request_timeout":  # only the deadline raises one here
                 raise describe_error(exc, run.model) from None
@@ -213,23 +212,23 @@ class PlaygroundBackend:
                                                "stopped.") from None
         except Exception as exc:  # not CancelledError / GeneratorExit: a Stop is no error
             raise describe_error(exc, run.model) from None
+        finally:
+            try:  # a no-op once finished; on Stop, past the deadline or still unrouted: the request goes
+                stream.cancel()
+            except Exception:  # noqa: BLE001 - Serve's cancel re-raises the call's own failure, handled above
+                pass
 
-    @asynccontextmanager
-    async def _replica(self, model: PlaygroundModel, handle: Any) -> AsyncIterator[Any]:
-        """Choose the replica (Serve's routing, with a slot reserved on it) so the run can say
-        which pipeline served it; a model with no replica ready in time is reported, not waited on."""
-        chooser = handle.choose_replica()
+    async def _accepted(self, stream: Any, model: PlaygroundModel) -> GenerationChunk:
+        """The pipeline's first chunk, sent as a replica accepts the request (before its prefill);
+        a model with no replica taking it in time is reported, not waited on."""
+        from neo_serve.serve.completions import Deadline
+
         try:
-            selection = await asyncio.wait_for(chooser.__aenter__(), self.replica_wait_s)
-        except asyncio.TimeoutError:
-            raise await self._no_replica(model) from None
-        try:
-            yield selection
-        except BaseException:
-            if not await chooser.__aexit__(*sys.exc_info()):
+            return await Deadline(self.replica_wait_s).run(stream.__anext__())
+        except APIError as exc:
+            if exc.code != "request_timeout":
                 raise
-        else:
-            await chooser.__aexit__(None, None, None)
+            raise await self._no_replica(model) from None
 
     async def _no_replica(self, model: PlaygroundModel) -> PlaygroundError:
         """Why no replica took the request: none running yet (loading), or all at capacity."""

@@ -53,6 +53,7 @@ class GenerationChunk:
     sequences: list[SequenceDelta] = field(default_factory=list)
     prompt: str | None = None  # first chunk: the prompt text (decoded when given as token ids)
     prompt_token_ids: list[int] | None = None  # first chunk only
+    replica: str | None = None  # first chunk only: the pipeline replica that accepted the request
     prompt_logprobs: list[TokenLogprob] | None = None  # new prompt positions, when requested
     finished: bool = False
 

@@ -62,8 +62,12 @@ class PipelineServer:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationChunk]:
-        """Stream `GenerationChunk`s for one prompt (call with `handle.options(stream=True)`)."""
+        """Stream `GenerationChunk`s for one prompt (call with `handle.options(stream=True)`). The
+        first one, sent on acceptance, names this replica (the playground shows who served a run)."""
+        replica = serve.get_replica_context().replica_id.unique_id
         async for chunk in self.core.generate(prompt, params, request_id):
+            if chunk.prompt_token_ids is not None:
+                chunk.replica = replica
             yield chunk
 
     async def ready(self) -> dict[str, Any]:
