@@ -136,6 +136,29 @@ def test_a_neox_head_saved_as_lm_head_loads(neox_checkpoint, tmp_path):
     assert ours.outputs[0].logprobs == reference.outputs[0].logprobs
 
 
+@pytest.mark.parametrize("family", ["neo", "neox"])
+def test_a_tied_checkpoint_holding_only_the_heads_name_loads(family, neo_checkpoint, tokenizer, tmp_path):
+    # Tied embeddings are one tensor: transformers saves it under the embedding's name, but
+    # safetensors converters that keep one name of a shared tensor may keep the head's, and
+    # transformers loads that too. Two stages: the first one's embedding comes from the head's name.
+    from checkpoints import make_neox
+
+    embedding, head = {"neo": ("transformer.wte.weight", "lm_head.weight"),
+                       "neox": ("gpt_neox.embed_in.weight", "embed_out.weight")}[family]
+    original = neo_checkpoint if family == "neo" else make_neox(tmp_path / "tied", tokenizer, tie_word_embeddings=True)
+    head_only = tmp_path / "head-only"
+    shutil.copytree(original, head_only)
+    state = load_file(head_only / "model.safetensors")
+    assert head not in state
+    state[head] = state.pop(embedding)
+    save_file(state, head_only / "model.safetensors")
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=1)
+    [ours], [reference] = (LLM(str(path), dtype="float32", num_stages=2).generate([[5, 6, 7, 8]], params)
+                           for path in (head_only, original))
+    assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert ours.outputs[0].logprobs == reference.outputs[0].logprobs
+
+
 def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkeypatch):
     """A sharded pickle checkpoint converts one shard at a time: the first safetensors shard is
     on disk before the second pickle file is read (an init container converting GPT-NeoX-20B

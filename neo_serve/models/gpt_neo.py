@@ -111,5 +111,6 @@ class GPTNeoForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def tied_weights(self) -> dict[str, str]:
-        """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it."""
-        return {"lm_head.weight": "transformer.wte.weight"}
+        """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it. Both
+        ways: a converter that drops one name of a shared tensor may keep either."""
+        return {"lm_head.weight": "transformer.wte.weight", "transformer.wte.weight": "lm_head.weight"}

@@ -108,5 +108,8 @@ class GPTNeoXForCausalLM(nn.Module):
         return self.embed_out(hidden).float()
 
     def tied_weights(self) -> dict[str, str]:
-        """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it."""
-        return {"embed_out.weight": "gpt_neox.embed_in.weight"} if self.config.tie_word_embeddings else {}
+        """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it. Both
+        ways: a converter that drops one name of a shared tensor may keep either."""
+        if not self.config.tie_word_embeddings:
+            return {}
+        return {"embed_out.weight": "gpt_neox.embed_in.weight", "gpt_neox.embed_in.weight": "embed_out.weight"}
