@@ -64,6 +64,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def context_window(self) -> int:
+        """Most positions a sequence may take (the default and the limit of max_model_len)."""
+        return self.max_position_embeddings
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTNeoXConfig(ModelConfig):
@@ -85,6 +90,12 @@ class GPTNeoXConfig(ModelConfig):
             raise ConfigError(f"config.json: rotary dims ({self.rotary_dim}) must be even")
         if not self.rotary_position_scale > 0:
             raise ConfigError(f"config.json: rope scaling factor must be > 0, got {self.rotary_position_scale}")
+
+    @property
+    def context_window(self) -> int:
+        # Linear RoPE scaling stretches the trained positions by its factor: the window the
+        # fine-tune was made for, as vLLM derives it (max_position_embeddings x factor).
+        return int(self.max_position_embeddings * max(1.0, self.rotary_position_scale))
 
     @property
     def rotary_dim(self) -> int:

@@ -90,7 +90,7 @@ def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int
         per_token = KVArena.bytes_per_token(spec.num_layers, config.num_heads, config.head_dim, torch_dtype)
         kv_tokens = max(0, (usable - weights) // per_token)
         stages.append(StagePlan(spec.index, spec.layer_start, spec.layer_end, weights, per_token, kv_tokens))
-    return PipelinePlan(stages, total, usable, config.max_position_embeddings, dtype)
+    return PipelinePlan(stages, total, usable, config.context_window, dtype)
 
 
 def format_plan(plan: PipelinePlan, name: str) -> str:

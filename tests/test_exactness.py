@@ -112,15 +112,18 @@ def test_bfloat16_close_to_float32(neox_checkpoint, kv_cache_dtype):
 
 def test_linear_rope_scaling_matches_transformers(tmp_path, tokenizer):
     # Long-context GPT-NeoX fine-tunes interpolate positions (rope_type "linear", factor 2):
-    # every rotary angle is halved, so outputs differ from the unscaled model's.
+    # every rotary angle is halved, so outputs differ from the unscaled model's, and the context
+    # window doubles (max_position_embeddings x factor, as vLLM derives it).
     from checkpoints import make_neox
 
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-    scaled = str(make_neox(tmp_path / "scaled", tokenizer, seed=4, rotary_pct=0.5, rope_parameters=rope))
+    scaled = str(make_neox(tmp_path / "scaled", tokenizer, seed=4, rotary_pct=0.5, rope_parameters=rope,
+                           max_position_embeddings=96))
     llm = LLM(scaled, dtype="float32")
-    assert llm.engine.model_config.rotary_position_scale == 2.0
+    assert llm.engine.model_config.rotary_position_scale == 2.0 and llm.engine.max_model_len == 192
     ref = reference_model(scaled)
-    for prompt in prompts(llm)[1:]:
+    past_trained_positions = [5 + (7 * i) % 400 for i in range(100)]
+    for prompt in prompts(llm)[1:] + [past_trained_positions]:
         out = llm.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0,
                                                     ignore_eos=True))[0]
         assert out.outputs[0].token_ids == reference_greedy(ref, prompt, NEW_TOKENS)

@@ -24,7 +24,7 @@ class EngineConfig:
     block_size: int | None = None  # KV allocation granularity; default 16, 256 with flash-attn
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: the model's context window (max_position_embeddings, x a linear RoPE factor)
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: the model's dtype on GPU; on CPU see models/kv_dtype_probe.py
     pack_cpu_linears: bool = True  # oneDNN-prepacked linear weights on CPU (2-4x faster than MKL here)

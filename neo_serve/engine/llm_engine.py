@@ -59,14 +59,17 @@ class LLMEngine:
         self.config = config
         self.model_config: ModelConfig = load_model_config(config.model)
         self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or self.model_config.context_window
         # Longer text prompts cannot fit the context however they tokenize: no token covers more
         # than `max_token_chars` characters (x4 for normalizers that merge characters, e.g. NFC).
         # They are refused before encoding, which for a few MiB takes seconds and GiBs.
         self.max_prompt_chars = 4 * self.max_model_len * self.tokenizer.max_token_chars
-        if self.max_model_len > self.model_config.max_position_embeddings:
-            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
-                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        if self.max_model_len > self.model_config.context_window:
+            scale = getattr(self.model_config, "rotary_position_scale", 1.0)
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context window of "
+                              f"{self.model_config.context_window} positions (max_position_embeddings "
+                              f"{self.model_config.max_position_embeddings}"
+                              + (f" x linear RoPE factor {scale:g})" if scale > 1 else ")"))
         attention_backend, block_size = self._attention_backend_and_block_size(config)
         num_blocks = config.kv_cache_tokens // block_size
         if num_blocks * block_size < self.max_model_len:

@@ -73,7 +73,7 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, config: GPTNeoXConfig, stage: StageSpec, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size) if stage.is_first else None
-        rotary = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rotary_base,
+        rotary = RotaryEmbedding(config.rotary_dim, config.context_window, config.rotary_base,
                                  config.rotary_position_scale)
         # Keyed by the global layer index so parameter names match the checkpoint's.
         self.layers = nn.ModuleDict({str(i): GPTNeoXLayer(config, rotary, backend) for i in stage.layer_indices})

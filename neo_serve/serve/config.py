@@ -131,7 +131,8 @@ class ModelArgs(_Scaling):
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once per pipeline.")
     max_num_batched_tokens: int = Field(1024, ge=1, description="Most tokens per step (decodes + prefill chunks).")
     max_model_len: int | None = Field(None, ge=1, description="Context window; default: the model's "
-                                                               "max_position_embeddings.")
+                                                               "max_position_embeddings (times a linear "
+                                                               "RoPE scaling factor).")
     attention_backend: Literal["auto", "sdpa", "reference", "flash"] = Field(
         "auto", description="Attention kernels (auto: flash on CUDA if installed, else sdpa).")
     max_ongoing_requests: int = Field(
