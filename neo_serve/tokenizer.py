@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from neo_serve.errors import CheckpointError
 
@@ -122,6 +122,9 @@ def _gpt2_bpe(directory: Path) -> HFTokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
         add_prefix_space=bool(tokenizer_config.get("add_prefix_space", False)))
     tokenizer.decoder = decoders.ByteLevel()
+    if str(tokenizer_config.get("tokenizer_class", "")).startswith("GPTNeoXTokenizer"):
+        # GPT-NeoX's tokenizer (Pythia, GPT-NeoX-20B) normalizes text to NFC first; GPT-2's does not.
+        tokenizer.normalizer = normalizers.NFC()
     specials = set(special_tokens)
     known = [t for t in special_tokens if tokenizer.token_to_id(t) is not None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in known])

@@ -54,6 +54,28 @@ def test_token_bytes_are_the_texts_utf8_bytes(checkpoint, request):
     assert tokenizer.token_bytes(tokenizer.encode("<|endoftext|>")[0]) is None  # an added token
 
 
+def test_a_gpt_neox_tokenizer_without_tokenizer_json_normalizes_like_transformers(neox_checkpoint, tokenizer,
+                                                                                  tmp_path):
+    # A GPT-NeoX checkpoint may ship vocab.json + merges.txt with tokenizer_class GPTNeoXTokenizer
+    # instead of tokenizer.json: that tokenizer applies NFC, so "e" + a combining accent is "é".
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "vocab-merges"
+    shutil.copytree(neox_checkpoint, plain)
+    (plain / "tokenizer.json").unlink()
+    tokenizer.model.save(str(plain))
+    config_path = plain / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config_path.write_text(json.dumps({**config, "tokenizer_class": "GPTNeoXTokenizer"}))
+    theirs = AutoTokenizer.from_pretrained(plain)
+    assert type(theirs).__name__ == "GPTNeoXTokenizer"
+    for text in ("cafe\u0301 na\u0308ive", "def f():\n    return 1"):
+        assert Tokenizer.from_dir(plain).encode(text) == theirs.encode(text, add_special_tokens=False), text
+
+
 def test_a_gpt2_style_tokenizer_keeps_the_tokens_a_fine_tune_adds(neo_checkpoint, tmp_path):
     # GPT-Neo fine-tunes with a pad or chat tokens ship vocab.json + merges.txt + added_tokens.json:
     # the added tokens must encode to their own ids (the model's embedding rows), not to BPE pieces.
