@@ -18,7 +18,7 @@ from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta
 from neo_serve.ui import bridge
 from neo_serve.ui.backend import (PlaygroundBackend, PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed,
-                                  parse_stop, replica_label, sampling_params)
+                                  parse_stop, sampling_params)
 
 MODEL = PlaygroundModel("neo-demo", "Pipeline-0-neo-demo", num_stages=2, max_model_len=512)
 
@@ -283,11 +283,6 @@ def test_a_prompt_that_is_not_unicode_text_is_refused_before_any_call():
     with pytest.raises(PlaygroundError) as excinfo:
         asyncio.run(first_update())
     assert excinfo.value.title == "Invalid prompt" and "lone surrogate" in excinfo.value.message
-
-
-def test_replica_label():
-    assert replica_label("Replica(id='ab12cd34', deployment='Pipeline-0-x', app='neo-serve')") == "ab12cd34"
-    assert replica_label("ab12cd34") == "ab12cd34"
 
 
 # ---- a run and its figures ----------------------------------------------------------------------

@@ -188,9 +188,10 @@ class PlaygroundBackend:
 
         request_id = f"playground-{uuid.uuid4().hex}"
         deadline = Deadline(run.model.request_timeout_s)
-        # A plain call, not `choose_replica`: Serve shields the latter's routing from cancellation,
-        # so a wait that timed out (or a Stop) would leave a phantom request queued for the model,
-        # counted by its autoscaler and served first once a replica comes up.
+        # A plain call, cancelled like any request. Not `choose_replica` (to learn the replica
+        # before dispatching): Ray shields its routing from the caller's cancellation, so the
+        # routing of a run that timed out waiting or was stopped could go on. The first chunk
+        # names the replica instead.
         stream = self.pipelines[run.model.name].remote(prompt, params, request_id)
         try:
             first = await self._accepted(stream, run.model)
@@ -252,17 +253,6 @@ class PlaygroundBackend:
 
 def busy_error(detail: str) -> PlaygroundError:
     return PlaygroundError("Server busy", f"The server is busy: {detail}. Try again in a moment.")
-
-
-def replica_label(replica_id: Any) -> str:
-    """Serve's replica id as the pipeline's `stats()["replica"]` shows it (its unique id)."""
-    unique = getattr(replica_id, "unique_id", None)
-    if unique:
-        return str(unique)
-    text = str(replica_id)
-    if "id='" in text:  # "Replica(id='abc123', deployment='...', app='...')"
-        return text.split("id='", 1)[1].split("'", 1)[0]
-    return text
 
 
 def describe_error(exc: BaseException, model: PlaygroundModel) -> PlaygroundError:
