@@ -306,3 +306,25 @@ def test_a_request_id_is_not_reused_while_its_stream_is_open(neox_checkpoint, of
     field, chunks, again = asyncio.run(main())
     assert field == "request_id"
     assert token_ids(chunks) == offline_tokens[0] and token_ids(again) == offline_tokens[1]
+
+
+def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_checkpoint):
+    # A prompt scored over several steps (longer than the step budget) streams its logprobs as
+    # they come; the pause between a stream's chunks starts at its first token, not at them.
+    prompt = [5 + (7 * i) % 400 for i in range(60)]
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+
+    async def main():
+        core = await start_core(neox_checkpoint, {"max_num_batched_tokens": 16}, stream_interval_s=30.0)
+        try:
+            return await collect(core, prompt, params, "scored")
+        finally:
+            core.close()
+            core.runner.close()
+
+    chunks = asyncio.run(main())
+    with_tokens = [chunk for chunk in chunks if chunk.sequences and chunk.sequences[0].token_ids]
+    assert any(chunk.prompt_logprobs for chunk in chunks[1:chunks.index(with_tokens[0])])  # scored first
+    assert len(with_tokens) == 2 and len(with_tokens[0].sequences[0].token_ids) < 10  # then the rest at the end
+    assert sum(len(chunk.sequences[0].token_ids) for chunk in with_tokens) == 400
+

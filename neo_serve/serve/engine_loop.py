@@ -163,9 +163,11 @@ class PipelineCore:
                     raise item
                 chunk = tracker.update(item)
                 if chunk is not None:
-                    timer.tokens([len(s.token_ids) for s in chunk.sequences])
+                    token_counts = [len(s.token_ids) for s in chunk.sequences]
+                    timer.tokens(token_counts)
                     yield chunk
-                    last_token_chunk = time.monotonic()
+                    if any(token_counts):  # prompt logprobs alone must not hold back the first token
+                        last_token_chunk = time.monotonic()
                 if item.finished:
                     return
         finally:
