@@ -328,3 +328,26 @@ def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_ch
     assert len(with_tokens) == 2 and len(with_tokens[0].sequences[0].token_ids) < 10  # then the rest at the end
     assert sum(len(chunk.sequences[0].token_ids) for chunk in with_tokens) == 400
 
+
+def test_an_idle_replica_keeps_setting_its_gauges(neox_checkpoint):
+    # Ray exports a gauge only if it was set since its last export and forgets it two exports
+    # later: an idle replica must keep setting its load gauges, or they vanish instead of reading 0.
+    class RecordedGauges:
+        def __init__(self) -> None:
+            self.steps: list[dict] = []
+
+        def record_step(self, **values) -> None:
+            self.steps.append(values)
+
+    gauges = RecordedGauges()
+
+    async def main():
+        core = await start_core(neox_checkpoint, metrics=gauges, idle_gauge_refresh_s=0.05)
+        try:
+            await asyncio.sleep(0.6)
+        finally:
+            core.close()
+            core.runner.close()
+
+    asyncio.run(main())
+    assert len(gauges.steps) >= 6 and all(step["running"] == step["waiting"] == 0 for step in gauges.steps)

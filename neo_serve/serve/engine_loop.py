@@ -42,7 +42,7 @@ from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
 from neo_serve.errors import InvalidRequestError
-from neo_serve.serve.metrics import PipelineMetrics, RequestTimer
+from neo_serve.serve.metrics import IDLE_GAUGE_REFRESH_S, PipelineMetrics, RequestTimer
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
 from neo_serve.serve.stages import StepRunner
 
@@ -85,10 +85,12 @@ class PipelineCore:
 
     def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None,
                  step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0,
-                 stream_interval_s: float = 0.02, max_stream_chunks_per_s: float | None = None) -> None:
+                 stream_interval_s: float = 0.02, max_stream_chunks_per_s: float | None = None,
+                 idle_gauge_refresh_s: float = IDLE_GAUGE_REFRESH_S) -> None:
         self.engine = engine
         self.runner = runner
         self.metrics = metrics
+        self.idle_gauge_refresh_s = idle_gauge_refresh_s
         self.step_timeout_s = step_timeout_s
         self.recovery_timeout_s = recovery_timeout_s
         # After the first token, a stream yields at most once per interval (the tokens of several
@@ -235,7 +237,7 @@ class PipelineCore:
                     # before going idle (or the cancellations that emptied the pipe) may have
                     # been skipped, and an idle replica would keep reporting its last load.
                     self._record_gauges()
-                    await self._wake.wait()
+                    await self._idle()
                     continue
                 oldest = self._inflight[0][1]
                 waiters: set[asyncio.Future] = {oldest}
@@ -266,6 +268,17 @@ class PipelineCore:
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
             logger.exception("neo-serve pipeline loop crashed")
             self._fail_all(exc)
+
+    async def _idle(self) -> None:
+        """Wait for a request; with metrics, wake up now and then to re-set the gauges."""
+        if self.metrics is None:
+            await self._wake.wait()
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:  # asyncio.wait, not wait_for: a cancel (close) is never swallowed
+            await asyncio.wait({waiter}, timeout=self.idle_gauge_refresh_s)
+        finally:
+            waiter.cancel()
 
     def _fill(self) -> None:
         """Schedule and submit micro-batches until `depth` are in flight or nothing is left."""

@@ -10,8 +10,19 @@ import time
 
 from ray.serve import metrics
 
-LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0]
+# Bucket bounds wide enough for a tiny model on a CPU and GPT-NeoX-20B under load alike:
+# histogram_quantile reports anything past the last bound as that bound, and everything under
+# the first as a fraction of it. A first token can wait minutes in a full queue; a token of a
+# small model on a GPU comes within a millisecond or two.
+TTFT_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5,
+                     10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+ITL_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                    0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
 GAUGE_PERIOD_S = 0.5  # gauges are sampled, not set on every step
+# Ray (2.60, OpenTelemetry) exports a gauge's value only if it was set since the last export
+# (every metrics_report_interval_ms, 10 s by default), and its agent forgets a value after two
+# intervals: an idle replica re-sets its gauges so that they read 0, not "no data".
+IDLE_GAUGE_REFRESH_S = 5.0
 
 
 class PipelineMetrics:
@@ -19,10 +30,12 @@ class PipelineMetrics:
         tags = {"model": model}
         self.time_to_first_token = metrics.Histogram(
             "neo_serve_time_to_first_token_seconds", "Seconds from a request's arrival at its pipeline to its "
-            "first generated token.", boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",))
+            "first generated token.", boundaries=TTFT_BOUNDARIES_S, tag_keys=("model",))
         self.inter_token_latency = metrics.Histogram(
-            "neo_serve_inter_token_latency_seconds", "Seconds between consecutive generated tokens of a sequence.",
-            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",))
+            "neo_serve_inter_token_latency_seconds", "Seconds between consecutive generated tokens of a sequence, "
+            "observed once per streamed chunk as the chunk's wait over its tokens (a chunk carries every token "
+            "since the previous one, so _count counts chunks, not tokens).",
+            boundaries=ITL_BOUNDARIES_S, tag_keys=("model",))
         self.prompt_tokens = metrics.Counter("neo_serve_prompt_tokens", "Prompt tokens of accepted requests.",
                                              tag_keys=("model",))
         self.generation_tokens = metrics.Counter("neo_serve_generation_tokens", "Generated tokens.",
