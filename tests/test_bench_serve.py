@@ -190,3 +190,10 @@ def test_chunk_gaps_are_the_waits_between_chunks():
     # ITL spreads a chunk's wait over its tokens: that is 250 ms for the 4-token chunk, not 1 s.
     record = RequestRecord(8, 7, sent=0.0, token_times=times)
     assert inter_token_gaps(record) == pytest.approx([0.25] * 4 + [0.5] * 2)
+
+
+def test_a_ratio_just_short_of_its_target_is_not_shown_as_the_target():
+    from neo_serve.bench.serve_bench import _verdict
+
+    assert _verdict(0.798, 0.8) == "0.798x (missed)"
+    assert _verdict(0.8, 0.8) == "0.80x (met)" and _verdict(2.74, 3.0) == "2.74x (missed)"
