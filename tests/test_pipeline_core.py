@@ -351,3 +351,35 @@ def test_an_idle_replica_keeps_setting_its_gauges(neox_checkpoint):
 
     asyncio.run(main())
     assert len(gauges.steps) >= 6 and all(step["running"] == step["waiting"] == 0 for step in gauges.steps)
+
+
+def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neox_checkpoint):
+    # 2 micro-batches in flight (the depth of a 2-stage pipeline; here on the in-process runner),
+    # 24 requests, 8 running at most: each micro-batch takes 4 sequences, not the first one all 8
+    # because 16 more wait (which left the second stage idle under load).
+    sizes: list[tuple[int, int]] = []  # (sequences waiting, sequences in the micro-batch)
+    prompts = [[5 + (7 * i + j) % 400 for j in range(8)] for i in range(24)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        core = await start_core(neox_checkpoint, {"max_num_seqs": 8})
+        core.runner.depth = 2
+        schedule_step = core.engine.schedule_step
+
+        def recording_schedule_step(busy, max_seqs):
+            prepared = schedule_step(busy, max_seqs)
+            if prepared is not None:
+                sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
+            return prepared
+
+        core.engine.schedule_step = recording_schedule_step
+        try:
+            return await asyncio.gather(*(collect(core, p, params, f"r{i}") for i, p in enumerate(prompts)))
+        finally:
+            core.close()
+            core.runner.close()
+
+    results = asyncio.run(main())
+    assert all(len(token_ids(chunks)) == 12 for chunks in results)
+    while_waiting = [size for waiting, size in sizes if waiting > 0]
+    assert while_waiting and max(while_waiting) <= 4, sizes

@@ -288,8 +288,11 @@ class PipelineCore:
                 chunk.seq for prepared, _ in self._inflight for chunk in prepared.batch.chunks)
             max_seqs = None
             if depth > 1:
-                # Split the active sequences evenly over the stages' micro-batches.
-                active = self.engine.num_running() + self.engine.num_waiting()
+                # Split the sequences that can run evenly over the stages' micro-batches. Waiting
+                # ones past max_num_seqs cannot be admitted: counted, they made the first
+                # micro-batch take every running sequence and left the other stages idle.
+                active = min(self.engine.num_running() + self.engine.num_waiting(),
+                             self.engine.config.max_num_seqs)
                 max_seqs = max(1, math.ceil(active / depth))
             prepared = self.engine.schedule_step(busy, max_seqs)
             if prepared is None:
