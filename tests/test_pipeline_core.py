@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.config import EngineConfig
@@ -383,3 +384,56 @@ def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neo
     assert all(len(token_ids(chunks)) == 12 for chunks in results)
     while_waiting = [size for waiting, size in sizes if waiting > 0]
     assert while_waiting and max(while_waiting) <= 4, sizes
+
+
+def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(neox_checkpoint):
+    # "x" is cancelled while its micro-batch is in flight and a new "x" starts (a handle caller's
+    # own ids). The old micro-batch then fails: the error is the old request's, not the new one's.
+    class ManualRunner:  # the pipeline's steps, finished by the test
+        depth = 2
+
+        def __init__(self) -> None:
+            self.submitted: list = []
+
+        def submit(self, step, finish):
+            future = asyncio.get_running_loop().create_future()
+            self.submitted.append((future, step, finish))
+            return future
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def main():
+        engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cpu", kv_cache_tokens=1024,
+                                        num_stages=2), executor=UnloadedExecutor())
+        runner = ManualRunner()
+        core = PipelineCore(engine, runner, stream_interval_s=0.0)
+        core.start()
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        try:
+            old = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
+            await settle()
+            old.cancel()
+            await settle()
+            new = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
+            await settle()
+            assert len(runner.submitted) == 2
+            runner.submitted[0][0].set_exception(RuntimeError("a stage raised in micro-batch 1"))
+            await settle()
+            while not new.done():
+                future, step, finish = runner.submitted[-1]
+                if not future.done():
+                    rows = len(step.logits_indices)
+                    if step.argmax_only:  # a plain greedy step brings back token ids
+                        output = torch.full((rows,), 42)
+                    else:
+                        output = torch.zeros(rows, engine.model_config.vocab_size)
+                        output[:, 42] = 10.0
+                    future.set_result(finish(output))
+                await settle()
+            return token_ids(await new)
+        finally:
+            core.close()
+
+    assert asyncio.run(main()) == [42] * 4

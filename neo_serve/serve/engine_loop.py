@@ -333,7 +333,10 @@ class PipelineCore:
             return exc
         except Exception as exc:
             logger.exception("neo-serve step failed; failing its requests")
-            self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks}, exc)
+            # Only requests still in the engine as they were: one aborted while this step ran may
+            # have given its id to a new request (a handle caller's own ids).
+            self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks
+                                 if self.engine.requests.get(c.seq.request.request_id) is c.seq.request}, exc)
             return None
         generated_before = self.engine.num_generated_tokens
         outputs = self.engine.apply_step(prepared, sampled)
