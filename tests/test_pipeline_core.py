@@ -437,3 +437,19 @@ def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(
             core.close()
 
     assert asyncio.run(main()) == [42] * 4
+
+
+def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_output():
+    # The loop fails every open stream when the pipeline is lost; a stream whose request already
+    # finished, its last output not yet read, keeps that output.
+    from neo_serve.engine.outputs import CompletionOutput, RequestOutput
+    from neo_serve.serve.engine_loop import PipelineFailed, _Mailbox
+
+    async def main():
+        mailbox = _Mailbox()
+        done = RequestOutput("r", "p", [1], [CompletionOutput(0, "ab", [2, 3], finish_reason="length")], finished=True)
+        mailbox.put(done)
+        mailbox.put(PipelineFailed("a stage died"))
+        return await mailbox.get()
+
+    assert asyncio.run(main()).finished

@@ -57,14 +57,15 @@ INLINE_TOKENIZE_CHARS = 1024
 class _Mailbox:
     """A stream's next item. The engine's outputs are cumulative, so only the latest is kept: a
     stream paused by the chunk budget (up to streams / budget seconds) would otherwise hold a copy
-    of its tokens, logprobs and text for every step meanwhile. An error, once put, stays."""
+    of its tokens, logprobs and text for every step meanwhile. An error, once put, stays, and so
+    does a finished output: a pipeline failing after a request ended must not turn it into an error."""
 
     def __init__(self) -> None:
         self._item: _Item | None = None
         self._ready = asyncio.Event()
 
     def put(self, item: _Item) -> None:
-        if not isinstance(self._item, BaseException):
+        if not isinstance(self._item, BaseException) and not (self._item is not None and self._item.finished):
             self._item = item
         self._ready.set()
 
