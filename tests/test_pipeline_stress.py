@@ -1,0 +1,216 @@
+"""The replica's loop with several micro-batches in flight, against a shadow of every stage's KV.
+
+`test_scheduler_stress` runs one step at a time; a pipeline of S stages keeps S micro-batches in
+flight (`PipelineCore`), so a sequence's KV may be moved, freed or reused while another
+micro-batch is still on its way through the stages. Here each stage keeps the token id at every
+KV slot and applies the steps it is given in submission order (as a Ray actor runs its calls),
+moves first; the last stage answers each logits row from the history it holds for that row, or
+with token 0 (never a real answer) if the stages disagree. Results come back first in, first
+out after random delays, and the engine samples when they arrive, as with Ray. Stages die
+(failing the in-flight steps past them) or hang (tripping `step_timeout_s`) at random, and are
+restarted. Every request must get exactly the tokens its prompt alone determines, and every
+KV block must be free at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+
+import pytest
+import ray.exceptions
+import torch
+
+from neo_serve import SamplingParams
+from neo_serve.engine.config import EngineConfig
+from neo_serve.engine.llm_engine import LLMEngine
+from neo_serve.engine.worker import StepInput
+from neo_serve.serve.engine_loop import PipelineCore
+from neo_serve.serve.stages import UnloadedExecutor
+from test_scheduler_stress import MAX_MODEL_LEN, expected_tokens, next_token
+
+VOCAB = 512
+DISAGREE = 0  # the answer to a row whose stages hold different histories (next_token never gives 0)
+
+
+class ShadowStages:
+    """S shadow KV caches run as a pipeline (the `StepRunner` protocol)."""
+
+    def __init__(self, num_stages: int, num_slots: int, rng: random.Random, death_p: float, hang_p: float) -> None:
+        self.depth = num_stages
+        self.num_slots = num_slots
+        self.stages: list[list[int | None]] = [[None] * num_slots for _ in range(num_stages)]
+        self.rng, self.death_p, self.hang_p = rng, death_p, hang_p
+        self.dead: int | None = None
+        self.hung = False
+        self.pending: deque[list] = deque()  # [future, output or exception, finish], oldest first
+        self.restarts = 0
+
+    def submit(self, step: StepInput, finish):
+        future = asyncio.get_running_loop().create_future()
+        if self.dead is None and not self.hung:
+            draw = self.rng.random()
+            if draw < self.death_p:
+                self.dead = self.rng.randrange(self.depth)
+                # The in-flight steps not yet past the dying stage fail with it (a suffix of them).
+                cut = self.rng.randrange(len(self.pending) + 1)
+                for item in list(self.pending)[cut:]:
+                    item[1] = ray.exceptions.RayActorError()
+            elif draw < self.death_p + self.hang_p:
+                self.hung = True
+        self.pending.append([future, self._run(step), finish])
+        return future
+
+    def _run(self, step: StepInput):
+        for index, slots in enumerate(self.stages):
+            if self.dead is not None and index >= self.dead:
+                return ray.exceptions.RayActorError()
+            for move in step.kv_copies:  # in order: a later move may reuse a freed source
+                slots[move.dst:move.dst + move.num_slots] = slots[move.src:move.src + move.num_slots]
+            ids = step.input_ids.tolist()
+            for s in step.sequences:
+                for j in range(s.query_len):
+                    slots[s.kv_start + s.context_len + j] = ids[s.query_start + j]
+        rows = []
+        for index in step.logits_indices.tolist():
+            [s] = [s for s in step.sequences if s.query_start <= index < s.query_start + s.query_len]
+            end = s.kv_start + s.context_len + (index - s.query_start) + 1
+            histories = [slots[s.kv_start:end] for slots in self.stages]
+            agree = all(h == histories[0] for h in histories) and None not in histories[0]
+            rows.append(next_token(histories[0], VOCAB) if agree else DISAGREE)
+        if step.argmax_only:
+            return torch.tensor(rows, dtype=torch.long)
+        logits = torch.full((len(rows), VOCAB), -30.0)
+        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = 10.0
+        return logits
+
+    async def deliver(self) -> None:
+        """Resolve the steps first in, first out, after random delays; a hung pipe answers nothing."""
+        while True:
+            for _ in range(self.rng.randint(0, 3)):
+                await asyncio.sleep(0)
+            if self.hung or not self.pending:
+                await asyncio.sleep(0.0005)
+                continue
+            future, output, finish = self.pending.popleft()
+            if future.done():  # cancelled by the loop's recovery
+                continue
+            if isinstance(output, BaseException):
+                future.set_exception(output)
+                continue
+            try:
+                future.set_result(finish(output))
+            except Exception as exc:  # noqa: BLE001 - handed to the loop, as Ray would
+                future.set_exception(exc)
+
+    async def restart_stages(self, *, all_stages: bool = False) -> list[int]:
+        await asyncio.sleep(0.001)
+        restarted = list(range(self.depth)) if all_stages else [self.dead] if self.dead is not None else []
+        for index in restarted:
+            self.stages[index] = [None] * self.num_slots
+        for item in self.pending:  # lost with the old stages
+            item[1] = ray.exceptions.RayActorError()
+        self.pending.clear()
+        self.dead, self.hung = None, False
+        self.restarts += 1
+        return restarted
+
+
+def check_cache(engine: LLMEngine, stages: ShadowStages) -> None:
+    """After each applied micro-batch: every running sequence's computed tokens sit in its
+    extent on every stage; extents and free runs tile the arena."""
+    if stages.dead is not None or stages.hung:
+        return  # a recovery is coming: the loop recomputes everything
+    block = engine.allocator.block_size
+    spans = [(start, start + length) for start, length in engine.allocator.free_runs().items()]
+    for seq in engine.scheduler.running:
+        start = seq.extent.start * block
+        tokens = [seq.token_at(i) for i in range(seq.num_computed)]
+        for slots in stages.stages:
+            assert slots[start:start + seq.num_computed] == tokens, seq.request.request_id
+        spans.append((seq.extent.start, seq.extent.end))
+    position = 0
+    for start, end in sorted(spans):
+        assert start == position, sorted(spans)
+        position = end
+    assert position == engine.allocator.num_blocks
+
+
+async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: float, hang_p: float) -> ShadowStages:
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    kv_tokens = rng.choice([MAX_MODEL_LEN, 128, 192, 384])
+    config = EngineConfig(model=checkpoint, dtype="float32", kv_cache_tokens=kv_tokens, max_model_len=MAX_MODEL_LEN,
+                          block_size=block_size, max_num_seqs=rng.choice([2, 4, 16, 64]),
+                          max_num_batched_tokens=rng.choice([1, 7, 64, 512]), num_stages=num_stages)
+    engine = LLMEngine(config, executor=UnloadedExecutor())
+    stages = ShadowStages(num_stages, (kv_tokens // block_size) * block_size, rng, death_p, hang_p)
+    core = PipelineCore(engine, stages, step_timeout_s=0.02 if hang_p else None, stream_interval_s=0.0)
+    apply_step = engine.apply_step
+
+    def checked_apply_step(prepared, sampled):
+        outputs = apply_step(prepared, sampled)
+        check_cache(engine, stages)
+        return outputs
+
+    engine.apply_step = checked_apply_step
+    core.start()
+    delivery = asyncio.ensure_future(stages.deliver())
+
+    async def consume(request_id: str, prompt: list[int], params: SamplingParams) -> list[list[int]]:
+        tokens: list[list[int]] = [[] for _ in range(params.n)]
+        async for chunk in core.generate(prompt, params, request_id):
+            for delta in chunk.sequences:
+                tokens[delta.index].extend(delta.token_ids)
+        return tokens
+
+    requests: dict[str, tuple[list[int], int]] = {}
+    streams: dict[str, asyncio.Future] = {}
+    cancelled: set[str] = set()
+    try:
+        for turn in range(400):
+            if turn < 300 and rng.random() < 0.3:
+                prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, MAX_MODEL_LEN - 1))]
+                max_tokens = rng.randint(0, MAX_MODEL_LEN - len(prompt))
+                params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                        n=rng.choice([1, 1, 2, 3]))
+                request_id = f"r{len(requests)}"
+                requests[request_id] = (prompt, max_tokens)
+                streams[request_id] = asyncio.ensure_future(consume(request_id, prompt, params))
+            if rng.random() < 0.03:
+                live = [request_id for request_id, stream in streams.items() if not stream.done()]
+                if live:
+                    victim = rng.choice(live)
+                    streams[victim].cancel()
+                    cancelled.add(victim)
+            for _ in range(rng.randint(1, 4)):
+                await asyncio.sleep(0)
+        _, stuck = await asyncio.wait(list(streams.values()), timeout=60)
+        assert not stuck, f"{len(stuck)} streams made no progress: {core.stats()}"
+        for request_id, stream in streams.items():
+            if request_id in cancelled:
+                continue
+            prompt, max_tokens = requests[request_id]
+            expected = expected_tokens(prompt, max_tokens, VOCAB)
+            assert all(tokens == expected for tokens in stream.result()), request_id
+        await asyncio.sleep(0.01)  # the last streams' aborts
+        assert core.failure is None, core.failure
+        assert not engine.requests and engine.allocator.num_free_blocks == engine.allocator.num_blocks
+        assert core.peak_in_flight >= 2  # micro-batches were in flight together (at most max_num_seqs)
+        return stages
+    finally:
+        delivery.cancel()
+        core.close()
+
+
+@pytest.mark.parametrize("num_stages,death_p,hang_p,seed", [
+    *[(2, 0.0, 0.0, seed) for seed in range(4)],
+    *[(3, 0.0, 0.0, seed) for seed in range(4, 7)],
+    *[(2, 0.01, 0.0, seed) for seed in range(7, 10)],
+    *[(3, 0.01, 0.005, seed) for seed in range(10, 13)],
+])
+def test_micro_batches_in_flight_give_each_prompt_its_own_tokens(neox_checkpoint, num_stages, death_p, hang_p, seed):
+    stages = asyncio.run(random_workload(str(neox_checkpoint), seed, num_stages, death_p, hang_p))
+    if death_p:
+        assert stages.restarts > 0  # the faults were exercised
