@@ -28,7 +28,7 @@ from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.worker import StepInput
 from neo_serve.serve.engine_loop import PipelineCore
 from neo_serve.serve.stages import UnloadedExecutor
-from test_scheduler_stress import MAX_MODEL_LEN, expected_tokens, next_token
+from test_scheduler_stress import MAX_MODEL_LEN, expected_tokens, next_token, random_request
 
 VOCAB = 512
 DISAGREE = 0  # the answer to a row whose stages hold different histories (next_token never gives 0)
@@ -171,12 +171,9 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
     try:
         for turn in range(400):
             if turn < 300 and rng.random() < 0.3:
-                prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, MAX_MODEL_LEN - 1))]
-                max_tokens = rng.randint(0, MAX_MODEL_LEN - len(prompt))
-                params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                        n=rng.choice([1, 1, 2, 3]))
+                prompt, params = random_request(rng, VOCAB)
                 request_id = f"r{len(requests)}"
-                requests[request_id] = (prompt, max_tokens)
+                requests[request_id] = (prompt, params.max_tokens)
                 streams[request_id] = asyncio.ensure_future(consume(request_id, prompt, params))
             if rng.random() < 0.03:
                 live = [request_id for request_id, stream in streams.items() if not stream.done()]

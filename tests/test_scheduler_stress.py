@@ -66,6 +66,13 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab: int) -> list[int]
     return out
 
 
+def random_request(rng: random.Random, vocab: int) -> tuple[list[int], SamplingParams]:
+    """A prompt of 1 to MAX_MODEL_LEN - 1 tokens, greedy, up to the rest of the window, n of 1-3."""
+    prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, MAX_MODEL_LEN - 1))]
+    return prompt, SamplingParams(max_tokens=rng.randint(0, MAX_MODEL_LEN - len(prompt)), temperature=0.0,
+                                  ignore_eos=True, n=rng.choice([1, 1, 2, 3]))
+
+
 def check_cache(engine: LLMEngine, shadow: ShadowExecutor) -> None:
     """Every running sequence's computed tokens sit in its extent; extents and free runs tile
     the arena without overlap."""
@@ -108,12 +115,9 @@ def test_random_workloads_under_kv_pressure_give_each_prompt_its_own_tokens(neox
 
     for step in range(300):
         if step < 200 and rng.random() < 0.3:
-            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, MAX_MODEL_LEN - 1))]
-            max_tokens = rng.randint(0, MAX_MODEL_LEN - len(prompt))
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                    n=rng.choice([1, 1, 2, 3]))
+            prompt, params = random_request(rng, vocab)
             request = engine.add_request(prompt, params)
-            requests[request.request_id] = (prompt, max_tokens)
+            requests[request.request_id] = (prompt, params.max_tokens)
             if request.finished:
                 done[request.request_id] = [[] for _ in range(params.n)]
         if requests and rng.random() < 0.03:
