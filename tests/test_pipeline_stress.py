@@ -20,7 +20,6 @@ from collections import deque
 
 import pytest
 import ray.exceptions
-import torch
 
 from neo_serve import SamplingParams
 from neo_serve.engine.config import EngineConfig
@@ -28,7 +27,8 @@ from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.worker import StepInput
 from neo_serve.serve.engine_loop import PipelineCore
 from neo_serve.serve.stages import UnloadedExecutor
-from test_scheduler_stress import MAX_MODEL_LEN, expected_tokens, next_token, random_request
+from test_scheduler_stress import (MAX_MODEL_LEN, ShadowExecutor, check_cache, expected_tokens, next_token,
+                                   random_request, step_output)
 
 VOCAB = 512
 DISAGREE = 0  # the answer to a row whose stages hold different histories (next_token never gives 0)
@@ -40,7 +40,7 @@ class ShadowStages:
     def __init__(self, num_stages: int, num_slots: int, rng: random.Random, death_p: float, hang_p: float) -> None:
         self.depth = num_stages
         self.num_slots = num_slots
-        self.stages: list[list[int | None]] = [[None] * num_slots for _ in range(num_stages)]
+        self.stages = [ShadowExecutor(num_slots, VOCAB) for _ in range(num_stages)]
         self.rng, self.death_p, self.hang_p = rng, death_p, hang_p
         self.dead: int | None = None
         self.hung = False
@@ -63,27 +63,16 @@ class ShadowStages:
         return future
 
     def _run(self, step: StepInput):
-        for index, slots in enumerate(self.stages):
+        for index, stage in enumerate(self.stages):
             if self.dead is not None and index >= self.dead:
                 return ray.exceptions.RayActorError()
-            for move in step.kv_copies:  # in order: a later move may reuse a freed source
-                slots[move.dst:move.dst + move.num_slots] = slots[move.src:move.src + move.num_slots]
-            ids = step.input_ids.tolist()
-            for s in step.sequences:
-                for j in range(s.query_len):
-                    slots[s.kv_start + s.context_len + j] = ids[s.query_start + j]
-        rows = []
-        for index in step.logits_indices.tolist():
-            [s] = [s for s in step.sequences if s.query_start <= index < s.query_start + s.query_len]
-            end = s.kv_start + s.context_len + (index - s.query_start) + 1
-            histories = [slots[s.kv_start:end] for slots in self.stages]
+            stage.write(step)
+        tokens = []
+        for row in step.logits_indices.tolist():
+            histories = [stage.history(step, row) for stage in self.stages]
             agree = all(h == histories[0] for h in histories) and None not in histories[0]
-            rows.append(next_token(histories[0], VOCAB) if agree else DISAGREE)
-        if step.argmax_only:
-            return torch.tensor(rows, dtype=torch.long)
-        logits = torch.full((len(rows), VOCAB), -30.0)
-        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = 10.0
-        return logits
+            tokens.append(next_token(histories[0], VOCAB) if agree else DISAGREE)
+        return step_output(step, tokens, VOCAB)
 
     async def deliver(self) -> None:
         """Resolve the steps first in, first out, after random delays; a hung pipe answers nothing."""
@@ -108,33 +97,13 @@ class ShadowStages:
         await asyncio.sleep(0.001)
         restarted = list(range(self.depth)) if all_stages else [self.dead] if self.dead is not None else []
         for index in restarted:
-            self.stages[index] = [None] * self.num_slots
+            self.stages[index] = ShadowExecutor(self.num_slots, VOCAB)
         for item in self.pending:  # lost with the old stages
             item[1] = ray.exceptions.RayActorError()
         self.pending.clear()
         self.dead, self.hung = None, False
         self.restarts += 1
         return restarted
-
-
-def check_cache(engine: LLMEngine, stages: ShadowStages) -> None:
-    """After each applied micro-batch: every running sequence's computed tokens sit in its
-    extent on every stage; extents and free runs tile the arena."""
-    if stages.dead is not None or stages.hung:
-        return  # a recovery is coming: the loop recomputes everything
-    block = engine.allocator.block_size
-    spans = [(start, start + length) for start, length in engine.allocator.free_runs().items()]
-    for seq in engine.scheduler.running:
-        start = seq.extent.start * block
-        tokens = [seq.token_at(i) for i in range(seq.num_computed)]
-        for slots in stages.stages:
-            assert slots[start:start + seq.num_computed] == tokens, seq.request.request_id
-        spans.append((seq.extent.start, seq.extent.end))
-    position = 0
-    for start, end in sorted(spans):
-        assert start == position, sorted(spans)
-        position = end
-    assert position == engine.allocator.num_blocks
 
 
 async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: float, hang_p: float) -> ShadowStages:
@@ -151,7 +120,8 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
 
     def checked_apply_step(prepared, sampled):
         outputs = apply_step(prepared, sampled)
-        check_cache(engine, stages)
+        if stages.dead is None and not stages.hung:  # else a recovery is coming: everything is recomputed
+            check_cache(engine, *stages.stages)
         return outputs
 
     engine.apply_step = checked_apply_step

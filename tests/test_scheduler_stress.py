@@ -40,22 +40,33 @@ class ShadowExecutor:
         self.vocab = vocab
 
     def execute(self, step: StepInput) -> torch.Tensor:
+        self.write(step)
+        rows = step.logits_indices.tolist()
+        return step_output(step, [next_token(self.history(step, row), self.vocab) for row in rows], self.vocab)
+
+    def write(self, step: StepInput) -> None:
+        """The step's extent moves, then its new tokens' KV."""
         for move in step.kv_copies:  # in order: a later move may reuse a freed source
             self.slots[move.dst:move.dst + move.num_slots] = self.slots[move.src:move.src + move.num_slots]
         ids = step.input_ids.tolist()
         for s in step.sequences:
             for j in range(s.query_len):
                 self.slots[s.kv_start + s.context_len + j] = ids[s.query_start + j]
-        rows = []
-        for index in step.logits_indices.tolist():
-            [s] = [s for s in step.sequences if s.query_start <= index < s.query_start + s.query_len]
-            end = s.kv_start + s.context_len + (index - s.query_start) + 1
-            rows.append(next_token(self.slots[s.kv_start:end], self.vocab))
-        if step.argmax_only:
-            return torch.tensor(rows, dtype=torch.long)
-        logits = torch.zeros(len(rows), self.vocab)
-        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = 10.0
-        return logits
+
+    def history(self, step: StepInput, row: int) -> list[int | None]:
+        """The cached tokens that packed position `row` of the step attends to."""
+        [s] = [s for s in step.sequences if s.query_start <= row < s.query_start + s.query_len]
+        return self.slots[s.kv_start:s.kv_start + s.context_len + (row - s.query_start) + 1]
+
+
+def step_output(step: StepInput, tokens: list[int], vocab: int) -> torch.Tensor:
+    """What the last stage returns for these chosen tokens: token ids for a plain greedy step,
+    else logits that pick them."""
+    if step.argmax_only:
+        return torch.tensor(tokens, dtype=torch.long)
+    logits = torch.zeros(len(tokens), vocab)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 10.0
+    return logits
 
 
 def expected_tokens(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
@@ -73,16 +84,17 @@ def random_request(rng: random.Random, vocab: int) -> tuple[list[int], SamplingP
                                   ignore_eos=True, n=rng.choice([1, 1, 2, 3]))
 
 
-def check_cache(engine: LLMEngine, shadow: ShadowExecutor) -> None:
-    """Every running sequence's computed tokens sit in its extent; extents and free runs tile
-    the arena without overlap."""
+def check_cache(engine: LLMEngine, *shadows: ShadowExecutor) -> None:
+    """Every running sequence's computed tokens sit in its extent (in every shadow: one per
+    pipeline stage); extents and free runs tile the arena without overlap."""
     allocator, block = engine.allocator, engine.allocator.block_size
     spans = [(start, start + length) for start, length in allocator.free_runs().items()]
     for seq in engine.scheduler.running:
         assert seq.extent is not None and seq.extent.length * block >= seq.num_computed
         start = seq.extent.start * block
         tokens = [seq.token_at(i) for i in range(seq.num_computed)]
-        assert shadow.slots[start:start + seq.num_computed] == tokens, seq.request.request_id
+        for shadow in shadows:
+            assert shadow.slots[start:start + seq.num_computed] == tokens, seq.request.request_id
         spans.append((seq.extent.start, seq.extent.end))
     assert all(seq.extent is None for seq in engine.scheduler.waiting)
     position = 0
