@@ -16,12 +16,18 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo, make_neox
 from conftest_serve import free_port, join_stream, parse_sse, ray_serve_on_loopback, wait_until
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
+from neo_serve.config import load_model_config
+from neo_serve.engine.worker import StageWorkerSpec, StepInput
+from neo_serve.models import partition_layers
+from neo_serve.models.attention import SequenceSlice
+from neo_serve.serve.stages import RayStageRunner
 from neo_serve.serve.protocol import APIError
 
 pytestmark = pytest.mark.timeout(300)
@@ -707,6 +713,36 @@ def test_dead_stage_is_restarted_and_streams_complete(fragile_app, offline):
     assert stats["running"] == 0 and stats["free_kv_blocks"] == stats["total_kv_blocks"]
     assert any(a["name"].endswith(":1.1") for a in ray.util.list_named_actors(all_namespaces=True)
                if f":{replica}:" in a["name"])  # the restarted stage
+
+
+def test_a_busy_stage_is_not_taken_for_dead(base_url, checkpoints):
+    """When a stage dies, the others may still be working through the micro-batches in flight:
+    the liveness probe must not queue behind them, or a stage busy past its timeout is killed
+    and reloads its weights (on a large model, minutes) although it was fine."""
+    config = load_model_config(checkpoints["neox"])
+    specs = [StageWorkerSpec(checkpoint=checkpoints["neox"], stage=stage, dtype="float32", device="cpu",
+                             num_kv_slots=4096, block_size=16) for stage in partition_layers(config, 2)]
+    # A prefill of 8 x 256 tokens, queued 400 times on stage 0: seconds of work.
+    sequences = tuple(SequenceSlice(i * 256, 256, 0, i * 512) for i in range(8))
+    step = StepInput(input_ids=torch.randint(0, 200, (8 * 256,)), positions=torch.arange(256).repeat(8),
+                     sequences=sequences, logits_indices=torch.tensor([255]), kv_copies=())
+
+    async def scenario() -> None:
+        runner = await RayStageRunner.start(specs, num_cpus=0, num_gpus=0, num_threads=1)
+        try:
+            first, second = runner.actors
+            queued = [first.execute.remote(step, None) for _ in range(400)]
+            ray.kill(second)
+            started = time.monotonic()
+            assert await runner.restart_stages(probe_timeout_s=0.5) == [1]
+            # Stage 0 was still busy past the probe's timeout, and kept its actor.
+            _, pending = ray.wait(queued, num_returns=len(queued), timeout=0)
+            assert pending and time.monotonic() - started > 0.5
+            assert runner.actors[0] is first and runner.generation == 1
+        finally:
+            runner.close()  # kills stage 0 too, with what it still has queued
+
+    asyncio.run(scenario())
 
 
 def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(fragile_app):

@@ -119,21 +119,41 @@ class LocalStepRunner:
         self._pool.shutdown(wait=False)
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, concurrency_groups={"probe": 1})
 class StageActor:
-    """One pipeline stage in its own placement-group bundle: its layers and their KV cache."""
+    """One pipeline stage in its own placement-group bundle: its layers and their KV cache.
+
+    `ping` runs in its own concurrency group, so it answers while steps run or wait. With a
+    concurrency group Ray runs the constructor on another thread than the default group's calls
+    (always one same thread), so the stage loads at its first default-group call: torch's
+    threads are set, and its OpenMP team is made, on the thread that computes the steps.
+    """
 
     def __init__(self, spec: StageWorkerSpec, num_threads: int | None = None) -> None:
-        set_stage_threads(num_threads)  # a sync actor runs its constructor and calls on one thread
-        self.worker = StageWorker(spec)
+        self._spec, self._num_threads = spec, num_threads
+        self._worker: StageWorker | None = None
+        self._info: dict[str, Any] = {}
+
+    def _loaded(self) -> StageWorker:
+        if self._worker is None:
+            set_stage_threads(self._num_threads)
+            self._worker = StageWorker(self._spec)
+            self._info = describe_stage(self._worker)
+        return self._worker
 
     def info(self) -> dict[str, Any]:
-        """Returns once the stage is loaded (the constructor has run)."""
-        return describe_stage(self.worker)
+        """Loads the stage (the runner's first call) and describes it."""
+        self._loaded()
+        return self._info
+
+    @ray.method(concurrency_group="probe")
+    def ping(self) -> bool:
+        """Whether the process lives, answered at once rather than behind queued steps."""
+        return True
 
     def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
         # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
-        out = self.worker.execute(step, hidden)  # [tokens, hidden], logits [rows, vocab] or token ids [rows]
+        out = self._loaded().execute(step, hidden)  # [tokens, hidden], logits [rows, vocab] or token ids [rows]
         return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
 
 
@@ -202,8 +222,11 @@ class RayStageRunner:
 
     @staticmethod
     async def _alive(actor: Any, timeout_s: float) -> bool:
+        # `ping`, not a default-group call: that one would wait behind the steps a live stage still
+        # has queued (the micro-batches in flight when another stage died), and a stage busy past
+        # the timeout would be taken for dead and reload its weights for nothing.
         try:
-            await asyncio.wait_for(actor.info.remote(), timeout=timeout_s)
+            await asyncio.wait_for(actor.ping.remote(), timeout=timeout_s)
             return True
         except (ray.exceptions.RayActorError, asyncio.TimeoutError):
             return False
