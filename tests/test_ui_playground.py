@@ -9,6 +9,7 @@ Every playground output is compared with what the router's handle returns for th
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import time
@@ -61,7 +62,8 @@ def app(base_url, tmp_path_factory):
     tiny = make_neo(tmp_path_factory.mktemp("ui-ckpt") / "tiny-neo", build_tokenizer(), seed=1)
     return serve.run(build_app({"models": [
         {"name": DEMO, "num_stages": 2, "dtype": "float32", "kv_cache_tokens": 8192, "max_num_seqs": 32},
-        {"name": TINY, "checkpoint": str(tiny), "dtype": "float32", "kv_cache_tokens": 4096},
+        # A smaller window than the demo's 512, for the max-new-tokens slider to follow.
+        {"name": TINY, "checkpoint": str(tiny), "dtype": "float32", "kv_cache_tokens": 4096, "max_model_len": 256},
     ], "router": {"num_cpus": 0.5}}), name=APP, route_prefix="/")
 
 
@@ -221,6 +223,22 @@ def test_errors_are_readable(client, app, args, title, words):
     if title is not None:  # the figures say it too
         shown = job.outputs()[-1][1]
         assert figures(shown)["status"] == "error" and f"<b>{title}:</b>" in shown
+    assert pipeline_stats()["requests"] == 0
+
+
+def test_a_number_that_is_not_finite_is_refused_naming_the_control(ui_url, app):
+    """JSON has no NaN, but Python's and JavaScript's parsers take one: the `/generate` API got it
+    through to `int()` and answered "cannot convert float NaN to integer"."""
+    values = ["x", DEMO] + list(GREEDY.values())
+    body = '{"data": [' + ", ".join("NaN" if index == 2 else json.dumps(value) for index, value
+                                     in enumerate(values)) + "]}"
+    call = httpx.post(f"{ui_url}gradio_api/call/generate", content=body,
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert call.status_code == 200, call.text
+    events = httpx.get(f"{ui_url}gradio_api/call/generate/{call.json()['event_id']}", timeout=60).text
+    assert "event: error" in events, events
+    assert "Max new tokens must be a finite number, got nan" in events, events
+    assert "convert" not in events and "Traceback" not in events
     assert pipeline_stats()["requests"] == 0
 
 
@@ -439,6 +457,31 @@ def test_browser_stop_halts_a_long_generation(browser, page, app):
     shown = figures(page.locator("#figures").inner_html())
     assert shown["status"] == "stopped" and shown["finish-reason"] == "stopped"
     assert 0 < int(shown["generated-tokens"]) < 480 and stats["num_steps"] - running["num_steps"] < 480
+
+
+def slider_range(page, elem_id: str) -> tuple[str, str]:
+    """(maximum, value) of a Gradio slider, as its range input holds them."""
+    handle = page.locator(f"#{elem_id} input[type=range]")
+    return handle.get_attribute("max"), handle.input_value()
+
+
+def pick_model(page, name: str) -> None:
+    page.locator("#model input").click()
+    page.locator("ul[role=listbox] li", has_text=name).click()
+    page.wait_for_function(f"document.querySelector('#model input').value === {name!r}", timeout=10_000)
+
+
+def test_browser_max_new_tokens_follows_the_picked_models_window(browser, page, app):
+    assert slider_range(page, "max-new-tokens") == ("512", "128")
+    set_number(page, "max-new-tokens", 400)
+    pick_model(page, TINY)
+    # The tiny model's window is 256: the slider ends there, and 400 came down to it.
+    wait_until(lambda: slider_range(page, "max-new-tokens") == ("256", "256"), timeout=10,
+               what=f"the slider to end at {TINY}'s window")
+    assert "context window 256 tokens" in page.locator("#model-info").inner_text()
+    pick_model(page, DEMO)
+    wait_until(lambda: slider_range(page, "max-new-tokens") == ("512", "256"), timeout=10,
+               what=f"the slider to end at {DEMO}'s window again")
 
 
 def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):

@@ -227,6 +227,14 @@ def test_sampling_params_from_controls():
     assert (params.max_tokens, params.greedy, params.top_k, params.seed, params.stop) == (64, True, 0, 7, ["\n\n"])
     with pytest.raises(PlaygroundError, match="Top-p must be in"):
         sampling_params(max_new_tokens=8, temperature=1, top_p=0, top_k=0, repetition_penalty=1, seed=-1, stop="")
+    # The /generate API takes any JSON number, NaN and Infinity included: refused naming the control.
+    controls = dict(max_new_tokens=8, temperature=1, top_p=1, top_k=0, repetition_penalty=1, seed=-1, stop="")
+    for name, label, bad in [("max_new_tokens", "Max new tokens", float("nan")), ("top_k", "Top-k", float("inf")),
+                             ("temperature", "Temperature", float("nan")), ("seed", "Seed", float("nan")),
+                             ("repetition_penalty", "Repetition penalty", "high")]:
+        with pytest.raises(PlaygroundError, match=f"^{label} must be a (finite )?number, got") as excinfo:
+            sampling_params(**{**controls, name: bad})
+        assert excinfo.value.title == "Invalid setting"
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -272,7 +280,7 @@ def test_busy_and_unavailable_errors():
 def test_a_prompt_that_is_not_unicode_text_is_refused_before_any_call():
     # JSON lets a lone surrogate through ("\ud800"); the tokenizer raised TypeError ("Internal error").
     backend = PlaygroundBackend({}, [MODEL], app_name=None)
-    run = Run(MODEL, max_new_tokens=4)
+    run = Run(MODEL)
 
     async def first_update():
         params = sampling_params(max_new_tokens=4, temperature=0, top_p=1, top_k=0, repetition_penalty=1, seed=-1,
@@ -292,7 +300,7 @@ def test_run_timing_and_figures(monkeypatch):
 
     clock = iter([10.0, 10.25, 10.5, 11.5, 12.0])
     monkeypatch.setattr(backend.time, "monotonic", lambda: next(clock))
-    run = Run(MODEL, max_new_tokens=3)  # submitted at 10.0
+    run = Run(MODEL)  # submitted at 10.0
     run.replica = "ab12cd34"
     run.feed(GenerationChunk("r", prompt="def f(", prompt_token_ids=[1, 2, 3]))  # 10.25
     run.feed(GenerationChunk("r", [SequenceDelta(0, "x", [5])]))  # 10.5: first token
@@ -311,12 +319,12 @@ def test_run_timing_and_figures(monkeypatch):
 def test_error_figures_are_escaped():
     from neo_serve.ui.blocks import render_figures
 
-    run = Run(MODEL, max_new_tokens=8)
+    run = Run(MODEL)
     run.end(error=PlaygroundError("Invalid request", "<script>alert(1)</script> is not a prompt"))
     shown = render_figures(run)
     assert "<script>" not in shown and html.escape("<script>") in shown
     assert 'class="run-status error"' in shown and "<b>Invalid request:</b>" in shown
-    stopped = Run(MODEL, max_new_tokens=8)
+    stopped = Run(MODEL)
     stopped.end(stopped=True)
     assert 'data-figure="finish-reason"><b>stopped</b>' in render_figures(stopped)
 

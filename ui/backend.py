@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -47,7 +48,6 @@ class Run:
     """One generation as the playground shows it; times are `time.monotonic()` seconds."""
 
     model: PlaygroundModel
-    max_new_tokens: int
     submitted: float = field(default_factory=lambda: time.monotonic())
     replica: str | None = None  # the pipeline replica serving it
     prompt_tokens: int | None = None
@@ -115,13 +115,29 @@ def sampling_params(*, max_new_tokens: float, temperature: float, top_p: float, 
     from neo_serve.errors import InvalidRequestError
 
     try:
-        return SamplingParams(max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
+        return SamplingParams(max_tokens=control_number("Max new tokens", max_new_tokens, whole=True),
+                              temperature=control_number("Temperature", temperature),
+                              top_p=control_number("Top-p", top_p),
+                              top_k=control_number("Top-k", top_k or 0, whole=True),
+                              repetition_penalty=control_number("Repetition penalty", repetition_penalty),
                               seed=parse_seed(seed), stop=parse_stop(stop))
     except InvalidRequestError as exc:
         raise PlaygroundError("Invalid setting", f"{_control_names(str(exc))}.") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # e.g. stop strings that are not text, through the API
         raise PlaygroundError("Invalid setting", str(exc)) from None
+
+
+def control_number(label: str, value: Any, *, whole: bool = False) -> float | int:
+    """A control's number as the engine takes it. The page's controls send finite numbers; the
+    `/generate` API may send anything, which is refused naming the control (`int(nan)` would
+    say "cannot convert float NaN to integer")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PlaygroundError("Invalid setting", f"{label} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise PlaygroundError("Invalid setting", f"{label} must be a finite number, got {value!r}.")
+    return int(number) if whole else number
 
 
 # The largest seed a browser's number field holds exactly (JavaScript's Number.MAX_SAFE_INTEGER;
@@ -131,11 +147,14 @@ MAX_SEED = 2**53 - 1
 
 def parse_seed(seed: float | str | None) -> int | None:
     """None, "" or a negative number: a random seed."""
-    if seed is None or seed == "" or float(seed) < 0:
+    if seed is None or seed == "":
         return None
-    if float(seed) > MAX_SEED:
-        raise PlaygroundError("Invalid setting", f"Seed must be at most {MAX_SEED}, got {seed:.0f}.")
-    return int(seed)
+    number = control_number("Seed", seed)
+    if number < 0:
+        return None
+    if number > MAX_SEED:
+        raise PlaygroundError("Invalid setting", f"Seed must be at most {MAX_SEED}, got {number:.0f}.")
+    return int(number)
 
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API

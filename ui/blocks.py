@@ -139,15 +139,20 @@ class RunLog:
 def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blocks:
     """The playground page; `generate` is exposed as the `/generate` API."""
     models = list(backend.models.values())
-    context = max((m.max_model_len or 0 for m in models), default=0) or 2048
     runs = RunLog()
+
+    def window(name: str) -> int:
+        """The most new tokens the slider offers for a model: its context window (2048 when
+        the model did not say)."""
+        model = backend.models.get(name)
+        return (model.max_model_len if model is not None else None) or 2048
 
     async def generate(prompt: str, model: str, max_new_tokens: float, temperature: float, top_p: float,
                        top_k: float, repetition_penalty: float, seed: float | None, stop: str,
                        request: gr.Request):
         """Generate a completion of `prompt`, streaming (text so far, figures HTML)."""
         try:
-            run = Run(backend.model(model), max_new_tokens=int(max_new_tokens))
+            run = Run(backend.model(model))
         except PlaygroundError as error:  # only through the API: the page offers served models only
             raise shown(error) from None
         runs.start(request.session_hash or "", run)
@@ -188,9 +193,15 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
         model = backend.models.get(name)
         if model is None:
             return ""
-        window = f" · context window {model.max_model_len} tokens" if model.max_model_len else ""
+        context = f" · context window {model.max_model_len} tokens" if model.max_model_len else ""
         return f"`{model.deployment}` · {model.num_stages} pipeline stage{'s' if model.num_stages != 1 else ''}" \
-               f"{window}"
+               f"{context}"
+
+    def pick_model(name: str, max_new: float) -> tuple[str, gr.Slider]:
+        """A newly picked model's description, and the slider up to its own context window
+        (a value past it comes down to it, since a run past the window is refused)."""
+        limit = window(name)
+        return describe_model(name), gr.Slider(maximum=limit, value=min(int(max_new), limit))
 
     with gr.Blocks(title="neo-serve playground", analytics_enabled=False) as demo:
         gr.Markdown("# neo-serve playground\nGPT-NeoX / GPT-Neo models served as pipelines on Ray Serve. "
@@ -212,8 +223,9 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
                                     elem_id="model", filterable=False)
                 model_info = gr.Markdown(describe_model(models[0].name), elem_id="model-info")
                 with gr.Group():
-                    max_new_tokens = gr.Slider(1, context, value=min(Defaults.max_new_tokens, context), step=1,
-                                               label="Max new tokens", elem_id="max-new-tokens")
+                    first_window = window(models[0].name)
+                    max_new_tokens = gr.Slider(1, first_window, value=min(Defaults.max_new_tokens, first_window),
+                                               step=1, label="Max new tokens", elem_id="max-new-tokens")
                     temperature = gr.Slider(0.0, 2.0, value=Defaults.temperature, step=0.05, label="Temperature",
                                             info="0 = greedy", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=Defaults.top_p, step=0.01, label="Top-p", elem_id="top-p")
@@ -228,7 +240,8 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
                     stop_strings = gr.Textbox(label="Stop strings", lines=2, elem_id="stop-strings",
                                               info=r"one per line (at most 4); \n is a newline",
                                               placeholder=r"e.g. \n\n")
-        model.change(describe_model, model, model_info, queue=False, api_visibility="private")
+        model.change(pick_model, [model, max_new_tokens], [model_info, max_new_tokens], queue=False,
+                     api_visibility="private")
         inputs = [prompt, model, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_strings]
         generating = run_button.click(generate, inputs, [output, figures], api_name="generate",
                                       concurrency_limit=settings.concurrency_limit, concurrency_id="generate",
