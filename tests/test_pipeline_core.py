@@ -453,3 +453,36 @@ def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_outpu
         return await mailbox.get()
 
     assert asyncio.run(main()).finished
+
+
+def test_micro_batches_split_the_running_sequences_while_the_kv_cache_is_full(neox_checkpoint):
+    # 2 micro-batches in flight, 24 requests, room for 64 sequences but KV for only 8 (16 blocks of
+    # 16 slots; each sequence of 8 + 12 tokens takes 2): each micro-batch takes 4 of the 8
+    # running, not the first one all 8 because 16 more wait that the cache cannot admit.
+    sizes: list[tuple[int, int]] = []  # (sequences waiting, sequences in the micro-batch)
+    prompts = [[5 + (7 * i + j) % 400 for j in range(8)] for i in range(24)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        core = await start_core(neox_checkpoint, {"max_num_seqs": 64, "kv_cache_tokens": 256, "max_model_len": 64})
+        core.runner.depth = 2
+        schedule_step = core.engine.schedule_step
+
+        def recording_schedule_step(busy, max_seqs):
+            prepared = schedule_step(busy, max_seqs)
+            if prepared is not None:
+                sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
+            return prepared
+
+        core.engine.schedule_step = recording_schedule_step
+        try:
+            return await asyncio.gather(*(collect(core, p, params, f"r{i}") for i, p in enumerate(prompts)))
+        finally:
+            core.close()
+            core.runner.close()
+
+    results = asyncio.run(main())
+    assert all(len(token_ids(chunks)) == 12 for chunks in results)
+    while_waiting = [size for waiting, size in sizes if waiting > 0]
+    assert while_waiting and max(while_waiting) <= 4, sizes
+    assert max(size for _, size in sizes) <= 4, sizes

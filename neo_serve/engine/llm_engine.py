@@ -415,3 +415,7 @@ class LLMEngine:
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    def num_schedulable(self) -> int:
+        """Running sequences and the waiting ones the KV cache admits now (Scheduler.num_schedulable)."""
+        return self.scheduler.num_schedulable()

@@ -113,9 +113,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(batch.chunks) < seq_budget):
             seq = self.waiting[0]
-            blocks = self.allocator.blocks_for(min(seq.total_len + self.config.lookahead_tokens,
-                                                   self._max_len(seq)))
-            extent = self.allocator.allocate(blocks)
+            extent = self.allocator.allocate(self._admission_blocks(seq))
             if extent is None:
                 break
             self.waiting.popleft()
@@ -126,6 +124,26 @@ class Scheduler:
             scheduled.add(seq)
             budget -= length
         return batch
+
+    def num_schedulable(self) -> int:
+        """How many sequences the coming steps can run: the running ones and the waiting ones the
+        KV cache admits now, in arrival order (admission stops at the first that does not fit),
+        up to max_num_seqs. What a pipeline splits over its micro-batches: counting waiting
+        sequences that cannot be admitted gave the first micro-batch every running one."""
+        count = min(len(self.running), self.config.max_num_seqs)
+        scratch: ExtentAllocator | None = None
+        for seq in self.waiting:
+            if count >= self.config.max_num_seqs:
+                break
+            scratch = scratch or self.allocator.copy()
+            if scratch.allocate(self._admission_blocks(seq)) is None:
+                break
+            count += 1
+        return count
+
+    def _admission_blocks(self, seq: Sequence) -> int:
+        """The extent a waiting sequence gets: its tokens and the lookahead, within its longest."""
+        return self.allocator.blocks_for(min(seq.total_len + self.config.lookahead_tokens, self._max_len(seq)))
 
     def _max_len(self, seq: Sequence) -> int:
         return len(seq.prompt_ids) + seq.request.max_tokens

@@ -290,11 +290,10 @@ class PipelineCore:
             max_seqs = None
             if depth > 1:
                 # Split the sequences that can run evenly over the stages' micro-batches. Waiting
-                # ones past max_num_seqs cannot be admitted: counted, they made the first
-                # micro-batch take every running sequence and left the other stages idle.
-                active = min(self.engine.num_running() + self.engine.num_waiting(),
-                             self.engine.config.max_num_seqs)
-                max_seqs = max(1, math.ceil(active / depth))
+                # ones that cannot be admitted (past max_num_seqs, or while the KV cache is full)
+                # are not counted: they made the first micro-batch take every running sequence
+                # and left the other stages idle.
+                max_seqs = max(1, math.ceil(self.engine.num_schedulable() / depth))
             prepared = self.engine.schedule_step(busy, max_seqs)
             if prepared is None:
                 return
