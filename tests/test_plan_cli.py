@@ -6,6 +6,7 @@ import pytest
 
 from neo_serve.cli import main
 from neo_serve.config import load_model_config
+from neo_serve.models import partition_layers
 from neo_serve.plan import parse_bytes, plan_pipeline
 
 
@@ -50,6 +51,21 @@ def test_plan_sizes_the_dtype_the_model_is_served_in(reference_dir, capsys):
     assert main(["plan", "--config", str(reference_dir / "gpt-neo-2.7b.config.json"), "--gpus", "1",
                  "--gpu-memory", "24GiB"]) == 0
     assert "1 stage(s) in float32" in capsys.readouterr().out
+
+
+def test_stages_balance_the_work_per_token(reference_dir):
+    def split(name: str, num_stages: int) -> list[tuple[int, int]]:
+        config = load_model_config(reference_dir / name)
+        return [(s.layer_start, s.layer_end) for s in partition_layers(config, num_stages)]
+
+    # Pythia-160M's 50k-row head holds 5.5 layers' parameters (as does its embedding), but it
+    # runs for sampled tokens only, and the embedding is a lookup: by parameter bytes the split
+    # was 6 + 6 layers, leaving the head's stage the slowest.
+    assert split("pythia-160m.config.json", 2) == [(0, 7), (7, 12)]
+    # A model that needs stages has layers far larger than its head: the split is even, as
+    # by bytes, so what `neo-serve plan` sizes for GPUs does not move.
+    assert split("gpt-neox-20b.config.json", 2) == [(0, 22), (22, 44)]
+    assert split("gpt-neox-20b.config.json", 4) == [(0, 11), (11, 22), (22, 33), (33, 44)]
 
 
 @pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("512Mi", 512 * 2**20), (7, 7)])

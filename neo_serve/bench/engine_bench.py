@@ -27,7 +27,7 @@ import torch
 
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.config import load_model_config
-from neo_serve.models.stages import last_stage_extra_params, layer_param_count
+from neo_serve.models.stages import head_param_count, layer_param_count
 
 REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -113,13 +113,13 @@ def measure_matmul_rate(dtype: torch.dtype, rows: int = 256, repeats: int = 30) 
 
 def decode_weight_bytes(config, element: int) -> int:
     """Bytes of weights read per decode step (every layer and the head; one embedding row)."""
-    return (config.num_layers * layer_param_count(config) + last_stage_extra_params(config)) * element
+    return (config.num_layers * layer_param_count(config) + head_param_count(config)) * element
 
 
 def flops_per_token(config, *, with_head: bool) -> int:
     params = config.num_layers * layer_param_count(config)
     if with_head:
-        params += last_stage_extra_params(config)
+        params += head_param_count(config)
     return 2 * params
 
 
