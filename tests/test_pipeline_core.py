@@ -4,8 +4,10 @@ where the step's tensor work runs, and how streams pace their chunks under load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
@@ -31,6 +33,17 @@ async def start_core(checkpoint, engine_options=None, **core_options) -> Pipelin
     return core
 
 
+@contextlib.asynccontextmanager
+async def started_core(checkpoint, engine_options=None, **core_options) -> AsyncIterator[PipelineCore]:
+    """A running core on the in-process runner, closed with its runner on the way out."""
+    core = await start_core(checkpoint, engine_options, **core_options)
+    try:
+        yield core
+    finally:
+        core.close()
+        core.runner.close()
+
+
 async def collect(core: PipelineCore, prompt: str, params: SamplingParams, request_id: str) -> list:
     return [chunk async for chunk in core.generate(prompt, params, request_id)]
 
@@ -49,14 +62,10 @@ def run_prompts(checkpoint, instrument=None, **core_options) -> list[list]:
     """Stream PROMPTS at once through a fresh PipelineCore; each prompt's chunks.
     `instrument(core)` runs before the requests are sent."""
     async def main():
-        core = await start_core(checkpoint, **core_options)
-        if instrument is not None:
-            instrument(core)
-        try:
+        async with started_core(checkpoint, **core_options) as core:
+            if instrument is not None:
+                instrument(core)
             return await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
-        finally:
-            core.close()
-            core.runner.close()
     return asyncio.run(main())
 
 
@@ -130,16 +139,12 @@ def test_a_sequence_that_evicts_itself_is_readmitted(neox_checkpoint):
     expected = LLM(str(neox_checkpoint), device="cpu", kv_cache_tokens=4096).generate([prompt_a], params_a)
 
     async def main():
-        core = await start_core(neox_checkpoint, {"kv_cache_tokens": 128, "max_model_len": 128})
-        try:
+        async with started_core(neox_checkpoint, {"kv_cache_tokens": 128, "max_model_len": 128}) as core:
             short = asyncio.ensure_future(collect(core, [3, 4, 5, 6], params_b, "b"))
             await asyncio.sleep(0)
             chunks = await asyncio.wait_for(collect(core, prompt_a, params_a, "a"), timeout=120)
             await short
             return chunks, core.engine.scheduler.num_preemptions
-        finally:
-            core.close()
-            core.runner.close()
 
     chunks, preemptions = asyncio.run(main())
     assert preemptions >= 1  # the eviction happened
@@ -159,14 +164,10 @@ def test_a_request_that_ends_while_its_consumer_is_away_is_not_paused(neox_check
         return chunks
 
     async def main():
-        core = await start_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.5)
-        try:
+        async with started_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.5) as core:
             started = time.monotonic()
             results = await asyncio.gather(*(slow_consumer(core, p, f"r{i}") for i, p in enumerate(PROMPTS)))
             return results, time.monotonic() - started
-        finally:
-            core.close()
-            core.runner.close()
 
     results, elapsed = asyncio.run(main())
     assert [token_ids(chunks) for chunks in results] == offline_tokens
@@ -186,8 +187,7 @@ def test_a_paused_stream_holds_only_its_latest_output(neox_checkpoint, offline_t
         return sum(1 for o in gc.get_objects() if type(o) is RequestOutput and o.request_id == request_id)
 
     async def main():
-        core = await start_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.25)
-        try:
+        async with started_core(neox_checkpoint, stream_interval_s=0.0, max_stream_chunks_per_s=0.25) as core:
             stream = core.generate(PROMPTS[0], LONG, "paused")
             chunks = [await stream.__anext__(), await stream.__anext__()]  # accepted; the first token
             steps = core.num_steps
@@ -200,9 +200,6 @@ def test_a_paused_stream_holds_only_its_latest_output(neox_checkpoint, offline_t
             chunks.append(await following)
             chunks += [chunk async for chunk in stream]
             return chunks, stepped, count
-        finally:
-            core.close()
-            core.runner.close()
 
     chunks, stepped, count = asyncio.run(main())
     tokens = token_ids(chunks)
@@ -217,37 +214,35 @@ def test_a_long_text_prompt_does_not_stall_the_other_streams(neox_checkpoint):
     long_prompt = "def hello_world():\n    print('hello, world')\n" * 60_000  # 2.6 MB, ~700k tokens
 
     async def main():
-        core = await start_core(neox_checkpoint)
-        gaps: list[float] = []
+        async with started_core(neox_checkpoint) as core:
+            gaps: list[float] = []
 
-        async def tick() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
+            async def tick() -> None:
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
 
-        ticker = asyncio.create_task(tick())
-        await asyncio.sleep(0.05)  # the ticker runs
-        try:
-            # Past max_prompt_chars the prompt is refused before it is encoded at all.
-            started = time.monotonic()
-            with pytest.raises(InvalidRequestError, match="characters, more than a context window"):
-                await collect(core, long_prompt, GREEDY, "refused")
-            refused_in = time.monotonic() - started
-            # Without that bound (a tokenizer with long tokens allows long texts), it is encoded
-            # off the loop and refused for its token count.
-            core.engine.max_prompt_chars = len(long_prompt)
-            started = time.monotonic()
-            with pytest.raises(InvalidRequestError, match="tokens; the context window"):
-                await collect(core, long_prompt, GREEDY, "long")
-            took = time.monotonic() - started
-            chunks = await collect(core, PROMPTS[0], GREEDY, "short")  # the replica still serves
-        finally:
-            ticker.cancel()
-            core.close()
-            core.runner.close()
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0.05)  # the ticker runs
+            try:
+                # Past max_prompt_chars the prompt is refused before it is encoded at all.
+                started = time.monotonic()
+                with pytest.raises(InvalidRequestError, match="characters, more than a context window"):
+                    await collect(core, long_prompt, GREEDY, "refused")
+                refused_in = time.monotonic() - started
+                # Without that bound (a tokenizer with long tokens allows long texts), it is encoded
+                # off the loop and refused for its token count.
+                core.engine.max_prompt_chars = len(long_prompt)
+                started = time.monotonic()
+                with pytest.raises(InvalidRequestError, match="tokens; the context window"):
+                    await collect(core, long_prompt, GREEDY, "long")
+                took = time.monotonic() - started
+                chunks = await collect(core, PROMPTS[0], GREEDY, "short")  # the replica still serves
+            finally:
+                ticker.cancel()
         return refused_in, took, max(gaps), chunks
 
     refused_in, took, longest_gap, chunks = asyncio.run(main())
@@ -262,8 +257,7 @@ def test_a_cancelled_stream_leaves_the_engine_at_once(neox_checkpoint):
     # A client that hangs up (the stream is closed): its sequence leaves the engine and frees its
     # KV blocks before the next micro-batch is scheduled, not when it would have finished.
     async def main():
-        core = await start_core(neox_checkpoint)
-        try:
+        async with started_core(neox_checkpoint) as core:
             stream = core.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
                                    "gone")
             for _ in range(4):
@@ -274,9 +268,6 @@ def test_a_cancelled_stream_leaves_the_engine_at_once(neox_checkpoint):
             assert core.engine.allocator.num_free_blocks == core.engine.allocator.num_blocks
             await asyncio.sleep(0.3)
             return core.num_steps - steps_at_cancel
-        finally:
-            core.close()
-            core.runner.close()
 
     assert asyncio.run(main()) <= 1  # at most the micro-batch already in flight (one stage)
 
@@ -286,8 +277,7 @@ def test_a_request_id_is_not_reused_while_its_stream_is_open(neox_checkpoint, of
     its stream closed: that stream's cleanup would have removed the new request's mailbox and
     aborted it by id, leaving the new stream waiting forever. The reuse is refused instead."""
     async def main():
-        core = await start_core(neox_checkpoint)
-        try:
+        async with started_core(neox_checkpoint) as core:
             first = core.generate(PROMPTS[0], GREEDY, "mine")
             chunks = [await first.__anext__()]  # accepted; the consumer then looks away
             for _ in range(200):
@@ -300,9 +290,6 @@ def test_a_request_id_is_not_reused_while_its_stream_is_open(neox_checkpoint, of
             chunks += [chunk async for chunk in first]
             again = await asyncio.wait_for(collect(core, PROMPTS[1], GREEDY, "mine"), 30)  # closed: free
             return refused.value.field, chunks, again
-        finally:
-            core.close()
-            core.runner.close()
 
     field, chunks, again = asyncio.run(main())
     assert field == "request_id"
@@ -316,12 +303,8 @@ def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_ch
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
 
     async def main():
-        core = await start_core(neox_checkpoint, {"max_num_batched_tokens": 16}, stream_interval_s=30.0)
-        try:
+        async with started_core(neox_checkpoint, {"max_num_batched_tokens": 16}, stream_interval_s=30.0) as core:
             return await collect(core, prompt, params, "scored")
-        finally:
-            core.close()
-            core.runner.close()
 
     chunks = asyncio.run(main())
     with_tokens = [chunk for chunk in chunks if chunk.sequences and chunk.sequences[0].token_ids]
@@ -343,47 +326,48 @@ def test_an_idle_replica_keeps_setting_its_gauges(neox_checkpoint):
     gauges = RecordedGauges()
 
     async def main():
-        core = await start_core(neox_checkpoint, metrics=gauges, idle_gauge_refresh_s=0.05)
-        try:
+        async with started_core(neox_checkpoint, metrics=gauges, idle_gauge_refresh_s=0.05) as core:
             await asyncio.sleep(0.6)
-        finally:
-            core.close()
-            core.runner.close()
 
     asyncio.run(main())
     assert len(gauges.steps) >= 6 and all(step["running"] == step["waiting"] == 0 for step in gauges.steps)
 
 
-def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neox_checkpoint):
+@pytest.mark.parametrize("engine_options", [
+    # max_num_seqs 8 while 16 more wait: each micro-batch takes 4, not the first one all 8
+    # (which left the second stage idle under load).
+    {"max_num_seqs": 8},
+    # Room for 64 sequences but KV for 8 (16 blocks of 16 slots; each sequence of 8 + 12 tokens
+    # takes 2): each micro-batch takes 4 of the 8 running, not the first one all 8 because 16
+    # more wait that the cache cannot admit.
+    {"max_num_seqs": 64, "kv_cache_tokens": 256, "max_model_len": 64},
+], ids=["max_num_seqs", "kv_cache_full"])
+def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neox_checkpoint, engine_options):
     # 2 micro-batches in flight (the depth of a 2-stage pipeline; here on the in-process runner),
-    # 24 requests, 8 running at most: each micro-batch takes 4 sequences, not the first one all 8
-    # because 16 more wait (which left the second stage idle under load).
+    # 24 requests, 8 of which can run at once.
     sizes: list[tuple[int, int]] = []  # (sequences waiting, sequences in the micro-batch)
     prompts = [[5 + (7 * i + j) % 400 for j in range(8)] for i in range(24)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     async def main():
-        core = await start_core(neox_checkpoint, {"max_num_seqs": 8})
-        core.runner.depth = 2
-        schedule_step = core.engine.schedule_step
+        async with started_core(neox_checkpoint, engine_options) as core:
+            core.runner.depth = 2
+            schedule_step = core.engine.schedule_step
 
-        def recording_schedule_step(busy, max_seqs):
-            prepared = schedule_step(busy, max_seqs)
-            if prepared is not None:
-                sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
-            return prepared
+            def recording_schedule_step(busy, max_seqs):
+                prepared = schedule_step(busy, max_seqs)
+                if prepared is not None:
+                    sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
+                return prepared
 
-        core.engine.schedule_step = recording_schedule_step
-        try:
+            core.engine.schedule_step = recording_schedule_step
             return await asyncio.gather(*(collect(core, p, params, f"r{i}") for i, p in enumerate(prompts)))
-        finally:
-            core.close()
-            core.runner.close()
 
     results = asyncio.run(main())
     assert all(len(token_ids(chunks)) == 12 for chunks in results)
     while_waiting = [size for waiting, size in sizes if waiting > 0]
     assert while_waiting and max(while_waiting) <= 4, sizes
+    assert max(size for _, size in sizes) <= 4, sizes
 
 
 def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(neox_checkpoint):
@@ -453,36 +437,3 @@ def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_outpu
         return await mailbox.get()
 
     assert asyncio.run(main()).finished
-
-
-def test_micro_batches_split_the_running_sequences_while_the_kv_cache_is_full(neox_checkpoint):
-    # 2 micro-batches in flight, 24 requests, room for 64 sequences but KV for only 8 (16 blocks of
-    # 16 slots; each sequence of 8 + 12 tokens takes 2): each micro-batch takes 4 of the 8
-    # running, not the first one all 8 because 16 more wait that the cache cannot admit.
-    sizes: list[tuple[int, int]] = []  # (sequences waiting, sequences in the micro-batch)
-    prompts = [[5 + (7 * i + j) % 400 for j in range(8)] for i in range(24)]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-    async def main():
-        core = await start_core(neox_checkpoint, {"max_num_seqs": 64, "kv_cache_tokens": 256, "max_model_len": 64})
-        core.runner.depth = 2
-        schedule_step = core.engine.schedule_step
-
-        def recording_schedule_step(busy, max_seqs):
-            prepared = schedule_step(busy, max_seqs)
-            if prepared is not None:
-                sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
-            return prepared
-
-        core.engine.schedule_step = recording_schedule_step
-        try:
-            return await asyncio.gather(*(collect(core, p, params, f"r{i}") for i, p in enumerate(prompts)))
-        finally:
-            core.close()
-            core.runner.close()
-
-    results = asyncio.run(main())
-    assert all(len(token_ids(chunks)) == 12 for chunks in results)
-    while_waiting = [size for waiting, size in sizes if waiting > 0]
-    assert while_waiting and max(while_waiting) <= 4, sizes
-    assert max(size for _, size in sizes) <= 4, sizes
