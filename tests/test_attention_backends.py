@@ -60,27 +60,45 @@ def test_flash_attn_only_on_gpus_that_run_it(flash_standin, monkeypatch, capabil
 
 
 def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_checkpoint, flash_standin, monkeypatch):
-    # No GPU here: the engine is built for "cuda" without loading stages (nothing touches CUDA),
-    # and the CUDA queries answer as an A100 would.
+    # No GPU here: the engine is built for "cuda" without loading stages (nothing touches CUDA).
     from neo_serve.engine.config import EngineConfig
     from neo_serve.engine.llm_engine import LLMEngine
     from neo_serve.errors import ConfigError
     from neo_serve.serve.stages import UnloadedExecutor
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-
-    def backend(**options) -> str:
+    def stage_setup(**options) -> tuple[str, int]:
         engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cuda", **options),
                            executor=UnloadedExecutor())
-        return engine.stage_specs[0].attention_backend
+        return engine.stage_specs[0].attention_backend, engine.allocator.block_size
 
-    assert backend(dtype="float16") == "flash"
-    # flash-attn runs half precision only: auto takes SDPA for a float32 model or KV cache...
-    assert backend(dtype="float32") == "sdpa"
-    assert backend(dtype="float16", kv_cache_dtype="float32") == "sdpa"
+    # `auto` in half precision is left to each stage (flash-attn if its GPU runs it), with
+    # flash-attn's pages, whether or not the engine's own process sees a GPU: a multi-stage
+    # replica's scheduler has none, and took SDPA for every stage.
+    for visible in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert stage_setup(dtype="float16") == ("auto", 256)
+    # flash-attn computes in float16 or bfloat16, reading the cache in the model's dtype: auto
+    # takes SDPA (and its smaller blocks) for anything else...
+    assert stage_setup(dtype="float32") == ("sdpa", 16)
+    assert stage_setup(dtype="float16", kv_cache_dtype="float32") == ("sdpa", 16)
+    assert stage_setup(dtype="bfloat16", kv_cache_dtype="float16") == ("sdpa", 16)
+    assert stage_setup(dtype="float16", block_size=16) == ("sdpa", 16)
     # ...and an explicit flash that cannot run is refused with what to change.
     with pytest.raises(ConfigError, match="float16 or bfloat16"):
-        backend(dtype="float32", attention_backend="flash")
+        stage_setup(dtype="float32", attention_backend="flash")
+    with pytest.raises(ConfigError, match="reads the KV cache in the model's dtype"):
+        stage_setup(dtype="bfloat16", kv_cache_dtype="float16", attention_backend="flash")
     with pytest.raises(ConfigError, match="multiple of 256"):
-        backend(dtype="float16", attention_backend="flash", block_size=16)
+        stage_setup(dtype="float16", attention_backend="flash", block_size=16)
+    assert stage_setup(dtype="bfloat16", attention_backend="flash") == ("flash", 256)
+
+
+@pytest.mark.parametrize("device, capability, chosen", [("cuda", (8, 0), "flash"), ("cuda", (7, 5), "sdpa"),
+                                                        ("cpu", (8, 0), "sdpa")], ids=["A100", "T4", "cpu-stage"])
+def test_each_stage_picks_its_backend_for_its_own_device(flash_standin, monkeypatch, device, capability, chosen):
+    from neo_serve.models.attention import make_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert make_backend("auto", device).name == chosen

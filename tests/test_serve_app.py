@@ -116,6 +116,7 @@ def test_health_and_models(client):
     # A stage's CPUs are its torch threads, whatever OMP_NUM_THREADS says: in its stage actor, and in
     # the replica itself with one stage.
     assert [s["threads"] for s in stats["stages"]] == [1, 1]
+    assert [s["attention_backend"] for s in stats["stages"]] == ["sdpa", "sdpa"]  # what each stage runs
     assert [s["threads"] for s in pipeline_stats("neo")["stages"]] == [2]
 
 

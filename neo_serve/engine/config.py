@@ -21,7 +21,7 @@ class EngineConfig:
     num_stages: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     kv_cache_tokens: int = 32768  # KV slots per stage (every stage holds its layers' share)
-    block_size: int | None = None  # KV allocation granularity; default 16, 256 with flash-attn
+    block_size: int | None = None  # KV allocation granularity; default 16, 256 where stages may run flash-attn
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # default: the model's context window (max_position_embeddings, x a linear RoPE factor)
@@ -49,11 +49,3 @@ class EngineConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
-
-    @property
-    def resolved_attention_backend(self) -> str:
-        if self.attention_backend == "auto":
-            from neo_serve.models.attention import flash_attn_available
-
-            return "flash" if self.resolved_device.startswith("cuda") and flash_attn_available() else "sdpa"
-        return self.attention_backend

@@ -94,28 +94,42 @@ class LLMEngine:
         self.num_generated_tokens = 0  # tokens appended to sequences (not those of sequences aborted mid-step)
 
     def _attention_backend_and_block_size(self, config: EngineConfig) -> tuple[str, int]:
-        """The attention backend and KV block size the stages use. flash-attn runs float16 and
-        bfloat16 only, with pages of a multiple of 256 slots: `auto` takes SDPA for a float32 model
-        or cache (e.g. GPT-Neo, whose published checkpoints are float32, under `dtype: auto`), and
-        an explicit `flash` that cannot run is refused here rather than failing at the first step."""
-        backend = config.resolved_attention_backend
-        if backend == "flash" and config.resolved_device.startswith("cuda"):
-            model_dtype = resolve_dtype(config.dtype, self.model_config, CheckpointFiles.open(config.model),
-                                        config.resolved_device)
+        """The attention backend the stages are given, and the KV block size.
+
+        On CUDA, `auto` is left to each stage, which takes flash-attn when it is installed and its
+        own GPU runs it, else SDPA: the engine itself may run where no GPU is visible (the
+        scheduler of a multi-stage replica, a CPU head node checking the config). Here `auto`
+        only gives way to SDPA where flash-attn cannot run on any GPU: it computes in float16 or
+        bfloat16 with the cache in the model's dtype. Blocks are then a multiple of flash-attn's
+        256-slot pages, which SDPA takes too, so that every stage may choose it. An explicit
+        `flash` that cannot run is refused here rather than failing at the first decode."""
+        backend = config.attention_backend
+        device = config.resolved_device
+        if not device.startswith("cuda"):
+            backend = "sdpa" if backend == "auto" else backend
+        elif backend in ("auto", "flash"):
+            model_dtype = resolve_dtype(config.dtype, self.model_config, CheckpointFiles.open(config.model), device)
             kv_dtype = model_dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+            problem = None
             if torch.float32 in (model_dtype, kv_dtype):
-                if config.attention_backend == "auto":
-                    backend = "sdpa"
-                else:
-                    raise ConfigError(f"attention_backend flash runs float16 and bfloat16 only, but the model runs "
-                                      f"in {model_dtype} with a {kv_dtype} KV cache: set dtype (and kv_cache_dtype) "
-                                      "to float16 or bfloat16, or attention_backend to sdpa")
+                problem = "runs float16 and bfloat16 only"
+            elif kv_dtype != model_dtype:
+                problem = "reads the KV cache in the model's dtype"
+            if problem is not None:
+                if backend == "flash":
+                    raise ConfigError(f"attention_backend flash {problem}, but the model runs in {model_dtype} with a "
+                                      f"{kv_dtype} KV cache: set dtype to float16 or bfloat16 and kv_cache_dtype to "
+                                      "auto (or the same), or attention_backend to sdpa")
+                backend = "sdpa"
         page = FlashAttentionBackend.PAGE_MULTIPLE
+        may_use_flash = backend == "flash" or (backend == "auto" and device.startswith("cuda"))
         if config.block_size is None:
-            return backend, page if backend == "flash" else 16
-        if backend == "flash" and config.block_size % page:
-            raise ConfigError(f"block_size {config.block_size}: flash-attn's paged KV cache needs a multiple of "
-                              f"{page} slots")
+            return backend, page if may_use_flash else 16
+        if config.block_size % page and may_use_flash:
+            if backend == "flash":
+                raise ConfigError(f"block_size {config.block_size}: flash-attn's paged KV cache needs a multiple of "
+                                  f"{page} slots")
+            backend = "sdpa"  # `auto` with blocks flash-attn cannot page
         return backend, config.block_size
 
     # ---- requests -------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class StageWorkerSpec:
     device: str
     num_kv_slots: int
     block_size: int
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto: flash-attn where this stage's GPU runs it, else SDPA
     kv_cache_dtype: str = "auto"  # auto: the model's dtype on GPU; on CPU see models/kv_dtype_probe.py
     pack_cpu_linears: bool = True  # oneDNN-prepacked weights on CPU (see models/packed_linear.py)
 
@@ -86,7 +86,9 @@ class StageWorker:
         config = load_model_config(spec.checkpoint)
         files = CheckpointFiles.open(spec.checkpoint)
         self.dtype = resolve_dtype(spec.dtype, config, files, self.device)
-        self.backend = make_backend(spec.attention_backend)
+        # `auto` (on CUDA only; see LLMEngine._attention_backend_and_block_size): flash-attn if this
+        # stage's GPU runs it, else SDPA. Each stage's arena has its own layout, so stages may differ.
+        self.backend = make_backend(spec.attention_backend, self.device)
         self.model = load_stage(spec.checkpoint, config, spec.stage, dtype=self.dtype, device=self.device,
                                 backend=self.backend, files=files)
         self.packed_linears = 0

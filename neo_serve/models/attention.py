@@ -43,9 +43,10 @@ class AttentionMetadata:
     sequences: tuple[SequenceSlice, ...]
     slot_mapping: torch.Tensor  # [tokens] arena slot each new token's K/V is written to
     block_size: int  # arena granularity (extents start on a block boundary)
-    # SDPA's per-sequence calls (masks included) are the same in every layer with the same
-    # window: built once per step, keyed by window.
-    sdpa_plans: dict = field(default_factory=dict, compare=False, repr=False)
+    # A backend's per-step plan (SDPA's per-sequence calls and masks, flash-attn's index
+    # tensors) is the same in every layer with the same window: built once per step, in the
+    # first layer, keyed by backend and window.
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, sequences: tuple[SequenceSlice, ...], block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
@@ -114,7 +115,7 @@ class SdpaCall:
 
 def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device) -> tuple[SdpaCall, ...]:
     """The step's per-sequence SDPA calls, worked out once per step and window, not per layer."""
-    plan = meta.sdpa_plans.get(window)
+    plan = meta.plans.get(("sdpa", window))
     if plan is None:
         calls = []
         for seq in meta.sequences:
@@ -122,7 +123,7 @@ def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device)
             causal = seq.context_len == 0 and window is None and seq.query_len > 1
             mask = None if causal else attention_mask(seq, first, window, device)
             calls.append(SdpaCall(seq.query_start, seq.query_len, seq.kv_start + first, end - first, mask, causal))
-        plan = meta.sdpa_plans[window] = tuple(calls)
+        plan = meta.plans[("sdpa", window)] = tuple(calls)
     return plan
 
 
@@ -175,6 +176,69 @@ class ReferenceBackend:
         return out
 
 
+@dataclass(frozen=True)
+class FlashFromCache:
+    """One `flash_attn_with_kvcache` call: the step's sequences with a context and `query_len`
+    new tokens each (decodes: 1), reading their keys from the arena's pages."""
+
+    index: torch.Tensor  # [batch * query_len] long: their queries' rows in the packed batch
+    block_table: torch.Tensor  # [batch, max_pages] int32: each sequence's arena pages, in order
+    cache_seqlens: torch.Tensor  # [batch] int32: keys in the cache, this step's included
+    batch: int
+    query_len: int
+
+
+@dataclass(frozen=True)
+class FlashPlan:
+    """flash-attn's index tensors for one step, on the stage's device."""
+
+    fresh_index: torch.Tensor | None  # [tokens] long: rows of fresh prefills (no context), packed
+    fresh_cu_seqlens: torch.Tensor | None  # [fresh + 1] int32: their offsets in `fresh_index`
+    fresh_max_len: int
+    from_cache: tuple[FlashFromCache, ...]
+
+
+def flash_plan(meta: AttentionMetadata, device: torch.device) -> FlashPlan:
+    """Built on the host once per step and moved in one copy per tensor: built in each layer,
+    it took a host-to-device copy per sequence and layer."""
+    plan = meta.plans.get("flash")
+    if plan is not None:
+        return plan
+
+    def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+    fresh = [s for s in meta.sequences if s.context_len == 0]
+    fresh_index = fresh_cu_seqlens = None
+    if fresh:
+        rows = [row for s in fresh for row in range(s.query_start, s.query_start + s.query_len)]
+        offsets = [0]
+        for s in fresh:
+            offsets.append(offsets[-1] + s.query_len)
+        fresh_index, fresh_cu_seqlens = to_device(rows, torch.long), to_device(offsets, torch.int32)
+    by_query_len: dict[int, list[SequenceSlice]] = {}
+    for s in meta.sequences:
+        if s.context_len > 0:
+            by_query_len.setdefault(s.query_len, []).append(s)
+    calls = []
+    block = meta.block_size
+    for query_len, seqs in by_query_len.items():
+        max_pages = max(-(-s.total_len // block) for s in seqs)
+        table = [[0] * max_pages for _ in seqs]
+        for row, s in enumerate(seqs):
+            pages, first_page = -(-s.total_len // block), s.kv_start // block
+            table[row][:pages] = range(first_page, first_page + pages)
+        rows = [r for s in seqs for r in range(s.query_start, s.query_start + query_len)]
+        calls.append(FlashFromCache(to_device(rows, torch.long), to_device(table, torch.int32),
+                                    to_device([s.total_len for s in seqs], torch.int32), len(seqs), query_len))
+    plan = meta.plans["flash"] = FlashPlan(fresh_index, fresh_cu_seqlens, max((s.query_len for s in fresh), default=0),
+                                           tuple(calls))
+    return plan
+
+
 class FlashAttentionBackend:
     """flash-attn 2 on CUDA. The arena is viewed as pages of `block_size` slots.
 
@@ -190,52 +254,30 @@ class FlashAttentionBackend:
         self.flash = module if module is not None else importlib.import_module("flash_attn")
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
-        # flash-attn computes in the model's dtype (fp16/bf16): the cache has that dtype too.
+        # flash-attn computes in the model's dtype (fp16/bf16), and reads the cache in that same
+        # dtype (the engine refuses flash-attn for any other cache dtype).
         write_kv(k, v, k_cache, v_cache, meta, token_major=True)
         out = torch.empty_like(q)
         # NOTE: flash-attn counts a window as (left, right) keys beside the query; (window-1, 0)
         # is "query i sees keys i-window+1 .. i"; (-1, -1) is no window.
         window_size = (window - 1, 0) if window is not None else (-1, -1)
-        fresh = [s for s in meta.sequences if s.context_len == 0]
-        decodes = [s for s in meta.sequences if s.context_len > 0 and s.query_len == 1]
-        continued = [s for s in meta.sequences if s.context_len > 0 and s.query_len > 1]
-        if fresh:
-            self._fresh_prefills(q, k, v, out, fresh, scale, window_size)
-        if decodes:
-            self._from_cache(q, out, k_cache, v_cache, decodes, meta.block_size, scale, window_size)
-        for seq in continued:  # different query lengths cannot share one kv-cache call
-            self._from_cache(q, out, k_cache, v_cache, [seq], meta.block_size, scale, window_size)
-        return out
-
-    def _fresh_prefills(self, q, k, v, out, seqs, scale, window_size):
-        index = torch.cat([torch.arange(s.query_start, s.query_start + s.query_len, device=q.device) for s in seqs])
-        lengths = torch.tensor([s.query_len for s in seqs], device=q.device, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        max_len = max(s.query_len for s in seqs)
-        result = self.flash.flash_attn_varlen_func(
-            q[index], k[index], v[index], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-            max_seqlen_q=max_len, max_seqlen_k=max_len, dropout_p=0.0, softmax_scale=scale,
-            causal=True, window_size=window_size)
-        out[index] = result
-
-    def _from_cache(self, q, out, k_cache, v_cache, seqs, block_size, scale, window_size):
+        plan = flash_plan(meta, q.device)
+        if plan.fresh_index is not None:
+            index = plan.fresh_index
+            out[index] = self.flash.flash_attn_varlen_func(
+                q[index], k[index], v[index], cu_seqlens_q=plan.fresh_cu_seqlens, cu_seqlens_k=plan.fresh_cu_seqlens,
+                max_seqlen_q=plan.fresh_max_len, max_seqlen_k=plan.fresh_max_len, dropout_p=0.0,
+                softmax_scale=scale, causal=True, window_size=window_size)
         slots, heads, dim = k_cache.shape
-        pages_k = k_cache.view(slots // block_size, block_size, heads, dim)
-        pages_v = v_cache.view(slots // block_size, block_size, heads, dim)
-        max_pages = max(-(-s.total_len // block_size) for s in seqs)
-        table = torch.zeros(len(seqs), max_pages, dtype=torch.int32, device=q.device)
-        for row, s in enumerate(seqs):
-            pages = -(-s.total_len // block_size)
-            first_page = s.kv_start // block_size
-            table[row, :pages] = torch.arange(first_page, first_page + pages, dtype=torch.int32)
-        query_len = seqs[0].query_len
-        index = torch.cat([torch.arange(s.query_start, s.query_start + query_len, device=q.device) for s in seqs])
-        q_batch = q[index].view(len(seqs), query_len, heads, dim)  # [batch, q, heads, dim]
-        cache_seqlens = torch.tensor([s.total_len for s in seqs], dtype=torch.int32, device=q.device)
-        result = self.flash.flash_attn_with_kvcache(
-            q_batch, pages_k, pages_v, cache_seqlens=cache_seqlens, block_table=table,
-            softmax_scale=scale, causal=True, window_size=window_size)
-        out[index] = result.reshape(-1, heads, dim)
+        pages_k = k_cache.view(slots // meta.block_size, meta.block_size, heads, dim)
+        pages_v = v_cache.view(slots // meta.block_size, meta.block_size, heads, dim)
+        for call in plan.from_cache:  # decodes in one call; continued prefills by query length
+            q_batch = q[call.index].view(call.batch, call.query_len, heads, dim)  # [batch, q, heads, dim]
+            result = self.flash.flash_attn_with_kvcache(
+                q_batch, pages_k, pages_v, cache_seqlens=call.cache_seqlens, block_table=call.block_table,
+                softmax_scale=scale, causal=True, window_size=window_size)
+            out[call.index] = result.reshape(-1, heads, dim)
+        return out
 
 
 # FlashAttention-2 runs on Ampere or newer GPUs (A100, A10G, L4, H100); a T4 or V100 would
@@ -256,10 +298,10 @@ def flash_attn_available() -> bool:
     return True
 
 
-def make_backend(name: str) -> AttentionBackend:
+def make_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
     """`auto` picks flash-attn on a CUDA device that can run it when installed, otherwise SDPA."""
     if name == "auto":
-        name = "flash" if flash_attn_available() else "sdpa"
+        name = "flash" if torch.device(device).type == "cuda" and flash_attn_available() else "sdpa"
     if name == "sdpa":
         return SdpaBackend()
     if name == "reference":

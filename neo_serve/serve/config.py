@@ -134,7 +134,9 @@ class ModelArgs(_Scaling):
                                                                "max_position_embeddings (times a linear "
                                                                "RoPE scaling factor).")
     attention_backend: Literal["auto", "sdpa", "reference", "flash"] = Field(
-        "auto", description="Attention kernels (auto: flash on CUDA if installed, else sdpa).")
+        "auto", description="Attention kernels (auto: on GPUs each stage takes flash-attn when installed and "
+                            "its GPU runs it, for float16/bfloat16 models with the cache in the model's dtype; "
+                            "else sdpa).")
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests one replica accepts at once; more wait in the caller's queue. "
                                 "The engine itself queues sequences beyond max_num_seqs.")

@@ -71,6 +71,7 @@ def describe_stage(worker: StageWorker) -> dict[str, Any]:
     spec, stage = worker.spec, worker.spec.stage
     return {"stage": stage.index, "layers": [stage.layer_start, stage.layer_end],
             "dtype": str(worker.dtype).removeprefix("torch."), "device": spec.device,
+            "attention_backend": worker.backend.name,
             "kv_slots": spec.num_kv_slots, "kv_cache_dtype": str(worker.kv.tensor.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads()}
 
