@@ -235,3 +235,54 @@ def test_end_tokens_of_generation_config_also_end_generation(llm, neox_checkpoin
     out = LLM(str(checkpoint), dtype="float32").generate(
         [PROMPT], SamplingParams(max_tokens=20, temperature=0.0))[0].outputs[0]
     assert out.token_ids == ids[:ids.index(end) + 1] and out.finish_reason == "stop"
+
+
+def test_a_stop_string_in_the_text_released_at_the_finish_is_cut(tmp_path):
+    """A token can end in the first byte of a character ("na" + the first byte of "é"): the
+    detokenizer holds its text back until the character completes. When the sequence ends first,
+    that text comes out at the finish, and a stop string in it must still end the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from checkpoints import SPECIAL, make_neox
+    from neo_serve.engine.config import EngineConfig
+    from neo_serve.engine.llm_engine import LLMEngine
+    from test_scheduler_stress import step_output
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    vocab.update({"na": len(vocab), "naÃ": len(vocab) + 1})  # Ã: byte 0xC3, the first of "é"
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("n", "a"), ("na", "Ã")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([SPECIAL])
+    assert tokenizer.encode("naé").tokens == ["naÃ", "©"]
+    checkpoint = make_neox(tmp_path / "ck", tokenizer)
+    # "hi " + "na" and half a character, then "!"
+    script = [vocab["h"], vocab["i"], vocab["Ġ"], vocab["naÃ"], vocab["!"]]
+
+    class Scripted:
+        """Answers every sampling row with the script's next token."""
+
+        def __init__(self) -> None:
+            self.emitted = 0
+
+        def execute(self, step):
+            tokens = []
+            for _ in step.logits_indices.tolist():
+                tokens.append(script[self.emitted])
+                self.emitted += 1
+            return step_output(step, tokens, tokenizer.get_vocab_size())
+
+    # The sequence ends at max_tokens right after that token, or at a stop token after it.
+    for max_tokens, stop_token_ids in [(4, []), (5, [vocab["!"]])]:
+        engine = LLMEngine(EngineConfig(model=str(checkpoint), device="cpu", kv_cache_tokens=1024),
+                           executor=Scripted())
+        engine.add_request([vocab["x"]], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["na"],
+                                                        stop_token_ids=stop_token_ids, ignore_eos=True),
+                           request_id="r")
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        [out] = outputs[-1].outputs
+        assert (out.text, out.finish_reason, out.stop_reason) == ("hi ", "stop", "na"), out
+        assert out.token_ids == script[:max_tokens]

@@ -395,21 +395,37 @@ class LLMEngine:
             self._finish(seq, "length", None)
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
+        stop = self._cut_at_stop_string(seq, delta_len)
+        if stop is None:
+            return False
+        self._finish(seq, "stop", stop, flush=False)
+        return True
+
+    @staticmethod
+    def _cut_at_stop_string(seq: Sequence, delta_len: int) -> str | None:
+        """The first stop string that the text's last `delta_len` characters complete, with the
+        text cut before it (the stop string is not part of the output); None if there is none."""
         text = seq.output_text
         longest = max(len(s) for s in seq.request.params.stop)
         search_from = max(0, len(text) - delta_len - longest + 1)
         hits = [(index, stop) for stop in seq.request.params.stop
                 if (index := text.find(stop, search_from)) >= 0]
         if not hits:
-            return False
+            return None
         index, stop = min(hits)
-        seq.output_text = text[:index]  # the stop string is not part of the output
-        self._finish(seq, "stop", stop, flush=False)
-        return True
+        seq.output_text = text[:index]
+        return stop
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, *, flush: bool = True) -> None:
         if flush:
-            seq.output_text += seq.detokenizer.flush()
+            # Text the detokenizer held back (a token ending in part of a character) comes out
+            # now, never searched for stop strings yet.
+            tail = seq.detokenizer.flush()
+            seq.output_text += tail
+            if tail and seq.request.params.stop:
+                stop = self._cut_at_stop_string(seq, len(tail))
+                if stop is not None:
+                    reason, stop_reason = "stop", stop
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq)
