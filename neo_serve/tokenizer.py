@@ -31,7 +31,9 @@ class Tokenizer:
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         if (directory / "tokenizer.json").is_file():
-            return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")))
+            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            _apply_prefix_space_setting(backend, _json_object(directory / "tokenizer_config.json"))
+            return cls(backend)
         vocab, merges = directory / "vocab.json", directory / "merges.txt"
         if vocab.is_file() and merges.is_file():
             return cls(_gpt2_bpe(directory))
@@ -110,6 +112,20 @@ def _added_tokens(added_tokens: dict[str, Any], tokenizer_config: dict[str, Any]
     for token_id, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
         added[int(token_id)] = entry
     return added
+
+
+def _apply_prefix_space_setting(backend: HFTokenizer, tokenizer_config: dict[str, Any]) -> None:
+    """transformers' GPTNeoXTokenizer and GPT2Tokenizer take `add_prefix_space` from
+    tokenizer_config.json over the one in tokenizer.json's byte-level pre-tokenizer (a space before
+    the text changes every id after it): so does this."""
+    tokenizer_class = str(tokenizer_config.get("tokenizer_class", ""))
+    wanted = tokenizer_config.get("add_prefix_space")
+    if not isinstance(wanted, bool) or not tokenizer_class.startswith(("GPTNeoXTokenizer", "GPT2Tokenizer")):
+        return
+    pre_tokenizer = backend.pre_tokenizer
+    if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel) and pre_tokenizer.add_prefix_space != wanted:
+        pre_tokenizer.add_prefix_space = wanted
+        backend.pre_tokenizer = pre_tokenizer
 
 
 def _gpt2_bpe(directory: Path) -> HFTokenizer:

@@ -116,3 +116,26 @@ def test_a_gpt2_style_tokenizer_keeps_the_tokens_a_fine_tune_adds(neo_checkpoint
     assert Tokenizer.from_dir(tuned).encode(text) == AutoTokenizer.from_pretrained(tuned).encode(
         text, add_special_tokens=False)
     assert Tokenizer.from_dir(tuned).encode(text)[0] == size
+
+
+@pytest.mark.parametrize("tokenizer_class", ["GPTNeoXTokenizer", "GPT2Tokenizer", "PreTrainedTokenizerFast"])
+def test_add_prefix_space_in_tokenizer_config_applies_as_in_transformers(neox_checkpoint, tmp_path, tokenizer_class):
+    # tokenizer.json's pre-tokenizer adds no prefix space; tokenizer_config.json asks for one.
+    # transformers' GPT-NeoX and GPT-2 tokenizers follow the config (a space before the text and
+    # after each added token), its generic fast tokenizer the file: each id after it moves.
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    checkpoint = tmp_path / "prefix-space"
+    shutil.copytree(neox_checkpoint, checkpoint)
+    config_path = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "tokenizer_class": tokenizer_class, "add_prefix_space": True}))
+    theirs = AutoTokenizer.from_pretrained(checkpoint)
+    ours = Tokenizer.from_dir(checkpoint)
+    for text in ("Hello world", "x <|endoftext|> y"):
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    assert (ours.encode("Hello") != Tokenizer.from_dir(neox_checkpoint).encode("Hello")) == (
+        tokenizer_class != "PreTrainedTokenizerFast")
