@@ -48,7 +48,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
                   for index, (model, card) in enumerate(zip(app_args.models, cards))]
         playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
     limits = {model.served_name: model.route_limits() for model in app_args.models}
-    return router_deployment(app_args.router).bind(pipelines, cards, app_args.router, playground, limits)
+    relay_timeout_s = max(model.graceful_shutdown_timeout_s for model in app_args.models)
+    return router_deployment(app_args.router, relay_timeout_s).bind(pipelines, cards, app_args.router, playground,
+                                                                    limits)
 
 
 def verify_model(model: ModelArgs, index: int) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 import threading
 import time
+import traceback
 
 import httpx
 import openai
@@ -423,6 +425,26 @@ def test_malformed_bodies_and_routes(client):
         assert response.status_code == 400 and "error" in response.json()
     response = client.get("/v2/nothing")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    # A wrong method says which ones the route takes (RFC 9110: a 405 carries Allow).
+    response = client.get("/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST", response.headers
+
+
+def test_an_unexpected_error_answers_500_without_the_replicas_traceback():
+    """What a pipeline replica raises reaches the router as a RayTaskError, whose text is the
+    remote traceback: file paths, pid and the node's address stay in the log."""
+    from ray.exceptions import RayTaskError
+
+    from neo_serve.serve.router import _internal_error
+
+    try:
+        {}["secret_key"]
+    except KeyError as exc:
+        remote = RayTaskError("PipelineServer.generate", traceback.format_exc(), exc)
+    response = asyncio.run(_internal_error(None, remote.as_instanceof_cause()))
+    body = json.loads(response.body)
+    assert response.status_code == 500 and body["error"]["type"] == "server_error"
+    assert body["error"]["message"] == "internal error (KeyError); the server log has the details"
 
 
 def test_replica_keeps_serving_after_errors(client, offline):
@@ -587,6 +609,8 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"]) == (2, 3, 4)
         # Scaling down lets a long generation finish (Serve's own default would stop it at 20 s).
         assert deployments["Pipeline-0-scaled"].deployment_config.graceful_shutdown_timeout_s == 300
+        # Nor may a router replica that relays it stop sooner.
+        assert deployments["Router"].deployment_config.graceful_shutdown_timeout_s == 300
         assert deployments["Router"].deployment_config.autoscaling_config["max_replicas"] == 2
         # And Serve acts on it: min_replicas pipelines are running.
         status = serve.status().applications[name].deployments["Pipeline-0-scaled"]

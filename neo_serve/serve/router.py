@@ -59,7 +59,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return JSONResponse(APIError(str(exc.detail), status=exc.status_code, type=error_type).to_dict(),
-                        status_code=exc.status_code)
+                        status_code=exc.status_code, headers=exc.headers)  # e.g. a 405's Allow
 
 
 @api.exception_handler(Exception)
@@ -68,8 +68,16 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     if error is not None:
         return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
     logger.exception("neo-serve router: unhandled error")
-    return JSONResponse(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
-                                 type="server_error").to_dict(), status_code=500)
+    # The details stay in the log: a replica's error carries its remote traceback (file paths,
+    # pid, node address), which is not the client's business.
+    return JSONResponse(APIError(f"internal error ({_error_name(exc)}); the server log has the details",
+                                 status=500, type="server_error").to_dict(), status_code=500)
+
+
+def _error_name(exc: BaseException) -> str:
+    """The error's class, or the class of the error a Ray task raised (not `RayTaskError(...)`)."""
+    cause = getattr(exc, "cause", None)
+    return type(cause if isinstance(cause, BaseException) else exc).__name__
 
 
 async def _json_body(request: Request) -> Any:
@@ -89,7 +97,8 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     except Exception as exc:  # noqa: BLE001 - the status line is already sent
-        error = as_api_error(exc) or APIError(f"internal error: {type(exc).__name__}", status=500, type="server_error")
+        error = as_api_error(exc) or APIError(f"internal error ({_error_name(exc)}); the server log has the details",
+                                              status=500, type="server_error")
         logger.warning("neo-serve stream failed: %r", exc)
         yield f"data: {json.dumps(error.to_dict())}\n\n"
     yield "data: [DONE]\n\n"
@@ -201,10 +210,13 @@ class Router:
 RouterDeployment = serve.deployment(Router)
 
 
-def router_deployment(settings: RouterArgs) -> serve.Deployment:
+def router_deployment(settings: RouterArgs, graceful_shutdown_timeout_s: float) -> serve.Deployment:
+    """`graceful_shutdown_timeout_s`: the pipelines' longest. A router relays their streams, so a
+    router replica that autoscaling removes must not cut them sooner (Serve's default: 20 s)."""
     return RouterDeployment.options(
         name="Router",
         ray_actor_options=ingress_actor_options(settings.num_cpus, settings.resources),
         max_ongoing_requests=settings.max_ongoing_requests,
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
         **settings.scaling_options(),
     )
