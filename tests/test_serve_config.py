@@ -210,3 +210,18 @@ def test_stream_chunk_budget_auto_follows_the_device():
     assert ModelArgs(use_gpu=True).stream_chunk_budget() == 256.0
     assert ModelArgs(max_stream_chunks_per_s=10).stream_chunk_budget() == 10.0
     assert ModelArgs(max_stream_chunks_per_s=None).stream_chunk_budget() is None
+
+
+def test_a_key_file_without_keys_is_refused_rather_than_leaving_the_api_open(tmp_path, monkeypatch):
+    from neo_serve.serve.access import load_api_keys
+
+    keys = tmp_path / "api-keys"
+    keys.write_text("first\n\n  second  \n")
+    assert load_api_keys(None, str(keys)) == (b"first", b"second")
+    for empty in ("", "\n  \n"):
+        keys.write_text(empty)
+        with pytest.raises(ValueError, match="api_keys_file: .* holds no keys"):
+            load_api_keys(None, str(keys))
+    # An unset or empty variable is no key source at all (the default variable is always named).
+    monkeypatch.setenv("NEO_SERVE_API_KEYS", "")
+    assert load_api_keys("NEO_SERVE_API_KEYS", None) == ()

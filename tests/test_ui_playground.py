@@ -548,3 +548,10 @@ def test_playground_behind_api_keys_asks_for_one(browser, base_url, secure_ui):
         assert "/secure/ui/login" in page.url
     finally:
         context.close()
+    # Where the sign-in goes next comes from the form: it is sent percent-encoded (a raw "✓" made
+    # the redirect fail with a 500, and CR/LF went into the Location header as they came).
+    for next_url, location in [("/secure/ui/✓", "/secure/ui/%E2%9C%93"),
+                               ("/secure/ui/x\r\nSet-Cookie: evil=1", "/secure/ui/x%0D%0ASet-Cookie:%20evil=1")]:
+        signed_in = httpx.post(f"{secure_ui}login", data={"api_key": "ui-key-1", "next": next_url}, timeout=30)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == location, signed_in.headers
+        assert "evil" not in signed_in.headers["set-cookie"]

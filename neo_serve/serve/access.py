@@ -58,7 +58,11 @@ def load_api_keys(env_var: str | None, file: str | None) -> tuple[bytes, ...]:
         path = Path(file)
         if not path.is_file():
             raise ValueError(f"router.api_keys_file: {file} does not exist")
-        keys += path.read_text().splitlines()
+        from_file = [key for key in path.read_text().splitlines() if key.strip()]
+        if not from_file:
+            # An empty file (say, a secret mounted before it was filled) would leave the API open.
+            raise ValueError(f"router.api_keys_file: {file} holds no keys (one key per line)")
+        keys += from_file
     return tuple(key.strip().encode() for key in keys if key.strip())
 
 
@@ -145,7 +149,8 @@ class AccessMiddleware:
         in_playground = next_url == cookie_path or next_url.startswith(cookie_path + "/")
         if not in_playground or next_url.startswith(root + LOGIN_PATH):
             next_url = cookie_path + "/"
-        return await _redirect(send, next_url, cookie=cookie)
+        # Percent-encoded as a URL: raw non-ASCII cannot go in a header, and CR/LF would split it.
+        return await _redirect(send, quote(next_url, safe=":/?#[]@!$&'()*+,;=%"), cookie=cookie)
 
 
 _DISCONNECTED = object()
