@@ -141,3 +141,44 @@ def test_up_serves_until_ctrl_c(tmp_path):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
+    """`--gpu` on a machine without one: Serve waits for ever for GPUs to place the pipeline, and
+    a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
+    haproxy_before = _haproxy_pids()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neo_serve.cli", "up", "--gpu", "--port", str(free_port()), "--num-cpus", "4",
+         "--no-playground"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**_user_environ(), "RAY_DEDUP_LOGS": "0"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
+    output: list[str] = []
+
+    def read_until(text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in output):
+            assert time.monotonic() < deadline, "".join(output)
+            try:
+                output.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+
+    try:
+        read_until("Started Serve", timeout=120)
+        time.sleep(5)  # inside serve.run's wait for the app
+        assert process.poll() is None, "".join(output)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        read_until("interrupted before the app was up", timeout=10)
+        assert any("neo-serve: deploying 'neo-serve'" in line for line in output), "".join(output)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in _haproxy_pids() - haproxy_before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

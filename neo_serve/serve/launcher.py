@@ -171,14 +171,26 @@ def run_up(args: argparse.Namespace) -> int:
             return 2
 
     num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    up, stop = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        if not up.is_set():
+            # Still starting: Serve waits for an app it cannot place (no GPU, too few CPUs) for
+            # ever, in a polling loop only an exception leaves.
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+        # "local": a cluster of our own, even if one started by `ray start` runs on this machine
+        # (plain ray.init() would join that one, and the shutdown below would stop its apps).
+        ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False)
         serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"neo-serve: deploying {args.app_name!r} (Ctrl-C to give up)", flush=True)
         serve.run(app, name=args.app_name, route_prefix="/")
+        up.set()
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        base = f"http://{host}:{args.port}"
+        base = f"http://[{host}]:{args.port}" if ":" in host else f"http://{host}:{args.port}"
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
@@ -198,7 +210,10 @@ def run_up(args: argparse.Namespace) -> int:
         print("neo-serve: shutting down", flush=True)
         return 0
     except KeyboardInterrupt:
-        return 0
+        if up.is_set():
+            return 0
+        print("neo-serve: interrupted before the app was up; shutting down", file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:  # deployment failures: say what failed, exit non-zero
         print(f"neo-serve up: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
