@@ -435,7 +435,7 @@ def test_an_unexpected_error_answers_500_without_the_replicas_traceback():
     remote traceback: file paths, pid and the node's address stay in the log."""
     from ray.exceptions import RayTaskError
 
-    from neo_serve.serve.router import _internal_error
+    from neo_serve.serve.router import _internal_error, not_ready
 
     try:
         {}["secret_key"]
@@ -445,6 +445,9 @@ def test_an_unexpected_error_answers_500_without_the_replicas_traceback():
     body = json.loads(response.body)
     assert response.status_code == 500 and body["error"]["type"] == "server_error"
     assert body["error"]["message"] == "internal error (KeyError); the server log has the details"
+    # /health, which needs no key, says as little of a pipeline whose `ready` call failed.
+    assert not_ready("neox", remote.as_instanceof_cause()) == {
+        "model": "neox", "ready": False, "detail": "not ready (KeyError); the router's log has the details"}
 
 
 def test_replica_keeps_serving_after_errors(client, offline):

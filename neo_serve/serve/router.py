@@ -74,6 +74,14 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                                  status=500, type="server_error").to_dict(), status_code=500)
 
 
+def not_ready(model: str, exc: BaseException) -> dict[str, Any]:
+    """/health's entry for a pipeline whose `ready` call failed. /health needs no API key, so the
+    error's text (a replica's traceback: file paths, pid, node address) goes to the log only."""
+    logger.warning("neo-serve router: %s is not ready: %r", model, exc)
+    return {"model": model, "ready": False,
+            "detail": f"not ready ({_error_name(exc)}); the router's log has the details"}
+
+
 def _error_name(exc: BaseException) -> str:
     """The error's class, or the class of the error a Ray task raised (not `RayTaskError(...)`)."""
     cause = getattr(exc, "cause", None)
@@ -164,7 +172,7 @@ class Router:
             response.cancel()
             return {"model": name, "ready": False, "detail": "no replica with loaded stages yet"}
         except Exception as exc:  # noqa: BLE001 - a failing pipeline is "not ready"
-            return {"model": name, "ready": False, "detail": repr(exc)}
+            return not_ready(name, exc)
 
     @api.api_route("/ui", methods=bridge.METHODS, include_in_schema=False)
     @api.api_route("/ui/{path:path}", methods=bridge.METHODS, include_in_schema=False)
