@@ -108,7 +108,11 @@ class LLMEngine:
         if not device.startswith("cuda"):
             backend = "sdpa" if backend == "auto" else backend
         elif backend in ("auto", "flash"):
-            model_dtype = resolve_dtype(config.dtype, self.model_config, CheckpointFiles.open(config.model), device)
+            # The stored tensors' dtype only when nothing else says it: a config checked at build
+            # time may sit beside no weights (they are fetched onto the cluster's volume later).
+            needs_files = config.dtype == "auto" and not self.model_config.checkpoint_dtype
+            files = CheckpointFiles.open(config.model) if needs_files else None
+            model_dtype = resolve_dtype(config.dtype, self.model_config, files, device)
             kv_dtype = model_dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
             problem = None
             if torch.float32 in (model_dtype, kv_dtype):

@@ -43,9 +43,9 @@ class AttentionMetadata:
     sequences: tuple[SequenceSlice, ...]
     slot_mapping: torch.Tensor  # [tokens] arena slot each new token's K/V is written to
     block_size: int  # arena granularity (extents start on a block boundary)
-    # A backend's per-step plan (SDPA's per-sequence calls and masks, flash-attn's index
-    # tensors) is the same in every layer with the same window: built once per step, in the
-    # first layer, keyed by backend and window.
+    # A backend's per-step plan (SDPA's per-sequence calls and masks, keyed ("sdpa", window);
+    # flash-attn's index tensors, keyed "flash") is the same in every layer: built once per step,
+    # in the first layer that needs it.
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
