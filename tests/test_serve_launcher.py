@@ -3,6 +3,7 @@ and shuts everything down on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -55,6 +57,53 @@ def _haproxy_pids() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
 
 
+class UpProcess:
+    """A running `neo-serve up` and what it printed so far (stdout and stderr, line by line)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=_reader, args=(process.stdout, self._lines), daemon=True)
+        self._reader.start()
+        self.output: list[str] = []
+
+    def read_until(self, text: str, timeout: float) -> str:
+        """The first printed line containing `text`, reading on until the output ends."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.output):
+            assert self._reader.is_alive() or not self._lines.empty(), self.text()
+            assert time.monotonic() < deadline, self.text()
+            try:
+                self.output.append(self._lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        return next(line for line in self.output if text in line)
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+@contextlib.contextmanager
+def neo_serve_up(*args: str, env: dict[str, str]) -> Iterator[UpProcess]:
+    """`neo-serve up ARGS` in its own process group; killed with what it started if still running."""
+    haproxy_before = _haproxy_pids()
+    process = subprocess.Popen([sys.executable, "-m", "neo_serve.cli", "up", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    try:
+        yield UpProcess(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # Ray starts HAProxy outside the process group: left running it would hold its ports and
+        # fail the next cluster's HAProxy.
+        for pid in _haproxy_pids() - haproxy_before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def readme_python_example() -> str:
     """The README's Python block that uses a Serve handle."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -69,42 +118,20 @@ def test_up_serves_until_ctrl_c(tmp_path):
     demo = (DEMO_CHECKPOINT / "config.json").is_file()
     checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
     name = "neo-demo" if demo else "tiny"
-    haproxy_before = _haproxy_pids()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "neo_serve.cli", "up", *checkpoint, "--dtype", "float32",
-         "--port", str(port), "--num-cpus", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
-        # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
-        env={**_user_environ(), "RAY_DEDUP_LOGS": "0",
-             "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)})
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
-    output: list[str] = []
-    try:
-        deadline = time.monotonic() + 180
-        while not any("Ctrl-C to stop" in line for line in output):  # the banner's last line
-            assert process.poll() is None, "".join(output)
-            assert time.monotonic() < deadline, "".join(output)
-            try:
-                output.append(lines.get(timeout=1))
-            except queue.Empty:
-                pass
-        banner = "".join(output)
+    # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
+    # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
+    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)}
+    with neo_serve_up(*checkpoint, "--dtype", "float32", "--port", str(port), "--num-cpus", "4", env=env) as up:
+        up.read_until("Ctrl-C to stop", timeout=180)  # the banner's last line
+        banner = up.text()
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
         # With no --cpus-per-stage the one stage gets the machine's threads (2 on a 2-core machine),
         # and the replica that runs it says so when its stage is loaded.
         threads = local_cpu_threads(available_cores())
         assert f"threads      {threads} per stage" in banner
-        ready_deadline = time.monotonic() + 30  # replica logs reach this process through Ray's log monitor
-        while not any("pipeline for" in line and "ready:" in line for line in output):
-            assert time.monotonic() < ready_deadline, "".join(output)
-            try:
-                output.append(lines.get(timeout=1))
-            except queue.Empty:
-                pass
-        ready = next(line for line in output if "pipeline for" in line and "ready:" in line)
+        # Replica logs reach this process through Ray's log monitor.
+        ready = up.read_until(f"pipeline for {name} ready:", timeout=30)
         assert f"'threads': {threads}}}" in ready, ready
         base = f"http://127.0.0.1:{port}"
         # HAProxy, not Serve's Python proxy, holds the port: its stats page shows its HTTP frontend.
@@ -112,7 +139,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         # The Serve settings for local clusters reached Serve's controller (a process of this cluster).
-        controller_env = _controller_environ(process.pid)
+        controller_env = _controller_environ(up.process.pid)
         assert {key: controller_env.get(key) for key in LOCAL_SERVE_SETTINGS} == LOCAL_SERVE_SETTINGS
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == [name]
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
@@ -124,61 +151,23 @@ def test_up_serves_until_ctrl_c(tmp_path):
                              env=_user_environ())
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=90) == 0
+        up.process.send_signal(signal.SIGINT)
+        assert up.process.wait(timeout=90) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it
             httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats", timeout=5)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            # Ray starts HAProxy outside the process group: left running it would hold its ports
-            # and fail the next cluster's HAProxy.
-            for pid in _haproxy_pids() - haproxy_before:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
     """`--gpu` on a machine without one: Serve waits for ever for GPUs to place the pipeline, and
     a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
-    haproxy_before = _haproxy_pids()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "neo_serve.cli", "up", "--gpu", "--port", str(free_port()), "--num-cpus", "4",
-         "--no-playground"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**_user_environ(), "RAY_DEDUP_LOGS": "0"})
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
-    output: list[str] = []
-
-    def read_until(text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in output):
-            assert time.monotonic() < deadline, "".join(output)
-            try:
-                output.append(lines.get(timeout=1))
-            except queue.Empty:
-                pass
-
-    try:
-        read_until("Started Serve", timeout=120)
+    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0"}
+    with neo_serve_up("--gpu", "--port", str(free_port()), "--num-cpus", "4", "--no-playground", env=env) as up:
+        up.read_until("Started Serve", timeout=120)
         time.sleep(5)  # inside serve.run's wait for the app
-        assert process.poll() is None, "".join(output)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
-        read_until("interrupted before the app was up", timeout=10)
-        assert any("neo-serve: deploying 'neo-serve'" in line for line in output), "".join(output)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        for pid in _haproxy_pids() - haproxy_before:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        assert up.process.poll() is None, up.text()
+        up.process.send_signal(signal.SIGINT)
+        assert up.process.wait(timeout=60) == 130
+        up.read_until("interrupted before the app was up", timeout=10)
+        assert "neo-serve: deploying 'neo-serve'" in up.text()
