@@ -171,3 +171,19 @@ def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
         assert up.process.wait(timeout=60) == 130
         up.read_until("interrupted before the app was up", timeout=10)
         assert "neo-serve: deploying 'neo-serve'" in up.text()
+        # Its Ray went down with it (raylet, GCS, Serve's controller: all in up's session).
+        deadline = time.monotonic() + 15
+        while left := _session_processes(up.process.pid):
+            assert time.monotonic() < deadline, left
+            time.sleep(0.5)
+
+
+def _session_processes(session_id: int) -> list[str]:
+    names = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(proc.pid) == session_id:
+                names.append(" ".join(proc.info["cmdline"] or [])[:80])
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return names

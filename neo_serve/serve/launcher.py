@@ -224,7 +224,9 @@ def run_up(args: argparse.Namespace) -> int:
             try:
                 if address:  # someone else's cluster: remove only our application
                     serve.delete(args.app_name)
-                else:
+                elif up.is_set():
                     serve.shutdown()
+                # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
+                # it never placed; our own Ray goes down whole below, Serve with it.
             finally:
                 ray.shutdown()
