@@ -105,7 +105,8 @@ class LLMEngine:
         `flash` that cannot run is refused here rather than failing at the first decode."""
         backend = config.attention_backend
         device = config.resolved_device
-        if not device.startswith("cuda"):
+        on_cuda = device.startswith("cuda")
+        if not on_cuda:
             backend = "sdpa" if backend == "auto" else backend
         elif backend in ("auto", "flash"):
             # The stored tensors' dtype only when nothing else says it: a config checked at build
@@ -126,7 +127,7 @@ class LLMEngine:
                                       "auto (or the same), or attention_backend to sdpa")
                 backend = "sdpa"
         page = FlashAttentionBackend.PAGE_MULTIPLE
-        may_use_flash = backend == "flash" or (backend == "auto" and device.startswith("cuda"))
+        may_use_flash = backend == "flash" or (backend == "auto" and on_cuda)
         if config.block_size is None:
             return backend, page if may_use_flash else 16
         if config.block_size % page and may_use_flash:

@@ -226,11 +226,11 @@ def flash_plan(meta: AttentionMetadata, device: torch.device) -> FlashPlan:
     calls = []
     block = meta.block_size
     for query_len, seqs in by_query_len.items():
-        max_pages = max(-(-s.total_len // block) for s in seqs)
-        table = [[0] * max_pages for _ in seqs]
-        for row, s in enumerate(seqs):
-            pages, first_page = -(-s.total_len // block), s.kv_start // block
-            table[row][:pages] = range(first_page, first_page + pages)
+        pages = [-(-s.total_len // block) for s in seqs]  # each sequence's pages, from its first
+        table = [[0] * max(pages) for _ in seqs]
+        for row, (s, count) in enumerate(zip(seqs, pages)):
+            first_page = s.kv_start // block
+            table[row][:count] = range(first_page, first_page + count)
         rows = [r for s in seqs for r in range(s.query_start, s.query_start + query_len)]
         calls.append(FlashFromCache(to_device(rows, torch.long), to_device(table, torch.int32),
                                     to_device([s.total_len for s in seqs], torch.int32), len(seqs), query_len))

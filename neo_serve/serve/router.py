@@ -68,10 +68,14 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     if error is not None:
         return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
     logger.exception("neo-serve router: unhandled error")
-    # The details stay in the log: a replica's error carries its remote traceback (file paths,
-    # pid, node address), which is not the client's business.
-    return JSONResponse(APIError(f"internal error ({_error_name(exc)}); the server log has the details",
-                                 status=500, type="server_error").to_dict(), status_code=500)
+    return JSONResponse(_internal_api_error(exc).to_dict(), status_code=500)
+
+
+def _internal_api_error(exc: BaseException) -> APIError:
+    """A 500 for an unexpected error. The details stay in the log: a replica's error carries its
+    remote traceback (file paths, pid, node address), which is not the client's business."""
+    return APIError(f"internal error ({_error_name(exc)}); the server log has the details", status=500,
+                    type="server_error")
 
 
 def not_ready(model: str, exc: BaseException) -> dict[str, Any]:
@@ -105,8 +109,7 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     except Exception as exc:  # noqa: BLE001 - the status line is already sent
-        error = as_api_error(exc) or APIError(f"internal error ({_error_name(exc)}); the server log has the details",
-                                              status=500, type="server_error")
+        error = as_api_error(exc) or _internal_api_error(exc)
         logger.warning("neo-serve stream failed: %r", exc)
         yield f"data: {json.dumps(error.to_dict())}\n\n"
     yield "data: [DONE]\n\n"
