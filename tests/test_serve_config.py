@@ -44,6 +44,10 @@ def checkpoint(tmp_path_factory) -> str:
     ({"router": {"resources": {"GPU": 1}}}, "router.resources"),
     ({"playground": {"resources": {"neo-serve-ingress": 0}}}, "playground.resources"),
     ({"router": {"resources": {"neo-serve-ingress": 1.5}}}, "router.resources"),
+    # An autoscaling target a replica can never reach would never add a replica.
+    ({"models": [{"max_ongoing_requests": 8, "autoscaling": {"max_replicas": 2}}]}, "models[0]"),
+    ({"router": {"max_ongoing_requests": 4, "autoscaling": {"max_replicas": 2, "target_ongoing_requests": 5}}},
+     "router"),
     ({"attention_backend": "flash"}, "models[0]"),  # flash-attn on a CPU deployment: at build, not at load
 ])
 def test_bad_args_name_the_field(args, field):

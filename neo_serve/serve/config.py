@@ -82,10 +82,19 @@ class _Scaling(_Strict):
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (exclusive with autoscaling).")
     autoscaling: AutoscalingArgs | None = Field(None, description="Autoscaling bounds (exclusive with num_replicas).")
 
+    # Declared again, with its own description, by each deployment's args.
+    max_ongoing_requests: int = Field(1024, ge=1)
+
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "_Scaling":
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            # A replica never holds more than max_ongoing_requests, so Serve would never see the
+            # target reached and never add a replica, however long the queue grows.
+            raise ValueError(f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests:g}) "
+                             f"is above max_ongoing_requests ({self.max_ongoing_requests}): a replica never "
+                             f"holds more, so the deployment would never scale up")
         return self
 
     def max_replicas(self) -> int:
