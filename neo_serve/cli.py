@@ -39,7 +39,7 @@ def _convert(args: argparse.Namespace) -> int:
     from neo_serve.convert import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst)
-    print(f"wrote safetensors checkpoint to {out}")
+    print(f"wrote safetensors checkpoint to {out} (checked: config, shards, tensor names, tokenizer)")
     return 0
 
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (NeoServeError, ValueError, FileNotFoundError) as exc:
+    except (NeoServeError, ValueError, OSError) as exc:  # OSError: a path that is a file, a full disk
         if not getattr(args, "input_errors_as_messages", False):
             raise
         # Bad input (a path, a config, a size): one line naming it, not a traceback.

@@ -18,12 +18,13 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from neo_serve.config import ModelConfig
+from neo_serve.config import ModelConfig, load_model_config
 from neo_serve.errors import CheckpointError
 from neo_serve.models import build_stage_model
 from neo_serve.models.attention import AttentionBackend, SdpaBackend
 from neo_serve.models.packed_linear import cpu_has_bfloat16_kernels
 from neo_serve.models.stages import StageSpec
+from neo_serve.tokenizer import Tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,6 +51,9 @@ class CheckpointFiles:
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
         tensor_files = _index_tensors(directory)
+        if not tensor_files:
+            raise CheckpointError(f"{directory}: its safetensors weights hold no tensors (an empty index "
+                                  f"weight_map or an empty file)")
         dtype = _stored_dtype(next(iter(tensor_files.items())))
         return cls(directory, tensor_files, dtype)
 
@@ -189,6 +193,41 @@ def _check_tensor_names(files: CheckpointFiles, config: ModelConfig) -> None:
                               + "; ".join(problems))
 
 
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What `verify_checkpoint` found."""
+
+    directory: Path
+    architecture: str
+    num_files: int  # safetensors files
+    num_tensors: int
+
+
+def verify_checkpoint(directory: str | Path) -> CheckpointSummary:
+    """Everything a server needs of a checkpoint short of reading its weights: config.json, every
+    safetensors file's header against the index, the tensor names against the config, and the
+    tokenizer. Raises ConfigError or CheckpointError naming the file. Used after a conversion and
+    by the Kubernetes manifests' download init container."""
+    directory = Path(directory)
+    config = load_model_config(directory)
+    files = CheckpointFiles.open(directory)
+    by_file: dict[Path, set[str]] = {}
+    for name, file in files.tensor_files.items():
+        by_file.setdefault(file, set()).add(name)
+    for file, names in sorted(by_file.items()):
+        absent = names - set(_tensor_names(file))  # reads the header: fails on a truncated file
+        if absent:
+            raise CheckpointError(f"{file} lacks tensors its index names: {', '.join(sorted(absent)[:5])}")
+    _check_tensor_names(files, config)
+    try:
+        Tokenizer.from_dir(directory)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the tokenizers library's own parse errors
+        raise CheckpointError(f"{directory}: cannot read its tokenizer ({exc})") from None
+    return CheckpointSummary(directory, config.architecture, len(by_file), len(files.tensor_files))
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype,
                 device: torch.device | str, file: Path) -> None:
     module_name, _, attr = name.rpartition(".")
@@ -196,4 +235,11 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.d
     if tuple(current.shape) != tuple(value.shape):
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(value.shape)}, "
                               f"config.json implies {tuple(current.shape)}")
+    if dtype == torch.float16 and value.dtype in (torch.float32, torch.bfloat16):
+        # A value past float16's range would become inf, and every logit after it NaN.
+        largest = value.abs().max().item() if value.numel() else 0.0
+        if largest > torch.finfo(torch.float16).max:
+            raise CheckpointError(f"{file}: tensor {name} holds {largest:.4g}, beyond float16's range "
+                                  f"(65504): serve this {str(value.dtype).removeprefix('torch.')} checkpoint "
+                                  f"with dtype bfloat16 or float32")
     set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)

@@ -1107,7 +1107,7 @@ def test_fetch_refuses_a_truncated_or_mismatched_checkpoint(gpu_doc, demo_files,
     truncated = tmp_path / "model.safetensors"
     truncated.write_bytes(demo_files["model.safetensors"].read_bytes()[:5_000_000])
     target = tmp_path / "a" / "gpt-neox-20b"
-    with pytest.raises(Exception, match="incomplete metadata|not fully covered|cannot read"):
+    with pytest.raises(SystemExit, match="incomplete metadata|not fully covered|cannot read"):
         run_fetch(gpu_doc, StandInHub({**demo_files, "model.safetensors": truncated}), target, monkeypatch)
     assert not (target / ".neo-serve-verified").exists()
 

@@ -220,3 +220,94 @@ def test_dtype_auto_keeps_bfloat16_on_a_cpu_only_with_its_kernels(neox_checkpoin
     assert resolve_dtype("float16", config, None, "cpu") == torch.float16  # an explicit dtype is kept
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("fp8", config, None, "cpu")
+
+
+def pickle_source(neox_checkpoint, directory, *, weights=None, with_meta=True):
+    """A pickle-weights copy of the tiny checkpoint; `weights`: file name -> what to torch.save."""
+    directory.mkdir()
+    if with_meta:
+        for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+            shutil.copy2(neox_checkpoint / name, directory / name)
+    state = load_file(neox_checkpoint / "model.safetensors")
+    for name, content in (weights or {"pytorch_model.bin": state}).items():
+        torch.save(content(state) if callable(content) else content, directory / name)
+    return directory
+
+
+def greedy_tokens(checkpoint) -> list[int]:
+    return LLM(str(checkpoint)).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
+
+
+def test_convert_takes_the_weights_out_of_a_training_checkpoint(neox_checkpoint, tmp_path):
+    # A trainer's checkpoint nests the state dict beside its step count; its training_args.bin
+    # is no weights file (and weights_only refuses its objects).
+    src = pickle_source(neox_checkpoint, tmp_path / "trained", weights={
+        "model_weights.bin": lambda state: {"state_dict": state, "step": 1200},
+        "training_args.bin": {"learning_rate": 1e-4}})
+    converted = tmp_path / "converted"
+    assert cli_main(["convert", str(src), str(converted)]) == 0
+    assert greedy_tokens(converted) == greedy_tokens(neox_checkpoint)
+
+
+@pytest.mark.parametrize("case", ["no tensors", "no config", "bad index", "missing shard", "dst is a file"])
+def test_convert_fails_naming_what_is_wrong_and_reports_no_success(case, neox_checkpoint, tmp_path, capsys):
+    dst = tmp_path / "out"
+    if case == "no tensors":
+        src = pickle_source(neox_checkpoint, tmp_path / "src", weights={"pytorch_model.bin": {"step": 3, "lr": 0.1}})
+        expected = ["pytorch_model.bin", "no tensors", "'step'"]
+    elif case == "no config":  # weights alone convert, but the result could not be served
+        src = pickle_source(neox_checkpoint, tmp_path / "src", with_meta=False)
+        expected = ["cannot be served", "config.json"]
+    elif case == "bad index":
+        src = pickle_source(neox_checkpoint, tmp_path / "src")
+        (src / "pytorch_model.bin.index.json").write_text('{"metadata": {}}')
+        expected = ["pytorch_model.bin.index.json", "weight_map"]
+    elif case == "missing shard":
+        src = pickle_source(neox_checkpoint, tmp_path / "src")
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+            "a": "pytorch_model.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+        expected = ["missing", "pytorch_model-00002-of-00002.bin"]
+    else:
+        src = pickle_source(neox_checkpoint, tmp_path / "src")
+        dst.write_text("a file where the output directory should go")
+        expected = [str(dst), "not a directory"]
+    assert cli_main(["convert", str(src), str(dst)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("neo-serve convert: ") and "Traceback" not in captured.err
+    for text in expected:
+        assert text in captured.err, (text, captured.err)
+    assert "wrote" not in captured.out
+    if case in ("no tensors", "bad index", "missing shard"):  # refused before writing anything
+        assert not dst.exists()
+
+
+def test_converting_again_into_the_same_directory_leaves_no_stale_shards(neox_checkpoint, tmp_path):
+    import neo_serve.convert as convert
+
+    src = pickle_source(neox_checkpoint, tmp_path / "src")
+    dst = tmp_path / "out"
+    convert.convert_checkpoint(src, dst, max_shard_bytes=64 * 1024)
+    assert len(list(dst.glob("model-*.safetensors"))) > 2
+    (dst / "model-00009.safetensors.partial").write_bytes(b"left by a killed conversion")
+    convert.convert_checkpoint(src, dst)
+    assert sorted(p.name for p in dst.iterdir() if "safetensors" in p.name) == [
+        "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert greedy_tokens(dst) == greedy_tokens(neox_checkpoint)
+
+
+def test_an_empty_index_is_refused_by_name(neox_sharded_checkpoint, tmp_path):
+    ck = copy_checkpoint(neox_sharded_checkpoint, tmp_path)
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="no tensors"):
+        LLM(str(ck))
+
+
+def test_a_weight_beyond_float16s_range_is_refused_when_serving_in_float16(neox_checkpoint, tmp_path):
+    # Cast to float16 it would be inf, and every logit after it NaN.
+    ck = copy_checkpoint(neox_checkpoint, tmp_path)
+    tensors = {name: t.to(torch.bfloat16) for name, t in load_file(ck / "model.safetensors").items()}
+    tensors["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"][0, 0] = 1e5
+    save_file(tensors, ck / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"gpt_neox\.layers\.0\.mlp\.dense_4h_to_h\.weight.*bfloat16 or float32"):
+        LLM(str(ck), dtype="float16")
+    LLM(str(ck), dtype="bfloat16")  # in range there
