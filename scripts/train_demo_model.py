@@ -96,12 +96,19 @@ EXPECTED_FILES = {
 }
 
 
+# The bundled checkpoint, wherever the script is run from.
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "neo_serve" / "demo_model"
+# Arguments that do not change what is trained (the step count replaces --minutes).
+NOT_RECIPE = ("out", "minutes", "steps", "log_every")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", default="neo_serve/demo_model", help="output directory (replaced)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (replaced; refused if it holds "
+                   "files this script does not write)")
     p.add_argument("--minutes", type=float, default=12.0, help="training wall-time budget")
     p.add_argument("--steps", type=int, default=None,
                    help="exact number of optimisation steps (overrides --minutes; reproducible)")
@@ -118,6 +125,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-corpus-mb", type=float, default=20.0)
     p.add_argument("--log-every", type=int, default=50)
     return p.parse_args(argv)
+
+
+def check_output_dir(out: Path) -> None:
+    """The output directory is replaced whole: refuse one that holds anything else (a mistyped
+    --out such as the repository or a home directory would be deleted)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"--out {out}: exists and is not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPECTED_FILES)
+    if foreign:
+        raise SystemExit(f"--out {out}: refusing to replace a directory holding files this script does not "
+                         f"write: {', '.join(foreign[:5])}" + (" ..." if len(foreign) > 5 else ""))
+
+
+def reproduce_command(args: argparse.Namespace, steps: int) -> str:
+    """The command that repeats this run: the step count and every recipe argument not at its default."""
+    defaults = vars(parse_args([]))
+    parts = ["python scripts/train_demo_model.py", f"--steps {steps}"]
+    for name, value in vars(args).items():
+        # The seed and thread count always: the weights depend on both.
+        if name not in NOT_RECIPE and (value != defaults[name] or name in ("seed", "threads")):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -246,6 +277,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out).resolve()
+    check_output_dir(out)  # before minutes of training, not after
     threads = max(1, args.threads)
     # Must be set before tokenizers / torch spin up their thread pools.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -268,7 +301,6 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
 
-    out = Path(args.out).resolve()
     t_start = time.time()
 
     # 1. corpus --------------------------------------------------------------
@@ -417,6 +449,7 @@ def main(argv=None) -> int:
         for f in tmp.iterdir():
             f.chmod(0o644)
         if out.exists():
+            check_output_dir(out)  # nothing foreign appeared meanwhile
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
@@ -441,7 +474,7 @@ def write_model_card(path: Path, *, args, config, n_params, n_docs, n_bytes, n_t
     text = f"""# neo-serve demo model (tiny GPT-NeoX, toy)
 
 A **randomly initialised, ~{n_params / 1e6:.1f}M-parameter GPT-NeoX model** trained for
-**{train_minutes:.1f} minutes on one CPU thread** on the Python source code of the CPython
+**{train_minutes:.1f} minutes on {args.threads} CPU thread{"s" if args.threads > 1 else ""}** on the Python source code of the CPython
 {versions['python']} standard library. It is bundled with neo-serve so the service, its
 tests and its demos have a small real GPT-NeoX checkpoint to load.
 
@@ -486,7 +519,7 @@ decoder, no post-processor (no tokens are added when encoding).
 Reproduce with:
 
 ```
-python scripts/train_demo_model.py --steps {steps} --seed {args.seed} --threads {args.threads}
+{reproduce_command(args, steps)}
 ```
 
 ## License
