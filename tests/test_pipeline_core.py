@@ -313,24 +313,55 @@ def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_ch
     assert sum(len(chunk.sequences[0].token_ids) for chunk in with_tokens) == 400
 
 
+class RecordedGauges:
+    """Stands in for PipelineMetrics: every record_step call, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        counted = type("Counted", (), {"inc": lambda self, value=1: None, "observe": lambda self, value: None})()
+        self.prompt_tokens = self.time_to_first_token = self.inter_token_latency = counted
+
+    def record_step(self, **values) -> None:
+        self.steps.append(values)
+
+
 def test_an_idle_replica_keeps_setting_its_gauges(neox_checkpoint):
     # Ray exports a gauge only if it was set since its last export and forgets it two exports
     # later: an idle replica must keep setting its load gauges, or they vanish instead of reading 0.
-    class RecordedGauges:
-        def __init__(self) -> None:
-            self.steps: list[dict] = []
-
-        def record_step(self, **values) -> None:
-            self.steps.append(values)
-
     gauges = RecordedGauges()
 
     async def main():
-        async with started_core(neox_checkpoint, metrics=gauges, idle_gauge_refresh_s=0.05) as core:
+        async with started_core(neox_checkpoint, metrics=gauges, gauge_refresh_s=0.05):
             await asyncio.sleep(0.6)
 
     asyncio.run(main())
     assert len(gauges.steps) >= 6 and all(step["running"] == step["waiting"] == 0 for step in gauges.steps)
+
+
+def test_a_replica_waiting_on_a_stuck_step_keeps_setting_its_gauges(neox_checkpoint):
+    # A stage that hangs or reloads its weights holds the loop on one step for minutes; the load
+    # gauges must keep reading that load meanwhile, not vanish from the dashboards.
+    gauges = RecordedGauges()
+
+    def stall_first_step(core: PipelineCore) -> None:
+        sample_step, calls = core.engine.sample_step, []
+
+        def slow_sample_step(prepared, logits):
+            if not calls:
+                calls.append(1)
+                time.sleep(1.0)  # on the step thread: the event loop stays free
+            return sample_step(prepared, logits)
+
+        core.engine.sample_step = slow_sample_step
+
+    async def main():
+        async with started_core(neox_checkpoint, metrics=gauges, gauge_refresh_s=0.05) as core:
+            stall_first_step(core)
+            await collect(core, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "stuck")
+
+    asyncio.run(main())
+    while_running = [step for step in gauges.steps if step["running"] == 1]
+    assert len(while_running) >= 10, gauges.steps  # ~20 refreshes during the stalled second
 
 
 @pytest.mark.parametrize("engine_options", [
@@ -437,3 +468,20 @@ def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_outpu
         return await mailbox.get()
 
     assert asyncio.run(main()).finished
+
+
+def test_gauges_are_refreshed_within_rays_export_interval():
+    # Ray's metrics agent forgets a gauge two export intervals (at least 1 s each) after it was
+    # last set; a cluster started with RAY_metrics_report_interval_ms=1000 forgets in 2 s.
+    import os
+    import subprocess
+    import sys
+
+    from neo_serve.serve.metrics import gauge_refresh_period_s
+
+    if "RAY_metrics_report_interval_ms" not in os.environ:
+        assert gauge_refresh_period_s() == 5.0  # Ray's default 10 s interval: at most every 5 s
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
+    out = subprocess.run([sys.executable, "-c", "from neo_serve.serve.metrics import gauge_refresh_period_s as f; "
+                          "print(f())"], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert float(out) == 0.5

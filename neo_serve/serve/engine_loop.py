@@ -42,7 +42,7 @@ from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
 from neo_serve.errors import InvalidRequestError
-from neo_serve.serve.metrics import IDLE_GAUGE_REFRESH_S, PipelineMetrics, RequestTimer
+from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
 from neo_serve.serve.stages import StepRunner
 
@@ -87,11 +87,11 @@ class PipelineCore:
     def __init__(self, engine: LLMEngine, runner: StepRunner, *, metrics: PipelineMetrics | None = None,
                  step_timeout_s: float | None = None, recovery_timeout_s: float = 300.0,
                  stream_interval_s: float = 0.02, max_stream_chunks_per_s: float | None = None,
-                 idle_gauge_refresh_s: float = IDLE_GAUGE_REFRESH_S) -> None:
+                 gauge_refresh_s: float | None = None) -> None:
         self.engine = engine
         self.runner = runner
         self.metrics = metrics
-        self.idle_gauge_refresh_s = idle_gauge_refresh_s
+        self.gauge_refresh_s = gauge_refresh_s  # None: from Ray's metrics export interval
         self.step_timeout_s = step_timeout_s
         self.recovery_timeout_s = recovery_timeout_s
         # After the first token, a stream yields at most once per interval (the tokens of several
@@ -113,13 +113,27 @@ class PipelineCore:
         self._submitted: deque[float] = deque()  # submit time of each in-flight micro-batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="neo-serve-pipeline")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="neo-serve-pipeline")
+        if self.metrics is not None:
+            self._gauge_task = loop.create_task(self._refresh_gauges(), name="neo-serve-gauges")
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._gauge_task):
+            if task is not None:
+                task.cancel()
+
+    async def _refresh_gauges(self) -> None:
+        """Re-set the load gauges on a timer, whatever the loop is doing: idle, or waiting on a
+        stage that hangs or reloads its weights for minutes. Ray forgets a gauge that is not set
+        for two export intervals, and dashboards would show no data for exactly those times."""
+        period = self.gauge_refresh_s if self.gauge_refresh_s is not None else gauge_refresh_period_s()
+        while True:
+            await asyncio.sleep(period)
+            self._record_gauges()
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -236,9 +250,9 @@ class PipelineCore:
                 if not self._inflight:
                     # Gauges go out at most every half second while steps run; the last step
                     # before going idle (or the cancellations that emptied the pipe) may have
-                    # been skipped, and an idle replica would keep reporting its last load.
+                    # been skipped: report the idle load now, not at the next refresh.
                     self._record_gauges()
-                    await self._idle()
+                    await self._wake.wait()
                     continue
                 oldest = self._inflight[0][1]
                 waiters: set[asyncio.Future] = {oldest}
@@ -269,17 +283,6 @@ class PipelineCore:
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
             logger.exception("neo-serve pipeline loop crashed")
             self._fail_all(exc)
-
-    async def _idle(self) -> None:
-        """Wait for a request; with metrics, wake up now and then to re-set the gauges."""
-        if self.metrics is None:
-            await self._wake.wait()
-            return
-        waiter = asyncio.ensure_future(self._wake.wait())
-        try:  # asyncio.wait, not wait_for: a cancel (close) is never swallowed
-            await asyncio.wait({waiter}, timeout=self.idle_gauge_refresh_s)
-        finally:
-            waiter.cancel()
 
     def _fill(self) -> None:
         """Schedule and submit micro-batches until `depth` are in flight or nothing is left."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import ray
 from ray.serve import metrics
 
 # Bucket bounds wide enough for a tiny model on a CPU and GPT-NeoX-20B under load alike:
@@ -20,9 +21,21 @@ ITL_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03
                     0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
 GAUGE_PERIOD_S = 0.5  # gauges are sampled, not set on every step
 # Ray (2.60, OpenTelemetry) exports a gauge's value only if it was set since the last export
-# (every metrics_report_interval_ms, 10 s by default), and its agent forgets a value after two
-# intervals: an idle replica re-sets its gauges so that they read 0, not "no data".
-IDLE_GAUGE_REFRESH_S = 5.0
+# (every metrics_report_interval_ms, 10 s by default, at least 1 s), and its agent forgets a value
+# after two intervals: a replica re-sets its gauges on a timer, so that an idle one reads 0 and
+# one waiting on a hung or restarting stage keeps its load, rather than "no data". (Measured: the
+# agent applies its own interval, so with `_system_config` alone a gauge set once lasted 20 s;
+# RAY_metrics_report_interval_ms in every process's environment shortens it.)
+MAX_GAUGE_REFRESH_S = 5.0
+
+
+def gauge_refresh_period_s() -> float:
+    """How often a replica re-sets its gauges: half of Ray's export interval, at most 5 s."""
+    try:
+        export_interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+    except AttributeError:  # a Ray without this (private) accessor: refresh as often as steps may
+        return GAUGE_PERIOD_S
+    return min(MAX_GAUGE_REFRESH_S, export_interval_s / 2)
 
 
 class PipelineMetrics:
