@@ -798,6 +798,9 @@ def test_gpu_manifest_is_sized_by_the_plan(gpu_doc, checkpoints):
     plan = cached_plan(REFERENCE / "gpt-neox-20b.config.json", 4, shape.gpu_memory, "float16")
     assert [round(s.weight_bytes / 2**30, 2) for s in plan.stages] == [9.86, 9.28, 9.28, 9.86]
     assert 16384 == pipeline.model.kv_cache_tokens <= plan.kv_tokens
+    # A hung CUDA call restarts the stages instead of stalling every stream of the pipeline (and
+    # the autoscaler renting another GPU Pod for the requests stuck in it).
+    assert pipeline.model.step_timeout_s is not None
 
 
 @needs_reference

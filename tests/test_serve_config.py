@@ -129,6 +129,8 @@ def test_deploy_configs_are_valid(path):
         layers = config_json.get("num_hidden_layers") or config_json["num_layers"]
         assert layers % model.num_stages == 0
         assert model.kv_cache_tokens >= config_json["max_position_embeddings"]
+        # A hung CUDA call must end in a restart (or a replaced replica), not streams stalled forever.
+        assert model.step_timeout_s is not None, f"{path.name}: a GPU model without step_timeout_s"
 
 
 def test_expected_deploy_files():
