@@ -83,7 +83,7 @@ class CompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: keep the k most likely tokens (0/-1: off).")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     best_of: int | None = Field(None, description="Only best_of == n is supported.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings (not included in the text).")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings (not included in the text).")
     stop_token_ids: list[int] | None = Field(None, max_length=1024, description="Extension: token ids that end a choice.")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch's generator seeds (seed + choice index)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
