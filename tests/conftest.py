@@ -63,12 +63,16 @@ def reference_dir() -> Path:
 
 # ---- no silent skips ------------------------------------------------------------------------
 # A skipped test passes CI unchecked; a missing tool (Chromium, ../shared) must fail the run and
-# say what to install. Any skip, from a marker or a call, is reported as a failure.
+# say what to install. Any skip, from a marker or a call, is reported as a failure, and so is an
+# expected failure (xfail, which passes whether or not the feature works).
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail"):
+    if hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"the suite has no expected failures; this test is marked xfail: {report.wasxfail}"
+    elif report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"the suite does not skip tests; this one was skipped: {reason}"

@@ -79,9 +79,15 @@ def test_parse_bytes_names_the_problem():
 
 
 def test_generate_cli_on_the_bundled_demo(capsys):
+    from neo_serve import LLM, SamplingParams
+    from neo_serve.serve.config import DEMO_CHECKPOINT
+
     assert main(["generate", "def hello_world():", "--max-tokens", "24"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("def hello_world():") and len(text) > len("def hello_world():") + 10
+    # Greedy by default, the demo's own dtype rule (auto), 24 tokens: the engine's completion.
+    [expected] = LLM(str(DEMO_CHECKPOINT)).generate(["def hello_world():"], SamplingParams(max_tokens=24, temperature=0))
+    assert len(expected.outputs[0].token_ids) == 24
+    assert text == "def hello_world():" + expected.outputs[0].text + "\n"
 
 
 def test_generate_takes_an_unquoted_prompt_as_one_prompt(capsys):

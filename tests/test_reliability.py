@@ -250,7 +250,14 @@ def test_prompts_and_outputs_stay_out_of_the_logs_unless_enabled(base_url, app):
     assert router.generate.remote(prompt=prompt, max_tokens=4).result()["usage"]["completion_tokens"] == 4
     with pytest.raises(Exception):
         router.generate.remote(prompt=prompt, top_p=2.0).result()
-    time.sleep(2)  # let every process flush its log files
+    # Serve logs each request under its id, so a last request with a known id is in the log files
+    # once the ones before it are: wait for it rather than for a fixed time.
+    marker = f"flushed-{uuid.uuid4().hex}"
+    assert httpx.post(f"{base_url}/v1/completions", json={"prompt": "def f(", "max_tokens": 2},
+                      headers={"x-request-id": marker}, timeout=60).status_code == 200
+    wait_until(lambda: {"Router", "Pipeline"} <= {kind for path in logs_containing(marker)
+                                                   for kind in ("Router", "Pipeline") if kind in Path(path).name},
+               timeout=30, what="the marked request in the router's and the pipeline's logs")
     assert logs_containing(secret) == []
     assert logs_containing(output) == []
 

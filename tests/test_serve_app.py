@@ -169,6 +169,17 @@ def test_sampling_with_seed_matches_offline(client, offline):
                                                 "return_token_ids": True, **params}).json()
     assert [(c["text"], c["token_ids"]) for c in body["choices"]] == choices
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    # Several prompts with n > 1: choice p * n + i is prompt p's i-th sample, plain and streamed.
+    params = {**params, "n": 2}
+    expected = [choice for choices in reference(offline["neox"], PROMPTS[:2], **params) for choice in choices]
+    body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[:2], "return_token_ids": True,
+                                                **params}).json()
+    assert [(c["text"], c["token_ids"]) for c in body["choices"]] == expected
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    with client.stream("POST", "/v1/completions", json={"model": "neox", "prompt": PROMPTS[:2], "stream": True,
+                                                        **params}) as response:
+        events, done = parse_sse(response.iter_lines())
+    assert done and join_stream(events) == {index: text for index, (text, _) in enumerate(expected)}
 
 
 def test_stop_strings(client, offline):

@@ -104,6 +104,14 @@ def neo_serve_up(*args: str, env: dict[str, str]) -> Iterator[UpProcess]:
                 pass
 
 
+def offline_text(checkpoint, prompt: str, max_tokens: int) -> str:
+    """The greedy completion of the in-process engine (float32, as `up --dtype float32` serves)."""
+    from neo_serve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return LLM(str(checkpoint), dtype="float32").generate([prompt], params)[0].outputs[0].text
+
+
 def readme_python_example() -> str:
     """The README's Python block that uses a Serve handle."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -145,6 +153,8 @@ def test_up_serves_until_ctrl_c(tmp_path):
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
                                                           "temperature": 0}, timeout=60).json()
         assert body["usage"]["completion_tokens"] == 8
+        assert body["choices"][0]["text"] == offline_text(checkpoint[0] if checkpoint else DEMO_CHECKPOINT,
+                                                          "def hello_world():", 8)
         # The README's handle example, run as a user runs it: from a process of its own.
         example = readme_python_example()
         ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120,

@@ -109,6 +109,12 @@ def figures(shown: str) -> dict[str, str]:
     return found
 
 
+# Steps the pipeline may still run after a stop, counted from just before it: 5-6 measured on 2
+# vCPUs (the cancel goes browser -> Gradio -> the pipeline's handle call); a run that the stop
+# did not cancel on the server goes on to its 480 tokens, some 450 steps more.
+STEPS_AFTER_STOP = 48
+
+
 def assert_freed(model: str = DEMO) -> dict:
     """The stopped sequence left the batch: no request, every KV block free, no more steps."""
     stats = wait_until(lambda: (s := pipeline_stats(model))["requests"] == 0 and s["in_flight_micro_batches"] == 0
@@ -197,7 +203,7 @@ def test_cancelling_a_run_frees_its_sequence(client, app):
     assert job.cancel()
     stats = assert_freed()
     text = job.outputs()[-1][0]
-    assert stats["num_steps"] - running["num_steps"] < 400 and len(text) > 0
+    assert stats["num_steps"] - running["num_steps"] <= STEPS_AFTER_STOP and len(text) > 0
 
 
 # ---- readable errors ----------------------------------------------------------------------
@@ -283,12 +289,6 @@ def test_model_not_loaded_is_reported(base_url, app, metrics_port):
         late = Client(f"{base_url}/late/ui/", verbose=False, analytics_enabled=False, download_files=False)
         with pytest.raises(AppError, match="late is not loaded yet: no pipeline replica is running"):
             late.predict("def f():", "late", *GREEDY.values(), api_name="/generate")
-
-        for _ in range(8):
-            print("DEBUG queued", queued_requests(metrics_port, "Pipeline-0-late"), flush=True)
-            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-            print("DEBUG lines", [l for l in text.splitlines() if "queued_queries{" in l], flush=True)
-            time.sleep(1)
 
         def none_queued():  # in two exports (1 s apart) three seconds apart
             first = queued_requests(metrics_port, "Pipeline-0-late")
@@ -456,7 +456,7 @@ def test_browser_stop_halts_a_long_generation(browser, page, app):
     assert output_text(page) == stopped_at
     shown = figures(page.locator("#figures").inner_html())
     assert shown["status"] == "stopped" and shown["finish-reason"] == "stopped"
-    assert 0 < int(shown["generated-tokens"]) < 480 and stats["num_steps"] - running["num_steps"] < 480
+    assert 0 < int(shown["generated-tokens"]) < 480 and stats["num_steps"] - running["num_steps"] <= STEPS_AFTER_STOP
 
 
 def slider_range(page, elem_id: str) -> tuple[str, str]:
