@@ -286,3 +286,22 @@ def test_a_stop_string_in_the_text_released_at_the_finish_is_cut(tmp_path):
         [out] = outputs[-1].outputs
         assert (out.text, out.finish_reason, out.stop_reason) == ("hi ", "stop", "na"), out
         assert out.token_ids == script[:max_tokens]
+
+
+@pytest.mark.parametrize("params, expected", [
+    # softmax(logits / T) for logits [2, 1, 0, -1]
+    (dict(temperature=0.5), [0.8650, 0.1171, 0.0158, 0.0021]),
+    (dict(temperature=1.0), [0.6439, 0.2369, 0.0871, 0.0321]),
+    (dict(temperature=2.0), [0.4551, 0.2760, 0.1674, 0.1015]),
+    # top-k and top-p cut first, then the rest is renormalised
+    (dict(temperature=1.0, top_k=2), [0.7311, 0.2689, 0.0, 0.0]),
+    (dict(temperature=1.0, top_p=0.85), [0.7311, 0.2689, 0.0, 0.0]),
+])
+def test_draws_follow_the_tempered_distribution(params, expected):
+    # 8000 draws (one per row, seeded): each token's frequency within 0.02 of its probability
+    # (4 standard deviations at most); temperature 1 and 0.5 differ by 0.22 on the first token.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(8000, 4).contiguous()
+    rows = [SamplingRow(SamplingParams(**params), [0], [], None)] * len(logits)
+    drawn = torch.tensor([s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))])
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert torch.allclose(frequencies, torch.tensor(expected), atol=0.02), frequencies.tolist()
