@@ -485,3 +485,19 @@ def test_gauges_are_refreshed_within_rays_export_interval():
     out = subprocess.run([sys.executable, "-c", "from neo_serve.serve.metrics import gauge_refresh_period_s as f; "
                           "print(f())"], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     assert float(out) == 0.5
+
+
+def test_preemptions_reach_the_metrics(neox_checkpoint, offline_tokens):
+    # A KV cache too small for the four sequences at once: some are preempted and recomputed, the
+    # count reaches the metrics (neo_serve_preemptions), and the streams still give the offline tokens.
+    gauges = RecordedGauges()
+    options = {"kv_cache_tokens": 64, "max_model_len": 64, "max_num_batched_tokens": 16}
+
+    async def main():
+        async with started_core(neox_checkpoint, options, metrics=gauges) as core:
+            chunks = await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+            return chunks, core.engine.scheduler.num_preemptions
+
+    chunks, preemptions = asyncio.run(main())
+    assert preemptions > 0 and max(step["preemptions"] for step in gauges.steps) == preemptions
+    assert [token_ids(c) for c in chunks] == offline_tokens
