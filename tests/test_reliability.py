@@ -269,6 +269,9 @@ def test_prompts_and_outputs_stay_out_of_the_logs_unless_enabled(base_url, app):
         logged = httpx.post(f"{base_url}/logged/v1/completions",
                             json={"prompt": prompt, "max_tokens": 24, "temperature": 0}, timeout=60)
         assert logged.status_code == 200
+        # This app has no playground (playground: false): /ui answers 404, naming the build arg.
+        no_ui = httpx.get(f"{base_url}/logged/ui/", timeout=30)
+        assert no_ui.status_code == 404 and "playground: false" in no_ui.json()["error"]["message"]
         files = wait_until(lambda: logs_containing(secret), timeout=20, what="the logged request")
         assert any(Path(f).name.startswith("replica_logged_Router") for f in files), files
         logged_output = repr(logged.json()["choices"][0]["text"])[1:-1]  # logged with %r
