@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -204,6 +205,30 @@ def test_cancelling_a_run_frees_its_sequence(client, app):
     stats = assert_freed()
     text = job.outputs()[-1][0]
     assert stats["num_steps"] - running["num_steps"] <= STEPS_AFTER_STOP and len(text) > 0
+
+
+def test_a_client_that_hangs_up_mid_run_frees_its_sequence(ui_url, app):
+    """Closing the tab during a run closes Gradio's event stream (no Stop click): the playground's
+    run ends and the pipeline drops the sequence, rather than generating its 480 tokens for nobody."""
+    ui_url = ui_url.rstrip("/")
+    config = httpx.get(f"{ui_url}/config", timeout=30).json()
+    [generate] = [d for d in config["dependencies"] if d.get("api_name") == "generate"]
+    session = uuid.uuid4().hex
+    inputs = [EXAMPLES[1], DEMO, 480, 0.0, 1.0, 0, 1.0, -1, ""]
+    joined = httpx.post(f"{ui_url}/gradio_api/queue/join", timeout=30, json={
+        "data": inputs, "event_data": None, "fn_index": generate["id"], "trigger_id": None, "session_hash": session})
+    assert joined.status_code == 200, joined.text
+    generating = 0
+    with httpx.stream("GET", f"{ui_url}/gradio_api/queue/data", params={"session_hash": session}, timeout=60) as events:
+        for line in events.iter_lines():
+            if '"process_generating"' in line:
+                generating += 1
+            if generating == 5:
+                running = pipeline_stats()
+                assert running["running"] == 1
+                break  # the client hangs up: the connection closes with the stream
+    stats = assert_freed()
+    assert stats["num_steps"] - running["num_steps"] <= STEPS_AFTER_STOP
 
 
 # ---- readable errors ----------------------------------------------------------------------

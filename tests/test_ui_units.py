@@ -1,4 +1,4 @@
-"""The playground's parts without a cluster: the HTTP-over-handle bridge (with a stand-in handle),
+"""The playground's parts without a cluster: the replica side of the HTTP-over-handle bridge,
 the figures, the settings and the error messages people see."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import html
 import logging
 import re
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from starlette.responses import PlainTextResponse, StreamingResponse
@@ -24,45 +23,9 @@ MODEL = PlaygroundModel("neo-demo", "Pipeline-0-neo-demo", num_stages=2, max_mod
 
 
 # ---- bridge -----------------------------------------------------------------------------------
-class FakeStream:
-    """What `handle.options(stream=True).asgi.remote(...)` returns, minus Ray: an async iterator
-    with `cancel()`."""
-
-    def __init__(self, agen) -> None:
-        self._agen = agen
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self._agen.__anext__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        asyncio.get_running_loop().create_task(self._agen.aclose())
-
-
-class FakeHandle:
-    """A stand-in for the playground's DeploymentHandle: runs `serve_asgi` in process."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.streams: list[FakeStream] = []
-
-    def options(self, **_):
-        return self
-
-    @property
-    def asgi(self):
-        return self
-
-    def remote(self, scope, body):
-        stream = FakeStream(bridge.serve_asgi(self.app, scope, body))
-        self.streams.append(stream)
-        return stream
-
-
+# The replica side of the HTTP-over-handle bridge, called as the Playground replica calls it. The
+# whole chain (router -> Serve handle -> replica -> Gradio, and a client hanging up) runs for real
+# in test_ui_playground.py.
 def playground_app(events: list[str]) -> FastAPI:
     inner = FastAPI()
 
@@ -91,71 +54,48 @@ def playground_app(events: list[str]) -> FastAPI:
     return inner
 
 
-def router_app(handle: FakeHandle) -> FastAPI:
-    router = FastAPI()
+def asgi_messages(app, method: str, path: str, body: bytes = b"", query: bytes = b"") -> list[dict]:
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": query, "headers": [(b"host", b"testserver")], "scheme": "http",
+             "server": ("testserver", 80), "client": ("127.0.0.1", 1234), "http_version": "1.1"}
 
-    @router.api_route("/ui/{path:path}", methods=bridge.METHODS)
-    async def ui(request: Request):
-        return await bridge.forward(handle, request)
+    async def collect():
+        return [message async for message in bridge.serve_asgi(app, scope, body)]
 
-    return router
+    return asyncio.run(collect())
 
 
-@pytest.fixture()
-def bridged():
-    """A router app relaying /ui/... through the bridge to the playground app, on a real HTTP
-    server (uvicorn, in a thread); yields (base URL, the fake handle, the app's event log)."""
-    import threading
+def test_the_replica_side_answers_with_the_apps_response():
+    app = playground_app([])
+    [start, *bodies] = asgi_messages(app, "POST", "/ui/echo", b"hello", b"x=1")
+    assert start["status"] == 200 and (b"x-extra", b"1") in start["headers"]
+    assert b"".join(m.get("body", b"") for m in bodies) == b"POST /ui/echo x=1 '' hello"
+    assert asgi_messages(app, "GET", "/ui/missing")[0]["status"] == 404
+    failed = asgi_messages(app, "GET", "/ui/boom")
+    assert failed[0]["status"] == 500 and b"secret" not in b"".join(m.get("body", b"") for m in failed[1:])
 
-    import uvicorn
 
-    from conftest_serve import free_port
-
+def test_closing_the_replica_side_mid_stream_ends_the_apps_stream():
+    # What a client hanging up becomes on the replica: the router cancels its handle call, which
+    # closes this generator; the app sees http.disconnect and its stream ends.
     events: list[str] = []
-    handle = FakeHandle(playground_app(events))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(router_app(handle), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = 100
-        while not server.started and deadline:
-            deadline -= 1
-            threading.Event().wait(0.05)
-        yield f"http://127.0.0.1:{port}", handle, events
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    scope = {"type": "http", "method": "GET", "path": "/ui/events", "raw_path": b"/ui/events", "root_path": "",
+             "query_string": b"", "headers": [(b"host", b"testserver")], "scheme": "http",
+             "server": ("testserver", 80), "client": ("127.0.0.1", 1234), "http_version": "1.1"}
 
-
-def test_bridge_relays_request_and_response(bridged):
-    base, _, _ = bridged
-    response = httpx.post(f"{base}/ui/echo?x=1", content=b"hello")
-    assert response.status_code == 200 and response.headers["x-extra"] == "1"
-    assert response.text == "POST /ui/echo x=1 '' hello"
-    assert httpx.get(f"{base}/ui/missing").status_code == 404
-    failed = httpx.get(f"{base}/ui/boom")
-    assert failed.status_code == 500 and "secret" not in failed.text
-
-
-def test_bridge_streams_and_a_disconnect_reaches_the_app(bridged):
-    base, handle, events = bridged
-    lines: list[str] = []
-    with httpx.stream("GET", f"{base}/ui/events", timeout=10) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line:
-                lines.append(line)
-            if len(lines) == 3:
+    async def three_chunks_then_hang_up():
+        messages = bridge.serve_asgi(playground_app(events), scope, b"")
+        chunks = [await messages.__anext__() for _ in range(4)]  # start + 3 bodies, as the app sends them
+        await messages.aclose()
+        for _ in range(200):
+            if events:
                 break
-    assert lines == ["data: 0", "data: 1", "data: 2"]  # as the app sends them, not at its end
-    # The client hung up: the router cancels the handle call, the app's stream ends.
-    for _ in range(200):
-        if events:
-            break
-        threading_sleep(0.02)
+            await asyncio.sleep(0.02)
+        return chunks
+
+    chunks = asyncio.run(three_chunks_then_hang_up())
+    assert [c.get("body") for c in chunks[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
     assert events == ["stream closed"]
-    assert handle.streams[-1].cancelled
 
 
 def test_a_client_hanging_up_mid_stream_is_not_logged_as_an_error(caplog):
@@ -186,12 +126,6 @@ def test_a_client_hanging_up_mid_stream_is_not_logged_as_an_error(caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
     assert any("client left" in r.getMessage() for r in caplog.records)
-
-
-def threading_sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
 
 
 def test_forwarded_scope_is_picklable_and_complete():
