@@ -65,18 +65,21 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: refused or unreadable with weights_only=True ({exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
-    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    tensors = _tensors_in(state)
     if not tensors:
         # A training checkpoint nests the weights, e.g. {"state_dict": {...}, "step": ...}.
-        nested = [key for key, value in state.items()
-                  if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())]
+        nested = [found for value in state.values() if isinstance(value, dict) and (found := _tensors_in(value))]
         if len(nested) == 1:
-            tensors = {name: value for name, value in state[nested[0]].items() if isinstance(value, torch.Tensor)}
+            [tensors] = nested
         else:
             keys = ", ".join(map(repr, list(state)[:8])) or "none"
             raise CheckpointError(f"{file} holds no tensors at its top level (keys: {keys}); save the "
                                   f"model's state_dict() alone and convert that")
     return tensors
+
+
+def _tensors_in(mapping: dict) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in mapping.items() if isinstance(value, torch.Tensor)}
 
 
 class _ShardWriter:

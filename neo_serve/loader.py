@@ -235,9 +235,11 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.d
     if tuple(current.shape) != tuple(value.shape):
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(value.shape)}, "
                               f"config.json implies {tuple(current.shape)}")
-    if dtype == torch.float16 and value.dtype in (torch.float32, torch.bfloat16):
+    if dtype == torch.float16 and value.dtype in (torch.float32, torch.bfloat16) and value.numel():
         # A value past float16's range would become inf, and every logit after it NaN.
-        largest = value.abs().max().item() if value.numel() else 0.0
+        # aminmax, not abs().max(): no temporary copy of each (up to GB-sized) tensor at load.
+        lowest, highest = torch.aminmax(value)
+        largest = max(-lowest.item(), highest.item())
         if largest > torch.finfo(torch.float16).max:
             raise CheckpointError(f"{file}: tensor {name} holds {largest:.4g}, beyond float16's range "
                                   f"(65504): serve this {str(value.dtype).removeprefix('torch.')} checkpoint "
