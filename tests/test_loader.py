@@ -24,6 +24,22 @@ def copy_checkpoint(src, tmp_path):
     return dst
 
 
+def pickle_source(neox_checkpoint, directory, *, weights=None, with_meta=True):
+    """A pickle-weights copy of the tiny checkpoint; `weights`: file name -> what to torch.save."""
+    directory.mkdir()
+    if with_meta:
+        for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+            shutil.copy2(neox_checkpoint / name, directory / name)
+    state = load_file(neox_checkpoint / "model.safetensors")
+    for name, content in (weights or {"pytorch_model.bin": state}).items():
+        torch.save(content(state) if callable(content) else content, directory / name)
+    return directory
+
+
+def greedy_tokens(checkpoint) -> list[int]:
+    return LLM(str(checkpoint)).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
+
+
 def test_stage_reads_only_its_own_tensors(neox_sharded_checkpoint, monkeypatch):
     files = CheckpointFiles.open(neox_sharded_checkpoint)
     assert len(set(files.tensor_files.values())) > 1  # really sharded
@@ -102,12 +118,7 @@ def test_legacy_buffers_are_ignored(neox_hub_checkpoint):
 
 
 def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoint, tmp_path):
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
-        shutil.copy2(neox_checkpoint / name, pickled / name)
-    state = load_file(neox_checkpoint / "model.safetensors")
-    torch.save(state, pickled / "pytorch_model.bin")
+    pickled = pickle_source(neox_checkpoint, tmp_path / "pickled")
     # A LoRA adapter saved beside the pickle weights is not taken for the model's safetensors.
     save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, pickled / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="neo-serve convert"):
@@ -115,10 +126,7 @@ def test_pickle_weights_are_refused_and_convert_makes_safetensors(neox_checkpoin
     converted = tmp_path / "converted"
     assert cli_main(["convert", str(pickled), str(converted)]) == 0
     assert (converted / "model.safetensors.index.json").is_file() and not list(converted.glob("*.bin"))
-    params = SamplingParams(max_tokens=8, temperature=0)
-    prompt = [[5, 6, 7, 8]]
-    assert (LLM(str(converted)).generate(prompt, params)[0].outputs[0].token_ids
-            == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
+    assert greedy_tokens(converted) == greedy_tokens(neox_checkpoint)
 
 
 def test_a_neox_head_saved_as_lm_head_loads(neox_checkpoint, tmp_path):
@@ -165,16 +173,11 @@ def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkey
     cannot hold the whole checkpoint), and the result serves the same tokens."""
     import neo_serve.convert as convert
 
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
-        shutil.copy2(neox_checkpoint / name, pickled / name)
-    state = load_file(neox_checkpoint / "model.safetensors")
-    names = sorted(state)
+    names = sorted(load_file(neox_checkpoint / "model.safetensors"))
     halves = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
               "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-    for file, part in halves.items():
-        torch.save({name: state[name] for name in part}, pickled / file)
+    pickled = pickle_source(neox_checkpoint, tmp_path / "pickled", weights={
+        file: (lambda state, part=part: {name: state[name] for name in part}) for file, part in halves.items()})
     (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"weight_map": {name: file for file, part in halves.items() for name in part}}))
     events: list[str] = []
@@ -188,10 +191,7 @@ def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkey
     shards = sorted(converted.glob("*.safetensors"))
     assert len(shards) > 2 and not list(converted.glob("*.partial"))
     assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
-    params = SamplingParams(max_tokens=8, temperature=0)
-    prompt = [[5, 6, 7, 8]]
-    assert (LLM(str(converted)).generate(prompt, params)[0].outputs[0].token_ids
-            == LLM(str(neox_checkpoint)).generate(prompt, params)[0].outputs[0].token_ids)
+    assert greedy_tokens(converted) == greedy_tokens(neox_checkpoint)
 
 
 def test_convert_refuses_pickled_code(tmp_path, capsys):
@@ -220,22 +220,6 @@ def test_dtype_auto_keeps_bfloat16_on_a_cpu_only_with_its_kernels(neox_checkpoin
     assert resolve_dtype("float16", config, None, "cpu") == torch.float16  # an explicit dtype is kept
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("fp8", config, None, "cpu")
-
-
-def pickle_source(neox_checkpoint, directory, *, weights=None, with_meta=True):
-    """A pickle-weights copy of the tiny checkpoint; `weights`: file name -> what to torch.save."""
-    directory.mkdir()
-    if with_meta:
-        for name in ("config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
-            shutil.copy2(neox_checkpoint / name, directory / name)
-    state = load_file(neox_checkpoint / "model.safetensors")
-    for name, content in (weights or {"pytorch_model.bin": state}).items():
-        torch.save(content(state) if callable(content) else content, directory / name)
-    return directory
-
-
-def greedy_tokens(checkpoint) -> list[int]:
-    return LLM(str(checkpoint)).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
 
 
 def test_convert_takes_the_weights_out_of_a_training_checkpoint(neox_checkpoint, tmp_path):

@@ -54,13 +54,16 @@ def playground_app(events: list[str]) -> FastAPI:
     return inner
 
 
-def asgi_messages(app, method: str, path: str, body: bytes = b"", query: bytes = b"") -> list[dict]:
-    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": query, "headers": [(b"host", b"testserver")], "scheme": "http",
-             "server": ("testserver", 80), "client": ("127.0.0.1", 1234), "http_version": "1.1"}
+def http_scope(method: str, path: str, query: bytes = b"") -> dict:
+    """An HTTP request's ASGI scope, as the router forwards it."""
+    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
+            "query_string": query, "headers": [(b"host", b"testserver")], "scheme": "http",
+            "server": ("testserver", 80), "client": ("127.0.0.1", 1234), "http_version": "1.1"}
 
+
+def asgi_messages(app, method: str, path: str, body: bytes = b"", query: bytes = b"") -> list[dict]:
     async def collect():
-        return [message async for message in bridge.serve_asgi(app, scope, body)]
+        return [message async for message in bridge.serve_asgi(app, http_scope(method, path, query), body)]
 
     return asyncio.run(collect())
 
@@ -79,12 +82,9 @@ def test_closing_the_replica_side_mid_stream_ends_the_apps_stream():
     # What a client hanging up becomes on the replica: the router cancels its handle call, which
     # closes this generator; the app sees http.disconnect and its stream ends.
     events: list[str] = []
-    scope = {"type": "http", "method": "GET", "path": "/ui/events", "raw_path": b"/ui/events", "root_path": "",
-             "query_string": b"", "headers": [(b"host", b"testserver")], "scheme": "http",
-             "server": ("testserver", 80), "client": ("127.0.0.1", 1234), "http_version": "1.1"}
 
     async def three_chunks_then_hang_up():
-        messages = bridge.serve_asgi(playground_app(events), scope, b"")
+        messages = bridge.serve_asgi(playground_app(events), http_scope("GET", "/ui/events"), b"")
         chunks = [await messages.__anext__() for _ in range(4)]  # start + 3 bodies, as the app sends them
         await messages.aclose()
         for _ in range(200):
