@@ -411,10 +411,11 @@ class LLMEngine:
         """The first stop string that the text's last `delta_len` characters complete, with the
         text cut before it (the stop string is not part of the output); None if there is none."""
         text = seq.output_text
-        longest = max(len(s) for s in seq.request.params.stop)
-        search_from = max(0, len(text) - delta_len - longest + 1)
+        # Each stop is searched only where it could end in the new characters: one long stop must
+        # not make every short one rescan the whole text after each token.
+        end = len(text) - delta_len + 1
         hits = [(index, stop) for stop in seq.request.params.stop
-                if (index := text.find(stop, search_from)) >= 0]
+                if (index := text.find(stop, max(0, end - len(stop)))) >= 0]
         if not hits:
             return None
         index, stop = min(hits)
