@@ -47,7 +47,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
                    "max_model_len": card.get("max_model_len"), "request_timeout_s": model.request_timeout_s}
                   for index, (model, card) in enumerate(zip(app_args.models, cards))]
         playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
-    limits = {model.served_name: model.route_limits() for model in app_args.models}
+    limits = {model.served_name: model.route_limits(card.get("max_model_len"))
+              for model, card in zip(app_args.models, cards)}
     relay_timeout_s = max(model.graceful_shutdown_timeout_s for model in app_args.models)
     return router_deployment(app_args.router, relay_timeout_s).bind(pipelines, cards, app_args.router, playground,
                                                                     limits)

@@ -510,6 +510,29 @@ def test_handle_cancel_frees_the_sequence(app):
     _assert_freed_soon(steps_at_cancel)
 
 
+def test_a_handle_stream_without_stream_options_starts_nothing(app):
+    """`generate.remote(..., stream=True)` without `handle.options(stream=True)` is Serve's "returned
+    a generator" error; the stream starts on its first read, so no sequence runs for a reader
+    that will never come (it ran to max_tokens)."""
+    handle = serve.get_app_handle(APP)
+    steps_before = pipeline_stats()["num_steps"]
+    with pytest.raises(Exception, match="generator"):
+        handle.generate.remote(**LONG).result()
+    time.sleep(0.5)
+    stats = pipeline_stats()
+    assert stats["running"] == 0 and stats["num_steps"] == steps_before, stats
+
+
+def test_a_handle_call_is_keywords_or_one_dict(app):
+    handle = serve.get_app_handle(APP)
+    with pytest.raises(APIError, match="either as one dict or as keywords, not both") as both:
+        handle.generate.remote({"model": "neox", "prompt": "x"}, max_tokens=100).result()
+    assert both.value.status == 400  # max_tokens was silently dropped before
+    with pytest.raises(APIError, match="not a bare prompt") as bare:
+        handle.generate.remote("def f(").result()
+    assert bare.value.param == "prompt"
+
+
 def test_http_disconnect_frees_the_sequence(client):
     with client.stream("POST", "/v1/completions", json=LONG) as response:
         lines = response.iter_lines()
@@ -805,9 +828,23 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
         stats = handle.stats.remote().result()["doomed"]
         return stats["replica"] != first and stats
 
-    wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")
+    second = wait_until(replaced, timeout=120, interval=0.5, what="a new pipeline replica")["replica"]
     response = httpx.post(url, json=request, timeout=60)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+
+    # A handle's stream that fails after its first chunks gets the same answer as HTTP: an
+    # APIError with status 503 and the retry hint, not the replica's RayTaskError.
+    stream = handle.options(stream=True).generate.remote(
+        model="doomed", prompt="def f(", max_tokens=400, temperature=0, ignore_eos=True, stream=True)
+    for _ in range(3):
+        next(stream)
+    actor = stage_actor(second, 1)
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    with pytest.raises(APIError) as failed_stream:
+        for _ in stream:
+            pass
+    error = failed_stream.value
+    assert error.status == 503 and error.type == "service_unavailable_error" and error.retry_after_s == 5
 
 
 # ---- who may call --------------------------------------------------------------------------------

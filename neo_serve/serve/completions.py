@@ -28,7 +28,7 @@ from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta, TokenLogprob
 from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
-                                      new_completion_id)
+                                      is_encodable, new_completion_id)
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,8 +49,8 @@ def _validation_error(exc: ValidationError) -> APIError:
     error = exc.errors()[0]
     param = str(error["loc"][0]) if error["loc"] else None
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown parameter"
+    if error["type"] == "extra_forbidden":  # name the whole path: stream_options.include_usge
+        return APIError(f"{'.'.join(map(str, error['loc']))}: unknown parameter", param=param)
     if param == "prompt" and error["type"] != "value_error":
         # A union's errors list every alternative; name them instead.
         message = "must be a string, a list of strings, a list of token ids or a list of token id lists"
@@ -219,6 +219,66 @@ def request_timed_out(timeout_s: float) -> APIError:
                     type="timeout_error", param="timeout", code="request_timeout")
 
 
+class RequestBounds:
+    """The per-model limits the router enforces on a request's size, before calling a pipeline.
+
+    `check_raw` runs on the raw body, before pydantic: a body under the size limit can still hold
+    a million prompts, token ids or keys, which take seconds to validate on the router's event
+    loop, which every other stream of the replica shares. Counted with len(), they are refused in
+    microseconds, with the message the full checks would give."""
+
+    def __init__(self, limits: Mapping[str, RouteLimits]) -> None:
+        self.limits = dict(limits)  # served name -> its RouteLimits
+
+    def check_raw(self, body: Any) -> None:
+        if not isinstance(body, Mapping):
+            return  # parse_request names the problem
+        unknown = next((key for key in body if key not in CompletionRequest.model_fields), None)
+        if unknown is not None:
+            if not is_encodable(str(unknown)):  # as pydantic answers it: no name to give back
+                raise APIError("a field name is not valid Unicode text (it contains a lone surrogate)")
+            raise APIError(f"{unknown}: unknown parameter", param=str(unknown))
+        prompt = body.get("prompt")
+        if not isinstance(prompt, list) or not prompt:
+            return
+        model = body.get("model")
+        known = model if isinstance(model, str) and model in self.limits else None
+        if known is None and model is None and len(self.limits) == 1:
+            known = next(iter(self.limits))
+        batch = isinstance(prompt[0], (list, str))
+        if batch:
+            self.check_prompt_count(known, len(prompt))
+        for ids in prompt if batch else [prompt]:
+            if isinstance(ids, list):
+                self.check_prompt_len(known, len(ids))
+
+    def _largest(self, model: str | None, name: str) -> int | None:
+        """`model`'s limit `name`, or with no model the largest of the served models' (None: no
+        limit, or one not known to the router)."""
+        values = [getattr(self.limits[m], name) for m in ([model] if model is not None else self.limits)]
+        if not values or None in values:
+            return None
+        return max(values)
+
+    def check_prompt_len(self, model: str | None, num_ids: int) -> None:
+        """Refuse a token-id prompt longer than the context window. The pipeline checks every
+        prompt exactly (text too); this bounds the router's work on ids."""
+        window = self._largest(model, "max_model_len")
+        if window is not None and num_ids > window:
+            raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
+
+    def check_prompt_count(self, model: str | None, num_prompts: int) -> None:
+        """Refuse a request with more prompts than the model's pipelines can ever take at once:
+        each prompt is one call, and calls past the queue are refused, so such a request would get
+        a 429 on every retry, even on an idle server."""
+        limit = self._largest(model, "max_prompts_per_request")
+        if limit is not None and num_prompts > limit:
+            whose = f"model `{model}` takes at most {limit} per request (its" if model is not None else \
+                f"the served models take at most {limit} per request (their"
+            raise APIError(f"the request has {num_prompts} prompts; {whose} max_queued_requests): split the list "
+                           "into several requests", param="prompt", code="too_many_prompts")
+
+
 class CompletionService:
     """Runs completion requests against the models' pipeline deployment handles.
 
@@ -230,23 +290,19 @@ class CompletionService:
                  log_requests: bool = False) -> None:
         self.pipelines = dict(pipelines)  # served name -> DeploymentHandle of its pipeline
         self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
-        self.limits = dict(limits or {})
+        limits = limits or {}
+        self.bounds = RequestBounds({name: limits.get(name, RouteLimits()) for name in self.pipelines})
         self.log_requests = log_requests
 
     def timeout_for(self, model: str, request: CompletionRequest) -> float | None:
-        model_timeout = self.limits.get(model, RouteLimits()).request_timeout_s
+        model_timeout = self.bounds.limits[model].request_timeout_s
         limits = [t for t in (model_timeout, request.timeout) if t is not None]
         return min(limits) if limits else None
 
-    def check_prompt_count(self, model: str, num_prompts: int) -> None:
-        """Refuse a request with more prompts than the model's pipelines can ever take at once:
-        each prompt is one call, and calls past the queue are refused, so such a request would get
-        a 429 on every retry, even on an idle server."""
-        limit = self.limits.get(model, RouteLimits()).max_prompts_per_request
-        if limit is not None and num_prompts > limit:
-            raise APIError(f"the request has {num_prompts} prompts; model `{model}` takes at most {limit} per "
-                           "request (its max_queued_requests): split the list into several requests",
-                           param="prompt", code="too_many_prompts")
+    def parse(self, body: Any) -> CompletionRequest:
+        """Validate a request body: its bounds first (cheap, on the raw body), then its fields."""
+        self.bounds.check_raw(body)
+        return parse_request(body)
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:
@@ -293,7 +349,7 @@ class _Run:
     async def start(cls, service: CompletionService, request: CompletionRequest) -> "_Run":
         model = service.resolve_model(request.model)
         prompts = request.prompts()
-        service.check_prompt_count(model, len(prompts))
+        service.bounds.check_prompt_count(model, len(prompts))
         deadline = Deadline(service.timeout_for(model, request))
         params = sampling_params(request)
         handle = service.streaming[model]

@@ -114,6 +114,7 @@ class RouteLimits:
 
     request_timeout_s: float | None = None  # the model's default deadline; None: none
     max_prompts_per_request: int | None = None  # None: no limit
+    max_model_len: int | None = None  # the context window; None: not known to the router
 
 
 class ModelArgs(_Scaling):
@@ -233,13 +234,14 @@ class ModelArgs(_Scaling):
                             max_model_len=self.max_model_len, attention_backend=self.attention_backend,
                             kv_cache_dtype=self.kv_cache_dtype, seed=self.seed)
 
-    def route_limits(self) -> RouteLimits:
+    def route_limits(self, max_model_len: int | None = None) -> RouteLimits:
         """The router's limits for this model. Each prompt of a request is one call to the
         pipelines, sent together; Serve counts each call as queued until a replica takes it and
         refuses calls past max_queued_requests, so a request with more prompts than that could
         never be accepted whole."""
         max_prompts = None if self.max_queued_requests < 0 else self.max_queued_requests
-        return RouteLimits(request_timeout_s=self.request_timeout_s, max_prompts_per_request=max_prompts)
+        return RouteLimits(request_timeout_s=self.request_timeout_s, max_prompts_per_request=max_prompts,
+                           max_model_len=max_model_len)
 
     def stage_threads(self) -> int | None:
         """Torch threads of each CPU stage: its CPUs (at least one). None on GPUs: torch's default."""

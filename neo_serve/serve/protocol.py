@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_validator)
 
 from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
@@ -32,11 +33,19 @@ def is_encodable(text: str) -> bool:
     return True
 
 
+def _printable(text: str) -> str:
+    """`text` with lone surrogates as backslash escapes, so that it can be encoded as UTF-8."""
+    return text if is_encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     """An error with its HTTP status, rendered as OpenAI's error JSON."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, retry_after_s: int | None = None) -> None:
+        # A lone surrogate (a JSON escape like "\ud800" in a field name or value) written into an
+        # exception's text is fatal: Ray fails to encode it as UTF-8 and the replica's actor exits.
+        message, param = _printable(message), _printable(param) if param is not None else None
         super().__init__(message)
         self.message = message
         self.status = status
@@ -54,10 +63,37 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option must not be silently ignored
+
     include_usage: bool = Field(False, description="Send a last chunk with the usage of the whole request.")
 
 
 Prompt = str | list[int]
+
+
+def _prompt_kind(value: Any) -> str:
+    """Which form a raw prompt takes, told by its first element. A plain union would try every
+    form and, for a list of 100,000 ids, build 100,000 errors for each form it is not."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+        return "texts" if isinstance(value[0], str) else "id_lists"
+    return "ids"
+
+
+PromptField = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")] | Annotated[list[int], Tag("ids")]
+    | Annotated[list[list[int]], Tag("id_lists")],
+    Discriminator(_prompt_kind)]
+
+
+def _id_lists(value: Any) -> list[list[int]]:
+    """The token id lists of a validated `prompt` or `stop_token_ids` (none for text)."""
+    if not isinstance(value, list) or not value:
+        return []
+    if isinstance(value[0], list):
+        return value
+    return [value] if isinstance(value[0], int) else []
 
 # Fields whose null is read as "not given" (their defaults are not null). max_tokens keeps its own
 # meaning of null (up to the context window).
@@ -74,7 +110,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Served model name; may be omitted when one model is served.")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: PromptField = Field(
         ..., description="A string, a list of strings, a list of token ids or a list of token id lists.")
     max_tokens: int | None = Field(16, ge=0, le=MAX_INT32, description="Tokens to generate per choice; null: up to the "
                                                          "context window.")
@@ -125,12 +161,11 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt", "stop_token_ids")
     @classmethod
     def _token_ids_in_range(cls, value: Any) -> Any:
-        # Bounded before anything formats them: a 5,000-digit int cannot even be printed.
-        if isinstance(value, list):
-            for item in value:
-                ids = item if isinstance(item, list) else [item]
-                if any(isinstance(t, int) and not 0 <= t <= MAX_INT32 for t in ids):
-                    raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
+        # Bounded before anything formats them: a 5,000-digit int cannot even be printed. Checked
+        # with min/max (C loops): a prompt of token ids may hold hundreds of thousands.
+        for ids in _id_lists(value):
+            if ids and (min(ids) < 0 or max(ids) > MAX_INT32):
+                raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
         return value
 
     @field_validator("model", "prompt", "stop", "user", "suffix")
@@ -138,6 +173,8 @@ class CompletionRequest(BaseModel):
     def _valid_unicode(cls, value: Any) -> Any:
         # JSON lets a lone surrogate through ("\ud800"); no tokenizer or response can encode it.
         texts = value if isinstance(value, list) else [value]
+        if texts and not isinstance(texts[0], str):
+            return value  # token ids (the prompt's union is validated: a list holds one kind)
         for text in texts:
             if isinstance(text, str) and not is_encodable(text):
                 raise ValueError("must be valid Unicode text (it contains a lone surrogate)")

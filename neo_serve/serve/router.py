@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
-from neo_serve.serve.completions import CompletionService, as_api_error, parse_request
+from neo_serve.serve.completions import CompletionService, as_api_error
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
 from neo_serve.ui import bridge
@@ -69,6 +69,16 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
     logger.exception("neo-serve router: unhandled error")
     return JSONResponse(_internal_api_error(exc).to_dict(), status_code=500)
+
+
+def _client_error(exc: Exception) -> APIError:
+    """What a handle caller gets for `exc`: the APIError HTTP would answer with (unexpected
+    errors logged here, their details kept out of the answer as over HTTP)."""
+    error = as_api_error(exc)
+    if error is None:
+        logger.error("neo-serve router: unhandled error", exc_info=exc)
+        error = _internal_api_error(exc)
+    return error
 
 
 def _internal_api_error(exc: BaseException) -> APIError:
@@ -142,7 +152,7 @@ class Router:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         """OpenAI completions; `stream: true` answers with server-sent events ending in `[DONE]`."""
-        completion_request = parse_request(await _json_body(request))
+        completion_request = self.service.parse(await _json_body(request))
         if completion_request.stream:
             events = await self.service.stream(completion_request)
             return StreamingResponse(_sse(events), media_type="text/event-stream")
@@ -201,12 +211,36 @@ class Router:
             async for chunk in handle.options(stream=True).generate.remote(prompt="...", stream=True): ...
 
         Returns the response dict (as HTTP's JSON), or with `stream=True` an async iterator of
-        chunk dicts. Invalid requests raise `APIError` (with `.status`, `.param`)."""
-        completion_request = parse_request(request if request is not None else params)
+        chunk dicts. Errors are `APIError`s (with `.status`, `.param`, `.retry_after_s`) as HTTP
+        would answer them: an invalid request, a full queue, a pipeline lost mid-request."""
+        if isinstance(request, str):
+            raise APIError("the request must be keywords (generate.remote(prompt=..., max_tokens=...)) or one dict "
+                           "of them, not a bare prompt", param="prompt")
+        if request is not None and params:
+            raise APIError("pass the request either as one dict or as keywords, not both "
+                           f"(got a {type(request).__name__} and {', '.join(sorted(params))})")
+        completion_request = self.service.parse(request if request is not None else params)
         if completion_request.stream:
+            # Started on the first iteration, not here: a call without `handle.options(stream=True)`
+            # gets Serve's "returned a generator" error before any sequence runs, instead of
+            # leaving sequences generating for a stream no one will read.
+            return self._stream_for_handle(completion_request)
+        try:
+            return await self.service.complete(completion_request)
+        except Exception as exc:  # noqa: BLE001 - as HTTP's answer: 503 + retry hint, or a 500
+            raise _client_error(exc) from None
+
+    async def _stream_for_handle(self, completion_request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        events = None
+        try:
             events = await self.service.stream(completion_request)
-            return events
-        return await self.service.complete(completion_request)
+            async for event in events:
+                yield event
+        except Exception as exc:  # noqa: BLE001 - as HTTP's error event
+            raise _client_error(exc) from None
+        finally:
+            if events is not None:
+                await events.aclose()  # now, not at garbage collection: it cancels the sequences
 
     async def list_models(self) -> list[str]:
         return list(self.service.pipelines)

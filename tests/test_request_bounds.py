@@ -1,0 +1,107 @@
+"""The router's checks on a request body's size, made on the raw body before validation, and the
+request model's own checks of what it cannot bound that way (no Ray: pure functions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from neo_serve.serve.completions import RequestBounds, parse_request
+from neo_serve.serve.config import RouteLimits
+from neo_serve.serve.protocol import APIError
+
+BOUNDS = RequestBounds({"small": RouteLimits(max_prompts_per_request=8, max_model_len=64),
+                        "large": RouteLimits(max_prompts_per_request=32, max_model_len=2048)})
+
+
+def refusal(bounds: RequestBounds, body: dict) -> APIError:
+    with pytest.raises(APIError) as caught:
+        bounds.check_raw(body)
+    assert caught.value.status == 400
+    return caught.value
+
+
+def test_a_million_token_ids_are_refused_by_the_named_models_window():
+    error = refusal(BOUNDS, {"model": "small", "prompt": [1] * 1_000_000})
+    assert str(error) == "prompt has 1000000 tokens; the context window is 64" and error.param == "prompt"
+    # Each prompt of a batch is bounded too.
+    error = refusal(BOUNDS, {"model": "small", "prompt": [[1, 2], [1] * 65]})
+    assert str(error) == "prompt has 65 tokens; the context window is 64"
+    BOUNDS.check_raw({"model": "small", "prompt": [[1] * 64] * 8})  # at the limits: the full checks decide
+
+
+def test_a_million_prompts_are_refused_by_the_named_models_queue():
+    for prompt in ([[1]] * 1_000_000, ["x"] * 1_000_000):
+        error = refusal(BOUNDS, {"model": "small", "prompt": prompt})
+        assert error.code == "too_many_prompts" and error.param == "prompt"
+        assert str(error).startswith("the request has 1000000 prompts; model `small` takes at most 8 per request")
+
+
+def test_without_a_known_model_the_largest_bounds_apply():
+    # An unknown or missing model is answered (404, or "model is required") by the full checks;
+    # the raw check still bounds the work by the largest limits served.
+    for model in (None, "gpt-4", 42):
+        body = {"prompt": [1] * 2048} if model is None else {"model": model, "prompt": [1] * 2048}
+        BOUNDS.check_raw(body)
+        error = refusal(BOUNDS, {**body, "prompt": [1] * 2049})
+        assert str(error) == "prompt has 2049 tokens; the context window is 2048"
+        error = refusal(BOUNDS, {**body, "prompt": ["x"] * 33})
+        assert "the served models take at most 32 per request" in str(error)
+    # One model served: it is the one a request without `model` goes to.
+    single = RequestBounds({"small": RouteLimits(max_prompts_per_request=8, max_model_len=64)})
+    assert str(refusal(single, {"prompt": [1] * 65})) == "prompt has 65 tokens; the context window is 64"
+
+
+def test_limits_unknown_to_the_router_are_left_to_the_pipeline():
+    # A window the router does not know (checkpoints not verified at build), or no queue limit:
+    # nothing is refused here, the pipeline checks every prompt exactly.
+    unknown = RequestBounds({"m": RouteLimits(max_prompts_per_request=None, max_model_len=None)})
+    unknown.check_raw({"model": "m", "prompt": [[1] * 5000] * 2000})
+
+
+def test_unknown_keys_are_named_before_the_rest_is_validated():
+    body = {"prompt": "x", **{f"k{i}": 0 for i in range(100_000)}}
+    error = refusal(BOUNDS, body)
+    assert str(error) == "k0: unknown parameter" and error.param == "k0"
+
+
+@pytest.mark.parametrize("option", ["include_usge", "continuous_usage_stats"])
+def test_a_misspelt_or_unsupported_stream_option_is_refused(option):
+    with pytest.raises(APIError) as caught:
+        parse_request({"prompt": "x", "stream": True, "stream_options": {option: True}})
+    assert str(caught.value) == f"stream_options.{option}: unknown parameter"
+    assert caught.value.param == "stream_options"
+
+
+@pytest.mark.parametrize("prompt, prompts", [
+    ("def f(", ["def f("]),
+    (["a", "b"], ["a", "b"]),
+    ([5, 17, 42], [[5, 17, 42]]),
+    ([[5], [17, 42]], [[5], [17, 42]]),
+])
+def test_each_prompt_form_is_read(prompt, prompts):
+    assert parse_request({"prompt": prompt}).prompts() == prompts
+
+
+@pytest.mark.parametrize("prompt", [[1, "a"], ["a", 1], [[1], "a"], ["a", [1]], 5, None, [[1.5]], {"a": 1}])
+def test_mixed_or_wrong_prompt_forms_are_refused(prompt):
+    with pytest.raises(APIError) as caught:
+        parse_request({"prompt": prompt})
+    assert caught.value.param == "prompt"
+    assert "must be a string, a list of strings, a list of token ids or a list of token id lists" in str(caught.value)
+
+
+@pytest.mark.parametrize("prompt", [[-1], [2**31], [[1], [2**40]]])
+def test_token_ids_out_of_range_are_refused(prompt):
+    with pytest.raises(APIError, match="token ids must be between 0 and 2147483647"):
+        parse_request({"prompt": prompt})
+    with pytest.raises(APIError, match="token ids must be between 0 and 2147483647"):
+        parse_request({"prompt": "x", "stop_token_ids": prompt if isinstance(prompt[0], int) else [2**40]})
+
+
+def test_a_field_name_that_is_not_unicode_is_refused_without_echoing_it():
+    error = refusal(BOUNDS, {"prompt": "x", "\ud800": 1})
+    assert error.param is None and "lone surrogate" in str(error)
+    # No APIError carries a lone surrogate: Ray cannot encode such an exception's text, and the
+    # replica that raised it exits (the handle's caller got ActorUnavailableError).
+    error = APIError("model `\ud800x` is unknown", param="\udfff")
+    assert str(error).encode("utf-8") == b"model `\\ud800x` is unknown" and error.param == "\\udfff"
