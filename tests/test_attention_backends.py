@@ -71,13 +71,20 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
                            executor=UnloadedExecutor())
         return engine.stage_specs[0].attention_backend, engine.allocator.block_size
 
-    # `auto` in half precision is left to each stage (flash-attn if its GPU runs it), with
-    # flash-attn's pages, whether or not the engine's own process sees a GPU: a multi-stage
-    # replica's scheduler has none, and took SDPA for every stage.
+    # `auto` in half precision is left to each stage of a pipeline (flash-attn if its GPU runs
+    # it), with flash-attn's pages, whether or not the engine's own process sees a GPU: a
+    # multi-stage replica's scheduler has none, and took SDPA for every stage.
     for visible in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-        assert stage_setup(dtype="float16") == ("auto", 256)
+        assert stage_setup(dtype="float16", num_stages=2) == ("auto", 256)
+    # One stage runs in the engine's process, on its GPU: flash-attn's pages only where that GPU
+    # runs flash-attn. On a T4 they made each sequence hold 256 slots, so 16384 cache tokens ran
+    # at most 64 sequences of deploy/gpt-neo-2.7b-1gpu.yaml's 128.
+    for capability, chosen in (((8, 0), ("auto", 256)), ((7, 5), ("sdpa", 16))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert stage_setup(dtype="float16") == chosen
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     # flash-attn computes in float16 or bfloat16, reading the cache in the model's dtype: auto
     # takes SDPA (and its smaller blocks) for anything else...
     assert stage_setup(dtype="float32") == ("sdpa", 16)

@@ -598,6 +598,7 @@ def resource_problems(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> l
         problems.append(f"{group}: GPU group without the {GPU_MEMORY_ANNOTATION} annotation (the memory of one "
                         f"GPU its sizing assumes, e.g. 22GiB)")
     for demand in (d for d in demands if d.model is not None and d.gpus_per_replica):
+        from neo_serve.models.attention import FlashAttentionBackend
         from neo_serve.plan import parse_bytes
 
         if any(b.get("GPU", 0) != 1 for b in demand.bundles):
@@ -619,6 +620,10 @@ def resource_problems(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> l
         if plan.fits and demand.model.kv_cache_tokens > plan.kv_tokens:
             problems.append(f"{demand.name}: kv_cache_tokens {demand.model.kv_cache_tokens} > the {plan.kv_tokens} "
                             f"tokens that fit beside the weights on a {gpu_memory} GPU")
+        pages = demand.model.kv_cache_tokens // FlashAttentionBackend.PAGE_MULTIPLE
+        if demand.model.max_num_seqs > pages:
+            problems.append(f"{demand.name}: max_num_seqs {demand.model.max_num_seqs} > the {pages} flash-attn pages of "
+                            f"kv_cache_tokens {demand.model.kv_cache_tokens} (each running sequence holds one)")
     return problems
 
 
@@ -797,7 +802,7 @@ def test_gpu_manifest_is_sized_by_the_plan(gpu_doc, checkpoints):
     assert (shape.gpus, shape.max_replicas, shape.cpus) == (4, 2, pipeline.cpus_per_replica)
     plan = cached_plan(REFERENCE / "gpt-neox-20b.config.json", 4, shape.gpu_memory, "float16")
     assert [round(s.weight_bytes / 2**30, 2) for s in plan.stages] == [9.86, 9.28, 9.28, 9.86]
-    assert 16384 == pipeline.model.kv_cache_tokens <= plan.kv_tokens
+    assert 32768 == pipeline.model.kv_cache_tokens <= plan.kv_tokens
     # A hung CUDA call restarts the stages instead of stalling every stream of the pipeline (and
     # the autoscaler renting another GPU Pod for the requests stuck in it).
     assert pipeline.model.step_timeout_s is not None

@@ -14,13 +14,16 @@ from ray.serve.schema import ServeDeploySchema
 
 from checkpoints import build_tokenizer, make_neox
 from neo_serve.app import build_app
+from neo_serve.config import load_model_config
+from neo_serve.models.attention import FlashAttentionBackend
+from neo_serve.plan import plan_pipeline
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     parse_app_args)
 from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, local_cpu_threads, local_num_cpus,
                                       threads_per_stage)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # ../shared beside the clone
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,15 @@ def test_deploy_configs_are_valid(path):
         layers = config_json.get("num_hidden_layers") or config_json["num_layers"]
         assert layers % model.num_stages == 0
         assert model.kv_cache_tokens >= config_json["max_position_embeddings"]
+        # Where flash-attn runs, each running sequence holds at least one of its 256-slot pages:
+        # a max_num_seqs past the pages is a promise the engine cannot keep.
+        pages = model.kv_cache_tokens // FlashAttentionBackend.PAGE_MULTIPLE
+        assert model.max_num_seqs <= pages, f"{path.name}: max_num_seqs {model.max_num_seqs} > {pages} pages"
+        # The cache fits beside the weights on the GPU the comment sizes it for.
+        for gpus, memory in re.findall(r"neo-serve plan --config \S+ --gpus (\d+) --gpu-memory (\S+)", path.read_text()):
+            plan = plan_pipeline(load_model_config(reference), num_stages=int(gpus), gpu_memory=memory,
+                                 dtype=model.dtype)
+            assert plan.fits and model.kv_cache_tokens <= plan.kv_tokens, f"{path.name}: {plan.kv_tokens} tokens fit"
         # A hung CUDA call must end in a restart (or a replaced replica), not streams stalled forever.
         assert model.step_timeout_s is not None, f"{path.name}: a GPU model without step_timeout_s"
 

@@ -28,7 +28,7 @@ from neo_serve.engine.sequence import Request, Sequence
 from neo_serve.engine.worker import StageWorkerSpec, StepInput, step_positions
 from neo_serve.errors import ConfigError, InvalidRequestError
 from neo_serve.loader import DTYPES, CheckpointFiles, resolve_dtype
-from neo_serve.models.attention import FlashAttentionBackend, SequenceSlice
+from neo_serve.models.attention import FlashAttentionBackend, SequenceSlice, flash_attn_available
 from neo_serve.models.stages import partition_layers
 from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -126,6 +126,12 @@ class LLMEngine:
                                       f"{kv_dtype} KV cache: set dtype to float16 or bfloat16 and kv_cache_dtype to "
                                       "auto (or the same), or attention_backend to sdpa")
                 backend = "sdpa"
+        if backend == "auto" and on_cuda and config.num_stages == 1 and not flash_attn_available():
+            # One stage runs in this very process, on its GPU: no stage can take flash-attn here
+            # (a T4 or V100, or flash-attn not installed), so nothing needs its 256-slot pages.
+            # Each sequence holds at least one block: with 256-slot blocks, 16384 cache tokens
+            # would run at most 64 sequences, whatever max_num_seqs says.
+            backend = "sdpa"
         page = FlashAttentionBackend.PAGE_MULTIPLE
         may_use_flash = backend == "flash" or (backend == "auto" and on_cuda)
         if config.block_size is None:
