@@ -75,6 +75,14 @@ def planned_dtype(config: ModelConfig, dtype: str = "auto") -> str:
     return config.checkpoint_dtype or "float32"
 
 
+def _stored_elements(module: torch.nn.Module) -> int:
+    """Weight elements a loaded stage holds: tied embedding and head on the same stage are one
+    tensor (the loader ties them), counted once."""
+    params = dict(module.named_parameters())
+    pairs = {frozenset(pair) for pair in module.tied_weights().items() if all(name in params for name in pair)}
+    return sum(p.numel() for p in params.values()) - sum(params[min(pair)].numel() for pair in pairs)
+
+
 def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int, dtype: str = "auto",
                   memory_utilization: float = 0.90, activation_reserve: str | int = "1GiB") -> PipelinePlan:
     dtype = planned_dtype(config, dtype)
@@ -86,7 +94,7 @@ def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int
     for spec in partition_layers(config, num_stages):
         with init_empty_weights():
             module = build_stage_model(config, spec, SdpaBackend())
-        weights = sum(p.numel() for p in module.parameters()) * element
+        weights = _stored_elements(module) * element
         per_token = KVArena.bytes_per_token(spec.num_layers, config.num_heads, config.head_dim, torch_dtype)
         kv_tokens = max(0, (usable - weights) // per_token)
         stages.append(StagePlan(spec.index, spec.layer_start, spec.layer_end, weights, per_token, kv_tokens))

@@ -167,6 +167,30 @@ def test_a_tied_checkpoint_holding_only_the_heads_name_loads(family, neo_checkpo
     assert ours.outputs[0].logprobs == reference.outputs[0].logprobs
 
 
+@pytest.mark.parametrize("family", ["neo", "neox"])
+def test_tied_embeddings_on_one_stage_are_one_tensor(family, neo_checkpoint, tokenizer, tmp_path):
+    # As transformers keeps them: loaded twice and cast to the serving dtype, embedding and head
+    # were two copies (257 MB more for GPT-Neo-2.7B in float16). The same output either way.
+    from checkpoints import make_neox
+
+    checkpoint = neo_checkpoint if family == "neo" else make_neox(tmp_path / "tied", tokenizer, tie_word_embeddings=True)
+    config = load_model_config(checkpoint)
+    [stage] = partition_layers(config, 1)
+    model = load_stage(checkpoint, config, stage, dtype=torch.bfloat16)
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    embedding, head = {"neo": ("transformer.wte.weight", "lm_head.weight"),
+                       "neox": ("gpt_neox.embed_in.weight", "embed_out.weight")}[family]
+    assert weights[head] is weights[embedding] and weights[head].dtype == torch.bfloat16
+    # On two stages each holds its own end of the tie, read from the one stored tensor.
+    first, last = (load_stage(checkpoint, config, spec, dtype=torch.bfloat16) for spec in partition_layers(config, 2))
+    assert torch.equal(dict(first.named_parameters())[embedding], dict(last.named_parameters())[head])
+    reference = LLM(str(checkpoint), dtype="bfloat16", pack_cpu_linears=False)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    two_stages = LLM(str(checkpoint), dtype="bfloat16", pack_cpu_linears=False, num_stages=2)
+    assert (reference.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids
+            == two_stages.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids)
+
+
 def test_convert_writes_each_shard_as_it_fills(neox_checkpoint, tmp_path, monkeypatch):
     """A sharded pickle checkpoint converts one shard at a time: the first safetensors shard is
     on disk before the second pickle file is read (an init container converting GPT-NeoX-20B

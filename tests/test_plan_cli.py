@@ -45,6 +45,12 @@ def test_plan_sizes_the_dtype_the_model_is_served_in(reference_dir, capsys):
     assert auto.dtype == "float32" and 10.5e9 < sum(s.weight_bytes for s in auto.stages) < 11.5e9
     half = plan_pipeline(neo, num_stages=1, gpu_memory="24GiB", dtype="float16")
     assert sum(s.weight_bytes for s in half.stages) * 2 == sum(s.weight_bytes for s in auto.stages)
+    # The head shares the embedding's tensor on a stage holding both (as the loader ties them):
+    # GPT-Neo-2.7B's published 2,651,307,520 parameters. On two stages each holds its own.
+    assert half.stages[0].weight_bytes == 2 * 2_651_307_520
+    wte = neo.vocab_size * neo.hidden_size
+    split = plan_pipeline(neo, num_stages=2, gpu_memory="24GiB", dtype="float16")
+    assert sum(s.weight_bytes for s in split.stages) == 2 * (2_651_307_520 + wte)
     # GPT-NeoX-20B's config says float16.
     assert plan_pipeline(load_model_config(reference_dir / "gpt-neox-20b.config.json"), num_stages=4,
                          gpu_memory="24GiB").dtype == "float16"
