@@ -150,10 +150,11 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
         model = build_stage_model(config, stage, backend or SdpaBackend())
     tied = model.tied_weights()
     stored = _stored_names(files, config)
-    params = set(model.state_dict().keys())
+    names = list(model.state_dict().keys())
+    params = set(names)
     shared: dict[str, str] = {}  # parameter -> the parameter of this stage whose tensor it is
     by_file: dict[Path, list[tuple[str, str]]] = {}
-    for param_name in params:
+    for param_name in names:
         source = param_name
         if source not in stored and param_name in tied:
             source = tied[param_name]
