@@ -41,16 +41,17 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         cards.append(card)
     pipelines = {model.served_name: pipeline_deployment(model, index).bind(model)
                  for index, model in enumerate(app_args.models)}
+    relayed_timeout_s = max(model.graceful_shutdown_timeout_s for model in app_args.models)
     playground = None
     if app_args.playground.enabled:
         models = [{"name": card["id"], "deployment": deployment_name(model, index), "num_stages": model.num_stages,
                    "max_model_len": card.get("max_model_len"), "request_timeout_s": model.request_timeout_s}
                   for index, (model, card) in enumerate(zip(app_args.models, cards))]
-        playground = playground_deployment(app_args.playground).bind(pipelines, models, app_args.playground)
+        playground = playground_deployment(app_args.playground, relayed_timeout_s).bind(pipelines, models,
+                                                                                        app_args.playground)
     limits = {model.served_name: model.route_limits(card.get("max_model_len"))
               for model, card in zip(app_args.models, cards)}
-    relay_timeout_s = max(model.graceful_shutdown_timeout_s for model in app_args.models)
-    return router_deployment(app_args.router, relay_timeout_s).bind(pipelines, cards, app_args.router, playground,
+    return router_deployment(app_args.router, relayed_timeout_s).bind(pipelines, cards, app_args.router, playground,
                                                                     limits)
 
 

@@ -286,3 +286,15 @@ def test_playground_build_args_and_graph():
     add_up_arguments(parser)
     assert app_args_from_namespace(parser.parse_args(["--no-playground"]))["playground"] == {"enabled": False}
     assert "playground" not in app_args_from_namespace(parser.parse_args([]))
+
+
+def test_an_idle_page_holds_no_event_stream():
+    # The playground deployment drains for as long as a run may take (the pipelines' graceful
+    # shutdown): that is right only while its open requests are runs. A page whose blocks need
+    # Gradio's heartbeat holds an event stream open for as long as it is open, and would hold
+    # every redeploy for the whole timeout.
+    from neo_serve.serve.config import PlaygroundArgs
+    from neo_serve.ui.blocks import build_blocks
+
+    blocks = build_blocks(PlaygroundBackend({}, [MODEL], app_name=None), PlaygroundArgs())
+    assert blocks.get_config_file()["connect_heartbeat"] is False

@@ -52,14 +52,17 @@ class PlaygroundServer:
 PlaygroundDeployment = serve.deployment(PlaygroundServer)
 
 
-def playground_deployment(settings: PlaygroundArgs) -> serve.Deployment:
-    """Exactly one replica, whatever the router's scaling (see the module docstring)."""
+def playground_deployment(settings: PlaygroundArgs, runs_timeout_s: float) -> serve.Deployment:
+    """Exactly one replica, whatever the router's scaling (see the module docstring).
+    `runs_timeout_s`: the pipelines' longest graceful shutdown, which a run in progress may take."""
     return PlaygroundDeployment.options(
         name=DEPLOYMENT_NAME,
         num_replicas=1,
         ray_actor_options=ingress_actor_options(settings.num_cpus, settings.resources),
         # Every open page holds an event stream; static files and API calls come on top.
         max_ongoing_requests=1024,
-        # Open event streams would otherwise hold a redeploy for the default 20 s.
-        graceful_shutdown_timeout_s=5,
+        # Its open requests are runs in progress (an idle page holds no event stream: the blocks
+        # need no heartbeat, a test checks), which may last as long as the pipelines drain. Cut
+        # at 5 s, as before, a redeploy showed "Connection errored out" in every running page.
+        graceful_shutdown_timeout_s=runs_timeout_s,
     )

@@ -255,13 +255,21 @@ class Router:
 RouterDeployment = serve.deployment(Router)
 
 
-def router_deployment(settings: RouterArgs, graceful_shutdown_timeout_s: float) -> serve.Deployment:
-    """`graceful_shutdown_timeout_s`: the pipelines' longest. A router relays their streams, so a
-    router replica that autoscaling removes must not cut them sooner (Serve's default: 20 s)."""
+# How much longer a router drains than the pipelines whose streams it relays. A redeploy stops the
+# old router and the old pipelines in the same controller pass: with equal deadlines both were
+# killed together and a stream cut mid-body, where the router should outlive its pipeline long
+# enough to send the client the 503 error event and [DONE].
+ROUTER_DRAIN_MARGIN_S = 30.0
+
+
+def router_deployment(settings: RouterArgs, relayed_timeout_s: float) -> serve.Deployment:
+    """`relayed_timeout_s`: the pipelines' (and the playground's) longest graceful shutdown. A
+    router replica relays their streams, so one that autoscaling or a redeploy removes must not
+    cut them sooner (Serve's default: 20 s): it drains for that plus ROUTER_DRAIN_MARGIN_S."""
     return RouterDeployment.options(
         name="Router",
         ray_actor_options=ingress_actor_options(settings.num_cpus, settings.resources),
         max_ongoing_requests=settings.max_ongoing_requests,
-        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+        graceful_shutdown_timeout_s=relayed_timeout_s + ROUTER_DRAIN_MARGIN_S,
         **settings.scaling_options(),
     )
