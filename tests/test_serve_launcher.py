@@ -197,3 +197,23 @@ def _session_processes(session_id: int) -> list[str]:
         except (psutil.Error, ProcessLookupError):
             continue
     return names
+
+
+def test_a_port_in_use_is_one_line_before_any_ray():
+    """A second `neo-serve up` (or any server on the port): Serve failed to bind it 10 s later,
+    after a whole Ray had started, with HAProxy's remote traceback and no word of --port."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(port)], capture_output=True,
+                             text=True, timeout=120, env=_user_environ())
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert ran.stderr.strip() == (f"neo-serve up: 127.0.0.1:{port} is already in use (another `neo-serve up`, or "
+                                  "another server): stop it, or serve on another port with --port")
+    assert "Ray" not in ran.stdout + ran.stderr  # refused before Ray started
+    ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", "99999"], capture_output=True,
+                         text=True, timeout=120, env=_user_environ())
+    assert ran.returncode == 2 and "argument --port: 99999 is not a port number (1-65535)" in ran.stderr

@@ -10,9 +10,11 @@ The CLI wires these in with `add_up_arguments(subparser)` and `run_up(namespace)
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -20,6 +22,31 @@ from typing import Any
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
 from neo_serve.serve.local_cluster import configure_local_cluster
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535 (Ray would start before Serve refused it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port, so that Serve could not bind it. Checked
+    before Ray starts: Serve's own failure comes 10 s later as a remote traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As servers do: a previous run's connections in TIME_WAIT do not block the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +72,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, metavar="S", help="most sequences running per pipeline")
     parser.add_argument("--max-model-len", type=int, metavar="L", help="context window (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--app-name", default=DEFAULT_APP_NAME,
                         help=f"Serve application name (default {DEFAULT_APP_NAME})")
     parser.add_argument("--address", default=None,
@@ -164,6 +191,10 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: --num-cpus {args.num_cpus} ignored: a joined cluster's nodes declare their own "
                   "CPUs (ray start --num-cpus)", file=sys.stderr)
     else:
+        if port_in_use(args.host, args.port):
+            print(f"neo-serve up: {args.host}:{args.port} is already in use (another `neo-serve up`, or another "
+                  "server): stop it, or serve on another port with --port", file=sys.stderr)
+            return 2
         try:
             ingress = configure_local_cluster(args.ingress)  # before Ray starts: its processes inherit it
         except IngressUnavailable as exc:
