@@ -121,7 +121,7 @@ def readme_python_example() -> str:
 
 
 def test_up_serves_until_ctrl_c(tmp_path):
-    port, haproxy_stats_port = free_port(), free_port()
+    port, haproxy_stats_port, metrics_port = free_port(), free_port(), free_port()
     # The bundled demo when it is there (the default), else a tiny checkpoint named on the command line.
     demo = (DEMO_CHECKPOINT / "config.json").is_file()
     checkpoint = [] if demo else [str(make_neox(tmp_path / "tiny", build_tokenizer()))]
@@ -129,11 +129,14 @@ def test_up_serves_until_ctrl_c(tmp_path):
     # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
     # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
     env = {**_user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)}
-    with neo_serve_up(*checkpoint, "--dtype", "float32", "--port", str(port), "--num-cpus", "4", env=env) as up:
+    with neo_serve_up(*checkpoint, "--dtype", "float32", "--port", str(port), "--num-cpus", "4",
+                      "--metrics-port", str(metrics_port), env=env) as up:
         up.read_until("Ctrl-C to stop", timeout=180)  # the banner's last line
         banner = up.text()
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert f"metrics      {metrics_url}" in banner
         # With no --cpus-per-stage the one stage gets the machine's threads (2 on a 2-core machine),
         # and the replica that runs it says so when its stage is loaded.
         threads = local_cpu_threads(available_cores())
@@ -161,6 +164,11 @@ def test_up_serves_until_ctrl_c(tmp_path):
                              env=_user_environ())
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
+        # The banner's metrics URL serves the model's metrics (once Ray has exported them).
+        deadline = time.monotonic() + 60
+        while "ray_neo_serve_generation_tokens" not in httpx.get(metrics_url, timeout=10).text:
+            assert time.monotonic() < deadline, "no neo-serve metrics at the banner's metrics URL"
+            time.sleep(1)
         up.process.send_signal(signal.SIGINT)
         assert up.process.wait(timeout=90) == 0
         with pytest.raises(httpx.HTTPError):

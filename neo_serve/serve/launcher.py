@@ -49,6 +49,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _metrics_export_port() -> int | None:
+    """The Prometheus port of the local Ray this process started (None if Ray does not say)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return int(ray_worker.global_worker.node.metrics_export_port) or None
+    except Exception:  # noqa: BLE001 - a private attribute: without it the banner only lacks a line
+        return None
+
+
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `neo-serve up`'s options to `parser`."""
     parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
@@ -73,6 +83,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, metavar="L", help="context window (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--metrics-port", type=port_number, default=None,
+                        help="port of a local Ray's Prometheus endpoint, /metrics (default: a free one; "
+                             "the banner prints it)")
     parser.add_argument("--app-name", default=DEFAULT_APP_NAME,
                         help=f"Serve application name (default {DEFAULT_APP_NAME})")
     parser.add_argument("--address", default=None,
@@ -190,6 +203,9 @@ def run_up(args: argparse.Namespace) -> int:
         if args.num_cpus is not None:
             print(f"neo-serve up: --num-cpus {args.num_cpus} ignored: a joined cluster's nodes declare their own "
                   "CPUs (ray start --num-cpus)", file=sys.stderr)
+        if args.metrics_port is not None:
+            print(f"neo-serve up: --metrics-port {args.metrics_port} ignored: a joined cluster's nodes export "
+                  "metrics where they were started to (ray start --metrics-export-port)", file=sys.stderr)
     else:
         if port_in_use(args.host, args.port):
             print(f"neo-serve up: {args.host}:{args.port} is already in use (another `neo-serve up`, or another "
@@ -215,7 +231,8 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         # "local": a cluster of our own, even if one started by `ray start` runs on this machine
         # (plain ray.init() would join that one, and the shutdown below would stop its apps).
-        ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False)
+        metrics_port = {} if address or args.metrics_port is None else {"_metrics_export_port": args.metrics_port}
+        ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, **metrics_port)
         serve.start(http_options={"host": args.host, "port": args.port})
         print(f"neo-serve: deploying {args.app_name!r} (Ctrl-C to give up)", flush=True)
         serve.run(app, name=args.app_name, route_prefix="/")
@@ -226,6 +243,9 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
+        if not address and (exported := _metrics_export_port()):
+            print(f"  metrics      http://127.0.0.1:{exported}/metrics  (Prometheus: ray_neo_serve_*, "
+                  "ray_serve_*)", flush=True)
         per_stage = sorted({t for m in app_args.models if (t := m.stage_threads()) is not None})
         if per_stage:  # CPU stages: the torch threads each one sets (GPU stages keep torch's default)
             print(f"  threads      {', '.join(map(str, per_stage))} per stage (torch threads; --cpus-per-stage)",
