@@ -8,7 +8,7 @@ One builder for every way of deploying neo-serve:
     serve.run(build_app({"models": [{"name": "neo", "checkpoint": "/models/neo", "num_stages": 2}]}))
 
 The graph: a `Router` ingress deployment (FastAPI) holding a handle to one pipeline deployment
-per model (`Pipeline-<i>-<name>`) and, unless `playground: false`, to the one-replica
+per model (`Pipeline-<name>`) and, unless `playground: false`, to the one-replica
 `Playground` deployment (Gradio, at /ui) which calls the same pipelines through their handles;
 see neo_serve/serve/, ui/ (neo_serve.ui), docs/serving.md and docs/playground.md.
 """
@@ -39,14 +39,15 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         if app_args.verify_checkpoints:
             card["max_model_len"] = verify_model(model, index)
         cards.append(card)
-    pipelines = {model.served_name: pipeline_deployment(model, index).bind(model)
-                 for index, model in enumerate(app_args.models)}
+    names = [deployment_name(model, app_args.models) for model in app_args.models]
+    pipelines = {model.served_name: pipeline_deployment(model, name).bind(model)
+                 for model, name in zip(app_args.models, names)}
     relayed_timeout_s = max(model.graceful_shutdown_timeout_s for model in app_args.models)
     playground = None
     if app_args.playground.enabled:
-        models = [{"name": card["id"], "deployment": deployment_name(model, index), "num_stages": model.num_stages,
+        models = [{"name": card["id"], "deployment": name, "num_stages": model.num_stages,
                    "max_model_len": card.get("max_model_len"), "request_timeout_s": model.request_timeout_s}
-                  for index, (model, card) in enumerate(zip(app_args.models, cards))]
+                  for model, card, name in zip(app_args.models, cards, names)]
         playground = playground_deployment(app_args.playground, relayed_timeout_s).bind(pipelines, models,
                                                                                         app_args.playground)
     limits = {model.served_name: model.route_limits(card.get("max_model_len"))

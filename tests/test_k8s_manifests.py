@@ -452,7 +452,7 @@ def serve_demands(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> list[
 
     demands = []
     for app, app_args, built in build_serve_applications(doc, checkpoints):
-        models = {deployment_name(m, i): m for i, m in enumerate(app_args.models)}
+        models = {deployment_name(m, app_args.models): m for m in app_args.models}
         overrides = {d["name"]: d for d in app.get("deployments") or []}
         for deployment in built.deployments:
             config, replica = deployment._deployment_config, deployment._replica_config
@@ -827,7 +827,7 @@ def test_resource_check_fails_without_the_gpus(gpu_doc, checkpoints, edit, expec
 def test_resource_check_sees_serve_deployment_overrides(gpu_doc, checkpoints):
     config = serve_config(gpu_doc)
     config["applications"][0]["deployments"] = [
-        {"name": "Pipeline-0-gpt-neox-20b", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}]
+        {"name": "Pipeline-gpt-neox-20b", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}]
     set_serve_config(gpu_doc, config)
     assert any("Serve may scale to 12" in p for p in resource_problems(gpu_doc, checkpoints))
 

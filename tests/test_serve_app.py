@@ -642,17 +642,17 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
 
         details = ServeInstanceDetails(**_get_global_client().get_serve_details())
         deployments = details.applications[name].deployments
-        config = deployments["Pipeline-0-scaled"].deployment_config.autoscaling_config
+        config = deployments["Pipeline-scaled"].deployment_config.autoscaling_config
         assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"]) == (2, 3, 4)
         # Scaling down lets a long generation finish (Serve's own default would stop it at 20 s).
-        assert deployments["Pipeline-0-scaled"].deployment_config.graceful_shutdown_timeout_s == 300
+        assert deployments["Pipeline-scaled"].deployment_config.graceful_shutdown_timeout_s == 300
         # Nor may a router replica that relays it, or the playground whose run it is: the router
         # outlives the pipeline (a redeploy stops both at once) to send the error event and [DONE].
         assert deployments["Router"].deployment_config.graceful_shutdown_timeout_s == 330
         assert deployments["Playground"].deployment_config.graceful_shutdown_timeout_s == 300
         assert deployments["Router"].deployment_config.autoscaling_config["max_replicas"] == 2
         # And Serve acts on it: min_replicas pipelines are running.
-        status = serve.status().applications[name].deployments["Pipeline-0-scaled"]
+        status = serve.status().applications[name].deployments["Pipeline-scaled"]
         assert status.replica_states.get("RUNNING") == 2
         # The router and the playground hold the custom resource that pins them to the nodes
         # offering it (on Kubernetes: the head): 1 router x 1 + the playground's 2 of 8.

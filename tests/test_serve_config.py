@@ -18,7 +18,7 @@ from neo_serve.config import load_model_config
 from neo_serve.models.attention import FlashAttentionBackend
 from neo_serve.plan import plan_pipeline
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
-                                    parse_app_args)
+                                    deployment_name, parse_app_args)
 from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, local_cpu_threads, local_num_cpus,
                                       threads_per_stage)
 
@@ -243,3 +243,28 @@ def test_a_key_file_without_keys_is_refused_rather_than_leaving_the_api_open(tmp
     # An unset or empty variable is no key source at all (the default variable is always named).
     monkeypatch.setenv("NEO_SERVE_API_KEYS", "")
     assert load_api_keys("NEO_SERVE_API_KEYS", None) == ()
+
+
+def test_a_models_deployment_is_named_by_its_served_name_alone():
+    """Adding, removing or reordering other models must not rename a model's pipeline deployment:
+    Serve deletes a renamed deployment and creates it anew (every replica at once, weights
+    reloaded), and a config's `deployments:` override naming it would fail the whole deploy."""
+    from ray.serve._private.build_app import build_app as build_graph
+
+    def pipelines(*names: str) -> dict[str, str]:
+        args = {"models": [{"name": name} for name in names], "playground": False}
+        graph = build_graph(build_app(args), name="x")
+        built = {d.name for d in graph.deployments} - {"Router"}
+        expected = {name: deployment_name(model, parse_app_args(args).models) for name, model in
+                    zip(names, parse_app_args(args).models)}
+        assert set(expected.values()) == built
+        return expected
+
+    both = pipelines("alpha", "beta")
+    assert both == {"alpha": "Pipeline-alpha", "beta": "Pipeline-beta"}
+    assert pipelines("beta") == {"beta": "Pipeline-beta"}
+    assert pipelines("gamma", "beta", "alpha") == {"gamma": "Pipeline-gamma", **both}
+    # Names Serve cannot take are slugged; two that would meet get a digest of the served name.
+    apart = pipelines("my model", "my/model")
+    assert len(set(apart.values())) == 2 and all(re.fullmatch(r"Pipeline-my-model-[0-9a-f]{8}", n) for n in apart.values())
+    assert pipelines("my model") == {"my model": "Pipeline-my-model"}

@@ -68,4 +68,4 @@ def test_wheel_installs_the_playground(tmp_path):
     site = str(venv / "lib")
     assert out[0].startswith(site) and out[1].startswith(site), out
     assert out[1].endswith("neo_serve/ui/blocks.py")
-    assert out[2] == "['Pipeline-0-neo-demo', 'Playground', 'Router']"
+    assert out[2] == "['Pipeline-neo-demo', 'Playground', 'Router']"

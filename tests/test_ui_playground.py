@@ -130,7 +130,7 @@ def assert_freed(model: str = DEMO) -> dict:
 # ---- the deployment graph and the bridge -----------------------------------------------------
 def test_playground_is_one_replica_behind_the_router(base_url, app):
     status = serve.status().applications[APP]
-    assert set(status.deployments) == {"Router", "Playground", f"Pipeline-0-{DEMO}", f"Pipeline-1-{TINY}"}
+    assert set(status.deployments) == {"Router", "Playground", f"Pipeline-{DEMO}", f"Pipeline-{TINY}"}
     assert status.deployments["Playground"].replica_states == {"RUNNING": 1}
     redirect = httpx.get(f"{base_url}/ui")
     assert redirect.status_code == 307 and redirect.headers["location"] == f"{base_url}/ui/"
@@ -175,7 +175,7 @@ def test_streamed_text_equals_router_greedy(client, app, model):
     # Which pipeline served it: the deployment, the replica (as its stats() name it), its stages.
     assert shown["replica"] == pipeline_stats(model)["replica"]
     stages = "2 pipeline stages" if model == DEMO else "1 pipeline stage"
-    deployment = f"Pipeline-0-{DEMO}" if model == DEMO else f"Pipeline-1-{TINY}"
+    deployment = f"Pipeline-{DEMO}" if model == DEMO else f"Pipeline-{TINY}"
     assert shown["served-by"] == f"Served by {deployment} replica {shown['replica']} ({stages})"
 
 
@@ -316,9 +316,9 @@ def test_model_not_loaded_is_reported(base_url, app, metrics_port):
             late.predict("def f():", "late", *GREEDY.values(), api_name="/generate")
 
         def none_queued():  # in two exports (1 s apart) three seconds apart
-            first = queued_requests(metrics_port, "Pipeline-0-late")
+            first = queued_requests(metrics_port, "Pipeline-late")
             time.sleep(3)
-            return first == 0 and queued_requests(metrics_port, "Pipeline-0-late") == 0
+            return first == 0 and queued_requests(metrics_port, "Pipeline-late") == 0
 
         wait_until(none_queued, timeout=30, interval=0, what="no playground request left queued for `late`")
     finally:

@@ -19,7 +19,7 @@ from neo_serve.ui import bridge
 from neo_serve.ui.backend import (PlaygroundBackend, PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed,
                                   parse_stop, sampling_params)
 
-MODEL = PlaygroundModel("neo-demo", "Pipeline-0-neo-demo", num_stages=2, max_model_len=512)
+MODEL = PlaygroundModel("neo-demo", "Pipeline-neo-demo", num_stages=2, max_model_len=512)
 
 
 # ---- bridge -----------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_busy_and_unavailable_errors():
 
     busy = describe_error(BackPressureError(num_queued_requests=10, max_queued_requests=10), MODEL)
     assert busy.title == "Server busy" and "request queue is full" in busy.message
-    gone = describe_error(DeploymentUnavailableError(DeploymentID("Pipeline-0-neo-demo", "neo-serve")), MODEL)
+    gone = describe_error(DeploymentUnavailableError(DeploymentID("Pipeline-neo-demo", "neo-serve")), MODEL)
     assert gone.title == "Model not loaded" and "failed to deploy" in gone.message
     for died in (RayActorError(), ReplicaUnavailableError("ab12cd34")):
         error = describe_error(died, MODEL)
@@ -247,7 +247,7 @@ def test_run_timing_and_figures(monkeypatch):
     assert cards == {"prompt-tokens": "3", "generated-tokens": "3", "time-to-first-token": "500 ms",
                      "tokens-per-second": "2.0", "finish-reason": "length"}
     assert 'class="run-status done"' in shown and "Finished</b> in 2.00 s" in shown
-    assert "Served by <code>Pipeline-0-neo-demo</code> replica" in shown and "(2 pipeline stages)" in shown
+    assert "Served by <code>Pipeline-neo-demo</code> replica" in shown and "(2 pipeline stages)" in shown
 
 
 def test_error_figures_are_escaped():
@@ -276,8 +276,8 @@ def test_playground_build_args_and_graph():
     def deployments(args):
         return sorted(d.name for d in build_graph(build_app(args), name="x").deployments)
 
-    assert deployments({}) == ["Pipeline-0-neo-demo", "Playground", "Router"]
-    assert deployments({"playground": False}) == ["Pipeline-0-neo-demo", "Router"]
+    assert deployments({}) == ["Pipeline-neo-demo", "Playground", "Router"]
+    assert deployments({"playground": False}) == ["Pipeline-neo-demo", "Router"]
     assert parse_app_args({"playground": "false"}).playground.enabled is False  # serve run ... playground=false
     assert parse_app_args({"playground": {"num_cpus": 0.5}}).playground.num_cpus == 0.5
     with pytest.raises(AppConfigError, match="playground.replica_wait_s"):

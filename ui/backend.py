@@ -28,7 +28,7 @@ class PlaygroundModel:
     """A served model as the playground lists it."""
 
     name: str
-    deployment: str  # the Serve deployment of its pipelines, e.g. Pipeline-0-neo-demo
+    deployment: str  # the Serve deployment of its pipelines, e.g. Pipeline-neo-demo
     num_stages: int
     max_model_len: int | None = None
     request_timeout_s: float | None = None  # the model's deadline for a run, as the router's for a request

@@ -7,7 +7,9 @@ a description (they are the reference documentation of the args) and errors name
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -373,7 +375,19 @@ def field_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
-def deployment_name(model: ModelArgs, index: int) -> str:
-    """Serve deployment name of a model's pipeline (Serve names allow a restricted alphabet)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.served_name).strip("-") or "model"
-    return f"Pipeline-{index}-{slug}"
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"  # Serve's alphabet for names
+
+
+def deployment_name(model: ModelArgs, models: Sequence[ModelArgs]) -> str:
+    """Serve deployment name of a model's pipeline: `Pipeline-<served name>`.
+
+    From the served name alone, not the model's place in `models`: when other models are added,
+    removed or reordered, Serve then updates this one's replicas in place (a deployment whose
+    name changed is deleted and created anew, every replica at once), and a config's
+    `deployments:` override keeps naming it. Names that differ only in characters Serve does not
+    allow get a digest of the served name, to stay apart."""
+    slug = _slug(model.served_name)
+    if sum(_slug(other.served_name) == slug for other in models) > 1:
+        slug += "-" + hashlib.sha256(model.served_name.encode()).hexdigest()[:8]
+    return f"Pipeline-{slug}"

@@ -19,7 +19,7 @@ from ray.serve.config import BackpressureConfig
 
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
-from neo_serve.serve.config import ModelArgs, deployment_name
+from neo_serve.serve.config import ModelArgs
 from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
 from neo_serve.serve.metrics import PipelineMetrics
 from neo_serve.serve.outputs import GenerationChunk
@@ -103,10 +103,10 @@ class PipelineServer:
 PipelineDeployment = serve.deployment(PipelineServer)
 
 
-def pipeline_deployment(model: ModelArgs, index: int) -> serve.Deployment:
-    """The model's pipeline deployment with its placement group, scaling and limits."""
+def pipeline_deployment(model: ModelArgs, name: str) -> serve.Deployment:
+    """The model's pipeline deployment `name` with its placement group, scaling and limits."""
     return PipelineDeployment.options(
-        name=deployment_name(model, index),
+        name=name,
         placement_group_bundles=model.placement_bundles(),
         placement_group_strategy="PACK",
         ray_actor_options=model.replica_actor_options(),
