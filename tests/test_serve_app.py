@@ -663,11 +663,15 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         serve.delete(name)
 
 
-def test_health_is_503_until_stages_load(base_url, app, checkpoints):
+def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
     """Hold back the pipeline's placement group (a real resource shortage) and watch /health."""
+    import shutil
+
     from ray.util.placement_group import placement_group, remove_placement_group
 
     name = "neo-health"
+    checkpoint, hidden = tmp_path / "late", tmp_path / "hidden"
+    shutil.copytree(checkpoints["neox"], checkpoint)
     router_cpus = 0.5
     free = ray.available_resources().get("CPU", 0)
     # The late pipeline needs 2 x 0.5 CPU for its stages + 1 for its scheduler.
@@ -676,7 +680,7 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints):
     ray.get(blocker.ready(), timeout=30)
     try:
         serve.run_many([serve.RunTarget(build_app({
-            "models": [{"name": "late", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+            "models": [{"name": "late", "checkpoint": str(checkpoint), "num_stages": 2, "dtype": "float32",
                         "cpus_per_stage": 0.5}],
             "router": {"num_cpus": router_cpus}}), name=name, route_prefix="/late")],
             wait_for_applications_running=False)
@@ -704,9 +708,27 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints):
                                                      "num_stages": 2}
         ok = httpx.post(f"{base_url}/late/v1/completions", json={"prompt": "def f(", "max_tokens": 4}, timeout=60)
         assert ok.status_code == 200
+
+        # The model's only pipeline is lost and its successors cannot load (their checkpoint is
+        # gone): /health is 503 again (it stayed 200 for good once a pipeline had answered), and
+        # 200 once one runs.
+        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith(f"SERVE_REPLICA::{name}#Pipeline-late#")]
+        checkpoint.rename(hidden)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 503 and r,
+                              timeout=60, interval=0.5, what="/health 503 with the pipeline gone")
+        assert response.json()["models"]["late"]["ready"] is False
+        time.sleep(3)
+        assert httpx.get(f"{base_url}/late/health", timeout=30).status_code == 503
+        hidden.rename(checkpoint)
+        wait_until(lambda: httpx.get(f"{base_url}/late/health", timeout=30).status_code == 200, timeout=120,
+                   interval=0.5, what="/health 200 with a new pipeline")
     finally:
         if blocker is not None:
             remove_placement_group(blocker)
+        if hidden.exists():
+            hidden.rename(checkpoint)
         serve.delete(name)
 
 

@@ -12,6 +12,7 @@ stream's chunks (dicts).
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,11 +141,14 @@ class Router:
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
-        # Models whose pipeline has answered `ready` once. They are not asked again: the question
-        # waits in the pipeline's request queue, so under load it would time out or be refused
-        # (429), and a readiness probe would take a busy router out of its load balancer. Serve
-        # health-checks the pipeline replicas and replaces failed ones itself.
+        # Models whose pipeline has answered `ready` once. They are not asked again while Serve's
+        # controller counts a RUNNING pipeline replica of theirs: the question waits in the
+        # pipeline's request queue, so under load it would time out or be refused (429), and a
+        # readiness probe would take a busy router out of its load balancer. Serve health-checks
+        # the pipeline replicas and replaces failed ones itself.
         self._loaded: set[str] = set()
+        self._running: dict[str, int] = {}  # model -> RUNNING pipeline replicas (controller's count)
+        self._running_at = -float("inf")
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
         _access.max_body_bytes = settings.max_body_bytes
 
@@ -165,6 +169,10 @@ class Router:
     @api.get("/health")
     async def health(self) -> JSONResponse:
         """200 once every stage of every model's pipeline is loaded, else 503."""
+        # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
+        # restarts them) is loading again: asked `ready` again, as at the start, until one answers.
+        running = await self._running_pipelines()
+        self._loaded -= {name for name in self._loaded if running.get(name) == 0}
         pending = [name for name in self.service.pipelines if name not in self._loaded]
         states = await asyncio.gather(*(self._ready(name, self.service.pipelines[name]) for name in pending))
         self._loaded.update(name for name, state in zip(pending, states) if state.get("ready"))
@@ -174,6 +182,22 @@ class Router:
         ready = all(state.get("ready") for state in models.values())
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
+
+    async def _running_pipelines(self) -> dict[str, int]:
+        """Each model's RUNNING pipeline replicas, as Serve's controller counts them (cached for a
+        second: probes may come often); empty if the controller does not answer."""
+        now = time.monotonic()
+        if now - self._running_at > 1.0:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[serve.get_replica_context().app_name].deployments
+                self._running = {name: deployments[handle.deployment_name].replica_states.get("RUNNING", 0)
+                                 for name, handle in self.service.pipelines.items()}
+            except Exception as exc:  # noqa: BLE001 - without the controller, trust what `ready` said
+                logger.warning("neo-serve router: no deployment status from Serve: %r", exc)
+                self._running = {}
+            self._running_at = now
+        return self._running
 
     async def _ready(self, name: str, handle: DeploymentHandle) -> dict[str, Any]:
         # A pipeline replica answers only once constructed, i.e. with all stages loaded; until
