@@ -732,6 +732,52 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
         serve.delete(name)
 
 
+def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
+    """Ray does not cancel a streaming call whose caller died: when a router replica was killed
+    mid-stream, its sequences ran on to max_tokens, holding KV blocks and batch slots. The
+    pipeline pings the callers of its streams and stops those of a dead one."""
+    name = "neo-orphans"
+    handle = serve.run(build_app({
+        "models": [{"name": "orphans", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
+                    "cpus_per_stage": 0.5}],
+        "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix="/orphans")
+    url = f"{base_url}/orphans/v1/completions"
+    body = {"prompt": "def f(", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+    started = threading.Barrier(9)
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=120) as response:
+                lines = response.iter_lines()
+                next(lines)
+                started.wait(timeout=60)
+                for _ in lines:
+                    pass
+        except httpx.HTTPError:
+            pass  # the router died: the connection is cut
+
+    try:
+        clients = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
+        for client in clients:
+            client.start()
+        started.wait(timeout=60)
+        [router] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{name}#Router#")]
+        pipeline = serve.get_deployment_handle("Pipeline-orphans", app_name=name)
+        stats = pipeline.stats.remote().result()
+        assert stats["running"] == 8 and stats["streams_of_dead_callers"] == 0, stats
+        ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+        stopped = wait_until(lambda: (s := pipeline.stats.remote().result())["running"] == 0 and s, timeout=60,
+                             interval=0.2, what="the dead router's sequences stopped")
+        # Stopped, not run to the end: 8 x 480 tokens were asked for.
+        assert stopped["streams_of_dead_callers"] == 8, stopped
+        assert stopped["free_kv_blocks"] == stopped["total_kv_blocks"]
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        serve.delete(name)
+
+
 def stage_actor(replica: str, stage: int) -> dict:
     [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith("neo-serve-stage:") and f":{replica}:" in a["name"]

@@ -183,8 +183,9 @@ class PlaygroundBackend:
     handles: the same replicas, batches and KV caches as the router's requests."""
 
     def __init__(self, pipelines: Mapping[str, Any], models: list[PlaygroundModel], *, app_name: str | None,
-                 replica_wait_s: float = 5.0) -> None:
+                 replica_wait_s: float = 5.0, caller: Any | None = None) -> None:
         self.models = {model.name: model for model in models}
+        self.caller = caller  # the playground replica's own actor handle, sent with each call (CallerWatch)
         self.pipelines = {name: handle.options(stream=True).generate for name, handle in pipelines.items()}
         self.app_name = app_name
         self.replica_wait_s = replica_wait_s
@@ -211,7 +212,7 @@ class PlaygroundBackend:
         # before dispatching): Ray shields its routing from the caller's cancellation, so the
         # routing of a run that timed out waiting or was stopped could go on. The first chunk
         # names the replica instead.
-        stream = self.pipelines[run.model.name].remote(prompt, params, request_id)
+        stream = self.pipelines[run.model.name].remote(prompt, params, request_id, caller=self.caller)
         try:
             first = await self._accepted(stream, run.model)
             run.replica = first.replica

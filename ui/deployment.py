@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -36,7 +37,8 @@ class PlaygroundServer:
 
         backend = PlaygroundBackend(pipelines, [PlaygroundModel(**model) for model in models],
                                     app_name=serve.get_replica_context().app_name,
-                                    replica_wait_s=settings.replica_wait_s)
+                                    replica_wait_s=settings.replica_wait_s,
+                                    caller=ray.get_runtime_context().current_actor)
         self.app = build_asgi_app(backend, settings)
         self.lifespan = LifespanManager(self.app)
         await self.lifespan.startup()  # starts Gradio's queue

@@ -287,8 +287,9 @@ class CompletionService:
     prompts and outputs stay out of the logs)."""
 
     def __init__(self, pipelines: Mapping[str, Any], limits: Mapping[str, RouteLimits] | None = None,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, caller: Any | None = None) -> None:
         self.pipelines = dict(pipelines)  # served name -> DeploymentHandle of its pipeline
+        self.caller = caller  # this replica's own actor handle, sent with each call (see CallerWatch)
         self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
         limits = limits or {}
         self.bounds = RequestBounds({name: limits.get(name, RouteLimits()) for name in self.pipelines})
@@ -354,7 +355,8 @@ class _Run:
         params = sampling_params(request)
         handle = service.streaming[model]
         base = uuid.uuid4().hex
-        streams = [handle.generate.remote(prompt, params, f"{base}-{i}") for i, prompt in enumerate(prompts)]
+        streams = [handle.generate.remote(prompt, params, f"{base}-{i}", caller=service.caller)
+                   for i, prompt in enumerate(prompts)]
         try:
             firsts = await deadline.run(asyncio.gather(*(stream.__anext__() for stream in streams),
                                                        return_exceptions=True))

@@ -15,10 +15,12 @@ from typing import Any
 
 import psutil
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.config import BackpressureConfig
 
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.serve.caller_watch import CallerWatch
 from neo_serve.serve.config import ModelArgs
 from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
 from neo_serve.serve.metrics import PipelineMetrics
@@ -58,17 +60,21 @@ class PipelineServer:
                                  stream_interval_s=model.stream_interval_s,
                                  max_stream_chunks_per_s=model.stream_chunk_budget())
         self.core.start()
+        self.callers = CallerWatch()
         logger.info("neo-serve pipeline for %s ready: %s", model.served_name, runner.stage_info())
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       caller: ActorHandle | None = None) -> AsyncIterator[GenerationChunk]:
         """Stream `GenerationChunk`s for one prompt (call with `handle.options(stream=True)`). The
-        first one, sent on acceptance, names this replica (the playground shows who served a run)."""
+        first one, sent on acceptance, names this replica (the playground shows who served a run).
+        `caller`: the calling replica's own actor handle; if that actor dies, the stream stops
+        (`CallerWatch`), since Ray would let it run to max_tokens."""
         replica = serve.get_replica_context().replica_id.unique_id
-        async for chunk in self.core.generate(prompt, params, request_id):
-            if chunk.prompt_token_ids is not None:
-                chunk.replica = replica
-            yield chunk
+        with self.callers.watching(caller):
+            async for chunk in self.core.generate(prompt, params, request_id):
+                if chunk.prompt_token_ids is not None:
+                    chunk.replica = replica
+                yield chunk
 
     async def ready(self) -> dict[str, Any]:
         """Answers only once constructed, i.e. with every stage loaded."""
@@ -78,6 +84,7 @@ class PipelineServer:
     async def stats(self) -> dict[str, Any]:
         """Debug view: running / waiting sequences, free KV blocks, steps, stages."""
         return {"model": self.model.served_name, **self.core.stats(), "stages": self.core.runner.stage_info(),
+                "streams_of_dead_callers": self.callers.num_cancelled,
                 "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
                 "rss_bytes": psutil.Process().memory_info().rss}
 
@@ -95,6 +102,9 @@ class PipelineServer:
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown; stage actors would also die with their owner.
         core = getattr(self, "core", None)
+        callers = getattr(self, "callers", None)
+        if callers is not None:
+            callers.close()
         if core is not None:
             core.close()
             core.runner.close()

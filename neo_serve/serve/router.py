@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -137,7 +138,8 @@ class Router:
     def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
                  settings: RouterArgs, playground: DeploymentHandle | None = None,
                  limits: dict[str, RouteLimits] | None = None) -> None:
-        self.service = CompletionService(pipelines, limits, log_requests=settings.log_requests)
+        self.service = CompletionService(pipelines, limits, log_requests=settings.log_requests,
+                                         caller=ray.get_runtime_context().current_actor)
         self.cards = [ModelCard(**card) for card in cards]
         self.settings = settings
         self.playground = playground
