@@ -135,6 +135,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
     """Read a checkpoint directory's (or a file's) config.json into its family's dataclass."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist (a checkpoint directory with config.json, safetensors weights "
+                          "and a tokenizer)")
     if not file.is_file():
         raise ConfigError(f"no config.json at {file}")
     try:

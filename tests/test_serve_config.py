@@ -268,3 +268,9 @@ def test_a_models_deployment_is_named_by_its_served_name_alone():
     apart = pipelines("my model", "my/model")
     assert len(set(apart.values())) == 2 and all(re.fullmatch(r"Pipeline-my-model-[0-9a-f]{8}", n) for n in apart.values())
     assert pipelines("my model") == {"my model": "Pipeline-my-model"}
+
+
+def test_a_checkpoint_that_does_not_exist_says_so():
+    # It said "no config.json at /nonexistent/x", as for a directory without one.
+    with pytest.raises(AppConfigError, match=r"models\[0\] \(x\)\.checkpoint: /nonexistent/x does not exist \("):
+        build_app({"checkpoint": "/nonexistent/x"})
