@@ -150,11 +150,11 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
         model = build_stage_model(config, stage, backend or SdpaBackend())
     tied = model.tied_weights()
     stored = _stored_names(files, config)
-    names = list(model.state_dict().keys())
-    params = set(names)
+    param_names = list(model.state_dict().keys())
+    params = set(param_names)
     shared: dict[str, str] = {}  # parameter -> the parameter of this stage whose tensor it is
     by_file: dict[Path, list[tuple[str, str]]] = {}
-    for param_name in names:
+    for param_name in param_names:
         source = param_name
         if source not in stored and param_name in tied:
             source = tied[param_name]
@@ -174,6 +174,13 @@ def load_stage(directory: str | Path, config: ModelConfig, stage: StageSpec, *, 
                     _set_tensor(model, param_name, value, dtype, device, file)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
+    for param_name, partner in tied.items():
+        # Both ends stored, as a converted pickle checkpoint writes a tie (one tensor under two
+        # names): equal values are the tie, one tensor too; different ones are untied weights.
+        handled = param_name in shared or partner in shared
+        if not handled and param_name in params and partner in params and torch.equal(
+                model.get_parameter(param_name), model.get_parameter(partner)):
+            shared[param_name] = partner
     for param_name, source in shared.items():
         module_name, _, attr = param_name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, model.get_parameter(source))

@@ -184,6 +184,17 @@ def test_tied_embeddings_on_one_stage_are_one_tensor(family, neo_checkpoint, tok
     # On two stages each holds its own end of the tie, read from the one stored tensor.
     first, last = (load_stage(checkpoint, config, spec, dtype=torch.bfloat16) for spec in partition_layers(config, 2))
     assert torch.equal(dict(first.named_parameters())[embedding], dict(last.named_parameters())[head])
+    # Both names stored, as `neo-serve convert` writes a pickle checkpoint's tie: one tensor too;
+    # a head of its own (untied weights) stays its own.
+    for head_values, tied in ((lambda w: w.clone(), True), (lambda w: w + 1, False)):
+        both = tmp_path / f"both-{tied}"
+        shutil.copytree(checkpoint, both)
+        state = load_file(both / "model.safetensors")
+        state[head] = head_values(state[embedding])
+        save_file(state, both / "model.safetensors")
+        weights = dict(load_stage(both, config, stage, dtype=torch.bfloat16).named_parameters(remove_duplicate=False))
+        assert (weights[head] is weights[embedding]) is tied
+        assert torch.equal(weights[head], weights[embedding]) is tied
     reference = LLM(str(checkpoint), dtype="bfloat16", pack_cpu_linears=False)
     params = SamplingParams(max_tokens=8, temperature=0)
     two_stages = LLM(str(checkpoint), dtype="bfloat16", pack_cpu_linears=False, num_stages=2)

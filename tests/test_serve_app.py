@@ -737,7 +737,7 @@ def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
     mid-stream, its sequences ran on to max_tokens, holding KV blocks and batch slots. The
     pipeline pings the callers of its streams and stops those of a dead one."""
     name = "neo-orphans"
-    handle = serve.run(build_app({
+    serve.run(build_app({
         "models": [{"name": "orphans", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
                     "cpus_per_stage": 0.5}],
         "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix="/orphans")

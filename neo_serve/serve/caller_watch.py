@@ -57,13 +57,23 @@ class CallerWatch:
     async def _watch(self) -> None:
         while self._calls:
             await asyncio.sleep(self.period_s)
-            for key, (caller, tasks) in list(self._calls.items()):
-                if tasks and await _died(caller):
-                    logger.warning("neo-serve pipeline: the caller of %d stream(s) died; stopping them", len(tasks))
-                    for task in list(tasks):
-                        task.cancel()
-                    self.num_cancelled += len(tasks)
-                    self._calls.pop(key, None)
+            try:
+                callers = {key: caller for key, (caller, _) in self._calls.items()}
+                # Together: one slow caller must not delay the others' answers.
+                deaths = await asyncio.gather(*(_died(caller) for caller in callers.values()))
+                for key, died in zip(callers, deaths):
+                    # The entry as it is now: its calls may have ended, and new ones from the
+                    # same (dead) caller started, while the callers were asked.
+                    entry = self._calls.pop(key, None) if died else None
+                    if entry is not None:
+                        tasks = list(entry[1])
+                        logger.warning("neo-serve pipeline: the caller of %d stream(s) died; stopping them",
+                                       len(tasks))
+                        for task in tasks:
+                            task.cancel()
+                        self.num_cancelled += len(tasks)
+            except Exception:  # noqa: BLE001 - the watch must outlive a surprise; the next round retries
+                logger.exception("neo-serve pipeline: watching the callers of its streams failed")
 
     def close(self) -> None:
         if self._loop_task is not None:

@@ -149,8 +149,9 @@ class Router:
         # readiness probe would take a busy router out of its load balancer. Serve health-checks
         # the pipeline replicas and replaces failed ones itself.
         self._loaded: set[str] = set()
-        self._running: dict[str, int] = {}  # model -> RUNNING pipeline replicas (controller's count)
-        self._running_at = -float("inf")
+        self._without: set[str] = set()  # models with no pipeline running, as last counted
+        self._status_at = -float("inf")
+        self._status_call: asyncio.Future[Any] | None = None
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
         _access.max_body_bytes = settings.max_body_bytes
 
@@ -173,8 +174,7 @@ class Router:
         """200 once every stage of every model's pipeline is loaded, else 503."""
         # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
         # restarts them) is loading again: asked `ready` again, as at the start, until one answers.
-        running = await self._running_pipelines()
-        self._loaded -= {name for name in self._loaded if running.get(name) == 0}
+        self._loaded -= await self._without_pipelines()
         pending = [name for name in self.service.pipelines if name not in self._loaded]
         states = await asyncio.gather(*(self._ready(name, self.service.pipelines[name]) for name in pending))
         self._loaded.update(name for name, state in zip(pending, states) if state.get("ready"))
@@ -185,21 +185,24 @@ class Router:
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
 
-    async def _running_pipelines(self) -> dict[str, int]:
-        """Each model's RUNNING pipeline replicas, as Serve's controller counts them (cached for a
-        second: probes may come often); empty if the controller does not answer."""
-        now = time.monotonic()
-        if now - self._running_at > 1.0:
+    async def _without_pipelines(self) -> set[str]:
+        """Models that Serve's controller counts no RUNNING pipeline replica of while it wants
+        some (not HEALTHY: a model scaled to zero on purpose is not loading). Asked at most once a
+        second and for at most health_timeout_s, one question shared by concurrent probes; when
+        the controller does not answer, the last answer stands."""
+        if time.monotonic() - self._status_at > 1.0:
+            if self._status_call is None or self._status_call.done():
+                self._status_call = asyncio.ensure_future(asyncio.to_thread(serve.status))
             try:
-                status = await asyncio.to_thread(serve.status)
+                status = await asyncio.wait_for(asyncio.shield(self._status_call), self.settings.health_timeout_s)
                 deployments = status.applications[serve.get_replica_context().app_name].deployments
-                self._running = {name: deployments[handle.deployment_name].replica_states.get("RUNNING", 0)
-                                 for name, handle in self.service.pipelines.items()}
+                states = {name: deployments[handle.deployment_name] for name, handle in self.service.pipelines.items()}
+                self._without = {name for name, state in states.items()
+                                 if not state.replica_states.get("RUNNING") and state.status != "HEALTHY"}
+                self._status_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - without the controller, trust what `ready` said
                 logger.warning("neo-serve router: no deployment status from Serve: %r", exc)
-                self._running = {}
-            self._running_at = now
-        return self._running
+        return self._without
 
     async def _ready(self, name: str, handle: DeploymentHandle) -> dict[str, Any]:
         # A pipeline replica answers only once constructed, i.e. with all stages loaded; until
