@@ -39,13 +39,13 @@ def port_in_use(host: str, port: int) -> bool:
     """Whether something already listens on host:port, so that Serve could not bind it. Checked
     before Ray starts: Serve's own failure comes 10 s later as a remote traceback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As servers do: a previous run's connections in TIME_WAIT do not block the port.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As servers do: a previous run's connections in TIME_WAIT do not block the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
+    except OSError as exc:  # in use; else (no IPv6, a name that does not resolve) Serve says what
+        return exc.errno == errno.EADDRINUSE
     return False
 
 
