@@ -179,6 +179,19 @@ def test_streamed_text_equals_router_greedy(client, app, model):
     assert shown["served-by"] == f"Served by {deployment} replica {shown['replica']} ({stages})"
 
 
+def test_the_sliders_end_fills_the_window(client, app):
+    """The max-new-tokens slider ends at the model's window, which never fits beside a prompt:
+    there it means as many tokens as fit (it was a "Prompt too long" error on every run)."""
+    prompt = EXAMPLES[1]
+    text, shown = client.predict(prompt, TINY, *{**GREEDY, "max_new_tokens": 256}.values(), api_name="/generate")
+    expected = router_completion(prompt, TINY, {**GREEDY, "max_new_tokens": None})
+    assert text == expected["choices"][0]["text"]
+    done = figures(shown)
+    assert done["generated-tokens"] == str(expected["usage"]["completion_tokens"])
+    if done["finish-reason"] == "length":  # else the model's end token came first, as for the router
+        assert int(done["prompt-tokens"]) + int(done["generated-tokens"]) == 256
+
+
 def test_sampling_settings_and_stop_strings_match_router(client, app):
     """Seeded sampling with the playground's default penalties, and stop strings."""
     prompt = EXAMPLES[2]

@@ -108,14 +108,16 @@ class Run:
         return "done" if self.ended_at is not None else "running"
 
 
-def sampling_params(*, max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+def sampling_params(*, max_new_tokens: float | None, temperature: float, top_p: float, top_k: float,
                     repetition_penalty: float, seed: float | None, stop: str | None) -> SamplingParams:
-    """The engine's SamplingParams from the playground's controls (numbers come as floats).
-    Raises PlaygroundError for values the engine refuses."""
+    """The engine's SamplingParams from the playground's controls (numbers come as floats;
+    max_new_tokens None: up to the context window). Raises PlaygroundError for values the engine
+    refuses."""
     from neo_serve.errors import InvalidRequestError
 
     try:
-        return SamplingParams(max_tokens=control_number("Max new tokens", max_new_tokens, whole=True),
+        max_tokens = None if max_new_tokens is None else control_number("Max new tokens", max_new_tokens, whole=True)
+        return SamplingParams(max_tokens=max_tokens,
                               temperature=control_number("Temperature", temperature),
                               top_p=control_number("Top-p", top_p),
                               top_k=control_number("Top-k", top_k or 0, whole=True),

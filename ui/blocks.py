@@ -156,6 +156,10 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
         except PlaygroundError as error:  # only through the API: the page offers served models only
             raise shown(error) from None
         runs.start(request.session_hash or "", run)
+        if isinstance(max_new_tokens, (int, float)) and max_new_tokens >= window(model):
+            # The slider's end, the window itself, can never fit beside a prompt: it means as many
+            # tokens as fit (the API's max_tokens null), not an error on every run.
+            max_new_tokens = None
         try:
             params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
