@@ -142,10 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remember_subparsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's parsed args the parser of that command, `command_parser`."""
+    parser.set_defaults(command_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _remember_subparsers(subparser)
+
+
 def main(argv: list[str] | None = None) -> int:
     from neo_serve.errors import NeoServeError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _remember_subparsers(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand, with its usage (the top-level usage does not help)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except (NeoServeError, ValueError, OSError) as exc:  # OSError: a path that is a file, a full disk

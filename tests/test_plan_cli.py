@@ -126,3 +126,12 @@ def test_bad_cli_input_is_one_line_naming_it(reference_dir, tmp_path, capsys):
             main(argv)
         assert exited.value.code == 2
         assert "error: argument" in capsys.readouterr().err
+    # An option the subcommand does not know is named with that subcommand's usage (it printed
+    # the top-level usage, which does not list the option's neighbours).
+    for argv, command in ((["up", "--bogus"], "up"), (["bench", "serve", "--nope"], "bench serve"),
+                          (["generate", "hi", "--tokens", "3"], "generate")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: neo-serve {command} ") and "unrecognized arguments: " in err, err
