@@ -66,16 +66,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    error = as_api_error(exc)  # e.g. an invalid prompt or a failed pipeline, raised in a replica
-    if error is not None:
-        return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
-    logger.exception("neo-serve router: unhandled error")
-    return JSONResponse(_internal_api_error(exc).to_dict(), status_code=500)
+    error = _client_error(exc)  # e.g. an invalid prompt or a failed pipeline, raised in a replica
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
 
 
 def _client_error(exc: Exception) -> APIError:
-    """What a handle caller gets for `exc`: the APIError HTTP would answer with (unexpected
-    errors logged here, their details kept out of the answer as over HTTP)."""
+    """What a client gets for `exc` (a JSON answer, a stream's error event, a handle caller's
+    exception): its APIError, or a 500 whose details stay in the log (logged here)."""
     error = as_api_error(exc)
     if error is None:
         logger.error("neo-serve router: unhandled error", exc_info=exc)
@@ -121,8 +118,8 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     except Exception as exc:  # noqa: BLE001 - the status line is already sent
-        error = as_api_error(exc) or _internal_api_error(exc)
         logger.warning("neo-serve stream failed: %r", exc)
+        error = _client_error(exc)
         yield f"data: {json.dumps(error.to_dict())}\n\n"
     yield "data: [DONE]\n\n"
 
