@@ -28,7 +28,7 @@ from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta, TokenLogprob
 from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
-                                      is_encodable, new_completion_id)
+                                      is_encodable, new_completion_id, prompt_kind)
 
 logger = logging.getLogger("ray.serve")
 
@@ -245,7 +245,7 @@ class RequestBounds:
         known = model if isinstance(model, str) and model in self.limits else None
         if known is None and model is None and len(self.limits) == 1:
             known = next(iter(self.limits))
-        batch = isinstance(prompt[0], (list, str))
+        batch = prompt_kind(prompt) in ("texts", "id_lists")
         if batch:
             self.check_prompt_count(known, len(prompt))
         for ids in prompt if batch else [prompt]:

@@ -71,7 +71,7 @@ class StreamOptions(BaseModel):
 Prompt = str | list[int]
 
 
-def _prompt_kind(value: Any) -> str:
+def prompt_kind(value: Any) -> str:
     """Which form a raw prompt takes, told by its first element. A plain union would try every
     form and, for a list of 100,000 ids, build 100,000 errors for each form it is not."""
     if isinstance(value, str):
@@ -84,7 +84,7 @@ def _prompt_kind(value: Any) -> str:
 PromptField = Annotated[
     Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")] | Annotated[list[int], Tag("ids")]
     | Annotated[list[list[int]], Tag("id_lists")],
-    Discriminator(_prompt_kind)]
+    Discriminator(prompt_kind)]
 
 
 def _id_lists(value: Any) -> list[list[int]]:
