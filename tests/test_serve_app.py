@@ -663,6 +663,25 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         serve.delete(name)
 
 
+def stage_actor(replica: str, stage: int) -> dict:
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("neo-serve-stage:") and f":{replica}:" in a["name"]
+               and a["name"].rsplit(":", 1)[1].split(".")[0] == str(stage)]
+    return actor
+
+
+def replica_actor(app_name: str, deployment: str) -> dict:
+    """The one Serve replica actor of `deployment` in `app_name`."""
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
+    return actor
+
+
+def kill(actor: dict, **options) -> None:
+    """Kill a named actor, as listed by `stage_actor` or `replica_actor`."""
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), **options)
+
+
 def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
     """Hold back the pipeline's placement group (a real resource shortage) and watch /health."""
     import shutil
@@ -712,10 +731,9 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
         # The model's only pipeline is lost and its successors cannot load (their checkpoint is
         # gone): /health is 503 again (it stayed 200 for good once a pipeline had answered), and
         # 200 once one runs.
-        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith(f"SERVE_REPLICA::{name}#Pipeline-late#")]
+        replica = replica_actor(name, "Pipeline-late")
         checkpoint.rename(hidden)
-        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        kill(replica, no_restart=True)
         response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 503 and r,
                               timeout=60, interval=0.5, what="/health 503 with the pipeline gone")
         assert response.json()["models"]["late"]["ready"] is False
@@ -761,12 +779,11 @@ def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
         for client in clients:
             client.start()
         started.wait(timeout=60)
-        [router] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if a["name"].startswith(f"SERVE_REPLICA::{name}#Router#")]
+        router = replica_actor(name, "Router")
         pipeline = serve.get_deployment_handle("Pipeline-orphans", app_name=name)
         stats = pipeline.stats.remote().result()
         assert stats["running"] == 8 and stats["streams_of_dead_callers"] == 0, stats
-        ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+        kill(router, no_restart=True)
         stopped = wait_until(lambda: (s := pipeline.stats.remote().result())["running"] == 0 and s, timeout=60,
                              interval=0.2, what="the dead router's sequences stopped")
         # Stopped, not run to the end: 8 x 480 tokens were asked for.
@@ -776,13 +793,6 @@ def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
             client.join(timeout=60)
     finally:
         serve.delete(name)
-
-
-def stage_actor(replica: str, stage: int) -> dict:
-    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith("neo-serve-stage:") and f":{replica}:" in a["name"]
-               and a["name"].rsplit(":", 1)[1].split(".")[0] == str(stage)]
-    return actor
 
 
 @pytest.fixture(scope="module")
@@ -828,8 +838,7 @@ def test_dead_stage_is_restarted_and_streams_complete(fragile_app, offline):
         while min(received) < 3:  # every stream is under way
             assert time.monotonic() < deadline, "streams did not start"
             await asyncio.sleep(0.02)
-        actor = stage_actor(replica, 1)
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+        kill(stage_actor(replica, 1))
 
     async def run_all():
         async with httpx.AsyncClient(timeout=180) as http:
@@ -883,8 +892,7 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
     handle, url = fragile_app
     request = {"model": "doomed", "prompt": "def f(", "max_tokens": 4, "temperature": 0}
     first = handle.stats.remote().result()["doomed"]["replica"]
-    actor = stage_actor(first, 1)
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    kill(stage_actor(first, 1))
     # The idle pipeline finds its stage dead at this request's first step, so this request is
     # the one that fails: explicitly, retryable, and soon (the recovery deadline is 0.05 s).
     started = time.monotonic()
@@ -908,8 +916,7 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
         model="doomed", prompt="def f(", max_tokens=400, temperature=0, ignore_eos=True, stream=True)
     for _ in range(3):
         next(stream)
-    actor = stage_actor(second, 1)
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    kill(stage_actor(second, 1))
     with pytest.raises(APIError) as failed_stream:
         for _ in stream:
             pass
