@@ -122,6 +122,14 @@ def test_health_and_models(client):
     assert [s["threads"] for s in pipeline_stats("neo")["stages"]] == [2]
 
 
+def test_the_root_address_leads_to_the_playground(client):
+    """A browser opening the server's address lands on the playground, not on a 404."""
+    root = client.get("/", follow_redirects=False)
+    assert root.status_code == 302 and root.headers["location"] == "/ui/"
+    page = client.get("/", follow_redirects=True, headers={"accept": "text/html"})
+    assert page.status_code == 200 and str(page.url).endswith("/ui/") and "<html" in page.text.lower()
+
+
 # ---- exactness against the offline engine ------------------------------------------------------
 def test_http_greedy_matches_offline(client, offline):
     prompts = PROMPTS + TOKEN_PROMPTS
@@ -940,6 +948,9 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
     body = {"model": "neo", "prompt": "def f(", "max_tokens": 3, "temperature": 0}
     try:
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # probes need no key
+        # The root names no model, so it needs no key; without a playground it lists the routes.
+        index = httpx.get(f"{url}/", timeout=30)
+        assert index.status_code == 200 and index.json()["routes"]["completions"] == "/secure/v1/completions"
         for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "first-key"}):
             refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"

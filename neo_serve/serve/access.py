@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # probes; the root only points on (router.py)
 UI_PREFIX = "/ui"
 LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"

@@ -1,6 +1,7 @@
 """The router: the application's ingress deployment (FastAPI), stateless, routing by model name.
 
 HTTP: `POST /v1/completions`, `GET /v1/models`, `GET /health`; errors as OpenAI error JSON.
+`GET /` sends a browser on to the playground, or lists the routes when there is none.
 `/ui` and `/ui/...` (the Gradio playground) are relayed to the one-replica playground deployment
 (`neo_serve.ui.bridge`): Gradio's sessions live in one process, this router is autoscaled.
 Python: `serve.get_app_handle(app).generate.remote(prompt=..., ...)` returns the same JSON as
@@ -19,7 +20,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -161,6 +162,17 @@ class Router:
             events = await self.service.stream(completion_request)
             return StreamingResponse(_sse(events), media_type="text/event-stream")
         return JSONResponse(await self.service.complete(completion_request))
+
+    @api.get("/", include_in_schema=False)
+    async def root(self, request: Request):
+        """What a browser opening the server's address gets: the playground, else the routes.
+        (Answers without a key: it names no model.)"""
+        root_path = request.scope.get("root_path", "")
+        if self.playground is not None:
+            return RedirectResponse(f"{root_path}/ui/", status_code=302)
+        return JSONResponse({"service": "neo-serve", "routes": {
+            "completions": f"{root_path}/v1/completions", "models": f"{root_path}/v1/models",
+            "health": f"{root_path}/health", "api_docs": f"{root_path}/docs"}})
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
