@@ -135,6 +135,8 @@ def test_up_serves_until_ctrl_c(tmp_path):
         banner = up.text()
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
+        # Serve's own start-up steps (controller, HAProxy manager) stay out of the way unless --verbose.
+        assert "Deploying new version of Deployment" not in banner and "HAProxy started" not in banner, banner
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         assert f"metrics      {metrics_url}" in banner
         # With no --cpus-per-stage the one stage gets the machine's threads (2 on a 2-core machine),
@@ -181,8 +183,10 @@ def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
     """`--gpu` on a machine without one: Serve waits for ever for GPUs to place the pipeline, and
     a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
     env = {**_user_environ(), "RAY_DEDUP_LOGS": "0"}
-    with neo_serve_up("--gpu", "--port", str(free_port()), "--num-cpus", "4", "--no-playground", env=env) as up:
-        up.read_until("Started Serve", timeout=120)
+    with neo_serve_up("--gpu", "--port", str(free_port()), "--num-cpus", "4", "--no-playground", "--verbose",
+                      env=env) as up:
+        # --verbose: Serve's controller tells its steps (the pipeline's deployment is started, then waits).
+        up.read_until("Deploying new version of Deployment(name='Pipeline-neo-demo'", timeout=120)
         time.sleep(5)  # inside serve.run's wait for the app
         assert up.process.poll() is None, up.text()
         up.process.send_signal(signal.SIGINT)

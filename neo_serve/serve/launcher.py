@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import os
 import signal
@@ -98,6 +99,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                              "installed, as with ray[serve] on Linux)")
     parser.add_argument("--no-playground", dest="playground", action="store_false",
                         help="do not serve the Gradio playground at /ui")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray Serve's own start-up and scaling messages (controller, proxy; "
+                             "default: only their warnings). Request logs and the models' logs always show")
 
 
 def app_args_from_namespace(args: argparse.Namespace, cpu_threads: int | None = None) -> dict[str, Any]:
@@ -233,7 +237,12 @@ def run_up(args: argparse.Namespace) -> int:
         # (plain ray.init() would join that one, and the shutdown below would stop its apps).
         metrics_port = {} if address or args.metrics_port is None else {"_metrics_export_port": args.metrics_port}
         ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, **metrics_port)
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # Serve's controller, proxy and HAProxy manager log each step of a start at INFO (40 lines
+        # before the banner); keep their warnings and errors. The replicas' logs are the app's.
+        system_log_level = "INFO" if args.verbose else "WARNING"
+        logging.getLogger("ray.serve").setLevel(system_log_level)  # this process's ("Connecting to...")
+        serve.start(http_options={"host": args.host, "port": args.port},
+                    logging_config={"log_level": system_log_level})
         print(f"neo-serve: deploying {args.app_name!r} (Ctrl-C to give up)", flush=True)
         serve.run(app, name=args.app_name, route_prefix="/")
         up.set()
@@ -251,8 +260,8 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"  threads      {', '.join(map(str, per_stage))} per stage (torch threads; --cpus-per-stage)",
                   flush=True)
         if num_cpus is not None and args.num_cpus is None:
-            print(f"  cpus         {num_cpus} logical, as the app reserves (this machine: {cores} "
-                  "cores; each stage runs cpus_per_stage threads)", flush=True)
+            print(f"  ray cpus     {num_cpus} logical on {cores} cores, so that every deployment is placed "
+                  "(they add no threads)", flush=True)
         if getattr(args, "playground", True):
             print(f"  playground   {base}/ui/", flush=True)
         print("Ctrl-C to stop.", flush=True)
