@@ -84,6 +84,17 @@ def test_flat_args_and_defaults(checkpoint):
     assert build_app({"checkpoint": checkpoint, "num_stages": 2}) is not None
 
 
+def test_each_replica_draws_its_own_seed_unless_one_is_set(checkpoint):
+    """Every pipeline replica builds its engine from the same args: with one fixed seed, the first
+    unseeded request on each fresh replica (autoscaling, a restart) sampled the same tokens."""
+    [model] = parse_app_args({"checkpoint": checkpoint}).models
+    seeds = {model.engine_config().seed for _ in range(4)}  # as four replicas would
+    assert len(seeds) == 4
+    [fixed] = parse_app_args({"checkpoint": checkpoint, "seed": 7}).models
+    assert {fixed.engine_config().seed for _ in range(2)} == {7}
+
+
+
 def test_placement_bundles_and_actor_options():
     cpu = ModelArgs(num_stages=3)
     assert cpu.placement_bundles() == [{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}]

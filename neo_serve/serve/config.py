@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,10 @@ class ModelArgs(_Scaling):
                                  "before new ones are refused at once with 429 and Retry-After; -1: no limit. "
                                  "Also the most prompts one request may hold (each is a call that waits here "
                                  "until a replica takes it).")
-    seed: int = Field(0, description="Seed of unseeded requests' random draws.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seed of unseeded requests' random draws in every replica. None: each "
+        "replica draws its own when it starts, so that fresh replicas do not sample alike (a request's own "
+        "`seed` reproduces whatever this is).")
     step_timeout_s: float | None = Field(
         None, gt=0, description="A micro-batch taking longer means a stage hangs: the pipeline restarts its "
         "stages and recomputes its sequences. None: no deadline (first steps on a GPU may compile kernels).")
@@ -234,7 +238,8 @@ class ModelArgs(_Scaling):
                             device="cuda" if self.use_gpu else "cpu", kv_cache_tokens=self.kv_cache_tokens,
                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             max_model_len=self.max_model_len, attention_backend=self.attention_backend,
-                            kv_cache_dtype=self.kv_cache_dtype, seed=self.seed)
+                            kv_cache_dtype=self.kv_cache_dtype,
+                            seed=secrets.randbits(63) if self.seed is None else self.seed)
 
     def route_limits(self, max_model_len: int | None = None) -> RouteLimits:
         """The router's limits for this model. Each prompt of a request is one call to the
