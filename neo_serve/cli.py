@@ -1,4 +1,4 @@
-"""`neo-serve up | generate | bench | plan | convert`."""
+"""`neo-serve up | drain | generate | bench | plan | convert`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_up_arguments(up)
         up.set_defaults(func=run_up)
+
+    drain = sub.add_parser("drain", help="move the serving off this Ray node before it stops (a Kubernetes "
+                                         "preStop hook): Serve starts replacements, then finishes the streams here")
+    from neo_serve.serve.drain import add_drain_arguments, run_drain
+
+    add_drain_arguments(drain)
+    drain.set_defaults(func=run_drain)
 
     gen = sub.add_parser("generate", help="generate offline with the in-process engine")
     gen.add_argument("prompt", nargs="+", help="the prompt (several words are joined with spaces into one)")

@@ -942,6 +942,27 @@ def test_readiness_is_left_to_kuberays_proxy_probe(path):
             p["name"]: p["containerPort"] for p in container["ports"]}.items(), group_name
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_a_deleted_pod_hands_its_pipeline_over_first(path):
+    """Every Pod that can hold a pipeline drains before it stops (`neo-serve drain`, which
+    tests/test_drain.py runs on a real cluster): the drain's deadline leaves Serve time to start a
+    replacement and then the pipelines' graceful_shutdown_timeout_s for the streams, and
+    Kubernetes waits for the hook longer than that deadline."""
+    from neo_serve.cli import build_parser
+    from neo_serve.serve.config import AppArgs
+
+    doc = rayservice(path)
+    graceful = max(model.graceful_shutdown_timeout_s for app in serve_config(doc)["applications"]
+                   for model in AppArgs.model_validate(app.get("args") or {}).models)
+    for group in worker_groups(cluster_spec(doc)):
+        pod = group["template"]["spec"]
+        command = ray_container(group)["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["neo-serve", "drain"], (group["groupName"], command)
+        deadline = build_parser().parse_args(command[1:]).deadline_s  # flags the CLI knows
+        assert deadline >= graceful + 60, f"{group['groupName']}: {deadline} s leaves no time for the replacement"
+        assert pod["terminationGracePeriodSeconds"] > deadline, group["groupName"]
+
+
 def test_hub_download_is_optional_and_writes_where_the_app_reads(gpu_doc):
     head = cluster_spec(gpu_doc)["headGroupSpec"]
     (fetch,) = head["template"]["spec"]["initContainers"]
