@@ -949,8 +949,9 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
     try:
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # probes need no key
         # The root names no model, so it needs no key; without a playground it lists the routes.
-        index = httpx.get(f"{url}/", timeout=30)
-        assert index.status_code == 200 and index.json()["routes"]["completions"] == "/secure/v1/completions"
+        for root in (f"{url}/", url):  # with or without the prefix's trailing slash
+            index = httpx.get(root, timeout=30, follow_redirects=True)
+            assert index.status_code == 200 and index.json()["routes"]["completions"] == "/secure/v1/completions"
         for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "first-key"}):
             refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"

@@ -77,7 +77,8 @@ class AccessMiddleware:
         settings = self.settings
         path = scope.get("path", "")
         root = scope.get("root_path", "")
-        relative = path[len(root):] if root and path.startswith(root) else path
+        # The app's own path; "" is its root too (`/prefix` without the slash).
+        relative = (path[len(root):] if root and path.startswith(root) else path) or "/"
         in_ui = relative == UI_PREFIX or relative.startswith(UI_PREFIX + "/")
         if settings.api_keys and scope["type"] == "http" and relative in (LOGIN_PATH, LOGOUT_PATH):
             return await self._login(scope, receive, send, settings.api_keys, root, logout=relative == LOGOUT_PATH)

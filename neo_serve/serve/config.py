@@ -159,7 +159,7 @@ class ModelArgs(_Scaling):
                                  "Also the most prompts one request may hold (each is a call that waits here "
                                  "until a replica takes it).")
     seed: int | None = Field(
-        None, ge=0, lt=2**63, description="Seed of unseeded requests' random draws in every replica. None: each "
+        None, ge=-(2**63), lt=2**63, description="Seed of unseeded requests' random draws in every replica. None: each "
         "replica draws its own when it starts, so that fresh replicas do not sample alike (a request's own "
         "`seed` reproduces whatever this is).")
     step_timeout_s: float | None = Field(
