@@ -94,7 +94,6 @@ def test_each_replica_draws_its_own_seed_unless_one_is_set(checkpoint):
     assert {fixed.engine_config().seed for _ in range(2)} == {7}
 
 
-
 def test_placement_bundles_and_actor_options():
     cpu = ModelArgs(num_stages=3)
     assert cpu.placement_bundles() == [{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}]

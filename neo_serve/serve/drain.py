@@ -113,7 +113,6 @@ class ClusterState:
             raise RuntimeError(f"Ray refused to drain node {node_id}: {refusal}")
 
 
-
 def local_node(nodes: dict[str, dict[str, Any]], ip: str) -> str | None:
     """The one live node at `ip` (a Pod's own node); None if there is none. Several (Ray nodes
     sharing one machine) need `--node-id`."""
