@@ -264,7 +264,7 @@ def valid_bodies(draw) -> dict[str, Any]:
                                                       st.builds(lambda b: {"include_usage": b}, st.booleans())))
     maybe(draw, body, "user", st.one_of(st.none(), unicode_text))
     maybe(draw, body, "suffix", st.sampled_from([None, ""]))
-    maybe(draw, body, "logit_bias", st.sampled_from([None, {}]))
+    maybe(draw, body, "logit_bias", st.sampled_from([None, {}, {"5": 1.0}, {"7": -100, str(VOCAB - 1): 100}]))
     maybe(draw, body, "timeout", st.sampled_from([None, 60, 120.5]))
     return body
 
@@ -331,7 +331,10 @@ def invalid_values(body: dict[str, Any]) -> dict[str, st.SearchStrategy]:
                                     odd({"unknown": 1}, {"include_usage": 1})),
         "user": st.one_of(strict(5, [], {}, 1.5), odd(*SURROGATES, "u" * 200_000)),
         "suffix": st.one_of(strict("x", 5, [], {}), odd("\ud800")),
-        "logit_bias": st.one_of(strict({"5": 1.0}, {"5": "x"}, [], "x", 5, {"5": []}), odd({"5": 0.0})),
+        "logit_bias": st.one_of(strict({"5": "x"}, [], "x", 5, {"5": []}, {"x": 1.0}, {"-1": 1.0}, {"5": 100.5},
+                                       {"5": -1e308}, {str(VOCAB): 1.0}, {str(10**30): 1.0}, {"\ud800": 1.0},
+                                       {str(i): 1.0 for i in range(1025)}),
+                                odd({"5": 0.0}, {"5": 1.0}, {"5": "1"}, {"5": True}, {"0005": 1.0}, {"５": 1.0})),
         "timeout": st.one_of(strict(0, -1, INF, -INF, *NUMBER_STRICT), odd(1e-9, 0.001)),
     }
 
@@ -888,7 +891,9 @@ BAD = [
     ("best_of", {**OK, "best_of": 3}, {400}, {"best_of"}),
     ("presence_penalty", {**OK, "presence_penalty": 3}, {400}, {"presence_penalty"}),
     ("repetition_penalty", {**OK, "repetition_penalty": 0}, {400}, {"repetition_penalty"}),
-    ("logit_bias", {**OK, "logit_bias": {"5": 1.0}}, {400}, {"logit_bias"}),
+    ("logit_bias-range", {**OK, "logit_bias": {"5": 101}}, {400}, {"logit_bias"}),
+    ("logit_bias-vocab", {**OK, "logit_bias": {str(VOCAB): 1.0}}, {400}, {"logit_bias"}),
+    ("logit_bias-key", {**OK, "logit_bias": {"five": 1.0}}, {400}, {"logit_bias"}),
     ("suffix", {**OK, "suffix": "x"}, {400}, {"suffix"}),
     ("stream_options", {**OK, "stream_options": "x"}, {400}, {"stream_options"}),
     ("stream_options-without-stream", {**OK, "stream_options": {"include_usage": True}}, {400}, {"stream_options"}),

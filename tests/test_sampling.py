@@ -198,6 +198,39 @@ def test_logprobs_of_generated_tokens_match_transformers(llm, neox_checkpoint):
     assert abs(completion.cumulative_logprob - sum(e[t] for e, t in zip(completion.logprobs, completion.token_ids))) < 1e-4
 
 
+def test_logit_bias_moves_picks_as_the_bias_added_to_transformers_logits(llm, neox_checkpoint):
+    """OpenAI's logit_bias: added to the logits before the pick; the logprobs stay the model's."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(neox_checkpoint, dtype=torch.float32).eval()
+    prompt = llm.tokenizer.encode(PROMPT)
+    _, plain = text_and_ids(llm, prompt, max_tokens=6, temperature=0, ignore_eos=True)
+    bias = {plain[0]: -100.0, plain[2]: 4.0}  # ban the first greedy pick, favour another
+    # Without logprobs a greedy step may skip the logits (the last stage picks): not with a bias.
+    picked, out = (llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                         logprobs=logprobs, logit_bias=bias))[0].outputs[0]
+                   for logprobs in (None, 0))
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = ref(torch.tensor([ids])).logits[0, -1].float()
+            raw = torch.log_softmax(logits, dim=-1)
+            for token, value in bias.items():
+                logits[token] += value
+            expected.append(int(logits.argmax()))
+            assert abs(out.logprobs[len(expected) - 1][expected[-1]] - float(raw[expected[-1]])) < 1e-4
+            ids.append(expected[-1])
+    assert picked.token_ids == out.token_ids == expected and expected[0] != plain[0]
+    # +100 all but forces a token, also when sampling; the bias belongs to its request alone.
+    forced, free = llm.generate([prompt, prompt], [
+        SamplingParams(max_tokens=4, temperature=1.0, seed=3, logit_bias={42: 100}),
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)])
+    assert forced.outputs[0].token_ids == [42] * 4 and free.outputs[0].token_ids == plain[:4]
+    with pytest.raises(InvalidRequestError) as outside:
+        llm.generate([prompt], SamplingParams(logit_bias={llm.engine.model_config.vocab_size: 1.0}))
+    assert outside.value.field == "logit_bias" and "outside the vocabulary" in str(outside.value)
+
+
 def test_prompt_scoring_without_generation(llm):
     prompt = llm.tokenizer.encode("import os\nimport sys\n")
     out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
@@ -212,6 +245,9 @@ def test_prompt_scoring_without_generation(llm):
     (dict(max_tokens=-1), "max_tokens"), (dict(n=0), "n"), (dict(n=1000), "n"), (dict(top_k=-5), "top_k"),
     (dict(logprobs=100), "logprobs"), (dict(presence_penalty=3.0), "presence_penalty"),
     (dict(temperature="hot"), "temperature"), (dict(stop=[""]), "stop"),
+    (dict(logit_bias={5: 100.5}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(logit_bias={5: float("nan")}), "logit_bias"),
+    (dict(logit_bias=[5]), "logit_bias"), (dict(logit_bias=dict.fromkeys(range(1025), 1.0)), "logit_bias"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as info:

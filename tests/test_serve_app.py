@@ -190,6 +190,20 @@ def test_sampling_with_seed_matches_offline(client, offline):
     assert done and join_stream(events) == {index: text for index, (text, _) in enumerate(expected)}
 
 
+def test_logit_bias_matches_offline(client, offline):
+    """OpenAI's logit_bias through HTTP, on the 2-stage model whose last stage picks greedy
+    tokens itself when nothing else of the logits is needed."""
+    [[(_, plain)]] = reference(offline["neox"], [PROMPTS[0]], max_tokens=8, temperature=0, ignore_eos=True)
+    bias = {plain[0]: -100.0, plain[3]: 3.5}
+    [[(text, ids)]] = reference(offline["neox"], [PROMPTS[0]], max_tokens=8, temperature=0, ignore_eos=True,
+                                logit_bias=bias)
+    assert ids[0] != plain[0]
+    body = client.post("/v1/completions", json={
+        "model": "neox", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+        "return_token_ids": True, "logit_bias": {str(token): value for token, value in bias.items()}}).json()
+    assert body["choices"][0]["token_ids"] == ids and body["choices"][0]["text"] == text
+
+
 def test_stop_strings(client, offline):
     [[(full, _)]] = reference(offline["neox"], [PROMPTS[2]], max_tokens=32, temperature=0.0)
     stop = full[5:8]
@@ -411,7 +425,9 @@ def test_two_models_routed_by_name(client, offline):
     ({"model": "neox", "prompt": [999999]}, "prompt"),
     ({"model": "neox", "prompt": [1] * 600}, "prompt"),
     ({"model": "neox", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
-    ({"model": "neox", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": "neox", "prompt": "x", "logit_bias": {"x": 1.0}}, "logit_bias"),
+    ({"model": "neox", "prompt": "x", "logit_bias": {"999999": 1.0}}, "logit_bias"),  # outside the vocabulary
+    ({"model": "neox", "prompt": "x", "logit_bias": {"5": -101}}, "logit_bias"),
     ({"model": "neox", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "neox", "prompt": ["fine", [999999]]}, "prompt"),
     ({"model": "neox", "prompt": [999999], "stream": True}, "prompt"),

@@ -155,6 +155,10 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", field="request_id")
         text, prompt_ids = self._tokenize(prompt, prompt_token_ids)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        vocab = self.model_config.vocab_size
+        if outside := [token for token in params.logit_bias if token >= vocab]:  # would fail the whole step
+            raise InvalidRequestError(f"logit_bias token {outside[0]} is outside the vocabulary [0, {vocab})",
+                                      field="logit_bias")
         request = Request(request_id, text, prompt_ids, params, max_tokens)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # token 0 has no context

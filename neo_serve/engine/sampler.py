@@ -1,6 +1,7 @@
 """Sampling: a handful of pure functions over float32 logits [rows, vocab].
 
-Order (as in vLLM): penalties -> greedy argmax, or temperature -> top-k -> top-p -> draw.
+Order (as in vLLM): penalties -> logit bias -> greedy argmax, or temperature -> top-k -> top-p
+-> draw.
 Draws use the exponential race (argmax of p / E with E ~ Exp(1)), with each seeded sequence's
 own generator, so a seeded request gives the same tokens whatever else is in the batch.
 """
@@ -50,6 +51,16 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
             counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
             logits[i] -= params.frequency_penalty * counts.to(logits.dtype)
             logits[i] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Add each row's logit_bias to its logits, in place."""
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
     return logits
 
 
@@ -110,8 +121,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     that asked for them; the others get logprob NaN."""
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None  # [len(wanted), vocab]
-    if any(row.params.has_penalties for row in rows):
-        logits = apply_penalties(logits.clone(), rows)  # penalties write in place: on a copy
+    if any(row.params.changes_logits for row in rows):
+        # Both write in place: on a copy.
+        logits = apply_logit_bias(apply_penalties(logits.clone(), rows), rows)
     # max(dim) gives the first maximal index like argmax, in ~60% of argmax's time on CPU.
     tokens = logits.max(dim=-1).indices
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]

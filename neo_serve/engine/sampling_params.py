@@ -9,6 +9,8 @@ from neo_serve.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI sets none; each costs the sampler a write)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 MAX_TOP_K = 2**31 - 1  # past any vocabulary; the sampler holds top_k in int64 tensors
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators' seeds
 # Temperatures below this sample greedily, as in vLLM: dividing float32 logits by a far smaller
@@ -23,8 +25,9 @@ class SamplingParams:
     temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N`
     returns, for each generated token, its log-probability and the N most likely alternatives;
     `prompt_logprobs=N` the same for each prompt token (given the tokens before it).
-    Log-probabilities are those of the model's distribution, before temperature, penalties or
-    truncation.
+    `logit_bias` maps token ids to a number in [-100, 100] added to their logits before
+    sampling, as OpenAI's. Log-probabilities are those of the model's distribution, before
+    temperature, penalties, logit_bias or truncation (vLLM's default too).
     """
 
     n: int = 1
@@ -42,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +79,30 @@ class SamplingParams:
             raise InvalidRequestError("stop must be non-empty strings", field="stop")
         for token_id in self.stop_token_ids:
             self._check_int("stop_token_ids", token_id, low=0)
+        self.logit_bias = self._checked_logit_bias(self.logit_bias)
+
+    @classmethod
+    def _checked_logit_bias(cls, bias: object) -> dict[int, float]:
+        """{token id: float bias}; the ids are checked against the model's vocabulary where the
+        request is added (the engine knows it)."""
+        if bias is None:
+            return {}
+        if not isinstance(bias, dict):
+            raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {_short(bias)}",
+                                      field="logit_bias")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}",
+                                      field="logit_bias")
+        low, high = LOGIT_BIAS_RANGE
+        checked: dict[int, float] = {}
+        for token_id, value in bias.items():
+            cls._check_int("logit_bias", token_id, low=0)
+            cls._check_number("logit_bias", value)
+            if not low <= value <= high:
+                raise InvalidRequestError(f"logit_bias of token {token_id} must be in [{low:g}, {high:g}], "
+                                          f"got {value}", field="logit_bias")
+            checked[token_id] = float(value)
+        return checked
 
     @property
     def greedy(self) -> bool:
@@ -84,12 +112,17 @@ class SamplingParams:
     def argmax_only(self) -> bool:
         """The sample is the most likely token and nothing else of the logits is needed
         (greedy, no penalties, no logprobs)."""
-        return self.greedy and not self.has_penalties and self.logprobs is None
+        return self.greedy and not self.changes_logits and self.logprobs is None
 
     @property
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Penalties or a logit_bias: the sampler works on this row's logits before it picks."""
+        return self.has_penalties or bool(self.logit_bias)
 
     @staticmethod
     def _check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> None:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.config import RouteLimits
 from neo_serve.serve.engine_loop import PipelineFailed
@@ -63,8 +63,11 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
         raise APIError("best_of is only supported equal to n", param="best_of")
     if request.suffix:
         raise APIError("suffix is not supported", param="suffix")
-    if request.logit_bias:
-        raise APIError("logit_bias is not supported", param="logit_bias")
+    logit_bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:  # JSON keys: token ids as decimal strings
+            raise APIError(f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias")
+        logit_bias[int(key)] = value
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     try:
         return SamplingParams(
@@ -75,7 +78,7 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
             ignore_eos=request.ignore_eos, logprobs=request.logprobs,
             # echo + logprobs scores the prompt too: what lm-evaluation-harness asks for.
             prompt_logprobs=request.logprobs if request.echo else None,
-            skip_special_tokens=request.skip_special_tokens)
+            skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias)
     except InvalidRequestError as exc:
         raise APIError(str(exc), param=exc.field) from None
 
@@ -238,6 +241,9 @@ class RequestBounds:
             if not is_encodable(str(unknown)):  # as pydantic answers it: no name to give back
                 raise APIError("a field name is not valid Unicode text (it contains a lone surrogate)")
             raise APIError(f"{unknown}: unknown parameter", param=str(unknown))
+        bias = body.get("logit_bias")
+        if isinstance(bias, Mapping) and len(bias) > MAX_LOGIT_BIAS:  # before pydantic reads every entry
+            raise APIError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
         prompt = body.get("prompt")
         if not isinstance(prompt, list) or not prompt:
             return
