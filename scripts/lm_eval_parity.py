@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Score a served model with lm-evaluation-harness and check it against transformers.
+
+What a researcher does with neo-serve: run lm-evaluation-harness's `local-completions` model
+against the OpenAI completions endpoint (`echo` + `logprobs` + `max_tokens: 0` scoring). This
+script runs two small local tasks (no dataset download) twice, through a running neo-serve
+and through lm-evaluation-harness's own `hf` model on the same checkpoint, and compares every
+request's log-likelihood and is-greedy flag.
+
+    neo-serve up &                                   # the bundled demo (or your checkpoint)
+    pip install "lm-eval[api]>=0.4.13"               # 0.4.9 fails to import with transformers 5
+    python scripts/lm_eval_parity.py                 # --checkpoint DIR --model NAME for another model
+
+Exit code 0 when every log-likelihood agrees within --tolerance (1e-4) and every is-greedy flag
+is equal; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "neo_serve" / "demo_model"
+LINES = ["import os", "def main():", "class Foo(object):", "return self.value", "for i in range(10):",
+         "if __name__ == '__main__':", "raise ValueError('bad')", "print('hello world')", "import sys",
+         "def __init__(self):"]
+TASKS = {
+    # Continue a line of Python after its first word: loglikelihood (perplexity, greedy accuracy).
+    "neo_lm": """task: neo_lm
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/lm.jsonl}}}}
+test_split: test
+output_type: loglikelihood
+target_delimiter: ""
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - {{metric: perplexity, aggregation: perplexity, higher_is_better: false}}
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+""",
+    # Pick the line among four: multiple_choice (one loglikelihood request per choice).
+    "neo_mc": """task: neo_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
+test_split: test
+output_type: multiple_choice
+target_delimiter: ""
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+""",
+}
+
+
+def write_tasks(directory: Path) -> None:
+    rng = random.Random(0)
+    with open(directory / "lm.jsonl", "w") as lm, open(directory / "mc.jsonl", "w") as mc:
+        for line in LINES:
+            cut = line.index(" ")
+            lm.write(json.dumps({"context": line[:cut], "target": line[cut:]}) + "\n")
+            choices = rng.sample([other for other in LINES if other != line], 3) + [line]
+            rng.shuffle(choices)
+            mc.write(json.dumps({"question": "# a line of Python\n", "choices": choices,
+                                 "label": choices.index(line)}) + "\n")
+    for name, text in TASKS.items():
+        (directory / f"{name}.yaml").write_text(text.format(data=directory))
+
+
+def run_lm_eval(model: str, model_args: str, directory: Path, out: Path, *extra: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
+               "--include_path", str(directory), "--tasks", ",".join(TASKS), "--output_path", str(out),
+               "--log_samples", *extra]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, env=env, check=True)
+
+
+def samples(out: Path, task: str) -> list[dict]:
+    [path] = glob.glob(f"{out}/**/samples_{task}_*.jsonl", recursive=True)
+    return sorted((json.loads(line) for line in open(path)), key=lambda record: record["doc_id"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEMO), help="the checkpoint the server serves (default: the demo)")
+    parser.add_argument("--model", default="neo-demo", help="its served name (default neo-demo)")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1/completions")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        write_tasks(directory)
+        run_lm_eval("hf", f"pretrained={args.checkpoint},dtype=float32", directory, directory / "hf",
+                    "--device", "cpu", "--batch_size", "4")
+        run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},tokenizer={args.checkpoint},"
+                    "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2", directory, directory / "served")
+        worst, flags_differ, count = 0.0, 0, 0
+        for task in TASKS:
+            for reference, served in zip(samples(directory / "hf", task), samples(directory / "served", task),
+                                         strict=True):
+                for (ref_ll, ref_greedy), (ll, greedy) in zip(
+                        (r[0] for r in reference["resps"]), (r[0] for r in served["resps"]), strict=True):
+                    worst = max(worst, abs(float(ref_ll) - float(ll)))
+                    flags_differ += ref_greedy != greedy
+                    count += 1
+    ok = worst <= args.tolerance and not flags_differ
+    print(f"{count} log-likelihood requests: largest difference {worst:.2e} (tolerance {args.tolerance:g}), "
+          f"is-greedy flags differing: {flags_differ} -> {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
