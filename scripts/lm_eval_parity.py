@@ -3,16 +3,16 @@
 
 What a researcher does with neo-serve: run lm-evaluation-harness's `local-completions` model
 against the OpenAI completions endpoint (`echo` + `logprobs` + `max_tokens: 0` scoring). This
-script runs two small local tasks (no dataset download) twice, through a running neo-serve
+script runs three small local tasks (no dataset download) twice, through a running neo-serve
 and through lm-evaluation-harness's own `hf` model on the same checkpoint, and compares every
-request's log-likelihood and is-greedy flag.
+request's log-likelihood and is-greedy flag, and every greedy generation's text.
 
     neo-serve up &                                   # the bundled demo (or your checkpoint)
     pip install "lm-eval[api]>=0.4.13"               # 0.4.9 fails to import with transformers 5
     python scripts/lm_eval_parity.py                 # --checkpoint DIR --model NAME for another model
 
 Exit code 0 when every log-likelihood agrees within --tolerance (1e-4) and every is-greedy flag
-is equal; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
+and generated text is equal; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,19 @@ doc_to_target: "{{{{target}}}}"
 metric_list:
   - {{metric: perplexity, aggregation: perplexity, higher_is_better: false}}
   - {{metric: acc, aggregation: mean, higher_is_better: true}}
+""",
+    # Complete a line greedily until its end: generate_until (a completion with `stop`).
+    "neo_gen": """task: neo_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/lm.jsonl}}}}
+test_split: test
+output_type: generate_until
+target_delimiter: ""
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 24, do_sample: false}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
 """,
     # Pick the line among four: multiple_choice (one loglikelihood request per choice).
     "neo_mc": """task: neo_mc
@@ -104,7 +117,13 @@ def main() -> int:
         run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},tokenizer={args.checkpoint},"
                     "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2", directory, directory / "served")
         worst, flags_differ, count = 0.0, 0, 0
-        for task in TASKS:
+        generations = list(zip(samples(directory / "hf", "neo_gen"), samples(directory / "served", "neo_gen"),
+                               strict=True))
+        texts_differ = [(reference["doc_id"], reference["resps"][0][0], served["resps"][0][0])
+                        for reference, served in generations if reference["resps"][0][0] != served["resps"][0][0]]
+        non_empty = sum(bool(served["resps"][0][0]) for _, served in generations)
+        print(f"first greedy generation: {generations[0][1]['arguments']!r} -> {generations[0][1]['resps'][0][0]!r}")
+        for task in TASKS.keys() - {"neo_gen"}:
             for reference, served in zip(samples(directory / "hf", task), samples(directory / "served", task),
                                          strict=True):
                 for (ref_ll, ref_greedy), (ll, greedy) in zip(
@@ -112,9 +131,12 @@ def main() -> int:
                     worst = max(worst, abs(float(ref_ll) - float(ll)))
                     flags_differ += ref_greedy != greedy
                     count += 1
-    ok = worst <= args.tolerance and not flags_differ
+    for doc_id, reference_text, served_text in texts_differ:
+        print(f"neo_gen document {doc_id}: transformers generated {reference_text!r}, neo-serve {served_text!r}")
+    ok = worst <= args.tolerance and not flags_differ and not texts_differ
     print(f"{count} log-likelihood requests: largest difference {worst:.2e} (tolerance {args.tolerance:g}), "
-          f"is-greedy flags differing: {flags_differ} -> {'OK' if ok else 'MISMATCH'}")
+          f"is-greedy flags differing: {flags_differ}; {len(generations)} greedy generations ({non_empty} not "
+          f"empty), differing: {len(texts_differ)} -> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
