@@ -171,8 +171,11 @@ def test_up_serves_until_ctrl_c(tmp_path):
         while "ray_neo_serve_generation_tokens" not in httpx.get(metrics_url, timeout=10).text:
             assert time.monotonic() < deadline, "no neo-serve metrics at the banner's metrics URL"
             time.sleep(1)
-        up.process.send_signal(signal.SIGINT)
+        # SIGTERM, as `docker stop` or a Pod's end sends it: the same clean stop as Ctrl-C (ray.init's
+        # own handler made it exit 15 at once, without "shutting down").
+        up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(timeout=90) == 0
+        up.read_until("neo-serve: shutting down", timeout=10)
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it

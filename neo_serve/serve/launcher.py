@@ -237,6 +237,10 @@ def run_up(args: argparse.Namespace) -> int:
         # (plain ray.init() would join that one, and the shutdown below would stop its apps).
         metrics_port = {} if address or args.metrics_port is None else {"_metrics_export_port": args.metrics_port}
         ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, **metrics_port)
+        # ray.init installs its own SIGTERM handler (sys.exit(15) at once): ours again, so that
+        # SIGTERM (`docker stop`, a Pod's end) shuts down as Ctrl-C does.
+        for sig in previous:
+            signal.signal(sig, on_signal)
         # Serve's controller, proxy and HAProxy manager log each step of a start at INFO (40 lines
         # before the banner); keep their warnings and errors. The replicas' logs are the app's.
         system_log_level = "INFO" if args.verbose else "WARNING"
