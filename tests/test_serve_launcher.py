@@ -128,7 +128,10 @@ def test_up_serves_until_ctrl_c(tmp_path):
     name = "neo-demo" if demo else "tiny"
     # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
     # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
-    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port)}
+    # API keys from the environment, as a container sets them: the router's replica reads them.
+    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port),
+           "NEO_SERVE_API_KEYS": "first-key, second-key"}
+    auth = {"Authorization": "Bearer second-key"}
     with neo_serve_up(*checkpoint, "--dtype", "float32", "--port", str(port), "--num-cpus", "4",
                       "--metrics-port", str(metrics_port), env=env) as up:
         up.read_until("Ctrl-C to stop", timeout=180)  # the banner's last line
@@ -154,9 +157,10 @@ def test_up_serves_until_ctrl_c(tmp_path):
         # The Serve settings for local clusters reached Serve's controller (a process of this cluster).
         controller_env = _controller_environ(up.process.pid)
         assert {key: controller_env.get(key) for key in LOCAL_SERVE_SETTINGS} == LOCAL_SERVE_SETTINGS
-        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == [name]
+        assert httpx.get(f"{base}/v1/models").status_code == 401  # no key
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", headers=auth).json()["data"]] == [name]
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
-                                                          "temperature": 0}, timeout=60).json()
+                                                          "temperature": 0}, headers=auth, timeout=60).json()
         assert body["usage"]["completion_tokens"] == 8
         assert body["choices"][0]["text"] == offline_text(checkpoint[0] if checkpoint else DEMO_CHECKPOINT,
                                                           "def hello_world():", 8)
