@@ -2,7 +2,8 @@
 """Score a served model with lm-evaluation-harness and check it against transformers.
 
 What a researcher does with neo-serve: run lm-evaluation-harness's `local-completions` model
-against the OpenAI completions endpoint (`echo` + `logprobs` + `max_tokens: 0` scoring). This
+against the OpenAI completions endpoint (it scores with `echo` + `logprobs`, and generates with
+`stop` strings). This
 script runs three small local tasks (no dataset download) twice, through a running neo-serve
 and through lm-evaluation-harness's own `hf` model on the same checkpoint, and compares every
 request's log-likelihood and is-greedy flag, and every greedy generation's text.
@@ -11,8 +12,8 @@ request's log-likelihood and is-greedy flag, and every greedy generation's text.
     pip install "lm-eval[api]>=0.4.13"               # 0.4.9 fails to import with transformers 5
     python scripts/lm_eval_parity.py                 # --checkpoint DIR --model NAME for another model
 
-Exit code 0 when every log-likelihood agrees within --tolerance (1e-4) and every is-greedy flag
-and generated text is equal; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
+Exit code 0 when all 50 log-likelihoods agree within --tolerance (1e-4) with equal is-greedy
+flags and all 10 generated texts are equal and not empty; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
 """
 
 from __future__ import annotations
@@ -27,51 +28,39 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 DEMO = Path(__file__).resolve().parent.parent / "neo_serve" / "demo_model"
 LINES = ["import os", "def main():", "class Foo(object):", "return self.value", "for i in range(10):",
          "if __name__ == '__main__':", "raise ValueError('bad')", "print('hello world')", "import sys",
          "def __init__(self):"]
-TASKS = {
-    # Continue a line of Python after its first word: loglikelihood (perplexity, greedy accuracy).
-    "neo_lm": """task: neo_lm
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}/lm.jsonl}}}}
-test_split: test
-output_type: loglikelihood
-target_delimiter: ""
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - {{metric: perplexity, aggregation: perplexity, higher_is_better: false}}
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-""",
-    # Complete a line greedily until its end: generate_until (a completion with `stop`).
-    "neo_gen": """task: neo_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}/lm.jsonl}}}}
-test_split: test
-output_type: generate_until
-target_delimiter: ""
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs: {{until: ["\\n"], max_gen_toks: 24, do_sample: false}}
-metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
-""",
-    # Pick the line among four: multiple_choice (one loglikelihood request per choice).
-    "neo_mc": """task: neo_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
-test_split: test
-output_type: multiple_choice
-target_delimiter: ""
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-""",
-}
+TASK_NAMES = ("neo_lm", "neo_gen", "neo_mc")
+EXPECTED = {"loglikelihood": 50, "generate_until": 10}  # requests: 10 + 10 x 4 choices; 10 generations
+
+
+def task(name: str, data: str, output_type: str, metrics: list[str], **fields: object) -> dict:
+    """An lm-evaluation-harness task over a local JSON-lines file (no download)."""
+    lower_is_better = {"perplexity"}
+    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data}},
+            "test_split": "test", "output_type": output_type, "target_delimiter": "", **fields,
+            "metric_list": [{"metric": metric, "aggregation": "perplexity" if metric in lower_is_better else "mean",
+                             "higher_is_better": metric not in lower_is_better} for metric in metrics]}
+
+
+def tasks(directory: Path) -> dict[str, dict]:
+    lines, choices = str(directory / "lm.jsonl"), str(directory / "mc.jsonl")
+    return {
+        # Continue a line of Python after its first word: loglikelihood (perplexity, greedy accuracy).
+        "neo_lm": task("neo_lm", lines, "loglikelihood", ["perplexity", "acc"],
+                       doc_to_text="{{context}}", doc_to_target="{{target}}"),
+        # The same lines completed greedily until their end: generate_until (a completion with `stop`).
+        "neo_gen": task("neo_gen", lines, "generate_until", ["exact_match"], doc_to_text="{{context}}",
+                        doc_to_target="{{target}}",
+                        generation_kwargs={"until": ["\n"], "max_gen_toks": 24, "do_sample": False}),
+        # Pick the line among four: multiple_choice (one loglikelihood request per choice).
+        "neo_mc": task("neo_mc", choices, "multiple_choice", ["acc"], doc_to_text="{{question}}",
+                       doc_to_choice="{{choices}}", doc_to_target="label"),
+    }
 
 
 def write_tasks(directory: Path) -> None:
@@ -84,14 +73,14 @@ def write_tasks(directory: Path) -> None:
             rng.shuffle(choices)
             mc.write(json.dumps({"question": "# a line of Python\n", "choices": choices,
                                  "label": choices.index(line)}) + "\n")
-    for name, text in TASKS.items():
-        (directory / f"{name}.yaml").write_text(text.format(data=directory))
+    for name, config in tasks(directory).items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def run_lm_eval(model: str, model_args: str, directory: Path, out: Path, *extra: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
-               "--include_path", str(directory), "--tasks", ",".join(TASKS), "--output_path", str(out),
+               "--include_path", str(directory), "--tasks", ",".join(TASK_NAMES), "--output_path", str(out),
                "--log_samples", *extra]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, env=env, check=True)
@@ -116,27 +105,33 @@ def main() -> int:
                     "--device", "cpu", "--batch_size", "4")
         run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},tokenizer={args.checkpoint},"
                     "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2", directory, directory / "served")
-        worst, flags_differ, count = 0.0, 0, 0
         generations = list(zip(samples(directory / "hf", "neo_gen"), samples(directory / "served", "neo_gen"),
                                strict=True))
         texts_differ = [(reference["doc_id"], reference["resps"][0][0], served["resps"][0][0])
                         for reference, served in generations if reference["resps"][0][0] != served["resps"][0][0]]
         non_empty = sum(bool(served["resps"][0][0]) for _, served in generations)
-        print(f"first greedy generation: {generations[0][1]['arguments']!r} -> {generations[0][1]['resps'][0][0]!r}")
-        for task in TASKS.keys() - {"neo_gen"}:
-            for reference, served in zip(samples(directory / "hf", task), samples(directory / "served", task),
-                                         strict=True):
+        if generations:
+            print(f"first greedy generation: {generations[0][1]['arguments']!r} -> "
+                  f"{generations[0][1]['resps'][0][0]!r}")
+        worst, mismatched, count = 0.0, 0, 0
+        for task_name in ("neo_lm", "neo_mc"):
+            for reference, served in zip(samples(directory / "hf", task_name),
+                                         samples(directory / "served", task_name), strict=True):
                 for (ref_ll, ref_greedy), (ll, greedy) in zip(
                         (r[0] for r in reference["resps"]), (r[0] for r in served["resps"]), strict=True):
-                    worst = max(worst, abs(float(ref_ll) - float(ll)))
-                    flags_differ += ref_greedy != greedy
+                    difference = abs(float(ref_ll) - float(ll))
+                    worst = max(worst, difference) if difference == difference else float("nan")
+                    # `not <=`: a NaN on either side is a mismatch too.
+                    mismatched += not difference <= args.tolerance or ref_greedy != greedy
                     count += 1
     for doc_id, reference_text, served_text in texts_differ:
         print(f"neo_gen document {doc_id}: transformers generated {reference_text!r}, neo-serve {served_text!r}")
-    ok = worst <= args.tolerance and not flags_differ and not texts_differ
-    print(f"{count} log-likelihood requests: largest difference {worst:.2e} (tolerance {args.tolerance:g}), "
-          f"is-greedy flags differing: {flags_differ}; {len(generations)} greedy generations ({non_empty} not "
-          f"empty), differing: {len(texts_differ)} -> {'OK' if ok else 'MISMATCH'}")
+    complete = count == EXPECTED["loglikelihood"] and len(generations) == EXPECTED["generate_until"]
+    ok = complete and not mismatched and not texts_differ and non_empty == len(generations)
+    print(f"{count} log-likelihood requests (of {EXPECTED['loglikelihood']}): largest difference {worst:.2e}, "
+          f"{mismatched} past the tolerance {args.tolerance:g} or with another is-greedy flag; "
+          f"{len(generations)} greedy generations ({non_empty} not empty), differing: {len(texts_differ)} "
+          f"-> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 

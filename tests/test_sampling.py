@@ -231,6 +231,14 @@ def test_logit_bias_moves_picks_as_the_bias_added_to_transformers_logits(llm, ne
     assert outside.value.field == "logit_bias" and "outside the vocabulary" in str(outside.value)
 
 
+def test_logit_bias_comes_before_the_repetition_penalty():
+    """As vLLM and transformers order them: the bias, then the penalty on the biased logit."""
+    logits = torch.tensor([[2.0, 6.0, 0.0]])
+    row = SamplingRow(SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={0: 5.0}), [0], [], None)
+    # (2 + 5) / 1.3 = 5.38 < 6: token 1 (penalty first: 2 / 1.3 + 5 = 6.54 would pick token 0).
+    assert sample(logits, [row], torch.Generator())[0].token_id == 1
+
+
 def test_prompt_scoring_without_generation(llm):
     prompt = llm.tokenizer.encode("import os\nimport sys\n")
     out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]

@@ -202,6 +202,10 @@ def test_logit_bias_matches_offline(client, offline):
         "model": "neox", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
         "return_token_ids": True, "logit_bias": {str(token): value for token, value in bias.items()}}).json()
     assert body["choices"][0]["token_ids"] == ids and body["choices"][0]["text"] == text
+    # Through a handle, token ids are ints, as a Python caller has them.
+    result = serve.get_app_handle(APP).generate.remote(
+        model="neox", prompt=PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True, logit_bias=bias).result()
+    assert result["choices"][0]["text"] == text
 
 
 def test_stop_strings(client, offline):
@@ -428,6 +432,7 @@ def test_two_models_routed_by_name(client, offline):
     ({"model": "neox", "prompt": "x", "logit_bias": {"x": 1.0}}, "logit_bias"),
     ({"model": "neox", "prompt": "x", "logit_bias": {"999999": 1.0}}, "logit_bias"),  # outside the vocabulary
     ({"model": "neox", "prompt": "x", "logit_bias": {"5": -101}}, "logit_bias"),
+    ({"model": "neox", "prompt": "x", "logit_bias": {"5": 1.0, "05": -100}}, "logit_bias"),  # token 5 twice
     ({"model": "neox", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "neox", "prompt": ["fine", [999999]]}, "prompt"),
     ({"model": "neox", "prompt": [999999], "stream": True}, "prompt"),

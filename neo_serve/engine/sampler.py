@@ -1,7 +1,7 @@
 """Sampling: a handful of pure functions over float32 logits [rows, vocab].
 
-Order (as in vLLM): penalties -> logit bias -> greedy argmax, or temperature -> top-k -> top-p
--> draw.
+Order (as in vLLM and transformers): logit bias -> penalties -> greedy argmax, or temperature ->
+top-k -> top-p -> draw.
 Draws use the exponential race (argmax of p / E with E ~ Exp(1)), with each seeded sequence's
 own generator, so a seeded request gives the same tokens whatever else is in the batch.
 """
@@ -123,7 +123,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None  # [len(wanted), vocab]
     if any(row.params.changes_logits for row in rows):
         # Both write in place: on a copy.
-        logits = apply_logit_bias(apply_penalties(logits.clone(), rows), rows)
+        logits = apply_penalties(apply_logit_bias(logits.clone(), rows), rows)
     # max(dim) gives the first maximal index like argmax, in ~60% of argmax's time on CPU.
     tokens = logits.max(dim=-1).indices
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]

@@ -96,7 +96,9 @@ class SamplingParams:
         low, high = LOGIT_BIAS_RANGE
         checked: dict[int, float] = {}
         for token_id, value in bias.items():
-            cls._check_int("logit_bias", token_id, low=0)
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got "
+                                          f"{_short(token_id)}", field="logit_bias")
             cls._check_number("logit_bias", value)
             if not low <= value <= high:
                 raise InvalidRequestError(f"logit_bias of token {token_id} must be in [{low:g}, {high:g}], "

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from typing import Any
 
 # Actors that hold serving work on a node: Serve's replicas (ServeReplica:<app>:<deployment>),
-# neo-serve's stage actors, and Serve's HTTP proxy, through which clients' streams may still pass.
-SERVING_ACTOR_PREFIXES = ("ServeReplica:", "StageActor", "ProxyActor")
+# neo-serve's stage actors, and Serve's HTTP proxy, through which clients' streams may still pass:
+# its Python proxy, or with RAY_SERVE_ENABLE_HA_PROXY=1 the HAProxy manager in its place (Serve
+# drains either the same way; the HAProxy case has not been tried on a cluster).
+SERVING_ACTOR_PREFIXES = ("ServeReplica:", "StageActor", "ProxyActor", "HAProxyManager")
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 CLUSTER_SILENCE_S = 30.0  # no answer from the cluster for this long: it is going down too
 GCS_CALL_TIMEOUT_S = 10.0
@@ -127,11 +129,17 @@ def wait_until_drained(state: ClusterState, node_id: str, deadline_s: float, pol
                        answered: Callable[[], None] = lambda: None) -> DrainResult:
     """Poll the node's serving actors until there are none or `deadline_s` has passed;
     `answered()` after each answer from the cluster."""
+    from ray.exceptions import RayError
+
     started = time.monotonic()
     last: list[str] = []
     while True:
-        left = state.serving_actors_on(node_id)
-        answered()
+        try:
+            left = state.serving_actors_on(node_id)
+            answered()
+        except (RayError, TimeoutError, ConnectionError) as exc:  # a GCS that is busy or restarting:
+            report(f"no answer from the cluster ({type(exc).__name__}); asking again")  # the watchdog decides
+            left = last or ["(unknown)"]
         waited = time.monotonic() - started
         if not left:
             return DrainResult(node_id, True, waited, ())
@@ -170,16 +178,18 @@ def run_drain(args: argparse.Namespace) -> int:
         print(f"neo-serve drain: {line}", file=sys.stderr, flush=True)
         return 2
 
+    from ray.exceptions import RayError
+
     watchdog = Watchdog(args.silence_s, 2, f"no Ray cluster answers at {args.address!r}")
     try:
         try:
             gcs_address = services.canonicalize_bootstrap_address_or_die(args.address)
             state = ClusterState(gcs_address)
             nodes = state.nodes()
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError, RayError) as exc:
             return fail(f"no Ray cluster at {args.address!r}: {exc}")
-        watchdog.kick(f"the Ray cluster at {gcs_address} stopped answering")
-        node_id = args.node_id
+        watchdog.kick(f"the Ray cluster at {gcs_address} stopped answering", code=1)
+        node_id = args.node_id.lower() if args.node_id else None
         if node_id is None:
             ip = services.get_node_ip_address()
             try:
@@ -197,9 +207,9 @@ def run_drain(args: argparse.Namespace) -> int:
         try:
             state.request_drain(node_id, args.deadline_s, "neo-serve drain: the node is being stopped")
             say(f"node {node_id} is draining; Serve moves its replicas (deadline {args.deadline_s:g} s)")
-        except RuntimeError as exc:  # then Ray drains it for another reason already: still wait
+        except (RuntimeError, TimeoutError, RayError) as exc:  # e.g. Ray drains it already: still wait
             say(f"{exc}; waiting for its serving actors all the same")
-        watchdog.kick(code=1)
+        watchdog.kick()
         result = wait_until_drained(state, node_id, args.deadline_s, args.poll_s, report=say, answered=watchdog.kick)
         if result.drained:
             say(f"no serving actor left on the node after {result.waited_s:.0f} s")

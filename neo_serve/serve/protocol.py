@@ -188,6 +188,15 @@ class CompletionRequest(BaseModel):
             raise ValueError("only allowed with stream: true")
         return value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_id_keys(cls, value: Any) -> Any:
+        # JSON keys are strings; a Python caller (the handle) passes token ids as ints.
+        if isinstance(value, dict):
+            return {str(key) if isinstance(key, int) and not isinstance(key, bool) else key: bias
+                    for key, bias in value.items()}
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
