@@ -903,6 +903,19 @@ def test_a_busy_stage_is_not_taken_for_dead(base_url, checkpoints):
             first, second = runner.actors
             queued = [first.execute.remote(step, None) for _ in range(400)]
             ray.kill(second)
+            # ray.kill returns before the actor is gone: a ping sent at once may still be answered
+            # (it was, once, on a loaded machine). The pipeline restarts stages only after a step
+            # failed on a dead one, so wait until the death shows, as it would have then.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await asyncio.wait_for(second.ping.remote(), timeout=5)
+                except ray.exceptions.RayActorError:
+                    break
+                except asyncio.TimeoutError:
+                    pass
+                assert time.monotonic() < deadline, "the killed stage still answers"
+                await asyncio.sleep(0.1)
             started = time.monotonic()
             assert await runner.restart_stages(probe_timeout_s=0.5) == [1]
             # Stage 0 was still busy past the probe's timeout, and kept its actor.
