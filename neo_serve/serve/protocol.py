@@ -135,7 +135,7 @@ class CompletionRequest(BaseModel):
     return_token_ids: bool = Field(False, description="Extension: add `prompt_token_ids` and `token_ids` to "
                                                       "each choice.")
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> bias (JSON keys: decimal strings)
     user: str | None = None
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
         "Extension: seconds this request may take, from its arrival at the router; past it the request ends "
@@ -191,11 +191,24 @@ class CompletionRequest(BaseModel):
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _token_id_keys(cls, value: Any) -> Any:
-        # JSON keys are strings; a Python caller (the handle) passes token ids as ints.
-        if isinstance(value, dict):
-            return {str(key) if isinstance(key, int) and not isinstance(key, bool) else key: bias
-                    for key, bias in value.items()}
-        return value
+        """Keys as token ids: JSON's decimal strings, or ints from a Python caller (the handle).
+        Stricter than pydantic's own: no signs, spaces or other digits, no id given twice."""
+        if not isinstance(value, dict):
+            return value
+        bias: dict[Any, Any] = {}
+        for key, entry in value.items():
+            if isinstance(key, str):
+                if not (key.isascii() and key.isdigit()):
+                    raise ValueError(f"keys must be token ids, got {key[:40]!r}")
+                if len(key.lstrip("0")) > 12:  # past any vocabulary (and int() of thousands of digits is slow)
+                    raise ValueError(f"token {key[:20]}... is outside the vocabulary")
+                key = int(key)
+            elif isinstance(key, bool) or not isinstance(key, int):
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if key in bias:
+                raise ValueError(f"names token {key} twice")
+            bias[key] = entry
+        return bias
 
     @field_validator("stop")
     @classmethod
