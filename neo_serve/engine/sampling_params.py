@@ -113,7 +113,7 @@ class SamplingParams:
     @property
     def argmax_only(self) -> bool:
         """The sample is the most likely token and nothing else of the logits is needed
-        (greedy, no penalties, no logprobs)."""
+        (greedy, no penalties, no logit_bias, no logprobs)."""
         return self.greedy and not self.changes_logits and self.logprobs is None
 
     @property
