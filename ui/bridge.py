@@ -84,15 +84,20 @@ async def serve_asgi(app: ASGIApp, scope: dict[str, Any], body: bytes, *,
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
-        if disconnected.is_set():
-            raise OSError("the client disconnected")
-        messages.put_nowait(message)
+        # After the hang-up, drop what the app still sends, as ASGI servers before spec 2.4 do
+        # (the scope says 2.3). Raising here (2.4's OSError) ends a Starlette streaming response
+        # without cancelling its body iterator: Gradio's event stream is then finalized with
+        # GeneratorExit, which skips its `clean_events`, and the run goes on to its last token
+        # for nobody. Dropped, the stream's next `is_disconnected()` (or Starlette's disconnect
+        # listener) ends it through the path that stops the run.
+        if not disconnected.is_set():
+            messages.put_nowait(message)
 
     async def run() -> None:
         try:
             await app(scope, receive, send)
         except Exception as exc:  # the consumer answers 500 if nothing was sent yet
-            if disconnected.is_set():  # e.g. `send` after the hang-up (OSError): the client left, no failure
+            if disconnected.is_set():  # failed after the hang-up (e.g. reading a body): the client left
                 logger.debug("neo-serve playground: %s %s ended, the client left (%r)", scope.get("method"),
                              scope.get("path"), exc)
             else:
