@@ -313,13 +313,26 @@ def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_ch
     assert sum(len(chunk.sequences[0].token_ids) for chunk in with_tokens) == 400
 
 
+class Recorded:
+    """Stands in for one Ray counter or histogram: every value given, with its tags."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[float, dict]] = []
+
+    def inc(self, value: float = 1, tags: dict | None = None) -> None:
+        self.values.append((value, tags or {}))
+
+    observe = inc
+
+
 class RecordedGauges:
-    """Stands in for PipelineMetrics: every record_step call, in order."""
+    """Stands in for PipelineMetrics: every record_step call, in order, and every value of its
+    per-request counters and histograms."""
 
     def __init__(self) -> None:
         self.steps: list[dict] = []
-        counted = type("Counted", (), {"inc": lambda self, value=1: None, "observe": lambda self, value: None})()
-        self.prompt_tokens = self.time_to_first_token = self.inter_token_latency = counted
+        (self.prompt_tokens, self.time_to_first_token, self.inter_token_latency, self.request_latency,
+         self.queue_time, self.finished_sequences) = (Recorded() for _ in range(6))
 
     def record_step(self, **values) -> None:
         self.steps.append(values)
@@ -501,3 +514,38 @@ def test_preemptions_reach_the_metrics(neox_checkpoint, offline_tokens):
     chunks, preemptions = asyncio.run(main())
     assert preemptions > 0 and max(step["preemptions"] for step in gauges.steps) == preemptions
     assert [token_ids(c) for c in chunks] == offline_tokens
+
+
+def test_each_request_reports_its_queue_time_latency_and_how_it_ended(neox_checkpoint):
+    # What a dashboard reads besides the tokens: how long requests waited for a batch slot
+    # (neo_serve_request_queue_time_seconds), how long finished ones took
+    # (neo_serve_e2e_request_latency_seconds) and how each sequence ended (neo_serve_finished_sequences,
+    # by finished_reason), a hang-up included.
+    recorded = RecordedGauges()
+    options = {"max_num_seqs": 1}  # one at a time: the second request waits for the first
+
+    async def main():
+        async with started_core(neox_checkpoint, options, metrics=recorded) as core:
+            first = asyncio.ensure_future(collect(core, PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.0,
+                                                                                    ignore_eos=True), "first"))
+            await asyncio.sleep(0)  # admitted first
+            second = asyncio.ensure_future(collect(core, PROMPTS[1], SamplingParams(
+                max_tokens=4, n=2, temperature=0.8, seed=1, ignore_eos=True), "second"))
+            started = time.monotonic()
+            await asyncio.gather(first, second)
+            whole = time.monotonic() - started
+            gone = core.generate(PROMPTS[2], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), "gone")
+            for _ in range(3):
+                await gone.__anext__()
+            await gone.aclose()
+            await asyncio.sleep(0.1)
+            return whole
+
+    whole = asyncio.run(main())
+    reasons = sorted(tags["finished_reason"] for _, tags in recorded.finished_sequences.values)
+    assert reasons == ["abort", "length", "length", "length"]  # n=2 counts two sequences
+    latencies = [value for value, _ in recorded.request_latency.values]
+    assert len(latencies) == 2 and all(0 < value <= whole for value in latencies)  # the hang-up did not finish
+    queued = [value for value, _ in recorded.queue_time.values]
+    assert len(queued) == 3 and all(value >= 0 for value in queued)
+    assert max(queued) > 0.5 * min(latencies)  # the second waited for the first's 16 steps

@@ -598,7 +598,9 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[0], "max_tokens": 8})
     names = ["ray_neo_serve_time_to_first_token_seconds_bucket", "ray_neo_serve_inter_token_latency_seconds_bucket",
              "ray_neo_serve_prompt_tokens", "ray_neo_serve_generation_tokens", "ray_neo_serve_num_running_seqs",
-             "ray_neo_serve_num_waiting_seqs", "ray_neo_serve_kv_cache_usage"]
+             "ray_neo_serve_num_waiting_seqs", "ray_neo_serve_kv_cache_usage",
+             "ray_neo_serve_e2e_request_latency_seconds_bucket", "ray_neo_serve_request_queue_time_seconds_bucket",
+             "ray_neo_serve_finished_sequences"]
 
     def scrape():
         try:
@@ -612,12 +614,18 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     assert any('stage="1"' in line and 'model="neox"' in line for line in kv_lines)
 
     counted = ("ray_neo_serve_generation_tokens", "ray_neo_serve_prompt_tokens",
-               "ray_neo_serve_time_to_first_token_seconds_count", "ray_neo_serve_inter_token_latency_seconds_count")
+               "ray_neo_serve_time_to_first_token_seconds_count", "ray_neo_serve_inter_token_latency_seconds_count",
+               "ray_neo_serve_e2e_request_latency_seconds_count", "ray_neo_serve_request_queue_time_seconds_count",
+               'ray_neo_serve_finished_sequences{finished_reason="length"}')
 
-    def totals(text: str) -> dict[str, float]:  # summed over replicas; counters may carry `_total`
-        return {name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                          if line.split("{", 1)[0] in (name, name + "_total") and 'model="neox"' in line)
-                for name in counted}
+    def total(text: str, name: str) -> float:  # summed over replicas; counters may carry `_total`
+        name, _, label = name.partition("{")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{", 1)[0] in (name, name + "_total") and 'model="neox"' in line
+                   and label.rstrip("}") in line)
+
+    def totals(text: str) -> dict[str, float]:
+        return {name: total(text, name) for name in counted}
 
     # The module's earlier requests are all exported once two scrapes, 2.5 export periods apart, agree.
     def settled():
@@ -636,7 +644,9 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
         return {name: now[name] - before[name] for name in counted}
 
     expected = {"ray_neo_serve_generation_tokens": 8, "ray_neo_serve_prompt_tokens": prompt_tokens,
-                "ray_neo_serve_time_to_first_token_seconds_count": 1}
+                "ray_neo_serve_time_to_first_token_seconds_count": 1,
+                "ray_neo_serve_e2e_request_latency_seconds_count": 1, "ray_neo_serve_request_queue_time_seconds_count": 1,
+                'ray_neo_serve_finished_sequences{finished_reason="length"}': 1}
     growth = wait_until(lambda: (g := grown()) and all(g[k] >= v for k, v in expected.items()) and g,
                         timeout=30, interval=0.5, what="this request's tokens in the counters")
     assert {k: growth[k] for k in expected} == expected  # exactly this request's, no more

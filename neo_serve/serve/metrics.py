@@ -17,6 +17,10 @@ from ray.serve import metrics
 # small model on a GPU comes within a millisecond or two.
 TTFT_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5,
                      10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+# A whole request: a few tokens of a small model, or thousands of GPT-NeoX-20B's behind a queue.
+E2E_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+                    600.0, 1200.0, 1800.0, 3600.0]
+FINISH_REASONS = ("stop", "length", "abort")
 ITL_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                     0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
 GAUGE_PERIOD_S = 0.5  # gauges are sampled, not set on every step
@@ -49,6 +53,18 @@ class PipelineMetrics:
             "observed once per streamed chunk as the chunk's wait over its tokens (a chunk carries every token "
             "since the previous one, so _count counts chunks, not tokens).",
             boundaries=ITL_BOUNDARIES_S, tag_keys=("model",))
+        self.request_latency = metrics.Histogram(
+            "neo_serve_e2e_request_latency_seconds", "Seconds from a request's arrival at its pipeline to its "
+            "last token, for requests that finished (not cancelled or failed).",
+            boundaries=E2E_BOUNDARIES_S, tag_keys=("model",))
+        self.queue_time = metrics.Histogram(
+            "neo_serve_request_queue_time_seconds", "Seconds from a request's arrival at its pipeline to its "
+            "first step, i.e. waiting for a batch slot and KV cache.", boundaries=TTFT_BOUNDARIES_S,
+            tag_keys=("model",))
+        self.finished_sequences = metrics.Counter(
+            "neo_serve_finished_sequences", "Sequences ended, by finished_reason: stop (end of text, a stop "
+            "string or token), length (max_tokens or the context window), abort (the client cancelled or hung "
+            "up, its deadline passed, or the pipeline failed).", tag_keys=("model", "finished_reason"))
         self.prompt_tokens = metrics.Counter("neo_serve_prompt_tokens", "Prompt tokens of accepted requests.",
                                              tag_keys=("model",))
         self.generation_tokens = metrics.Counter("neo_serve_generation_tokens", "Generated tokens.",
@@ -62,8 +78,9 @@ class PipelineMetrics:
             "numbering, so every stage of a pipeline reports the same value).", tag_keys=("model", "stage"))
         self.preemptions = metrics.Counter("neo_serve_preemptions", "Sequences preempted (KV freed, recomputed "
                                            "later) because the KV cache was full.", tag_keys=("model",))
-        for metric in (self.time_to_first_token, self.inter_token_latency, self.prompt_tokens,
-                       self.generation_tokens, self.running, self.waiting, self.preemptions):
+        for metric in (self.time_to_first_token, self.inter_token_latency, self.request_latency, self.queue_time,
+                       self.finished_sequences, self.prompt_tokens, self.generation_tokens, self.running,
+                       self.waiting, self.preemptions):
             metric.set_default_tags(dict(tags))  # Serve adds its tags into the dict it is given
         self._stage_tags = [{"model": model, "stage": str(stage)} for stage in range(num_stages)]
         self._last_gauges = 0.0
@@ -89,7 +106,8 @@ class PipelineMetrics:
 
 
 class RequestTimer:
-    """Per-request latency bookkeeping: time to first token, then time per token.
+    """Per-request latency bookkeeping: time in the queue, to the first token, then per token,
+    and how the request ended.
 
     Called once per streamed chunk, on the replica's event loop. A chunk carries every token its
     sequences made since the previous one (see `PipelineCore.stream_interval`), so the
@@ -97,10 +115,42 @@ class RequestTimer:
     one Ray metric call per token took a tenth of a 2-stage replica's event loop (py-spy, 64
     streams). Generated tokens are counted per step (`PipelineMetrics.record_step`)."""
 
-    def __init__(self, metrics_: PipelineMetrics | None, arrival: float) -> None:
+    def __init__(self, metrics_: PipelineMetrics | None, arrival: float, num_sequences: int = 1) -> None:
         self._metrics = metrics_
         self._arrival = arrival
+        self._num_sequences = num_sequences
         self._last: float | None = None
+        self._scheduled = False
+        self._ended = False
+
+    def scheduled(self, first_scheduled_time: float | None) -> None:
+        """The request's first step started at `first_scheduled_time` (monotonic; None: not yet)."""
+        if self._metrics is None or self._scheduled or first_scheduled_time is None:
+            return
+        self._scheduled = True
+        self._metrics.queue_time.observe(max(0.0, first_scheduled_time - self._arrival))
+
+    def finished(self, finish_reasons: list[str | None]) -> None:
+        """The request's last chunk: its latency, and each sequence's finish reason."""
+        if self._metrics is None or self._ended:
+            return
+        self._ended = True
+        reasons = [reason if reason in FINISH_REASONS else "abort" for reason in finish_reasons]
+        if "abort" not in reasons:  # the latency of requests that ran to their end
+            self._metrics.request_latency.observe(time.monotonic() - self._arrival)
+        for reason in reasons:
+            self._count(reason)
+
+    def ended(self) -> None:
+        """The stream is over (also cancelled or failed): sequences not counted yet were aborted."""
+        if self._metrics is None or self._ended:
+            return
+        self._ended = True
+        for _ in range(self._num_sequences):
+            self._count("abort")
+
+    def _count(self, reason: str) -> None:
+        self._metrics.finished_sequences.inc(1, tags={"finished_reason": reason})
 
     def tokens(self, per_sequence: list[int]) -> None:
         """New tokens arrived: `per_sequence[i]` for the request's i-th sequence with news."""
