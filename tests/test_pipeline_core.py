@@ -516,7 +516,7 @@ def test_preemptions_reach_the_metrics(neox_checkpoint, offline_tokens):
     assert [token_ids(c) for c in chunks] == offline_tokens
 
 
-def test_each_request_reports_its_queue_time_latency_and_how_it_ended(neox_checkpoint):
+def test_each_request_reports_its_queue_time_latency_and_how_it_ended(neox_checkpoint, offline_tokens):
     # What a dashboard reads besides the tokens: how long requests waited for a batch slot
     # (neo_serve_request_queue_time_seconds), how long finished ones took
     # (neo_serve_e2e_request_latency_seconds) and how each sequence ended (neo_serve_finished_sequences,
@@ -534,18 +534,35 @@ def test_each_request_reports_its_queue_time_latency_and_how_it_ended(neox_check
             started = time.monotonic()
             await asyncio.gather(first, second)
             whole = time.monotonic() - started
-            gone = core.generate(PROMPTS[2], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), "gone")
+            await collect(core, PROMPTS[2], SamplingParams(max_tokens=16, temperature=0.0,
+                                                           stop_token_ids=[offline_tokens[2][2]]), "stopped")
+            gone = core.generate(PROMPTS[3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), "gone")
             for _ in range(3):
                 await gone.__anext__()
             await gone.aclose()
-            await asyncio.sleep(0.1)
             return whole
 
     whole = asyncio.run(main())
-    reasons = sorted(tags["finished_reason"] for _, tags in recorded.finished_sequences.values)
-    assert reasons == ["abort", "length", "length", "length"]  # n=2 counts two sequences
+    reasons = sorted(tags["finished_reason"] for value, tags in recorded.finished_sequences.values
+                     for _ in range(int(value)))
+    assert reasons == ["abort", "length", "length", "length", "stop"]  # n=2 counts two sequences
     latencies = [value for value, _ in recorded.request_latency.values]
-    assert len(latencies) == 2 and all(0 < value <= whole for value in latencies)  # the hang-up did not finish
+    assert len(latencies) == 3 and all(value > 0 for value in latencies)  # not the hung-up one
+    assert max(latencies[:2]) <= whole
     queued = [value for value, _ in recorded.queue_time.values]
-    assert len(queued) == 3 and all(value >= 0 for value in queued)
-    assert max(queued) > 0.5 * min(latencies)  # the second waited for the first's 16 steps
+    assert len(queued) == 4 and all(value >= 0 for value in queued)
+    assert max(queued) > 0.5 * min(latencies[:2])  # the second waited for the first's 16 steps
+
+
+def test_a_hang_up_counts_only_the_sequences_it_cut_off():
+    # n > 1: a sequence that had ended (its client saw "stop") stays a stop when the client then
+    # hangs up on the others; a request that never had a step has no queue time.
+    from neo_serve.engine.outputs import RequestMetrics
+    from neo_serve.serve.metrics import RequestTimer
+
+    recorded = RecordedGauges()
+    RequestTimer(recorded, arrival=time.monotonic()).ended(RequestMetrics(arrival_time=time.monotonic()),
+                                                          ["stop", None, "abort"])
+    assert sorted((tags["finished_reason"], value) for value, tags in recorded.finished_sequences.values) == [
+        ("abort", 2), ("stop", 1)]
+    assert recorded.queue_time.values == [] and recorded.request_latency.values == []

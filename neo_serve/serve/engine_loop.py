@@ -155,7 +155,7 @@ class PipelineCore:
         tracker = DeltaTracker(request_id, self.decode_token, skip_special_tokens=params.skip_special_tokens)
         prompt_text = request.prompt if request.prompt is not None else self.engine.tokenizer.decode(
             request.prompt_ids, skip_special_tokens=False)
-        timer = RequestTimer(self.metrics, arrival, num_sequences=params.n)
+        timer = RequestTimer(self.metrics, arrival)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         mailbox = _Mailbox()
@@ -165,9 +165,8 @@ class PipelineCore:
         try:
             yield tracker.first_chunk(request.to_output(), prompt_text)
             if request.finished:  # max_tokens=0 without prompt logprobs: nothing to compute
-                output = request.to_output()
-                timer.finished([completion.finish_reason for completion in output.outputs])
-                yield tracker.update(output)
+                timer.completed([seq.finish_reason for seq in request.sequences])
+                yield tracker.update(request.to_output())
                 return
             last_token_chunk = None  # when the last chunk with tokens was yielded
             while True:
@@ -180,9 +179,9 @@ class PipelineCore:
                 item = await mailbox.get()
                 if isinstance(item, BaseException):
                     raise item
-                timer.scheduled(request.metrics.first_scheduled_time)
+                timer.scheduled(request.metrics)
                 if item.finished:  # before its chunk is yielded: the caller may not ask for more
-                    timer.finished([completion.finish_reason for completion in item.outputs])
+                    timer.completed([completion.finish_reason for completion in item.outputs])
                 chunk = tracker.update(item)
                 if chunk is not None:
                     token_counts = [len(s.token_ids) for s in chunk.sequences]
@@ -194,11 +193,11 @@ class PipelineCore:
                     return
         finally:
             # Reached on completion, on error and on cancellation (CancelledError / GeneratorExit).
-            timer.ended()
             self._streams.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
+            timer.ended(request.metrics, [seq.finish_reason for seq in request.sequences])
 
     async def _hold(self, request_id: str, seconds: float) -> None:
         """Pause a stream for `seconds`, or until its request finishes or fails: a request's last

@@ -6,10 +6,13 @@ Ray prefixes every name with `ray_`, so Prometheus shows e.g. `ray_neo_serve_tim
 
 from __future__ import annotations
 
+import collections
 import time
 
 import ray
 from ray.serve import metrics
+
+from neo_serve.engine.outputs import RequestMetrics
 
 # Bucket bounds wide enough for a tiny model on a CPU and GPT-NeoX-20B under load alike:
 # histogram_quantile reports anything past the last bound as that bound, and everything under
@@ -58,8 +61,9 @@ class PipelineMetrics:
             "last token, for requests that finished (not cancelled or failed).",
             boundaries=E2E_BOUNDARIES_S, tag_keys=("model",))
         self.queue_time = metrics.Histogram(
-            "neo_serve_request_queue_time_seconds", "Seconds from a request's arrival at its pipeline to its "
-            "first step, i.e. waiting for a batch slot and KV cache.", boundaries=TTFT_BOUNDARIES_S,
+            "neo_serve_request_queue_time_seconds", "Seconds from a request's admission by its pipeline (after "
+            "tokenization) to its first step, i.e. waiting for a batch slot and KV cache; requests that ended "
+            "before their first step are not observed.", boundaries=TTFT_BOUNDARIES_S,
             tag_keys=("model",))
         self.finished_sequences = metrics.Counter(
             "neo_serve_finished_sequences", "Sequences ended, by finished_reason: stop (end of text, a stop "
@@ -115,42 +119,38 @@ class RequestTimer:
     one Ray metric call per token took a tenth of a 2-stage replica's event loop (py-spy, 64
     streams). Generated tokens are counted per step (`PipelineMetrics.record_step`)."""
 
-    def __init__(self, metrics_: PipelineMetrics | None, arrival: float, num_sequences: int = 1) -> None:
+    def __init__(self, metrics_: PipelineMetrics | None, arrival: float) -> None:
         self._metrics = metrics_
-        self._arrival = arrival
-        self._num_sequences = num_sequences
+        self._arrival = arrival  # before tokenization: part of the time to first token
         self._last: float | None = None
-        self._scheduled = False
-        self._ended = False
+        self._queue_observed = False
+        self._completed = False
 
-    def scheduled(self, first_scheduled_time: float | None) -> None:
-        """The request's first step started at `first_scheduled_time` (monotonic; None: not yet)."""
-        if self._metrics is None or self._scheduled or first_scheduled_time is None:
+    def scheduled(self, request: RequestMetrics) -> None:
+        """Observe the request's queue time once it has had a step: from its admission by the
+        engine (after tokenization) to that first step."""
+        if self._metrics is None or self._queue_observed or request.first_scheduled_time is None:
             return
-        self._scheduled = True
-        self._metrics.queue_time.observe(max(0.0, first_scheduled_time - self._arrival))
+        self._queue_observed = True
+        self._metrics.queue_time.observe(max(0.0, request.first_scheduled_time - request.arrival_time))
 
-    def finished(self, finish_reasons: list[str | None]) -> None:
-        """The request's last chunk: its latency, and each sequence's finish reason."""
-        if self._metrics is None or self._ended:
+    def completed(self, finish_reasons: list[str | None]) -> None:
+        """The request's last chunk is ready: its latency, if every sequence ran to its end."""
+        if self._metrics is None or self._completed:
             return
-        self._ended = True
-        reasons = [reason if reason in FINISH_REASONS else "abort" for reason in finish_reasons]
-        if "abort" not in reasons:  # the latency of requests that ran to their end
+        self._completed = True
+        if all(reason in ("stop", "length") for reason in finish_reasons):
             self._metrics.request_latency.observe(time.monotonic() - self._arrival)
-        for reason in reasons:
-            self._count(reason)
 
-    def ended(self) -> None:
-        """The stream is over (also cancelled or failed): sequences not counted yet were aborted."""
-        if self._metrics is None or self._ended:
+    def ended(self, request: RequestMetrics, finish_reasons: list[str | None]) -> None:
+        """The stream is over, whichever way (call once): the queue time if the request had a step
+        but no chunk since, and how each sequence ended (None: it was cut off, an abort)."""
+        if self._metrics is None:
             return
-        self._ended = True
-        for _ in range(self._num_sequences):
-            self._count("abort")
-
-    def _count(self, reason: str) -> None:
-        self._metrics.finished_sequences.inc(1, tags={"finished_reason": reason})
+        self.scheduled(request)
+        reasons = collections.Counter(reason if reason in FINISH_REASONS else "abort" for reason in finish_reasons)
+        for reason, count in reasons.items():  # one Ray call per reason, not per sequence
+            self._metrics.finished_sequences.inc(count, tags={"finished_reason": reason})
 
     def tokens(self, per_sequence: list[int]) -> None:
         """New tokens arrived: `per_sequence[i]` for the request's i-th sequence with news."""
