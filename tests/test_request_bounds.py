@@ -105,3 +105,35 @@ def test_a_field_name_that_is_not_unicode_is_refused_without_echoing_it():
     # replica that raised it exits (the handle's caller got ActorUnavailableError).
     error = APIError("model `\ud800x` is unknown", param="\udfff")
     assert str(error).encode("utf-8") == b"model `\\ud800x` is unknown" and error.param == "\\udfff"
+
+
+def test_a_non_streamed_response_too_large_for_the_router_is_refused():
+    # The router builds a non-streamed response whole: echo + logprobs=20 + n=16 over many long
+    # prompts made 145 MB of JSON from an 80 KB request (+650 MB of router memory), and the
+    # 1024 prompts the queue allows would have taken about 20 GB.
+    bounds = RequestBounds({"m": RouteLimits(max_prompts_per_request=1024, max_model_len=2048)})
+
+    def check(**fields):
+        request = parse_request({"model": "m", **fields})
+        bounds.check_response_size("m", request, request.prompts())
+
+    huge = {"prompt": [[1] * 500] * 64, "n": 16, "echo": True, "logprobs": 20, "max_tokens": 1}
+    with pytest.raises(APIError) as caught:
+        check(**huge)
+    error = caught.value
+    assert error.status == 400 and error.param == "logprobs" and error.code == "response_too_large"
+    assert str(error).startswith("this request's logprobs could reach 10,773,504 entries (64 prompt(s), n=16")
+    check(**huge, stream=True)  # streamed, choice by choice: allowed
+    check(**{**huge, "logprobs": 1})  # 1.0M entries
+    check(**{**huge, "logprobs": None})
+    # What lm-evaluation-harness sends to score: echo, logprobs=1, max_tokens=0, a batch of prompts.
+    check(prompt=[[1] * 2048] * 64, echo=True, logprobs=1, max_tokens=0)
+    # A text prompt counts its UTF-8 bytes (a token is at least one byte).
+    texts = {"n": 16, "echo": True, "logprobs": 20, "max_tokens": 0}
+    check(prompt=["e" * 200] * 64, **texts)  # 4.3M entries
+    with pytest.raises(APIError):
+        check(prompt=["é" * 200] * 64, **texts)  # 400 bytes each: 8.6M
+    # Without max_tokens a sequence may run to the window, which also caps a long echo.
+    with pytest.raises(APIError):
+        check(prompt=["hi"] * 16, n=16, logprobs=20, max_tokens=None)  # 16 x 16 x 2048 x 21
+    check(prompt=[[1] * 2000] * 8, n=16, echo=True, logprobs=20, max_tokens=100_000)  # 8 x 16 x 2048 x 21

@@ -493,6 +493,11 @@ def test_an_unexpected_error_answers_500_without_the_replicas_traceback():
 def test_replica_keeps_serving_after_errors(client, offline):
     for _ in range(3):
         assert client.post("/v1/completions", json={"model": "neox", "prompt": [999999]}).status_code == 400
+    # A response too large for the router to build (up to 200 x 16 x 403 x 21 logprob entries) is
+    # refused before any pipeline call.
+    huge = client.post("/v1/completions", json={"model": "neox", "prompt": [[5, 17, 42]] * 200, "n": 16,
+                                                "echo": True, "logprobs": 20, "max_tokens": 400})
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "response_too_large", huge.text
     [[(text, _)]] = reference(offline["neox"], [PROMPTS[4]], max_tokens=8, temperature=0.0)
     body = client.post("/v1/completions", json={"model": "neox", "prompt": PROMPTS[4], "max_tokens": 8,
                                                 "temperature": 0}).json()

@@ -217,6 +217,13 @@ def request_timed_out(timeout_s: float) -> APIError:
                     type="timeout_error", param="timeout", code="request_timeout")
 
 
+# The most log-probability entries (a position's chosen token plus its top alternatives) a
+# non-streamed response may carry. The router builds such a response whole, at about 120 bytes of
+# its memory an entry (measured: 5.4M entries, 145 MB of JSON, +650 MB), so this is about a GB;
+# an lm-evaluation-harness batch (echo, logprobs=1, 64 prompts of 2048 tokens) needs 262k.
+MAX_RESPONSE_LOGPROB_ENTRIES = 8_000_000
+
+
 class RequestBounds:
     """The per-model limits the router enforces on a request's size, before calling a pipeline.
 
@@ -267,6 +274,29 @@ class RequestBounds:
         window = self._largest(model, "max_model_len")
         if window is not None and num_ids > window:
             raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
+
+    def check_response_size(self, model: str, request: CompletionRequest, prompts: list[str | list[int]]) -> None:
+        """Refuse a non-streamed request whose logprobs could outgrow the router's memory (a
+        response is built whole; a stream sends each choice's as they come). Bounded from above:
+        a prompt's tokens by its ids, or by its UTF-8 bytes (a token is at least one byte), and
+        every sequence by the context window."""
+        if request.stream or request.logprobs is None:
+            return
+        window = self._largest(model, "max_model_len")
+        generated = request.max_tokens if request.max_tokens is not None else window
+        if generated is None:
+            return  # no bound known to the router: the pipeline's window decides
+        positions = 0
+        for prompt in prompts:
+            scored = (len(prompt) if isinstance(prompt, list) else len(prompt.encode("utf-8", "surrogatepass"))) \
+                if request.echo else 0
+            positions += scored + generated if window is None else min(window, scored + generated)
+        entries = positions * request.n * (request.logprobs + 1)
+        if entries > MAX_RESPONSE_LOGPROB_ENTRIES:
+            raise APIError(f"this request's logprobs could reach {entries:,} entries ({len(prompts)} prompt(s), n={request.n}, "
+                           f"up to {positions:,} positions, {request.logprobs + 1} entries each), more than one response "
+                           f"may carry ({MAX_RESPONSE_LOGPROB_ENTRIES:,}): stream it (stream=true), or send fewer prompts "
+                           "per request, or lower logprobs, n or max_tokens", param="logprobs", code="response_too_large")
 
     def check_prompt_count(self, model: str | None, num_prompts: int) -> None:
         """Refuse a request with more prompts than the model's pipelines can ever take at once:
@@ -352,6 +382,7 @@ class _Run:
         model = service.resolve_model(request.model)
         prompts = request.prompts()
         service.bounds.check_prompt_count(model, len(prompts))
+        service.bounds.check_response_size(model, request, prompts)
         deadline = Deadline(service.timeout_for(model, request))
         params = sampling_params(request)
         handle = service.streaming[model]
