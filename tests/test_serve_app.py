@@ -106,6 +106,8 @@ def reference(llm: LLM, prompts, **params):
 def test_health_and_models(client):
     health = client.get("/health")
     assert health.status_code == 200
+    probe = client.head("/health")  # as some load balancers ask
+    assert probe.status_code == 200 and probe.content == b""
     assert health.json()["models"]["neox"] == {"model": "neox", "ready": True, "stages_loaded": 2, "num_stages": 2}
     models = client.get("/v1/models").json()
     assert models["object"] == "list"

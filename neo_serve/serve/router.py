@@ -178,7 +178,7 @@ class Router:
     async def models(self) -> dict[str, Any]:
         return ModelList(data=self.cards).model_dump()
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])  # some load balancers probe with HEAD
     async def health(self) -> JSONResponse:
         """200 once every stage of every model's pipeline is loaded, else 503."""
         # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
