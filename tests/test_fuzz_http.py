@@ -668,6 +668,9 @@ def judge(case: Case, out: Outcome) -> list[str]:
     oversize = len(case.content or b"") > MAX_BODY
     if oversize:
         return problems + ([] if status == 413 else [f"oversize body: status {status}, expected 413"])
+    content_type = case.headers.get("content-type", "application/json")  # none is read as JSON
+    if content_type != "application/json":  # what CONTENT_TYPES sends: text/plain, a form
+        return problems + ([] if status == 415 else [f"a {content_type} body: status {status}, expected 415"])
     if not parses or not isinstance(value, dict):
         if status != 400:
             what = "is not JSON" if not parses else "is not an object"

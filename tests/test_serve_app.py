@@ -492,6 +492,22 @@ def test_an_unexpected_error_answers_500_without_the_replicas_traceback():
         "model": "neox", "ready": False, "detail": "not ready (KeyError); the router's log has the details"}
 
 
+def test_only_json_bodies_are_read(client):
+    # A page on another site can POST text/plain or a form without a CORS preflight; with no API
+    # key that would spend the model's compute. JSON only, as FastAPI's own parsing has it.
+    body = json.dumps({"model": "neox", "prompt": "def f(", "max_tokens": 2})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        refused = client.post("/v1/completions", content=body, headers={"content-type": content_type})
+        assert refused.status_code == 415, (content_type, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        answered = client.post("/v1/completions", content=body, headers=headers)
+        assert answered.status_code == 200, (content_type, answered.text)
+    assert pipeline_stats()["requests"] == 0
+
+
 def test_replica_keeps_serving_after_errors(client, offline):
     for _ in range(3):
         assert client.post("/v1/completions", json={"model": "neox", "prompt": [999999]}).status_code == 400

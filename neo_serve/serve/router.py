@@ -102,7 +102,24 @@ def _error_name(exc: BaseException) -> str:
     return type(cause if isinstance(cause, BaseException) else exc).__name__
 
 
+def _check_content_type(request: Request) -> None:
+    """JSON bodies only, as FastAPI's own body parsing has it: a web page on another site can POST
+    text/plain, form or multipart bodies without the browser asking first (no CORS preflight),
+    which on a server without API keys would spend the model's compute. A body without a
+    Content-Type is read as JSON."""
+    value = request.headers.get("content-type")
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    got = media or "an empty Content-Type"
+    raise APIError(f"the request body must be JSON, sent with Content-Type: application/json (got {got})",
+                   status=415, code="unsupported_media_type")
+
+
 async def _json_body(request: Request) -> Any:
+    _check_content_type(request)
     try:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
