@@ -58,6 +58,18 @@ def test_limits_unknown_to_the_router_are_left_to_the_pipeline():
     unknown.check_raw({"model": "m", "prompt": [[1] * 5000] * 2000})
 
 
+@pytest.mark.parametrize("field, item, limit", [("stop", "a", 64), ("stop_token_ids", 1, 1024)])
+def test_a_million_stop_entries_are_refused_before_validation(field, item, limit):
+    # pydantic validated 2.6 million stop_token_ids on the router's event loop before refusing
+    # them; counted on the raw body, they are refused at once, with the full checks' message.
+    error = refusal(BOUNDS, {"prompt": "x", field: [item] * 1_000_000})
+    assert error.param == field and "1000000" in str(error)
+    with pytest.raises(APIError) as full:
+        parse_request({"prompt": "x", field: [item] * (limit + 1)})
+    assert str(full.value) == str(error).replace("1000000", str(limit + 1))
+    BOUNDS.check_raw({"prompt": "x", field: [item] * limit})  # at the limit: the full checks decide
+
+
 def test_unknown_keys_are_named_before_the_rest_is_validated():
     body = {"prompt": "x", **{f"k{i}": 0 for i in range(100_000)}}
     error = refusal(BOUNDS, body)

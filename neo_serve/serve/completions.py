@@ -26,9 +26,10 @@ from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.config import RouteLimits
 from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta, TokenLogprob
-from neo_serve.serve.protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                      CompletionResponse, CompletionStreamResponse, UsageInfo, dump_exclude,
-                                      is_encodable, new_completion_id, prompt_kind)
+from neo_serve.serve.protocol import (MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, APIError, CompletionChoice,
+                                      CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                      CompletionStreamResponse, UsageInfo, dump_exclude, is_encodable,
+                                      new_completion_id, prompt_kind)
 
 logger = logging.getLogger("ray.serve")
 
@@ -246,6 +247,12 @@ class RequestBounds:
         bias = body.get("logit_bias")
         if isinstance(bias, Mapping) and len(bias) > MAX_LOGIT_BIAS:  # before pydantic reads every entry
             raise APIError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
+        stop, stop_ids = body.get("stop"), body.get("stop_token_ids")
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:  # as the full checks say it
+            raise APIError(f"stop: at most {MAX_STOP_STRINGS} stop sequences, got {len(stop)}", param="stop")
+        if isinstance(stop_ids, list) and len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise APIError(f"stop_token_ids: List should have at most {MAX_STOP_TOKEN_IDS} items after validation, "
+                           f"not {len(stop_ids)}", param="stop_token_ids")
         prompt = body.get("prompt")
         if not isinstance(prompt, list) or not prompt:
             return

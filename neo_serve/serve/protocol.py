@@ -22,6 +22,7 @@ MAX_INT32 = 2**31 - 1  # bound of integer counts: larger values are certainly mi
 # a task's own (often 4), so a cap of 4 would refuse its requests. Each string is searched for
 # after every token, hence a bound.
 MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def is_encodable(text: str) -> bool:
@@ -120,7 +121,8 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     best_of: int | None = Field(None, description="Only best_of == n is supported.")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings (not included in the text).")
-    stop_token_ids: list[int] | None = Field(None, max_length=1024, description="Extension: token ids that end a choice.")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="Extension: token ids that end a choice.")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch's generator seeds (seed + choice index)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
