@@ -1023,6 +1023,9 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
             refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        # No playground, so no sign-in: a key posted to its form gets no session cookie.
+        login = httpx.post(f"{url}/ui/login", data={"api_key": "first-key", "next": "/secure/ui/"}, timeout=30)
+        assert login.status_code == 401 and "set-cookie" not in login.headers, login.headers
         for key in ("first-key", "second-key"):
             ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

@@ -69,7 +69,7 @@ def load_api_keys(env_var: str | None, file: str | None) -> tuple[bytes, ...]:
 class AccessMiddleware:
     def __init__(self, app: Any, settings: Any) -> None:
         self.app = app
-        self.settings = settings  # object with .api_keys (tuple[bytes]) and .max_body_bytes
+        self.settings = settings  # object with .api_keys (tuple[bytes]), .max_body_bytes and .playground
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -80,7 +80,8 @@ class AccessMiddleware:
         # The app's own path; "" is its root too (`/prefix` without the slash).
         relative = (path[len(root):] if root and path.startswith(root) else path) or "/"
         in_ui = relative == UI_PREFIX or relative.startswith(UI_PREFIX + "/")
-        if settings.api_keys and scope["type"] == "http" and relative in (LOGIN_PATH, LOGOUT_PATH):
+        signs_in = settings.api_keys and settings.playground  # the playground's sign-in form
+        if signs_in and scope["type"] == "http" and relative in (LOGIN_PATH, LOGOUT_PATH):
             return await self._login(scope, receive, send, settings.api_keys, root, logout=relative == LOGOUT_PATH)
         if settings.api_keys and relative not in OPEN_PATHS and not self._authorized(scope, settings.api_keys, in_ui):
             if scope["type"] == "websocket":

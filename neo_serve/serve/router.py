@@ -42,6 +42,7 @@ class _AccessSettings:
 
     api_keys: tuple[bytes, ...] = ()
     max_body_bytes: int = 8 * 2**20
+    playground: bool = True  # whether /ui/login and /ui/logout sign in to anything
 
 
 _access = _AccessSettings()
@@ -169,6 +170,7 @@ class Router:
         self._status_call: asyncio.Future[Any] | None = None
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
         _access.max_body_bytes = settings.max_body_bytes
+        _access.playground = playground is not None
 
     # ---- HTTP --------------------------------------------------------------------------------
     @api.post("/v1/completions")
