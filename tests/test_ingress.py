@@ -11,8 +11,9 @@ import stat
 
 import pytest
 
-from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PORT_VARS, IngressUnavailable,
-                                     configure_local_ingress, ephemeral_port_range, free_port, haproxy_binary)
+from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS,
+                                     IngressUnavailable, configure_local_ingress, ephemeral_port_range, free_port,
+                                     haproxy_binary)
 
 
 def test_haproxy_comes_with_ray_serve():
@@ -39,6 +40,31 @@ def test_a_second_cluster_gets_fresh_haproxy_ports_but_a_users_own_are_kept():
     mine = {HAPROXY_PORT_VARS[0]: "18404", DRAINING_PERIOD_VAR: "30"}
     configure_local_ingress("haproxy", mine)
     assert mine[HAPROXY_PORT_VARS[0]] == "18404" and mine[DRAINING_PERIOD_VAR] == "30"
+
+
+def test_haproxys_files_and_admin_socket_are_kept_from_other_users():
+    # Serve's default is /tmp/haproxy-serve/<node>/, which anyone may enter, with an admin socket
+    # anyone may write to: a cluster neo-serve starts keeps them in a directory of its own.
+    env: dict[str, str] = {}
+    configure_local_ingress("haproxy", env)
+    directory = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700 and directory.startswith("/tmp/neo-hap-")
+    assert all(os.path.dirname(env[variable]) == directory for variable, name in HAPROXY_PATH_VARS.items() if name)
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == os.path.join(directory, "admin.sock")
+    again = dict(env)
+    configure_local_ingress("haproxy", again)  # the next cluster of this process: the same directory
+    assert again == {**env, **{variable: again[variable] for variable in HAPROXY_PORT_VARS}}
+    mine = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/srv/haproxy/admin.sock"}
+    configure_local_ingress("haproxy", mine)  # a user's own paths: all of Serve's settings are theirs
+    assert mine["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/srv/haproxy/admin.sock"
+    assert not any(variable in mine for variable in HAPROXY_PATH_VARS if variable != "RAY_SERVE_HAPROXY_SOCKET_PATH")
+    assert not any(variable in configure_and_return("proxy") for variable in HAPROXY_PATH_VARS)
+
+
+def configure_and_return(choice: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    configure_local_ingress(choice, env)
+    return env
 
 
 def test_proxy_and_a_users_own_flag():

@@ -4,6 +4,7 @@ and shuts everything down on Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import queue
 import re
@@ -22,7 +23,7 @@ import pytest
 from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
-from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PORT_VARS
+from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
 from neo_serve.serve.launcher import available_cores, local_cpu_threads
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
@@ -48,8 +49,8 @@ def _controller_environ(session_id: int) -> dict[str, str]:
 
 def _user_environ() -> dict[str, str]:
     """This process's environment as a user's shell would have it: without what earlier tests'
-    clusters set in it (the ingress choice, its HAProxy ports, the local Serve settings)."""
-    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *LOCAL_SERVE_SETTINGS}
+    clusters set in it (the ingress choice, its HAProxy ports and files, the local Serve settings)."""
+    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *LOCAL_SERVE_SETTINGS}
     return {k: v for k, v in os.environ.items() if k not in set_by_tests}
 
 
@@ -153,6 +154,15 @@ def test_up_serves_until_ctrl_c(tmp_path):
         # HAProxy, not Serve's Python proxy, holds the port: its stats page shows its HTTP frontend.
         stats = httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats;csv", timeout=10)
         assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
+        # HAProxy's files, its admin socket among them, are in a directory only this user may
+        # enter, not in Serve's shared /tmp/haproxy-serve (where the socket is anyone's).
+        haproxy_files = {os.path.dirname(os.path.dirname(arg)) for proc in psutil.process_iter(["name", "cmdline"])
+                         if proc.info["name"] == "haproxy" for arg in proc.info["cmdline"] or []
+                         if arg.endswith("haproxy.cfg") and "/tmp/neo-hap-" in arg}
+        assert len(haproxy_files) == 1, [p.info for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
+        [private] = haproxy_files
+        assert os.stat(private).st_mode & 0o777 == 0o700
+        assert glob.glob(os.path.join(private, "*", "admin.sock"))
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         # The Serve settings for local clusters reached Serve's controller (a process of this cluster).
         controller_env = _controller_environ(up.process.pid)
@@ -184,6 +194,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
             httpx.get(f"{base}/health", timeout=5)
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it
             httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats", timeout=5)
+        assert not os.path.exists(private)  # and its files
 
 
 def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():

@@ -17,11 +17,13 @@ joined keeps its own setting (on Kubernetes: the pods' environment, see docs/ser
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import random
 import shutil
 import socket
+import tempfile
 from collections.abc import Mapping, MutableMapping
 
 INGRESS_CHOICES: tuple[str, ...] = ("auto", "haproxy", "proxy")
@@ -36,6 +38,16 @@ LOCAL_DRAINING_PERIOD_S = "2"
 # cluster on the same machine (another `neo-serve up`, a benchmark) would fail to bind them.
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 _chosen_ports: dict[str, str] = {}  # the ports this process picked (a user's own are kept)
+# HAProxy's files. Serve keeps them in /tmp/haproxy-serve/<node id>/, directories anyone may
+# enter, with an admin socket at `level admin` (it can take servers out of rotation) that every
+# local user may write to (mode 666), and never removes them. A cluster neo-serve starts keeps
+# them in a directory of this process's own (mode 700: only its user may enter), removed at exit.
+HAPROXY_PATH_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+                     "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+                     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                     "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": ""}  # a directory
+_private_files: dict[str, str] = {}  # the paths this process chose (a user's own are kept)
 
 
 def haproxy_binary(environ: Mapping[str, str] | None = None) -> str | None:
@@ -83,7 +95,27 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             # HAProxy binds these on all interfaces, so they are checked there.
             if variable not in env or env[variable] == _chosen_ports.get(variable):
                 env[variable] = _chosen_ports[variable] = str(free_port(""))
+        if not any(variable in env and env[variable] != _private_files.get(variable) for variable in HAPROXY_PATH_VARS):
+            directory = haproxy_private_dir()
+            for variable, name in HAPROXY_PATH_VARS.items():
+                env[variable] = _private_files[variable] = os.path.join(directory, name) if name else directory
     return "haproxy" if use_haproxy else "proxy"
+
+
+_private_dir: str | None = None
+
+
+def haproxy_private_dir() -> str:
+    """This process's directory for its clusters' HAProxy files (mode 700, as `mkdtemp` makes
+    it), made once and removed when the process exits (after `ray.shutdown`, which stops HAProxy)."""
+    global _private_dir
+    if _private_dir is None or not os.path.isdir(_private_dir):
+        # In /tmp as Serve's own default, whatever TMPDIR says, and short: Serve adds a 56-character
+        # node id, and HAProxy takes socket paths of at most 97 bytes (/tmp/neo-hap-XXXXXXXX/<node
+        # id>/metrics.sock is 91; "neo-serve-haproxy-" made 99 and HAProxy refused to start).
+        _private_dir = tempfile.mkdtemp(prefix="neo-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        atexit.register(shutil.rmtree, _private_dir, ignore_errors=True)
+    return _private_dir
 
 
 # Ports a cluster's own processes take while it starts: Ray's workers listen on 10002-19999 (its
