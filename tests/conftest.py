@@ -122,6 +122,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    ingress = sys.modules.get("neo_serve.serve.ingress")
+    if ingress is not None:  # its atexit hook would remove it
+        ingress.remove_haproxy_private_dir()
     print(f"conftest: tests reported; ending the process with exit status {_session_exit_status} "
           "without the interpreter's teardown", file=sys.stderr)
     sys.stdout.flush()

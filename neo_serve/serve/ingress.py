@@ -114,8 +114,14 @@ def haproxy_private_dir() -> str:
         # node id, and HAProxy takes socket paths of at most 97 bytes (/tmp/neo-hap-XXXXXXXX/<node
         # id>/metrics.sock is 91; "neo-serve-haproxy-" made 99 and HAProxy refused to start).
         _private_dir = tempfile.mkdtemp(prefix="neo-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        atexit.register(shutil.rmtree, _private_dir, ignore_errors=True)
+        atexit.register(remove_haproxy_private_dir)
     return _private_dir
+
+
+def remove_haproxy_private_dir() -> None:
+    """Remove this process's HAProxy directory (at exit; the tests' process ends by os._exit)."""
+    if _private_dir is not None:
+        shutil.rmtree(_private_dir, ignore_errors=True)
 
 
 # Ports a cluster's own processes take while it starts: Ray's workers listen on 10002-19999 (its
