@@ -298,12 +298,14 @@ class RequestBounds:
             scored = (len(prompt) if isinstance(prompt, list) else len(prompt.encode("utf-8", "surrogatepass"))) \
                 if request.echo else 0
             positions += scored + generated if window is None else min(window, scored + generated)
-        entries = positions * request.n * (request.logprobs + 1)
+        per_position = request.logprobs + 1
+        entries = positions * request.n * per_position
         if entries > MAX_RESPONSE_LOGPROB_ENTRIES:
-            raise APIError(f"this request's logprobs could reach {entries:,} entries ({len(prompts)} prompt(s), n={request.n}, "
-                           f"up to {positions:,} positions, {request.logprobs + 1} entries each), more than one response "
-                           f"may carry ({MAX_RESPONSE_LOGPROB_ENTRIES:,}): stream it (stream=true), or send fewer prompts "
-                           "per request, or lower logprobs, n or max_tokens", param="logprobs", code="response_too_large")
+            raise APIError(
+                f"this request's logprobs could reach {entries:,} entries ({len(prompts)} prompt(s), "
+                f"n={request.n}, up to {positions:,} positions, {per_position} entries each), more than one "
+                f"response may carry ({MAX_RESPONSE_LOGPROB_ENTRIES:,}): stream it (stream=true), or send fewer "
+                "prompts per request, or lower logprobs, n or max_tokens", param="logprobs", code="response_too_large")
 
     def check_prompt_count(self, model: str | None, num_prompts: int) -> None:
         """Refuse a request with more prompts than the model's pipelines can ever take at once:

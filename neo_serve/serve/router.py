@@ -114,7 +114,7 @@ def _check_content_type(request: Request) -> None:
     media = value.split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return
-    got = media or "an empty Content-Type"
+    got = media[:100] or "an empty Content-Type"
     raise APIError(f"the request body must be JSON, sent with Content-Type: application/json (got {got})",
                    status=415, code="unsupported_media_type")
 
