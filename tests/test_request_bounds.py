@@ -140,7 +140,17 @@ def test_a_non_streamed_response_too_large_for_the_router_is_refused():
     check(**{**huge, "logprobs": None})
     # What lm-evaluation-harness sends to score: echo, logprobs=1, max_tokens=0, a batch of prompts.
     check(prompt=[[1] * 2048] * 64, echo=True, logprobs=1, max_tokens=0)
-    # A text prompt counts its UTF-8 bytes (a token is at least one byte).
+    # An echoed prompt's text and token ids are copied into each choice, logprobs or not.
+    with pytest.raises(APIError):
+        check(prompt=[[1] * 2048] * 256, n=16, echo=True, max_tokens=0)  # 8.4M
+    with pytest.raises(APIError):
+        check(prompt=[[1]] * 300, n=16, return_token_ids=True, max_tokens=2047)  # 9.8M
+    check(prompt=[[1] * 2048] * 64, n=16, echo=True, max_tokens=0)  # 2.1M
+    check(prompt=[[1]] * 300, n=16, max_tokens=2047)  # text only: bounded by the work, not here
+    # A text prompt counts the UTF-8 bytes of its NFC form (a token is at least one byte, and the
+    # tokenizers normalize first: U+1D160 is 4 bytes, and 12 in NFC).
+    with pytest.raises(APIError):
+        check(prompt=["\U0001D160" * 50] * 64, n=16, echo=True, logprobs=20, max_tokens=0)  # 600 bytes: 12.9M
     texts = {"n": 16, "echo": True, "logprobs": 20, "max_tokens": 0}
     check(prompt=["e" * 200] * 64, **texts)  # 4.3M entries
     with pytest.raises(APIError):

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -218,10 +219,11 @@ def request_timed_out(timeout_s: float) -> APIError:
                     type="timeout_error", param="timeout", code="request_timeout")
 
 
-# The most log-probability entries (a position's chosen token plus its top alternatives) a
-# non-streamed response may carry. The router builds such a response whole, at about 120 bytes of
-# its memory an entry (measured: 5.4M entries, 145 MB of JSON, +650 MB), so this is about a GB;
-# an lm-evaluation-harness batch (echo, logprobs=1, 64 prompts of 2048 tokens) needs 262k.
+# The most log-probability entries (a position's chosen token plus its top alternatives; without
+# logprobs, an echoed or listed token) a non-streamed response may carry. The router builds such a
+# response whole, at about 120 bytes of its memory an entry (measured: 5.4M entries, 145 MB of
+# JSON, +650 MB), so this is about a GB; an lm-evaluation-harness batch (echo, logprobs=1, 64
+# prompts of 2048 tokens) needs 262k.
 MAX_RESPONSE_LOGPROB_ENTRIES = 8_000_000
 
 
@@ -283,11 +285,13 @@ class RequestBounds:
             raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
 
     def check_response_size(self, model: str, request: CompletionRequest, prompts: list[str | list[int]]) -> None:
-        """Refuse a non-streamed request whose logprobs could outgrow the router's memory (a
-        response is built whole; a stream sends each choice's as they come). Bounded from above:
-        a prompt's tokens by its ids, or by its UTF-8 bytes (a token is at least one byte), and
-        every sequence by the context window."""
-        if request.stream or request.logprobs is None:
+        """Refuse a non-streamed request whose per-position output could outgrow the router's
+        memory (a response is built whole; a stream sends each choice's as they come): its
+        logprobs, or an echoed prompt's text and token ids, copied into each of its `n` choices.
+        Bounded from above: a prompt's tokens by its ids, or by the UTF-8 bytes of its NFC form
+        (the tokenizers normalize to NFC first, which can triple the bytes; a token is at least
+        one byte), and every sequence by the context window."""
+        if request.stream or (request.logprobs is None and not request.echo and not request.return_token_ids):
             return
         window = self._largest(model, "max_model_len")
         generated = request.max_tokens if request.max_tokens is not None else window
@@ -295,10 +299,12 @@ class RequestBounds:
             return  # no bound known to the router: the pipeline's window decides
         positions = 0
         for prompt in prompts:
-            scored = (len(prompt) if isinstance(prompt, list) else len(prompt.encode("utf-8", "surrogatepass"))) \
-                if request.echo else 0
+            scored = 0
+            if request.echo:
+                scored = len(prompt) if isinstance(prompt, list) else \
+                    len(unicodedata.normalize("NFC", prompt).encode("utf-8", "surrogatepass"))
             positions += scored + generated if window is None else min(window, scored + generated)
-        per_position = request.logprobs + 1
+        per_position = request.logprobs + 1 if request.logprobs is not None else 1
         entries = positions * request.n * per_position
         if entries > MAX_RESPONSE_LOGPROB_ENTRIES:
             raise APIError(
