@@ -501,6 +501,9 @@ def test_only_json_bodies_are_read(client):
         assert refused.status_code == 415, (content_type, refused.text)
         error = refused.json()["error"]
         assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    # A browser's fetch of an untyped body (an ArrayBuffer) sends no Content-Type, but an Origin.
+    untyped = client.post("/v1/completions", content=body, headers={"origin": "https://elsewhere.example"})
+    assert untyped.status_code == 415, untyped.text
     for content_type in ("application/json; charset=utf-8", "application/vnd.api+json", None):
         headers = {} if content_type is None else {"content-type": content_type}
         answered = client.post("/v1/completions", content=body, headers=headers)
@@ -1023,9 +1026,12 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
             refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
-        # No playground, so no sign-in: a key posted to its form gets no session cookie.
+        # No playground, so no sign-in: a key posted to its form gets no session cookie, and a
+        # browser opening /ui is not sent round to a sign-in page that itself needs a key.
         login = httpx.post(f"{url}/ui/login", data={"api_key": "first-key", "next": "/secure/ui/"}, timeout=30)
         assert login.status_code == 401 and "set-cookie" not in login.headers, login.headers
+        browser = httpx.get(f"{url}/ui/", headers={"accept": "text/html"}, timeout=30)
+        assert browser.status_code == 401, (browser.status_code, browser.headers)
         for key in ("first-key", "second-key"):
             ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

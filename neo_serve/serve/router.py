@@ -107,14 +107,15 @@ def _check_content_type(request: Request) -> None:
     """JSON bodies only, as FastAPI's own body parsing has it: a web page on another site can POST
     text/plain, form or multipart bodies without the browser asking first (no CORS preflight),
     which on a server without API keys would spend the model's compute. A body without a
-    Content-Type is read as JSON."""
+    Content-Type is read as JSON, unless a browser sent it (an `Origin` header): a page's
+    `fetch` of an untyped body sends none, also without a preflight."""
     value = request.headers.get("content-type")
-    if value is None:
+    if value is None and request.headers.get("origin") is None:
         return
-    media = value.split(";", 1)[0].strip().lower()
+    media = (value or "").split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return
-    got = media[:100] or "an empty Content-Type"
+    got = media[:100] or ("an empty Content-Type" if value is not None else "none, from a browser")
     raise APIError(f"the request body must be JSON, sent with Content-Type: application/json (got {got})",
                    status=415, code="unsupported_media_type")
 
