@@ -80,7 +80,7 @@ class AccessMiddleware:
         # The app's own path; "" is its root too (`/prefix` without the slash).
         relative = (path[len(root):] if root and path.startswith(root) else path) or "/"
         in_ui = relative == UI_PREFIX or relative.startswith(UI_PREFIX + "/")
-        signs_in = settings.api_keys and getattr(settings, "playground", True)  # the playground's sign-in form
+        signs_in = settings.api_keys and settings.playground  # the playground's sign-in form
         if signs_in and scope["type"] == "http" and relative in (LOGIN_PATH, LOGOUT_PATH):
             return await self._login(scope, receive, send, settings.api_keys, root, logout=relative == LOGOUT_PATH)
         if settings.api_keys and relative not in OPEN_PATHS and not self._authorized(scope, settings.api_keys, in_ui):

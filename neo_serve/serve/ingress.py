@@ -48,6 +48,7 @@ HAPROXY_PATH_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
                      "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
                      "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
                      "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": ""}  # a directory
+_private_dir: str | None = None  # this process's directory for them (see haproxy_private_dir)
 _private_files: dict[str, str] = {}  # the paths this process chose (a user's own are kept)
 
 
@@ -101,9 +102,6 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
                 directory = haproxy_private_dir()
                 env[variable] = _private_files[variable] = os.path.join(directory, name) if name else directory
     return "haproxy" if use_haproxy else "proxy"
-
-
-_private_dir: str | None = None
 
 
 def haproxy_private_dir() -> str:

@@ -23,7 +23,8 @@ TTFT_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1
 # A whole request: a few tokens of a small model, or thousands of GPT-NeoX-20B's behind a queue.
 E2E_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
                     600.0, 1200.0, 1800.0, 3600.0]
-FINISH_REASONS = ("stop", "length", "abort")
+RAN_TO_END = ("stop", "length")  # finish reasons of a sequence that was not cut off
+FINISH_REASONS = (*RAN_TO_END, "abort")
 ITL_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                     0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
 GAUGE_PERIOD_S = 0.5  # gauges are sampled, not set on every step
@@ -139,7 +140,7 @@ class RequestTimer:
         if self._metrics is None or self._completed:
             return
         self._completed = True
-        if all(reason in ("stop", "length") for reason in finish_reasons):
+        if all(reason in RAN_TO_END for reason in finish_reasons):
             self._metrics.request_latency.observe(time.monotonic() - self._arrival)
 
     def ended(self, request: RequestMetrics, finish_reasons: list[str | None]) -> None:
