@@ -467,6 +467,95 @@ def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(
     assert asyncio.run(main()) == [42] * 4
 
 
+class FaultingRunner:
+    """The in-process runner whose step number `fault_at` fails with `error` before it runs, as a
+    stage's fault reaches the replica. With `restartable`, it offers `restart_stages` (as the
+    stage actors' runner does) and records what each restart was asked to replace."""
+
+    def __init__(self, inner: LocalStepRunner, fault_at: int, error: BaseException, restartable: bool) -> None:
+        self.inner, self.depth = inner, inner.depth
+        self.fault_at, self.error, self.calls = fault_at, error, 0
+        self.restarts: list[bool] = []
+        if restartable:
+            self.restart_stages = self._restart_stages
+
+    def submit(self, step, finish):
+        self.calls += 1
+        if self.calls == self.fault_at:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(self.error)
+            return future
+        return self.inner.submit(step, finish)
+
+    async def _restart_stages(self, *, all_stages: bool = False) -> list[int]:
+        self.restarts.append(all_stages)
+        return []
+
+
+async def start_faulting_core(checkpoint, error: BaseException, restartable: bool) -> PipelineCore:
+    core = await start_core(checkpoint, stream_interval_s=0.0)
+    core.runner = FaultingRunner(core.runner, fault_at=3, error=error, restartable=restartable)
+    return core
+
+
+def test_a_stage_whose_gpu_faulted_is_replaced_and_the_streams_complete(neox_checkpoint, offline_tokens):
+    # A CUDA fault (illegal address, device-side assert, ECC) leaves the stage's CUDA context
+    # unusable while its actor lives on: every later step there would fail too. It is handled as
+    # a lost stage: the stages are replaced and the running sequences recomputed.
+    import ray.exceptions
+
+    fault = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    as_ray_raises_it = ray.exceptions.RayTaskError("StageActor.execute", "Traceback ...", fault).as_instanceof_cause()
+
+    async def main():
+        core = await start_faulting_core(neox_checkpoint, as_ray_raises_it, restartable=True)
+        try:
+            chunks = await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+            return [token_ids(c) for c in chunks], core
+        finally:
+            core.close()
+            core.runner.inner.close()
+
+    tokens, core = asyncio.run(main())
+    assert tokens == offline_tokens
+    assert core.runner.restarts == [True]  # every stage: Ray's error does not say which one faulted
+    assert core.num_recoveries == 1 and core.failure is None
+
+
+@pytest.mark.parametrize("error,device_fault", [
+    (RuntimeError("CUDA error: device-side assert triggered"), True),  # torch before 2.8
+    (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), True),
+    (RuntimeError("a step's own error"), False),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # CUDA recovers
+])
+def test_a_gpu_fault_in_the_replicas_own_process_takes_the_replica_out(neox_checkpoint, error, device_fault):
+    # One stage runs in the replica's process, which cannot replace its CUDA context: after a
+    # device fault the replica reports itself failed (its health check raises, so Serve replaces
+    # it). Any other step error fails that step's requests only, and the next request is served.
+    from neo_serve.serve.engine_loop import PipelineFailed
+
+    async def main():
+        core = await start_faulting_core(neox_checkpoint, error, restartable=False)
+        try:
+            first = await asyncio.gather(*(collect(core, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)),
+                                         return_exceptions=True)
+            try:
+                after = token_ids(await collect(core, PROMPTS[0], GREEDY, "after"))
+            except PipelineFailed as exc:
+                after = exc
+            return first, after, core.failure
+        finally:
+            core.close()
+            core.runner.inner.close()
+
+    first, after, failure = asyncio.run(main())
+    assert all(isinstance(result, Exception) for result in first), first  # the faulted step had them all
+    if device_fault:
+        assert failure is error and isinstance(after, PipelineFailed), (failure, after)
+    else:
+        assert failure is None and isinstance(after, list) and len(after) == GREEDY.max_tokens, (failure, after)
+
+
 def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_output():
     # The loop fails every open stream when the pipeline is lost; a stream whose request already
     # finished, its last output not yet read, keeps that output.

@@ -139,6 +139,9 @@ def test_up_serves_until_ctrl_c(tmp_path):
         banner = up.text()
         assert f"http://127.0.0.1:{port}/v1" in banner and f"http://127.0.0.1:{port}/ui" in banner
         assert "ingress      haproxy" in banner
+        # Serve warns that a loopback host won't take HAProxy's connections from other nodes; the
+        # banner says why that does not matter for this one-node cluster.
+        assert "note         Serve's warning about HTTPOptions.host='127.0.0.1'" in banner, banner
         # Serve's own start-up steps (controller, HAProxy manager) stay out of the way unless --verbose.
         assert "Deploying new version of Deployment" not in banner and "HAProxy started" not in banner, banner
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

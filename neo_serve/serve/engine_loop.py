@@ -16,7 +16,8 @@ Each request has a mailbox holding its latest cumulative output (or error); its 
 stream turns them into deltas. A cancelled stream (handle cancel, HTTP disconnect) aborts the
 request in its `finally`, which frees its KV blocks before the next micro-batch is scheduled.
 
-Faults: when a stage actor dies (or a step outlives `step_timeout_s`, i.e. a stage hangs), the
+Faults: when a stage actor dies, its device faults (`device_faults`: a CUDA error that leaves
+the process's context unusable), or a step outlives `step_timeout_s` (a stage hangs), the
 in-flight micro-batches are dropped, the dead (or all) stages are restarted in their bundles,
 reloading their weights, and every running sequence is recomputed from its tokens, so streams
 continue where they were and the clients receive complete output. If that cannot finish within
@@ -38,6 +39,7 @@ from typing import Any
 import ray
 
 from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
+from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
@@ -282,7 +284,9 @@ class PipelineCore:
                 self._submitted.popleft()
                 lost_stage = self._finish_step(prepared, future)
                 if lost_stage is not None:
-                    await self._recover(lost_stage, all_stages=False)
+                    # A dead actor is found by probing each stage; one whose device faulted is
+                    # alive but unusable, and Ray's error does not say which: replace them all.
+                    await self._recover(lost_stage, all_stages=is_device_fault(lost_stage))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
@@ -334,12 +338,16 @@ class PipelineCore:
         logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
 
     def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> BaseException | None:
-        """Apply a finished micro-batch. Returns the error when a stage died (recover), else None."""
+        """Apply a finished micro-batch. Returns the error when a stage died or its device faulted
+        (recover), else None."""
         try:
             sampled = future.result()
         except ray.exceptions.RayActorError as exc:  # a stage is gone: restart it
             return exc
         except Exception as exc:
+            if is_device_fault(exc):  # every later step on that device would fail too
+                logger.error("neo-serve step hit a device fault; replacing the stages: %r", exc)
+                return exc
             logger.exception("neo-serve step failed; failing its requests")
             # Only requests still in the engine as they were: one aborted while this step ran may
             # have given its id to a new request (a handle caller's own ids).

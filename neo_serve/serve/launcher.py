@@ -256,6 +256,11 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
+        if ingress == "haproxy" and not address and args.host not in ("0.0.0.0", "::"):
+            # Serve's controller warns, above, whenever HAProxy's host is not every interface: only
+            # HAProxy on another node would need that, and this cluster is this machine alone.
+            print(f"  note         Serve's warning about HTTPOptions.host={args.host!r} is for clusters of "
+                  "several nodes; this one has one", flush=True)
         if not address and (exported := _metrics_export_port()):
             print(f"  metrics      http://127.0.0.1:{exported}/metrics  (Prometheus: ray_neo_serve_*, "
                   "ray_serve_*)", flush=True)
