@@ -99,6 +99,11 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
     with pytest.raises(ConfigError, match="multiple of 256"):
         stage_setup(dtype="float16", attention_backend="flash", block_size=16)
     assert stage_setup(dtype="bfloat16", attention_backend="flash") == ("flash", 256)
+    # One stage on a GPU flash-attn does not run on (a T4) fails at construction, not at the
+    # first forward; a pipeline's stages are each checked on their own GPU (below).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ConfigError, match="Ampere or newer"):
+        stage_setup(dtype="bfloat16", attention_backend="flash")
 
 
 @pytest.mark.parametrize("device, capability, chosen", [("cuda", (8, 0), "flash"), ("cuda", (7, 5), "sdpa"),
@@ -109,3 +114,20 @@ def test_each_stage_picks_its_backend_for_its_own_device(flash_standin, monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert make_backend("auto", device).name == chosen
+
+
+def test_an_explicit_flash_stage_on_a_gpu_that_cannot_run_it_is_refused(flash_standin, monkeypatch):
+    # The stage actor's load (make_backend on its own GPU) names what is missing, instead of
+    # flash-attn's "only supports Ampere GPUs or newer" at the first forward of every request.
+    from neo_serve.errors import ConfigError
+    from neo_serve.models.attention import make_backend
+
+    asked: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (7, 5))
+    with pytest.raises(ConfigError, match="attention_backend flash cannot run on cuda:1"):
+        make_backend("flash", "cuda:1")
+    assert asked == ["cuda:1"]  # that GPU's capability, not the current device's
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert make_backend("flash", "cuda:1").name == "flash"
+    assert make_backend("flash", "cpu").name == "flash"  # the CPU stand-in the tests use

@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from neo_serve.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SequenceSlice:
@@ -285,11 +287,11 @@ class FlashAttentionBackend:
 FLASH_ATTN_MIN_CAPABILITY = (8, 0)
 
 
-def flash_attn_available() -> bool:
-    """flash-attn is installed and the current CUDA device can run it."""
+def flash_attn_available(device: torch.device | str | None = None) -> bool:
+    """flash-attn is installed and the CUDA device (default: the current one) can run it."""
     if not torch.cuda.is_available():
         return False
-    if tuple(torch.cuda.get_device_capability()) < FLASH_ATTN_MIN_CAPABILITY:
+    if tuple(torch.cuda.get_device_capability(device)) < FLASH_ATTN_MIN_CAPABILITY:
         return False
     try:
         importlib.import_module("flash_attn")
@@ -300,8 +302,15 @@ def flash_attn_available() -> bool:
 
 def make_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
     """`auto` picks flash-attn on a CUDA device that can run it when installed, otherwise SDPA."""
+    on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        name = "flash" if torch.device(device).type == "cuda" and flash_attn_available() else "sdpa"
+        name = "flash" if on_cuda and flash_attn_available(device) else "sdpa"
+    if name == "flash" and on_cuda and not flash_attn_available(device):
+        # Else flash-attn's own error at the first forward, and every request fails.
+        raise ConfigError(f"attention_backend flash cannot run on {device}: it needs the flash-attn package "
+                          "(pip install -e '.[gpu]') and an Ampere or newer GPU (compute capability "
+                          f"{FLASH_ATTN_MIN_CAPABILITY[0]}.{FLASH_ATTN_MIN_CAPABILITY[1]}); set "
+                          "attention_backend to auto or sdpa")
     if name == "sdpa":
         return SdpaBackend()
     if name == "reference":
