@@ -1037,6 +1037,14 @@ def test_the_image_imports_the_installed_package_where_its_processes_run(tmp_pat
     assert workdir == checks[-1][1], "the last import check runs where the image's processes start"
 
 
+def test_the_gpu_image_fails_to_build_when_flash_attn_does_not_load():
+    # flash_attn_available() takes an ImportError (e.g. an extension built against another
+    # torch) for "not installed", and every stage would then run SDPA without a word.
+    gpu_checks = [args for instruction, args in dockerfile_instructions()
+                  if instruction == "RUN" and '"${NEO_SERVE_EXTRAS}" = "gpu"' in args and "python -c" in args]
+    assert any("import flash_attn, flash_attn_2_cuda" in args for args in gpu_checks), gpu_checks
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_images_are_the_neo_serve_image_of_the_clusters_ray(path):
     import ray
