@@ -43,6 +43,15 @@ def test_n_completions_differ_and_reproduce_with_seed(llm):
     assert [o.index for o in llm.generate([PROMPT], params)[0].outputs] == [0, 1, 2, 3]
 
 
+def test_seed_minus_one_is_no_seed_as_in_vllm(llm):
+    # A client written for vLLM passes -1 for "no seed"; a fixed seed would give it the same
+    # sample on every call.
+    params = SamplingParams(max_tokens=24, temperature=1.5, seed=-1, ignore_eos=True)
+    assert params.seed is None
+    samples = {tuple(llm.generate([PROMPT], params)[0].outputs[0].token_ids) for _ in range(3)}
+    assert len(samples) > 1
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(llm):
     greedy = text_and_ids(llm, PROMPT, max_tokens=20, temperature=0.0, ignore_eos=True)
     assert text_and_ids(llm, PROMPT, max_tokens=20, temperature=1.0, top_k=1, ignore_eos=True) == greedy

@@ -22,7 +22,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How to generate for one request.
 
-    temperature 0 (or below 1e-5) is greedy. `top_k` 0 or -1 disables top-k. `logprobs=N`
+    temperature 0 (or below 1e-5) is greedy; `seed` -1 is no seed, as in vLLM. `top_k` 0 or -1 disables top-k. `logprobs=N`
     returns, for each generated token, its log-probability and the N most likely alternatives;
     `prompt_logprobs=N` the same for each prompt token (given the tokens before it).
     `logit_bias` maps token ids to a number in [-100, 100] added to their logits before
@@ -69,6 +69,8 @@ class SamplingParams:
             self._check_number(name, value)
             if not -2.0 <= value <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", field=name)
+        if type(self.seed) is int and self.seed == -1:
+            self.seed = None  # vLLM's "no seed": a client written for vLLM gets fresh samples
         if self.seed is not None:
             self._check_int("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
         for name in ("logprobs", "prompt_logprobs"):
