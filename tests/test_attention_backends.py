@@ -84,6 +84,13 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
     for capability, chosen in (((8, 0), ("auto", 256)), ((7, 5), ("sdpa", 16))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         assert stage_setup(dtype="float16") == chosen
+    # A config checked where no GPU is visible (a CPU head node at build time) cannot know the
+    # replica's GPU: the stricter pages, or a cache limit passed there fails in an A100 replica.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert stage_setup(dtype="float16") == ("auto", 256)
+    with pytest.raises(ConfigError, match="kv_cache_tokens"):
+        stage_setup(dtype="float16", kv_cache_tokens=500, max_model_len=300)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     # flash-attn computes in float16 or bfloat16, reading the cache in the model's dtype: auto
     # takes SDPA (and its smaller blocks) for anything else...

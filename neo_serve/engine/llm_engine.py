@@ -129,9 +129,13 @@ class LLMEngine:
         if backend == "flash" and on_cuda and config.num_stages == 1 and not flash_attn_available(device):
             # One stage runs in this very process: refused now, not at the first forward.
             make_backend("flash", device)  # raises ConfigError, naming what is missing
-        if backend == "auto" and on_cuda and config.num_stages == 1 and not flash_attn_available(device):
+        if (backend == "auto" and on_cuda and config.num_stages == 1 and torch.cuda.is_available()
+                and not flash_attn_available(device)):
             # One stage runs in this very process, on its GPU: no stage can take flash-attn here
             # (a T4 or V100, or flash-attn not installed), so nothing needs its 256-slot pages.
+            # Where no GPU is visible (a CPU head node checking the config at build time) the
+            # replica's GPU is unknown: its limits are checked with flash-attn's pages, the
+            # stricter ones, rather than pass here and fail in the replica.
             # Each sequence holds at least one block: with 256-slot blocks, 16384 cache tokens
             # would run at most 64 sequences, whatever max_num_seqs says.
             backend = "sdpa"
