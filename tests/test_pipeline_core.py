@@ -467,6 +467,34 @@ def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(
     assert asyncio.run(main()) == [42] * 4
 
 
+def test_an_echoed_prompt_is_the_text_its_logprob_offsets_count(neox_checkpoint, tmp_path):
+    # GPT-NeoX's tokenizer (Pythia, GPT-NeoX-20B) normalizes to NFC: "e" + a combining accent is
+    # encoded as "é". The prompt echoed with its logprobs must be that text, or `text_offset`
+    # (which counts the characters the tokens decode to) points short of each token from the first
+    # accent on. Without logprobs the echo is the text as given.
+    import json
+    import shutil
+    import unicodedata
+
+    checkpoint = tmp_path / "nfc"
+    shutil.copytree(neox_checkpoint, checkpoint)
+    spec = json.loads((checkpoint / "tokenizer.json").read_text())
+    (checkpoint / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "NFC"}}))
+    prompt = "Cafe\u0301 nai\u0308ve, Gru\u0308\u00dfe"  # NFD: 20 characters, 17 in NFC
+
+    async def main():
+        async with started_core(checkpoint) as core:
+            scored = await collect(core, prompt, SamplingParams(max_tokens=0, prompt_logprobs=1), "scored")
+            plain = await collect(core, prompt, SamplingParams(max_tokens=0), "plain")
+            return scored, plain
+
+    scored, plain = asyncio.run(main())
+    entries = [entry for chunk in scored for entry in chunk.prompt_logprobs or []]
+    assert scored[0].prompt == unicodedata.normalize("NFC", prompt) != prompt
+    assert sum(entry.text_len for entry in entries) == len(scored[0].prompt)
+    assert plain[0].prompt == prompt
+
+
 class FaultingRunner:
     """The in-process runner whose step number `fault_at` fails with `error` before it runs, as a
     stage's fault reaches the replica. With `restartable`, it offers `restart_stages` (as the

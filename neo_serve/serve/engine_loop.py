@@ -155,8 +155,12 @@ class PipelineCore:
             raise InvalidRequestError(f"request id {request_id!r} is still streaming", field="request_id")
         request = self.engine.add_request(prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids)
         tracker = DeltaTracker(request_id, self.decode_token, skip_special_tokens=params.skip_special_tokens)
-        prompt_text = request.prompt if request.prompt is not None else self.engine.tokenizer.decode(
-            request.prompt_ids, skip_special_tokens=False)
+        prompt_text = request.prompt
+        if prompt_text is None or params.prompt_logprobs is not None:
+            # Echoed with its logprobs, the prompt is the text its tokens decode to: their
+            # `text_offset`s count those characters, and a normalizing tokenizer (GPT-NeoX's
+            # applies NFC) may have changed the text it was given.
+            prompt_text = self.engine.tokenizer.decode(request.prompt_ids, skip_special_tokens=False)
         timer = RequestTimer(self.metrics, arrival)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
