@@ -13,8 +13,8 @@ MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI sets none; each costs the s
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 MAX_TOP_K = 2**31 - 1  # past any vocabulary; the sampler holds top_k in int64 tensors
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators' seeds
-# Temperatures below this sample greedily, as in vLLM: dividing float32 logits by a far smaller
-# temperature overflows to inf, and the softmax of inf is NaN.
+# Temperatures below this sample greedily (vLLM instead raises those under 0.01 to 0.01): dividing
+# float32 logits by a far smaller temperature overflows to inf, and the softmax of inf is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
@@ -22,9 +22,10 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How to generate for one request.
 
-    temperature 0 (or below 1e-5) is greedy; `seed` -1 is no seed, as in vLLM. `top_k` 0 or -1 disables top-k. `logprobs=N`
-    returns, for each generated token, its log-probability and the N most likely alternatives;
-    `prompt_logprobs=N` the same for each prompt token (given the tokens before it).
+    temperature 0 (or below 1e-5) is greedy; `seed` -1 is no seed, as in vLLM. `top_k` 0 or -1
+    disables top-k. `logprobs=N` returns, for each generated token, its log-probability and the N
+    most likely alternatives; `prompt_logprobs=N` the same for each prompt token (given the
+    tokens before it).
     `logit_bias` maps token ids to a number in [-100, 100] added to their logits before
     sampling, as OpenAI's. Log-probabilities are those of the model's distribution, before
     temperature, penalties, logit_bias or truncation (vLLM's default too).

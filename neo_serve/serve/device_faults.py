@@ -12,6 +12,8 @@ Out-of-memory is not one of them: CUDA recovers from it, and it belongs to the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 # Messages of CUDA faults as torch raises them: `torch.AcceleratorError` since torch 2.8, a
@@ -22,7 +24,7 @@ DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN 
 _ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
 
 
-def _causes(error: BaseException):
+def _causes(error: BaseException) -> Iterator[BaseException]:
     """The error and what it wraps: a RayTaskError's `cause` (the stage's own exception) and
     Python's exception chain; each error once."""
     seen: set[int] = set()

@@ -39,11 +39,11 @@ from typing import Any
 import ray
 
 from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
-from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
 from neo_serve.errors import InvalidRequestError
+from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
 from neo_serve.serve.stages import StepRunner
@@ -350,7 +350,7 @@ class PipelineCore:
             return exc
         except Exception as exc:
             if is_device_fault(exc):  # every later step on that device would fail too
-                logger.error("neo-serve step hit a device fault; replacing the stages: %r", exc)
+                logger.error("neo-serve step hit a device fault, which leaves that GPU unusable: %r", exc)
                 return exc
             logger.exception("neo-serve step failed; failing its requests")
             # Only requests still in the engine as they were: one aborted while this step ran may
