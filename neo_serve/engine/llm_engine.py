@@ -28,7 +28,7 @@ from neo_serve.engine.sequence import Request, Sequence
 from neo_serve.engine.worker import StageWorkerSpec, StepInput, step_positions
 from neo_serve.errors import ConfigError, InvalidRequestError
 from neo_serve.loader import DTYPES, CheckpointFiles, resolve_dtype
-from neo_serve.models.attention import FlashAttentionBackend, SequenceSlice, flash_attn_available, make_backend
+from neo_serve.models.attention import FlashAttentionBackend, SequenceSlice, flash_attn_available, require_flash_attn
 from neo_serve.models.stages import partition_layers
 from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -126,9 +126,8 @@ class LLMEngine:
                                       f"{kv_dtype} KV cache: set dtype to float16 or bfloat16 and kv_cache_dtype to "
                                       "auto (or the same), or attention_backend to sdpa")
                 backend = "sdpa"
-        if backend == "flash" and on_cuda and config.num_stages == 1 and not flash_attn_available(device):
-            # One stage runs in this very process: refused now, not at the first forward.
-            make_backend("flash", device)  # raises ConfigError, naming what is missing
+        if backend == "flash" and on_cuda and config.num_stages == 1:
+            require_flash_attn(device)  # one stage runs in this very process: refused now
         if (backend == "auto" and on_cuda and config.num_stages == 1 and torch.cuda.is_available()
                 and not flash_attn_available(device)):
             # One stage runs in this very process, on its GPU: no stage can take flash-attn here

@@ -300,17 +300,22 @@ def flash_attn_available(device: torch.device | str | None = None) -> bool:
     return True
 
 
-def make_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
-    """`auto` picks flash-attn on a CUDA device that can run it when installed, otherwise SDPA."""
-    on_cuda = torch.device(device).type == "cuda"
-    if name == "auto":
-        name = "flash" if on_cuda and flash_attn_available(device) else "sdpa"
-    if name == "flash" and on_cuda and not flash_attn_available(device):
-        # Else flash-attn's own error at the first forward, and every request fails.
+def require_flash_attn(device: torch.device | str) -> None:
+    """Refuse an explicit `flash` on a CUDA device that cannot run it; else flash-attn's own error
+    comes at the first forward, and every request fails. (On a CPU only the tests' stand-in runs.)"""
+    if torch.device(device).type == "cuda" and not flash_attn_available(device):
         raise ConfigError(f"attention_backend flash cannot run on {device}: it needs the flash-attn package "
                           "(pip install -e '.[gpu]') and an Ampere or newer GPU (compute capability "
                           f"{FLASH_ATTN_MIN_CAPABILITY[0]}.{FLASH_ATTN_MIN_CAPABILITY[1]}); set "
                           "attention_backend to auto or sdpa")
+
+
+def make_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+    """`auto` picks flash-attn on a CUDA device that can run it when installed, otherwise SDPA."""
+    if name == "auto":
+        name = "flash" if torch.device(device).type == "cuda" and flash_attn_available(device) else "sdpa"
+    elif name == "flash":
+        require_flash_attn(device)
     if name == "sdpa":
         return SdpaBackend()
     if name == "reference":

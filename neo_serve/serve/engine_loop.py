@@ -34,6 +34,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -290,7 +291,7 @@ class PipelineCore:
                 if lost_stage is not None:
                     # A dead actor is found by probing each stage; one whose device faulted is
                     # alive but unusable, and Ray's error does not say which: replace them all.
-                    await self._recover(lost_stage, all_stages=is_device_fault(lost_stage))
+                    await self._recover(lost_stage.error, all_stages=lost_stage.device_fault)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
@@ -341,17 +342,17 @@ class PipelineCore:
         self.num_recoveries += 1
         logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
 
-    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> BaseException | None:
-        """Apply a finished micro-batch. Returns the error when a stage died or its device faulted
+    def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> _LostStage | None:
+        """Apply a finished micro-batch. Says so when a stage died or its device faulted
         (recover), else None."""
         try:
             sampled = future.result()
         except ray.exceptions.RayActorError as exc:  # a stage is gone: restart it
-            return exc
+            return _LostStage(exc, device_fault=False)
         except Exception as exc:
             if is_device_fault(exc):  # every later step on that device would fail too
                 logger.error("neo-serve step hit a device fault, which leaves that GPU unusable: %r", exc)
-                return exc
+                return _LostStage(exc, device_fault=True)
             logger.exception("neo-serve step failed; failing its requests")
             # Only requests still in the engine as they were: one aborted while this step ran may
             # have given its id to a new request (a handle caller's own ids).
@@ -394,6 +395,14 @@ class PipelineCore:
         self._inflight.clear()
         self._submitted.clear()
         self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))
+
+
+@dataclass(frozen=True)
+class _LostStage:
+    """A step's error that takes a stage: its actor died, or its device faulted (alive but unusable)."""
+
+    error: BaseException
+    device_fault: bool
 
 
 def _wake_up(waiter: asyncio.Future[None]) -> None:

@@ -24,6 +24,8 @@ from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, pa
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
 from neo_serve.serve.local_cluster import configure_local_cluster
 
+ALL_INTERFACES = ("0.0.0.0", "::")  # --host values that bind every interface (IPv4, IPv6)
+
 
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 1-65535 (Ray would start before Serve refused it)."""
@@ -250,13 +252,13 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve: deploying {args.app_name!r} (Ctrl-C to give up)", flush=True)
         serve.run(app, name=args.app_name, route_prefix="/")
         up.set()
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        host = "127.0.0.1" if args.host in ALL_INTERFACES else args.host
         base = f"http://[{host}]:{args.port}" if ":" in host else f"http://{host}:{args.port}"
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  ingress      {ingress}", flush=True)
-        if ingress == "haproxy" and not address and args.host not in ("0.0.0.0", "::"):
+        if ingress == "haproxy" and not address and args.host not in ALL_INTERFACES:
             # Serve's controller warns, above, whenever HAProxy's host is not every interface: only
             # HAProxy on another node would need that, and this cluster is this machine alone.
             print(f"  note         Serve's warning about HTTPOptions.host={args.host!r} is for clusters of "
