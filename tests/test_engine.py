@@ -418,3 +418,22 @@ def test_a_text_prompt_with_a_token_the_model_lacks_is_refused_for_that_request_
         for out in engine.step():
             outputs[out.request_id] = out
     assert len(outputs["innocent"].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_a_half_precision_head_returns_its_own_dtype_and_samples_in_float32(neox_checkpoint):
+    """The last stage's logits go to the host (and under Ray through the object store) in the
+    head's dtype: half the bytes of float32 for a bfloat16 or float16 model. The engine widens
+    them before it samples, so tokens and logprobs are those of the float32 widening."""
+    engine = LLM(str(neox_checkpoint), dtype="bfloat16", max_model_len=64, kv_cache_tokens=256).engine
+    engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=0, prompt_logprobs=1), request_id="scored")
+    engine.add_request(list(range(30, 41)), SamplingParams(max_tokens=2, temperature=0.0, logprobs=3),
+                       request_id="greedy")
+    prepared = engine.schedule_step()
+    assert not prepared.step_input.argmax_only
+    logits = engine.executor.execute(prepared.step_input)
+    assert logits.dtype == torch.bfloat16 and logits.shape[1] == engine.model_config.vocab_size
+    shipped = engine.sample_step(prepared, logits)
+    widened = engine.sample_step(prepared, logits.float())
+    assert shipped.samples == widened.samples
+    assert shipped.prompt_logprobs == widened.prompt_logprobs
+    assert isinstance(shipped.samples[1].logprob, float) and shipped.samples[1].logprob <= 0.0

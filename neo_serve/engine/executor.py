@@ -11,8 +11,8 @@ from neo_serve.engine.worker import StageWorker, StageWorkerSpec, StepInput
 
 class Executor(Protocol):
     def execute(self, step: StepInput) -> torch.Tensor:
-        """The last stage's output for step.logits_indices: float32 logits [rows, vocab], or
-        int64 token ids [rows] when step.argmax_only (see StepInput)."""
+        """The last stage's output for step.logits_indices: logits [rows, vocab] in the model's
+        dtype, or int64 token ids [rows] when step.argmax_only (see StepInput)."""
 
 
 class LocalPipelineExecutor:

@@ -322,6 +322,10 @@ class LLMEngine:
         sequences' generators), so the served pipeline runs it on the thread that ran the
         step, keeping every parallel torch op of a process on one thread (see engine_loop)."""
         chunks = prepared.batch.chunks
+        if logits.is_floating_point():
+            # The head's own dtype (see StageWorker.execute); sampling and logprobs in float32.
+            # Widening is exact, so they are the same numbers as from a float32 head output.
+            logits = logits.float()
         live = [self._is_live(chunk.seq) for chunk in chunks]
         prompt_logprobs: list[list[LogprobDict] | None] = [None] * len(chunks)
         samples: list[Sample | None] = [None] * len(chunks)

@@ -30,7 +30,7 @@ class StepInput:
     logits_indices: torch.Tensor  # [rows] positions in the packed batch whose logits are needed
     kv_copies: tuple[KVCopy, ...]  # extent moves to apply before the forward
     # Every row is a plain greedy sample (SamplingParams.argmax_only): the last stage returns each
-    # row's most likely token, int64 [rows], instead of float32 logits [rows, vocab]. Under Ray
+    # row's most likely token, int64 [rows], instead of logits [rows, vocab]. Under Ray
     # that is a few bytes in the reply instead of an object-store object per micro-batch
     # (demo: 32 rows x 4096 x 4 B = 512 KB; Pythia: 6.4 MB); on a GPU, no logits copy to the host.
     argmax_only: bool = False
@@ -112,8 +112,11 @@ class StageWorker:
         """First stage: token ids in; others: the previous stage's hidden states [tokens, hidden].
 
         Returns hidden states for the next stage, or on the last stage the step's output for
-        `step.logits_indices`: float32 logits [rows, vocab], or with `step.argmax_only` each
-        row's most likely token, int64 [rows].
+        `step.logits_indices`: logits [rows, vocab] in the model's dtype, or with
+        `step.argmax_only` each row's most likely token, int64 [rows]. Logits stay in the head's
+        dtype: widened here, a float16 or bfloat16 last stage would ship twice the bytes to the host
+        and through the object store (GPT-NeoX-20B: 64 rows x 50432 x 4 B = 12.9 MB a step)
+        for no more information; `LLMEngine.sample_step` widens them to float32.
         """
         if step.kv_copies:
             self.kv.apply_copies(step.kv_copies)

@@ -108,7 +108,8 @@ class GPTNeoForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """[rows, hidden] -> logits [rows, vocab] in the model's dtype: the sampler widens them."""
+        return self.lm_head(hidden)
 
     def tied_weights(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it. Both

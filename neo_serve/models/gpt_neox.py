@@ -104,8 +104,8 @@ class GPTNeoXForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden] -> float32 logits [rows, vocab]."""
-        return self.embed_out(hidden).float()
+        """[rows, hidden] -> logits [rows, vocab] in the model's dtype: the sampler widens them."""
+        return self.embed_out(hidden)
 
     def tied_weights(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it is read from when the checkpoint omits it. Both

@@ -10,7 +10,7 @@
   on micro-batch i while stage k+1 works on i-1.
 
 `submit(step, finish)` hands back an asyncio future of `finish(output)`, where output is the
-last stage's float32 logits [rows, vocab] (int64 token ids [rows] when `step.argmax_only`).
+last stage's logits [rows, vocab] in the model's dtype (int64 token ids [rows] when `step.argmax_only`).
 The local runner calls `finish` (the engine's sampling) on its step thread: every parallel
 torch op of the replica then starts from that one thread. A second thread doing parallel ops
 (the event loop sampling) gives OpenMP a second thread team; with more OpenMP threads than
@@ -45,7 +45,7 @@ class StepRunner(Protocol):
 
     def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
         """Start a step; the future resolves to `finish(output)`, the last stage's output on the
-        CPU (float32 logits [rows, vocab], or int64 token ids [rows] when `step.argmax_only`).
+        CPU (logits [rows, vocab] in the model's dtype, or int64 token ids [rows] when `step.argmax_only`).
         `finish` must not touch state the event loop owns."""
 
     def execute(self, step: StepInput) -> torch.Tensor:
