@@ -43,6 +43,45 @@ def test_backends_agree(checkpoint, request, flash_standin):
             assert abs(x[next(iter(x))] - z[next(iter(z))]) < 1e-4
 
 
+@pytest.mark.parametrize("checkpoint", ["neox_checkpoint", "neo_checkpoint"])
+@pytest.mark.parametrize("budget", [None, 1], ids=["one-group", "a-row-per-group"])
+def test_decodes_batched_as_on_a_gpu_give_the_same_tokens(checkpoint, budget, request, monkeypatch):
+    """On a GPU the SDPA backend attends a step's decoding sequences in a few padded calls instead
+    of one per sequence; run here on the CPU, that path must give the per-sequence tokens."""
+    from neo_serve.models.attention import make_backend
+
+    assert make_backend("sdpa", "cuda").batch_decodes and not make_backend("sdpa", "cpu").batch_decodes
+    path = str(request.getfixturevalue(checkpoint))
+    calls = {"n": 0, "grouped": 0}
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        mask = kwargs.get("attn_mask")
+        calls["n"] += 1
+        calls["grouped"] += mask is not None and mask.dim() == 4  # a group's [rows, 1, 1, keys] padding mask
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    per_sequence = outputs(LLM(path, dtype="float32", attention_backend="sdpa"))
+    per_sequence_calls, calls["n"] = calls["n"], 0
+    assert calls["grouped"] == 0
+    batched_llm = LLM(path, dtype="float32", attention_backend="sdpa")
+    backend = batched_llm.engine.executor.workers[0].backend
+    backend.batch_decodes = True  # what make_backend sets for a CUDA device
+    if budget is not None:
+        backend.gather_budget_bytes = budget  # each decoding sequence its own group
+    batched = outputs(batched_llm)
+    assert calls["grouped"] > 0
+    if budget is None:
+        assert calls["n"] < per_sequence_calls / 2  # three decoding sequences, one call per layer
+    else:
+        assert calls["n"] == per_sequence_calls
+    for a, b in zip(per_sequence, batched):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x[next(iter(x))] - y[next(iter(y))]) < 1e-5
+
+
 def test_auto_backend_is_sdpa_without_cuda(neox_checkpoint, flash_standin):
     llm = LLM(str(neox_checkpoint))
     assert llm.engine.executor.workers[0].backend.name == "sdpa"

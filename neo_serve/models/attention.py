@@ -4,7 +4,9 @@ A step's tokens from every scheduled sequence are packed into one `[tokens, head
 tensor. Each sequence owns one contiguous extent of the stage's KV arena, so its keys are a
 zero-copy view, which is what makes plain SDPA fast on CPU. Backends:
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention per sequence (default, CPU and GPU);
-  head-major arena `[heads, slots, head_dim]`, so each head's keys are one contiguous block;
+  head-major arena `[heads, slots, head_dim]`, so each head's keys are one contiguous block. On a
+  GPU the step's single-token (decoding) sequences are attended together instead, in a few
+  calls over a padded gather of their keys (see `decode_groups`);
 - `reference`: explicit matmul + softmax in float32, for checking the others (head-major too);
 - `flash`: flash-attn 2 (`flash_attn_varlen_func` for fresh prefills, `flash_attn_with_kvcache`
   with a block table over the arena for decodes and continued prefills), CUDA only;
@@ -129,9 +131,61 @@ def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device)
     return plan
 
 
+# Bytes of keys (and again of values) one batched decode call may gather: a transient copy per
+# layer, which must fit in the activation reserve `neo-serve plan` leaves beside the KV cache (1 GiB).
+DECODE_GATHER_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Single-query sequences attended in one SDPA call over a padded gather of their keys."""
+
+    query_index: torch.Tensor  # [rows] each sequence's token in the packed batch
+    key_slots: torch.Tensor  # [rows, keys] arena slots of each row's keys, the last one repeated as padding
+    mask: torch.Tensor  # [rows, 1, 1, keys] bool: True on a row's own keys
+
+
+def decode_groups(meta: AttentionMetadata, window: int | None, device: torch.device,
+                  key_slot_bytes: int, budget_bytes: int) -> tuple[tuple[SdpaCall, ...], tuple[DecodeGroup, ...]]:
+    """The step's SDPA calls split into per-sequence calls (prefills) and decode groups, once per
+    step and window. Rows are grouped longest first, so that each group pads to lengths close to
+    its own, and a group gathers at most `budget_bytes` of keys (`key_slot_bytes` per slot)."""
+    plan = meta.plans.get(("sdpa-grouped", window))
+    if plan is not None:
+        return plan
+    calls = sdpa_plan(meta, window, device)
+    singles = tuple(call for call in calls if call.query_len > 1 or call.mask is not None)
+    decodes = sorted((call for call in calls if call.query_len == 1 and call.mask is None),
+                     key=lambda call: call.key_len, reverse=True)
+    groups: list[DecodeGroup] = []
+    start = 0
+    while start < len(decodes):
+        longest = decodes[start].key_len
+        rows = max(1, min(len(decodes) - start, budget_bytes // max(1, longest * key_slot_bytes)))
+        members = decodes[start:start + rows]
+        offsets = torch.arange(longest)  # [keys]
+        lengths = torch.tensor([call.key_len for call in members]).unsqueeze(1)  # [rows, 1]
+        firsts = torch.tensor([call.key_slot for call in members]).unsqueeze(1)  # [rows, 1]
+        groups.append(DecodeGroup(
+            query_index=torch.tensor([call.query_start for call in members], device=device),
+            key_slots=(firsts + torch.minimum(offsets, lengths - 1)).to(device),
+            mask=(offsets < lengths)[:, None, None, :].to(device)))
+        start += rows
+    plan = meta.plans[("sdpa-grouped", window)] = (singles, tuple(groups))
+    return plan
+
+
 class SdpaBackend:
     name = "sdpa"
     token_major = False
+
+    def __init__(self, *, batch_decodes: bool = False, gather_budget_bytes: int = DECODE_GATHER_BYTES) -> None:
+        # On a GPU each SDPA call is a kernel launch plus ~20-40 us of Python and dispatch, so a
+        # decode step of 64 sequences x 44 layers (GPT-NeoX-20B) would spend more time launching
+        # than attending: decodes are batched there. On a CPU the per-sequence calls read the
+        # cache in place and measured as fast as one padded call (docs/benchmarks.md).
+        self.batch_decodes = batch_decodes
+        self.gather_budget_bytes = gather_budget_bytes
 
     def __call__(self, q, k, v, k_cache, v_cache, meta, *, scale, window):
         write_kv(k, v, k_cache, v_cache, meta, token_major=False)
@@ -141,6 +195,8 @@ class SdpaBackend:
         # once per layer, so that each sequence costs three `narrow`s and its SDPA call: a decode
         # step of 64 sequences makes one such call per sequence and layer.
         queries = q.to(k_cache.dtype).transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, dim]
+        if self.batch_decodes:
+            return self._grouped(queries, k_cache, v_cache, meta, scale, window).to(out_dtype)
         keys, values = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # [1, heads, slots, dim]
         sdpa = F.scaled_dot_product_attention
         results = []  # [1, heads, query_len, dim] per sequence, in packed order
@@ -151,6 +207,27 @@ class SdpaBackend:
                                 attn_mask=call.mask, is_causal=call.causal, scale=scale))
         # Sequences are packed back to back, so one cat restores the token order.
         return torch.cat(results, dim=2)[0].transpose(0, 1).to(out_dtype)  # [tokens, heads, dim]
+
+    def _grouped(self, queries, k_cache, v_cache, meta, scale, window) -> torch.Tensor:
+        """Prefills per sequence, decodes in groups; [tokens, heads, dim] in the cache's dtype."""
+        heads, _, dim = k_cache.shape
+        singles, groups = decode_groups(meta, window, queries.device, heads * dim * k_cache.element_size(),
+                                        self.gather_budget_bytes)
+        sdpa = F.scaled_dot_product_attention
+        out = queries.new_empty(queries.shape[2], heads, dim)  # [tokens, heads, dim]
+        for call in singles:
+            keys = k_cache.narrow(1, call.key_slot, call.key_len).unsqueeze(0)  # [1, heads, keys, dim]
+            values = v_cache.narrow(1, call.key_slot, call.key_len).unsqueeze(0)
+            result = sdpa(queries.narrow(2, call.query_start, call.query_len), keys, values,
+                          attn_mask=call.mask, is_causal=call.causal, scale=scale)  # [1, heads, q, dim]
+            out[call.query_start:call.query_start + call.query_len] = result[0].transpose(0, 1)
+        for group in groups:
+            group_queries = queries[0, :, group.query_index].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+            keys = k_cache[:, group.key_slots].transpose(0, 1)  # [rows, heads, keys, dim]
+            values = v_cache[:, group.key_slots].transpose(0, 1)
+            result = sdpa(group_queries, keys, values, attn_mask=group.mask, scale=scale)  # [rows, heads, 1, dim]
+            out.index_copy_(0, group.query_index, result.squeeze(2))
+        return out
 
 
 class ReferenceBackend:
@@ -317,7 +394,7 @@ def make_backend(name: str, device: torch.device | str = "cpu") -> AttentionBack
     elif name == "flash":
         require_flash_attn(device)
     if name == "sdpa":
-        return SdpaBackend()
+        return SdpaBackend(batch_decodes=torch.device(device).type == "cuda")
     if name == "reference":
         return ReferenceBackend()
     if name == "flash":
