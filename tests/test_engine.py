@@ -437,3 +437,32 @@ def test_a_half_precision_head_returns_its_own_dtype_and_samples_in_float32(neox
     assert shipped.samples == widened.samples
     assert shipped.prompt_logprobs == widened.prompt_logprobs
     assert isinstance(shipped.samples[1].logprob, float) and shipped.samples[1].logprob <= 0.0
+
+
+def test_offline_stages_are_spread_over_the_gpus_the_machine_has(monkeypatch):
+    """An offline `LLM(num_stages=N)` on a machine with several GPUs puts its stages on all of
+    them (neighbours together when there are more stages than GPUs), not every stage on cuda:0."""
+    from neo_serve.engine import executor
+    from neo_serve.engine.executor import spread_over_gpus
+    from neo_serve.engine.worker import StageWorkerSpec
+    from neo_serve.models.stages import StageSpec
+
+    def specs(count, device="cuda"):
+        return [StageWorkerSpec(checkpoint="x", stage=StageSpec(k, count, k, k + 1), dtype="float16", device=device,
+                                num_kv_slots=256, block_size=16, attention_backend="auto")
+                for k in range(count)]
+
+    def devices(stages, gpus, device="cuda"):
+        return [spec.device for spec in spread_over_gpus(specs(stages, device), gpus)]
+
+    assert devices(2, 2) == ["cuda:0", "cuda:1"]
+    assert devices(4, 2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert devices(2, 8) == ["cuda:0", "cuda:1"]
+    assert devices(3, 1) == ["cuda", "cuda", "cuda"]  # one GPU: all of them on it
+    assert devices(2, 2, "cuda:1") == ["cuda:1", "cuda:1"]  # the device the user named
+    assert devices(2, 2, "cpu") == ["cpu", "cpu"]
+    # The offline executor does it with the GPUs torch sees (the workers' loads stubbed: no GPU here).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(executor, "StageWorker", lambda spec: spec.device)
+    assert executor.LocalPipelineExecutor(specs(2)).workers == ["cuda:0", "cuda:1"]

@@ -16,7 +16,8 @@ class LLM:
     >>> llm = LLM("path/to/checkpoint", dtype="float32", num_stages=1)
     >>> outs = llm.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=32, temperature=0.0))
 
-    `num_stages > 1` cuts the model into pipeline stages run in this process, in order.
+    `num_stages > 1` cuts the model into pipeline stages run in this process, in order; on a
+    machine with several GPUs (device "cuda" or auto) the stages are spread over them.
     Other keyword arguments are `EngineConfig` fields (kv_cache_tokens, max_num_seqs, ...).
     """
 
