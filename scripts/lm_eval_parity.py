@@ -4,7 +4,7 @@
 What a researcher does with neo-serve: run lm-evaluation-harness's `local-completions` model
 against the OpenAI completions endpoint (it scores with `echo` + `logprobs`, and generates with
 `stop` strings). This
-script runs three small local tasks (no dataset download) twice, through a running neo-serve
+script runs four small local tasks (no dataset download) twice, through a running neo-serve
 and through lm-evaluation-harness's own `hf` model on the same checkpoint, and compares every
 request's log-likelihood and is-greedy flag, and every greedy generation's text.
 
@@ -12,7 +12,13 @@ request's log-likelihood and is-greedy flag, and every greedy generation's text.
     pip install "lm-eval[api]>=0.4.13"               # 0.4.9 fails to import with transformers 5
     python scripts/lm_eval_parity.py                 # --checkpoint DIR --model NAME for another model
 
-Exit code 0 when all 50 log-likelihoods agree within --tolerance (1e-4) with equal is-greedy
+Two of the scored texts are longer than the model's window: lm-evaluation-harness cuts them on
+the left. `local-completions` is given the window as `max_length` and sends at most
+`max_length` - 1 tokens (it asks for one generated token besides, docs/serving.md); `hf` keeps
+`max_length` + 1 tokens and feeds all but the last, so it is given the window less two: both
+then score the same tokens after the same context.
+
+Exit code 0 when all 52 log-likelihoods agree within --tolerance (1e-4) with equal is-greedy
 flags and all 10 generated texts are equal and not empty; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
 """
 
@@ -26,6 +32,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -34,8 +41,9 @@ DEMO = Path(__file__).resolve().parent.parent / "neo_serve" / "demo_model"
 LINES = ["import os", "def main():", "class Foo(object):", "return self.value", "for i in range(10):",
          "if __name__ == '__main__':", "raise ValueError('bad')", "print('hello world')", "import sys",
          "def __init__(self):"]
-TASK_NAMES = ("neo_lm", "neo_gen", "neo_mc")
-EXPECTED = {"loglikelihood": 50, "generate_until": 10}  # requests: 10 + 10 x 4 choices; 10 generations
+TASK_NAMES = ("neo_lm", "neo_gen", "neo_mc", "neo_long")
+# requests: 10 + 10 x 4 choices + 2 longer than the window; 10 generations
+EXPECTED = {"loglikelihood": 52, "generate_until": 10}
 
 
 def task(name: str, data: str, output_type: str, metrics: list[str], **fields: object) -> dict:
@@ -48,7 +56,7 @@ def task(name: str, data: str, output_type: str, metrics: list[str], **fields: o
 
 
 def tasks(directory: Path) -> dict[str, dict]:
-    lines, choices = str(directory / "lm.jsonl"), str(directory / "mc.jsonl")
+    lines, choices, long = (str(directory / name) for name in ("lm.jsonl", "mc.jsonl", "long.jsonl"))
     return {
         # Continue a line of Python after its first word: loglikelihood (perplexity, greedy accuracy).
         "neo_lm": task("neo_lm", lines, "loglikelihood", ["perplexity", "acc"],
@@ -60,6 +68,9 @@ def tasks(directory: Path) -> dict[str, dict]:
         # Pick the line among four: multiple_choice (one loglikelihood request per choice).
         "neo_mc": task("neo_mc", choices, "multiple_choice", ["acc"], doc_to_text="{{question}}",
                        doc_to_choice="{{choices}}", doc_to_target="label"),
+        # A line after more code than the window holds: scored on the window's last tokens.
+        "neo_long": task("neo_long", long, "loglikelihood", ["perplexity", "acc"],
+                         doc_to_text="{{context}}", doc_to_target="{{target}}"),
     }
 
 
@@ -73,6 +84,10 @@ def write_tasks(directory: Path) -> None:
             rng.shuffle(choices)
             mc.write(json.dumps({"question": "# a line of Python\n", "choices": choices,
                                  "label": choices.index(line)}) + "\n")
+    with open(directory / "long.jsonl", "w") as long:
+        for seed in (1, 2):  # ~1,200 tokens of lines each, then the start of one more
+            body = "\n".join(random.Random(seed).choices(LINES, k=150))
+            long.write(json.dumps({"context": body + "\nimport", "target": " os"}) + "\n")
     for name, config in tasks(directory).items():
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -91,20 +106,35 @@ def samples(out: Path, task: str) -> list[dict]:
     return sorted((json.loads(line) for line in open(path)), key=lambda record: record["doc_id"])
 
 
+def served_window(completions_url: str, model: str) -> int:
+    """The model's `max_model_len` as the server's `GET /v1/models` lists it."""
+    models_url = completions_url.rsplit("/completions", 1)[0] + "/models"
+    with urllib.request.urlopen(models_url, timeout=30) as response:
+        listed = {entry["id"]: entry for entry in json.load(response)["data"]}
+    if model not in listed:
+        raise SystemExit(f"{models_url} does not serve {model!r} (it serves {', '.join(sorted(listed))})")
+    return int(listed[model]["max_model_len"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEMO), help="the checkpoint the server serves (default: the demo)")
     parser.add_argument("--model", default="neo-demo", help="its served name (default neo-demo)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1/completions")
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--window", type=int, default=None,
+                        help="the served model's context window (default: its max_model_len in GET /v1/models)")
     args = parser.parse_args()
+    window = args.window or served_window(args.base_url, args.model)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         write_tasks(directory)
-        run_lm_eval("hf", f"pretrained={args.checkpoint},dtype=float32", directory, directory / "hf",
+        run_lm_eval("hf", f"pretrained={args.checkpoint},dtype=float32,max_length={window - 2}", directory,
+                    directory / "hf",
                     "--device", "cpu", "--batch_size", "4")
         run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},tokenizer={args.checkpoint},"
-                    "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2", directory, directory / "served")
+                    "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2,"
+                    f"max_length={window}", directory, directory / "served")
         generations = list(zip(samples(directory / "hf", "neo_gen"), samples(directory / "served", "neo_gen"),
                                strict=True))
         texts_differ = [(reference["doc_id"], reference["resps"][0][0], served["resps"][0][0])
@@ -114,7 +144,7 @@ def main() -> int:
             print(f"first greedy generation: {generations[0][1]['arguments']!r} -> "
                   f"{generations[0][1]['resps'][0][0]!r}")
         worst, mismatched, count = 0.0, 0, 0
-        for task_name in ("neo_lm", "neo_mc"):
+        for task_name in ("neo_lm", "neo_mc", "neo_long"):
             for reference, served in zip(samples(directory / "hf", task_name),
                                          samples(directory / "served", task_name), strict=True):
                 for (ref_ll, ref_greedy), (ll, greedy) in zip(
