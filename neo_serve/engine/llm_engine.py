@@ -463,7 +463,8 @@ class LLMEngine:
 
     # ---- introspection ------------------------------------------------------------------------
     def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks in use (the same on every stage)."""
+        """Fraction of KV blocks reserved, whole blocks with each sequence's room to grow (the
+        same on every stage)."""
         return 1.0 - self.allocator.num_free_blocks / self.allocator.num_blocks
 
     def num_running(self) -> int:

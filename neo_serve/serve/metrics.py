@@ -79,8 +79,10 @@ class PipelineMetrics:
         self.waiting = metrics.Gauge("neo_serve_num_waiting_seqs", "Sequences queued for admission.",
                                      tag_keys=("model",))
         self.kv_cache_usage = metrics.Gauge(
-            "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache slots in use (stages share the slot "
-            "numbering, so every stage of a pipeline reports the same value).", tag_keys=("model", "stage"))
+            "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache blocks reserved: whole blocks (256 "
+            "slots with flash-attn, 16 with SDPA), including each sequence's room to grow, so it reads above the "
+            "tokens cached (stages share the block numbering: every stage of a pipeline reports the same value).",
+            tag_keys=("model", "stage"))
         self.preemptions = metrics.Counter("neo_serve_preemptions", "Sequences preempted (KV freed, recomputed "
                                            "later) because the KV cache was full.", tag_keys=("model",))
         for metric in (self.time_to_first_token, self.inter_token_latency, self.request_latency, self.queue_time,
