@@ -13,7 +13,8 @@
   bounds) and `neo_serve.plan.plan_pipeline` on ../shared/reference configs: the GPU worker
   groups at maxReplicas hold the most pipelines Serve may scale to, the routers fit on the head,
   and each stage's weights and KV cache fit the GPU memory the manifest states in its
-  `neo-serve/gpu-memory` annotation.
+  `neo-serve/gpu-memory` annotation; a pipeline's stages restarted after a fault can reload
+  their weights from a slow shared volume within `recovery_timeout_s`.
 - Wiring: weights from the PVC on every Pod that reads them, the optional Hub download init
   container (run here against a stand-in Hub), readiness on /health, images of the Ray version
   that deploy/Dockerfile builds.
@@ -56,6 +57,8 @@ UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 MANAGED_BY = ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue")
 RAY_START_RESOURCES = ("num-cpus", "num-gpus", "memory", "resources")
 INT32_MAX = 2**31 - 1
+# A slow shared weights volume, e.g. EFS in bursting mode or a basic Filestore tier.
+SHARED_VOLUME_BYTES_PER_S = 100 * 2**20
 
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -620,6 +623,13 @@ def resource_problems(doc: dict[str, Any], checkpoints: OfflineCheckpoints) -> l
         if plan.fits and demand.model.kv_cache_tokens > plan.kv_tokens:
             problems.append(f"{demand.name}: kv_cache_tokens {demand.model.kv_cache_tokens} > the {plan.kv_tokens} "
                             f"tokens that fit beside the weights on a {gpu_memory} GPU")
+        # After a stage fault every stage restarts and reloads its weights at once, from the same
+        # shared volume; past recovery_timeout_s the pipeline gives up and Serve replaces it.
+        reload_s = sum(stage.weight_bytes for stage in plan.stages) / SHARED_VOLUME_BYTES_PER_S
+        if demand.model.recovery_timeout_s < reload_s:
+            problems.append(f"{demand.name}: recovery_timeout_s {demand.model.recovery_timeout_s:g} is shorter than "
+                            f"the {reload_s:.0f} s its stages take to reload their weights together from a shared "
+                            f"volume at {SHARED_VOLUME_BYTES_PER_S / 2**20:.0f} MiB/s")
         pages = demand.model.kv_cache_tokens // FlashAttentionBackend.PAGE_MULTIPLE
         if demand.model.max_num_seqs > pages:
             problems.append(f"{demand.name}: max_num_seqs {demand.model.max_num_seqs} > the {pages} flash-attn pages of "
@@ -852,7 +862,9 @@ def test_resource_check_places_bundles_on_pods(gpu_doc, checkpoints):
      "do not fit a 12GiB GPU"),
     (lambda d: edit_args(d, lambda a: a["models"][0].update(kv_cache_tokens=40000)), "kv_cache_tokens 40000 >"),
     (lambda d: gpu_group(d)["template"]["metadata"]["annotations"].clear(), "without the neo-serve/gpu-memory"),
-], ids=["2-stages-on-22GiB", "12GiB-gpus", "kv-too-big", "no-annotation"])
+    (lambda d: edit_args(d, lambda a: a["models"][0].update(recovery_timeout_s=300)),  # 38 GiB at 100 MiB/s
+     "recovery_timeout_s 300 is shorter than the 39"),
+], ids=["2-stages-on-22GiB", "12GiB-gpus", "kv-too-big", "no-annotation", "recovery-too-short"])
 def test_resource_check_fails_when_the_weights_do_not_fit(gpu_doc, checkpoints, edit, expected):
     edit(gpu_doc)
     problems = resource_problems(gpu_doc, checkpoints)
