@@ -12,11 +12,12 @@ request's log-likelihood and is-greedy flag, and every greedy generation's text.
     pip install "lm-eval[api]>=0.4.13"               # 0.4.9 fails to import with transformers 5
     python scripts/lm_eval_parity.py                 # --checkpoint DIR --model NAME for another model
 
-Two of the scored texts are longer than the model's window: lm-evaluation-harness cuts them on
-the left. `local-completions` is given the window as `max_length` and sends at most
-`max_length` - 1 tokens (it asks for one generated token besides, docs/serving.md); `hf` keeps
-`max_length` + 1 tokens and feeds all but the last, so it is given the window less two: both
-then score the same tokens after the same context.
+Two of the scored texts are built at least 64 tokens longer than the window (from
+GET /v1/models, or --window), and lm-evaluation-harness cuts them on the left.
+`local-completions` is given the window as `max_length` and sends at most `max_length` - 1
+tokens (it asks for one generated token besides, docs/serving.md); `hf` keeps `max_length` + 1
+tokens and feeds all but the last, so it is given the window less two: both then score the
+same tokens after the same context.
 
 Exit code 0 when all 52 log-likelihoods agree within --tolerance (1e-4) with equal is-greedy
 flags and all 10 generated texts are equal and not empty; 1 otherwise. Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for both runs.
@@ -74,7 +75,18 @@ def tasks(directory: Path) -> dict[str, dict]:
     }
 
 
-def write_tasks(directory: Path) -> None:
+def long_context(seed: int, checkpoint: str, window: int) -> str:
+    """Lines of Python, drawn with `seed`, until they are 64 tokens longer than the window."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    rng, lines = random.Random(seed), []
+    while len(tokenizer("\n".join(lines))["input_ids"]) <= window + 64:
+        lines.extend(rng.choices(LINES, k=50))
+    return "\n".join(lines)
+
+
+def write_tasks(directory: Path, checkpoint: str, window: int) -> None:
     rng = random.Random(0)
     with open(directory / "lm.jsonl", "w") as lm, open(directory / "mc.jsonl", "w") as mc:
         for line in LINES:
@@ -85,8 +97,8 @@ def write_tasks(directory: Path) -> None:
             mc.write(json.dumps({"question": "# a line of Python\n", "choices": choices,
                                  "label": choices.index(line)}) + "\n")
     with open(directory / "long.jsonl", "w") as long:
-        for seed in (1, 2):  # ~1,200 tokens of lines each, then the start of one more
-            body = "\n".join(random.Random(seed).choices(LINES, k=150))
+        for seed in (1, 2):  # more tokens than the window, then the start of one more line
+            body = long_context(seed, checkpoint, window)
             long.write(json.dumps({"context": body + "\nimport", "target": " os"}) + "\n")
     for name, config in tasks(directory).items():
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -113,7 +125,10 @@ def served_window(completions_url: str, model: str) -> int:
         listed = {entry["id"]: entry for entry in json.load(response)["data"]}
     if model not in listed:
         raise SystemExit(f"{models_url} does not serve {model!r} (it serves {', '.join(sorted(listed))})")
-    return int(listed[model]["max_model_len"])
+    window = listed[model].get("max_model_len")
+    if window is None:  # an app built with verify_checkpoints: false does not know it
+        raise SystemExit(f"{models_url} gives no max_model_len for {model!r}: pass --window")
+    return int(window)
 
 
 def main() -> int:
@@ -128,7 +143,7 @@ def main() -> int:
     window = args.window or served_window(args.base_url, args.model)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
-        write_tasks(directory)
+        write_tasks(directory, args.checkpoint, window)
         run_lm_eval("hf", f"pretrained={args.checkpoint},dtype=float32,max_length={window - 2}", directory,
                     directory / "hf",
                     "--device", "cpu", "--batch_size", "4")

@@ -131,9 +131,18 @@ def sdpa_plan(meta: AttentionMetadata, window: int | None, device: torch.device)
     return plan
 
 
-# Bytes of keys (and again of values) one batched decode call may gather: a transient copy per
-# layer, which must fit in the activation reserve `neo-serve plan` leaves beside the KV cache (1 GiB).
+# Bytes of keys (and again of values) one batched decode call may gather (a group holds one
+# sequence at least, whatever its length): a transient copy per layer, which must fit in the
+# activation reserve `neo-serve plan` leaves beside the KV cache (1 GiB).
 DECODE_GATHER_BYTES = 128 * 2**20
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step plan's host tensor on `device`; to a GPU from pinned memory without waiting, so that
+    planning in the first layer does not stall the host behind the GPU's queue."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass(frozen=True)
@@ -167,9 +176,9 @@ def decode_groups(meta: AttentionMetadata, window: int | None, device: torch.dev
         lengths = torch.tensor([call.key_len for call in members]).unsqueeze(1)  # [rows, 1]
         firsts = torch.tensor([call.key_slot for call in members]).unsqueeze(1)  # [rows, 1]
         groups.append(DecodeGroup(
-            query_index=torch.tensor([call.query_start for call in members], device=device),
-            key_slots=(firsts + torch.minimum(offsets, lengths - 1)).to(device),
-            mask=(offsets < lengths)[:, None, None, :].to(device)))
+            query_index=host_to_device(torch.tensor([call.query_start for call in members]), device),
+            key_slots=host_to_device(firsts + torch.minimum(offsets, lengths - 1), device),
+            mask=host_to_device((offsets < lengths)[:, None, None, :], device)))
         start += rows
     plan = meta.plans[("sdpa-grouped", window)] = (singles, tuple(groups))
     return plan
@@ -227,6 +236,7 @@ class SdpaBackend:
             values = v_cache[:, group.key_slots].transpose(0, 1)
             result = sdpa(group_queries, keys, values, attn_mask=group.mask, scale=scale)  # [rows, heads, 1, dim]
             out.index_copy_(0, group.query_index, result.squeeze(2))
+            del keys, values, result  # one group's gathered copy alive at a time
         return out
 
 
@@ -285,10 +295,7 @@ def flash_plan(meta: AttentionMetadata, device: torch.device) -> FlashPlan:
         return plan
 
     def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor.to(device)
+        return host_to_device(torch.tensor(values, dtype=dtype), device)
 
     fresh = [s for s in meta.sequences if s.context_len == 0]
     fresh_index = fresh_cu_seqlens = None

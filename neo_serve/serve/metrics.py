@@ -79,8 +79,9 @@ class PipelineMetrics:
         self.waiting = metrics.Gauge("neo_serve_num_waiting_seqs", "Sequences queued for admission.",
                                      tag_keys=("model",))
         self.kv_cache_usage = metrics.Gauge(
-            "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache blocks reserved: whole blocks (256 "
-            "slots with flash-attn, 16 with SDPA), including each sequence's room to grow, so it reads above the "
+            "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache blocks reserved: whole blocks of the "
+            "pipeline's block size (16 slots on CPU; 256 on GPUs, where flash-attn may page them), including each "
+            "sequence's room to grow, so it reads above the "
             "tokens cached (stages share the block numbering: every stage of a pipeline reports the same value).",
             tag_keys=("model", "stage"))
         self.preemptions = metrics.Counter("neo_serve_preemptions", "Sequences preempted (KV freed, recomputed "
