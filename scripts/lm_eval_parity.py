@@ -75,11 +75,8 @@ def tasks(directory: Path) -> dict[str, dict]:
     }
 
 
-def long_context(seed: int, checkpoint: str, window: int) -> str:
-    """Lines of Python, drawn with `seed`, until they are 64 tokens longer than the window."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+def long_context(seed: int, tokenizer, window: int) -> str:
+    """Lines of Python, drawn with `seed`, until they are more than 64 tokens longer than the window."""
     rng, lines = random.Random(seed), []
     while len(tokenizer("\n".join(lines))["input_ids"]) <= window + 64:
         lines.extend(rng.choices(LINES, k=50))
@@ -96,9 +93,12 @@ def write_tasks(directory: Path, checkpoint: str, window: int) -> None:
             rng.shuffle(choices)
             mc.write(json.dumps({"question": "# a line of Python\n", "choices": choices,
                                  "label": choices.index(line)}) + "\n")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     with open(directory / "long.jsonl", "w") as long:
         for seed in (1, 2):  # more tokens than the window, then the start of one more line
-            body = long_context(seed, checkpoint, window)
+            body = long_context(seed, tokenizer, window)
             long.write(json.dumps({"context": body + "\nimport", "target": " os"}) + "\n")
     for name, config in tasks(directory).items():
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -163,8 +163,9 @@ def decode_groups(meta: AttentionMetadata, window: int | None, device: torch.dev
     if plan is not None:
         return plan
     calls = sdpa_plan(meta, window, device)
-    singles = tuple(call for call in calls if call.query_len > 1 or call.mask is not None)
-    decodes = sorted((call for call in calls if call.query_len == 1 and call.mask is None),
+    is_decode = [call.query_len == 1 and call.mask is None for call in calls]  # one query, every key in range
+    singles = tuple(call for call, decode in zip(calls, is_decode) if not decode)
+    decodes = sorted((call for call, decode in zip(calls, is_decode) if decode),
                      key=lambda call: call.key_len, reverse=True)
     groups: list[DecodeGroup] = []
     start = 0
@@ -182,6 +183,16 @@ def decode_groups(meta: AttentionMetadata, window: int | None, device: torch.dev
         start += rows
     plan = meta.plans[("sdpa-grouped", window)] = (singles, tuple(groups))
     return plan
+
+
+def sequence_sdpa(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, call: SdpaCall,
+                  scale: float) -> torch.Tensor:
+    """One sequence's SDPA call over 4-D views: queries [1, heads, tokens, dim], keys and values
+    [1, heads, slots, dim] (the whole arena); returns [1, heads, query_len, dim]."""
+    return F.scaled_dot_product_attention(queries.narrow(2, call.query_start, call.query_len),
+                                          keys.narrow(2, call.key_slot, call.key_len),
+                                          values.narrow(2, call.key_slot, call.key_len),
+                                          attn_mask=call.mask, is_causal=call.causal, scale=scale)
 
 
 class SdpaBackend:
@@ -207,13 +218,8 @@ class SdpaBackend:
         if self.batch_decodes:
             return self._grouped(queries, k_cache, v_cache, meta, scale, window).to(out_dtype)
         keys, values = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # [1, heads, slots, dim]
-        sdpa = F.scaled_dot_product_attention
-        results = []  # [1, heads, query_len, dim] per sequence, in packed order
-        for call in sdpa_plan(meta, window, q.device):
-            results.append(sdpa(queries.narrow(2, call.query_start, call.query_len),
-                                keys.narrow(2, call.key_slot, call.key_len),
-                                values.narrow(2, call.key_slot, call.key_len),
-                                attn_mask=call.mask, is_causal=call.causal, scale=scale))
+        # [1, heads, query_len, dim] per sequence, in packed order
+        results = [sequence_sdpa(queries, keys, values, call, scale) for call in sdpa_plan(meta, window, q.device)]
         # Sequences are packed back to back, so one cat restores the token order.
         return torch.cat(results, dim=2)[0].transpose(0, 1).to(out_dtype)  # [tokens, heads, dim]
 
@@ -222,19 +228,17 @@ class SdpaBackend:
         heads, _, dim = k_cache.shape
         singles, groups = decode_groups(meta, window, queries.device, heads * dim * k_cache.element_size(),
                                         self.gather_budget_bytes)
-        sdpa = F.scaled_dot_product_attention
         out = queries.new_empty(queries.shape[2], heads, dim)  # [tokens, heads, dim]
+        arena_keys, arena_values = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # [1, heads, slots, dim]
         for call in singles:
-            keys = k_cache.narrow(1, call.key_slot, call.key_len).unsqueeze(0)  # [1, heads, keys, dim]
-            values = v_cache.narrow(1, call.key_slot, call.key_len).unsqueeze(0)
-            result = sdpa(queries.narrow(2, call.query_start, call.query_len), keys, values,
-                          attn_mask=call.mask, is_causal=call.causal, scale=scale)  # [1, heads, q, dim]
+            result = sequence_sdpa(queries, arena_keys, arena_values, call, scale)  # [1, heads, q, dim]
             out[call.query_start:call.query_start + call.query_len] = result[0].transpose(0, 1)
         for group in groups:
             group_queries = queries[0, :, group.query_index].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
             keys = k_cache[:, group.key_slots].transpose(0, 1)  # [rows, heads, keys, dim]
             values = v_cache[:, group.key_slots].transpose(0, 1)
-            result = sdpa(group_queries, keys, values, attn_mask=group.mask, scale=scale)  # [rows, heads, 1, dim]
+            result = F.scaled_dot_product_attention(group_queries, keys, values, attn_mask=group.mask,
+                                                    scale=scale)  # [rows, heads, 1, dim]
             out.index_copy_(0, group.query_index, result.squeeze(2))
             del keys, values, result  # one group's gathered copy alive at a time
         return out

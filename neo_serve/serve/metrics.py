@@ -81,8 +81,8 @@ class PipelineMetrics:
         self.kv_cache_usage = metrics.Gauge(
             "neo_serve_kv_cache_usage", "Fraction of a stage's KV cache blocks reserved: whole blocks of the "
             "pipeline's block size (16 slots on CPU; 256 on GPUs, where flash-attn may page them), including each "
-            "sequence's room to grow, so it reads above the "
-            "tokens cached (stages share the block numbering: every stage of a pipeline reports the same value).",
+            "sequence's room to grow, so it reads above the tokens cached (stages share the block numbering: "
+            "every stage of a pipeline reports the same value).",
             tag_keys=("model", "stage"))
         self.preemptions = metrics.Counter("neo_serve_preemptions", "Sequences preempted (KV freed, recomputed "
                                            "later) because the KV cache was full.", tag_keys=("model",))
