@@ -497,19 +497,24 @@ def test_an_echoed_prompt_is_the_text_its_logprob_offsets_count(neox_checkpoint,
 
 class FaultingRunner:
     """The in-process runner whose step number `fault_at` fails with `error` before it runs, as a
-    stage's fault reaches the replica. With `restartable`, it offers `restart_stages` (as the
-    stage actors' runner does) and records what each restart was asked to replace."""
+    stage's fault reaches the replica (or each step for which `faults(call_number, requests)`
+    says so, given the ids of the step's requests). With `restartable`, it offers
+    `restart_stages` (as the stage actors' runner does) and records what each restart was asked
+    to replace. `depth`: micro-batches the core keeps in flight (they run one after another)."""
 
-    def __init__(self, inner: LocalStepRunner, fault_at: int, error: BaseException, restartable: bool) -> None:
-        self.inner, self.depth = inner, inner.depth
+    def __init__(self, inner: LocalStepRunner, fault_at: int, error: BaseException, restartable: bool,
+                 faults=None, depth: int | None = None) -> None:
+        self.inner, self.depth = inner, depth or inner.depth
         self.fault_at, self.error, self.calls = fault_at, error, 0
+        self.faults = faults or (lambda call, requests: call == self.fault_at)
         self.restarts: list[bool] = []
         if restartable:
             self.restart_stages = self._restart_stages
 
     def submit(self, step, finish):
         self.calls += 1
-        if self.calls == self.fault_at:
+        prepared = finish.args[0]  # the core's finish is `functools.partial(engine.sample_step, prepared)`
+        if self.faults(self.calls, {chunk.seq.request.request_id for chunk in prepared.batch.chunks}):
             future = asyncio.get_running_loop().create_future()
             future.set_exception(self.error)
             return future
@@ -524,6 +529,67 @@ async def start_faulting_core(checkpoint, error: BaseException, restartable: boo
     core = await start_core(checkpoint, stream_interval_s=0.0)
     core.runner = FaultingRunner(core.runner, fault_at=3, error=error, restartable=restartable)
     return core
+
+
+def run_with_faults(checkpoint, faults, request_ids, *, depth=None, after=None, timeout_s=120.0):
+    """Stream PROMPTS (one per id) through a core whose restartable runner fails each step that
+    `faults(call, requests)` picks with a CUDA fault; then, if given, one more request `after`.
+    Each request's token ids or its exception, the runner and the core (bounded: a recovery loop
+    fails the test instead of hanging it)."""
+    fault = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def tokens_or_error(core, prompt, request_id):
+        try:
+            return token_ids(await collect(core, prompt, GREEDY, request_id))
+        except Exception as exc:  # noqa: BLE001 - what the request ended with
+            return exc
+
+    async def main():
+        core = await start_core(checkpoint, stream_interval_s=0.0)
+        core.runner = FaultingRunner(core.runner, 0, fault, restartable=True, faults=faults, depth=depth)
+        try:
+            results = await asyncio.gather(*(tokens_or_error(core, p, i) for p, i in zip(PROMPTS, request_ids)))
+            if after is not None:
+                results.append(await tokens_or_error(core, PROMPTS[0], after))
+            return results, core
+        finally:
+            core.close()
+            core.runner.inner.close()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout_s))
+
+
+def test_a_fault_that_comes_back_with_every_recompute_gives_up_the_replica(neox_checkpoint):
+    # A fault no recompute avoids (a kernel this GPU cannot run) would restart the stages forever,
+    # reloading the weights each time (minutes for GPT-NeoX-20B) while no request progresses.
+    from neo_serve.serve.engine_loop import PipelineFailed
+    from neo_serve.serve.protocol import APIError
+
+    results, core = run_with_faults(neox_checkpoint, lambda call, requests: call >= 3,
+                                    [f"r{i}" for i in range(len(PROMPTS))], after="after")
+    assert all(isinstance(r, (APIError, PipelineFailed)) for r in results[:-1]), results
+    assert isinstance(results[-1], PipelineFailed), results[-1]  # then the replica fails its health check
+    assert isinstance(core.failure, PipelineFailed) and "no step completed" in str(core.failure)
+    assert len(core.runner.restarts) == 3  # MAX_RECOVERIES_WITHOUT_PROGRESS, as docs/reliability.md says
+
+
+def test_a_request_that_faults_its_stage_again_ends_alone_and_the_others_complete(neox_checkpoint, offline_tokens):
+    # A request whose tokens crash a stage (a device-side assert) would crash it again at every
+    # recompute, taking every other request's time. Its second lost micro-batch ends it with a
+    # 500; requests that were not in both of its lost micro-batches complete exactly.
+    from neo_serve.serve.protocol import APIError
+
+    ids = ["r0", "r1", "poison", "r3"]
+    results, core = run_with_faults(neox_checkpoint, lambda call, requests: "poison" in requests, ids, depth=2,
+                                    after="after")
+    poisoned = results[ids.index("poison")]
+    assert isinstance(poisoned, APIError) and poisoned.status == 500 and poisoned.code == "repeated_stage_failure"
+    completed = [i for i, r in enumerate(results[:-1]) if isinstance(r, list)]
+    assert len(completed) >= 2, results  # two micro-batches in flight: the poison shares at most one
+    for i, result in enumerate(results[:-1]):
+        assert result == offline_tokens[i] if i in completed else isinstance(result, APIError), (i, result)
+    assert results[-1] == offline_tokens[0] and core.failure is None
+    assert len(core.runner.restarts) == 2
 
 
 def test_a_stage_whose_gpu_faulted_is_replaced_and_the_streams_complete(neox_checkpoint, offline_tokens):

@@ -22,7 +22,12 @@ in-flight micro-batches are dropped, the dead (or all) stages are restarted in t
 reloading their weights, and every running sequence is recomputed from its tokens, so streams
 continue where they were and the clients receive complete output. If that cannot finish within
 `recovery_timeout_s`, every request ends with an explicit error and the replica reports itself
-unhealthy, so Serve replaces it.
+unhealthy, so Serve replaces it. A fault that comes back whatever is recomputed (a kernel the
+GPU cannot run) would restart the stages forever: after `MAX_RECOVERIES_WITHOUT_PROGRESS`
+recoveries with no micro-batch completing in between, the replica gives up the same way. One
+that comes back with a request (its tokens crash a stage) would take every other request's
+time with it: a request whose micro-batch is lost `MAX_STEP_FAULTS_PER_REQUEST` times ends with
+a 500, and the others go on.
 """
 
 from __future__ import annotations
@@ -47,11 +52,17 @@ from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder
+from neo_serve.serve.protocol import APIError, error_name
 from neo_serve.serve.stages import StepRunner
 
 logger = logging.getLogger("ray.serve")
 
 _Item = RequestOutput | BaseException
+# Bounds on recovering from stage faults (see the module's docstring). For GPT-NeoX-20B one
+# recovery reloads ~41 GB (minutes), so a loop is costly; a single fault, or two unrelated ones
+# close together, are still recovered from.
+MAX_RECOVERIES_WITHOUT_PROGRESS = 3
+MAX_STEP_FAULTS_PER_REQUEST = 2
 # Text prompts longer than this are encoded off the event loop; shorter ones take about a
 # millisecond at most (2 vCPUs), a stall not worth a hop to a thread and back.
 INLINE_TOKENIZE_CHARS = 1024
@@ -105,6 +116,7 @@ class PipelineCore:
         self.stream_interval_s = stream_interval_s
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self.num_recoveries = 0
+        self._recoveries_without_progress = 0  # since a micro-batch last completed
         self.decode_token = TokenDecoder(engine.tokenizer)
         self.num_steps = 0
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
@@ -283,7 +295,7 @@ class PipelineCore:
                     if timeout is not None and time.monotonic() >= self._submitted[0] + self.step_timeout_s:
                         # A stage hangs (no error, no result): restart them all.
                         await self._recover(TimeoutError(f"a step took over {self.step_timeout_s} s"),
-                                            all_stages=True)
+                                            all_stages=True, lost=self._inflight[0][0])
                     continue
                 prepared, future = self._inflight.popleft()
                 self._submitted.popleft()
@@ -291,7 +303,7 @@ class PipelineCore:
                 if lost_stage is not None:
                     # A dead actor is found by probing each stage; one whose device faulted is
                     # alive but unusable, and Ray's error does not say which: replace them all.
-                    await self._recover(lost_stage.error, all_stages=lost_stage.device_fault)
+                    await self._recover(lost_stage.error, all_stages=lost_stage.device_fault, lost=prepared)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug: fail loudly rather than hang every stream
@@ -319,9 +331,9 @@ class PipelineCore:
             self._submitted.append(time.monotonic())
             self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
 
-    async def _recover(self, error: BaseException, *, all_stages: bool) -> None:
+    async def _recover(self, error: BaseException, *, all_stages: bool, lost: PreparedStep) -> None:
         """Restart dead (or all) stages and recompute every running sequence; on failure or past
-        the deadline, fail every request explicitly."""
+        the deadline, fail every request explicitly. `lost`: the micro-batch that failed or hung."""
         restart = getattr(self.runner, "restart_stages", None)
         for _, future in self._inflight:  # their results are lost with the stage
             future.cancel()
@@ -330,6 +342,16 @@ class PipelineCore:
         if restart is None:
             self._fail_all(error)
             return
+        self._recoveries_without_progress += 1
+        if self._recoveries_without_progress > MAX_RECOVERIES_WITHOUT_PROGRESS:
+            logger.error("neo-serve pipeline: stage failure again (%r) after %d recoveries with no step completed "
+                         "in between; giving up so that Serve replaces the replica", error,
+                         MAX_RECOVERIES_WITHOUT_PROGRESS)
+            self._fail_all(PipelineFailed(f"stage failure ({error_name(error)}) again after "
+                                          f"{MAX_RECOVERIES_WITHOUT_PROGRESS} recoveries with no step completed "
+                                          "in between"))
+            return
+        self._end_requests_lost_too_often(lost, error)
         logger.warning("neo-serve pipeline lost a stage (%r); restarting and recomputing", error)
         try:
             await asyncio.wait_for(restart(all_stages=all_stages), timeout=self.recovery_timeout_s)
@@ -341,6 +363,22 @@ class PipelineCore:
         recomputed = self.engine.recompute_all()
         self.num_recoveries += 1
         logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
+
+    def _end_requests_lost_too_often(self, lost: PreparedStep, error: BaseException) -> None:
+        """Count a lost micro-batch against each of its requests (ones still in the engine as
+        they were: an id may have been reused); end those lost `MAX_STEP_FAULTS_PER_REQUEST`
+        times with a 500 rather than recompute them into the same fault again."""
+        for request in {id(c.seq.request): c.seq.request for c in lost.batch.chunks}.values():
+            if self.engine.requests.get(request.request_id) is not request:
+                continue
+            request.metrics.num_step_faults += 1
+            if request.metrics.num_step_faults >= MAX_STEP_FAULTS_PER_REQUEST:
+                logger.error("neo-serve pipeline: request %s was in %d micro-batches lost to stage faults (last: "
+                             "%r); ending it", request.request_id, request.metrics.num_step_faults, error)
+                self._fail_requests({request.request_id}, APIError(
+                    f"this request's computation was lost to a stage failure ({error_name(error)}) "
+                    f"{request.metrics.num_step_faults} times; it was ended so that it cannot bring the pipeline "
+                    "down again", status=500, type="server_error", code="repeated_stage_failure"))
 
     def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> _LostStage | None:
         """Apply a finished micro-batch. Says so when a stage died or its device faulted
@@ -362,6 +400,7 @@ class PipelineCore:
         generated_before = self.engine.num_generated_tokens
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
+        self._recoveries_without_progress = 0
         for output in outputs:
             mailbox = self._streams.get(output.request_id)
             if mailbox is not None:

@@ -63,6 +63,14 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def error_name(exc: BaseException) -> str:
+    """The error's class, or the class of the error a Ray task raised (not `RayTaskError(...)`):
+    what a client may be told of an internal error, whose text (a replica's traceback: file
+    paths, pid, node address) stays in the log."""
+    cause = getattr(exc, "cause", None)
+    return type(cause if isinstance(cause, BaseException) else exc).__name__
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option must not be silently ignored
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
-from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList
+from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList, error_name
 from neo_serve.ui import bridge
 
 logger = logging.getLogger("ray.serve")
@@ -85,7 +85,7 @@ def _client_error(exc: Exception) -> APIError:
 def _internal_api_error(exc: BaseException) -> APIError:
     """A 500 for an unexpected error. The details stay in the log: a replica's error carries its
     remote traceback (file paths, pid, node address), which is not the client's business."""
-    return APIError(f"internal error ({_error_name(exc)}); the server log has the details", status=500,
+    return APIError(f"internal error ({error_name(exc)}); the server log has the details", status=500,
                     type="server_error")
 
 
@@ -94,13 +94,7 @@ def not_ready(model: str, exc: BaseException) -> dict[str, Any]:
     error's text (a replica's traceback: file paths, pid, node address) goes to the log only."""
     logger.warning("neo-serve router: %s is not ready: %r", model, exc)
     return {"model": model, "ready": False,
-            "detail": f"not ready ({_error_name(exc)}); the router's log has the details"}
-
-
-def _error_name(exc: BaseException) -> str:
-    """The error's class, or the class of the error a Ray task raised (not `RayTaskError(...)`)."""
-    cause = getattr(exc, "cause", None)
-    return type(cause if isinstance(cause, BaseException) else exc).__name__
+            "detail": f"not ready ({error_name(exc)}); the router's log has the details"}
 
 
 def _check_content_type(request: Request) -> None:
