@@ -1,13 +1,16 @@
 """A stand-in for the `flash_attn` package: flash-attn 2.8's documented Python signatures,
 computed with plain torch on CPU, checking the argument contracts the CUDA kernels enforce
-(one dtype for queries, keys and the cache, int32 index tensors, Python-int max lengths, pages
-of a multiple of 256, bottom-right causal alignment, (left, right) windows). Used only to test neo-serve's flash backend glue."""
+(float16 or bfloat16 only, one dtype for queries, keys and the cache, int32 index tensors,
+Python-int max lengths, pages of a multiple of 256, bottom-right causal alignment, (left, right)
+windows). Used only to test neo-serve's flash backend glue."""
 
 from __future__ import annotations
 
 import torch
 
 calls: dict[str, int] = {"varlen": 0, "kvcache": 0}
+# flash_api.cpp: TORCH_CHECK(q_dtype == torch::kFloat16 || q_dtype == torch::kBFloat16, ...)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _attend(q, k, v, scale, causal, window_size):
@@ -32,6 +35,7 @@ def _attend(q, k, v, scale, causal, window_size):
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
+    assert q.dtype in HALF_DTYPES, "FlashAttention only support fp16 and bf16 data type"
     assert q.dtype == k.dtype == v.dtype, "query and key must have the same dtype"
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
@@ -54,6 +58,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     assert k is None and v is None and rotary_cos is None  # neo-serve writes K/V and applies rotary itself
     assert q.dim() == 4 and k_cache.dim() == 4
+    assert q.dtype in HALF_DTYPES, "FlashAttention only support fp16 and bf16 data type"
     assert q.dtype == k_cache.dtype == v_cache.dtype, "query and key must have the same dtype"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache must have contiguous last dimension"
     assert isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32

@@ -26,21 +26,82 @@ def flash_standin(monkeypatch):
 
 
 @pytest.mark.parametrize("checkpoint", ["neox_checkpoint", "neo_checkpoint"])
-def test_backends_agree(checkpoint, request, flash_standin):
+def test_backends_agree(checkpoint, request):
     path = str(request.getfixturevalue(checkpoint))
     sdpa = outputs(LLM(path, dtype="float32", attention_backend="sdpa"))
     reference = outputs(LLM(path, dtype="float32", attention_backend="reference"))
+    for a, b in zip(sdpa, reference):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x[next(iter(x))] - y[next(iter(y))]) < 1e-4
+
+
+def scores(llm) -> list[tuple[list, list]]:
+    """Each prompt's logprobs of its own tokens and of its first generated token (both fixed by
+    the prompt, so comparable across backends whose bfloat16 roundings differ), after 3 more
+    tokens decoded (flash-attn's kv-cache path with one query)."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    results = []
+    for output in llm.generate(PROMPTS, params):
+        prompt = [next(iter(entry.values())) for entry in output.prompt_logprobs[1:]]
+        first = output.outputs[0].logprobs[0]
+        results.append((prompt, [first[output.outputs[0].token_ids[0]]]))
+    return results
+
+
+@pytest.mark.parametrize("checkpoint", ["neox_checkpoint", "neo_checkpoint"])
+def test_flash_glue_scores_as_the_reference_in_bfloat16(checkpoint, request, flash_standin):
+    # flash-attn runs float16 and bfloat16 only (the stand-in refuses float32, as the kernels do),
+    # so its glue is checked in bfloat16, against the reference backend with a bfloat16 cache.
+    path = str(request.getfixturevalue(checkpoint))
+    reference = scores(LLM(path, dtype="bfloat16", kv_cache_dtype="bfloat16", attention_backend="reference"))
     # Chunked prefill (chunks of 20 tokens) exercises flash's kv-cache path with query_len > 1.
-    flash_llm = LLM(path, dtype="float32", attention_backend="flash", kv_cache_tokens=2048,
+    flash_llm = LLM(path, dtype="bfloat16", attention_backend="flash", kv_cache_tokens=2048,
                     max_num_batched_tokens=20)
     assert flash_llm.engine.allocator.block_size == 256  # flash-attn's page size rule
-    flash = outputs(flash_llm)
+    assert flash_llm.engine.executor.workers[0].kv.tensor.dtype == torch.bfloat16
+    flash = scores(flash_llm)
     assert flash_standin.calls["varlen"] > 0 and flash_standin.calls["kvcache"] > 0
-    for a, b, c in zip(sdpa, reference, flash):
-        assert a.token_ids == b.token_ids == c.token_ids
-        for x, y, z in zip(a.logprobs, b.logprobs, c.logprobs):
-            assert abs(x[next(iter(x))] - y[next(iter(y))]) < 1e-4
-            assert abs(x[next(iter(x))] - z[next(iter(z))]) < 1e-4
+    for (ref_prompt, ref_first), (flash_prompt, flash_first) in zip(reference, flash):
+        assert len(ref_prompt) == len(flash_prompt) > 0
+        assert torch.allclose(torch.tensor(flash_prompt + flash_first), torch.tensor(ref_prompt + ref_first),
+                              atol=0.05), (flash_prompt, ref_prompt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_backend_matches_the_reference_op_by_op(dtype, flash_standin):
+    """One attention call over a fresh prefill, a decode, a continued prefill and a decode past a
+    window, in the dtypes flash-attn runs: the flash backend (stand-in kernels) against the
+    float32 textbook reference."""
+    from neo_serve.models.attention import AttentionMetadata, FlashAttentionBackend, ReferenceBackend, SequenceSlice
+
+    heads, dim, block = 4, 32, 256
+    generator = torch.Generator().manual_seed(0)
+    slices = (SequenceSlice(query_start=0, query_len=20, context_len=0, kv_start=0),       # fresh prefill
+              SequenceSlice(query_start=20, query_len=1, context_len=37, kv_start=256),    # decode
+              SequenceSlice(query_start=21, query_len=5, context_len=30, kv_start=512),    # continued prefill
+              SequenceSlice(query_start=26, query_len=1, context_len=300, kv_start=768))   # decode, 2 pages
+    tokens, slots = 27, 5 * block  # the last sequence spans two pages
+    q, k, v = (torch.randn(tokens, heads, dim, generator=generator).to(dtype) for _ in range(3))
+    context_k, context_v = (torch.randn(slots, heads, dim, generator=generator).to(dtype) for _ in range(2))
+    for window in (None, 16):
+        meta = AttentionMetadata.build(slices, block)
+        flash_k, flash_v = context_k.clone(), context_v.clone()  # token-major [slots, heads, dim]
+        flash_out = FlashAttentionBackend(flash_standin)(q, k, v, flash_k, flash_v, meta, scale=dim ** -0.5,
+                                                        window=window)
+        ref_k, ref_v = context_k.transpose(0, 1).clone(), context_v.transpose(0, 1).clone()  # [heads, slots, dim]
+        ref_out = ReferenceBackend()(q, k, v, ref_k, ref_v, AttentionMetadata.build(slices, block),
+                                     scale=dim ** -0.5, window=window)
+        assert flash_out.dtype == dtype
+        assert torch.allclose(flash_out.float(), ref_out.float(), atol=1e-2), (window, (flash_out - ref_out).abs().max())
+        assert torch.equal(flash_k.transpose(0, 1), ref_k)  # the new keys written to the same slots
+
+
+def test_the_flash_standin_refuses_float32_as_the_kernels_do(flash_standin):
+    q = torch.randn(4, 2, 8)
+    cu_seqlens = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(AssertionError, match="fp16 and bf16"):
+        flash_standin.flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 4, 4, causal=True)
 
 
 @pytest.mark.parametrize("checkpoint", ["neox_checkpoint", "neo_checkpoint"])
@@ -87,14 +148,22 @@ def test_auto_backend_is_sdpa_without_cuda(neox_checkpoint, flash_standin):
     assert llm.engine.executor.workers[0].backend.name == "sdpa"
 
 
-@pytest.mark.parametrize("capability, usable", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)],
-                         ids=["V100", "T4", "A100", "H100"])
-def test_flash_attn_only_on_gpus_that_run_it(flash_standin, monkeypatch, capability, usable):
-    # No GPU here: the CUDA queries answer as a GPU of that generation would.
-    from neo_serve.models.attention import flash_attn_available
+def answer_as_a_gpu(monkeypatch, capability, kernels_run=True) -> None:
+    """No GPU here: the CUDA queries, and flash-attn's one-call check, answer as a GPU would."""
+    from neo_serve.models import attention
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(attention, "flash_kernels_run", lambda module, device: kernels_run)
+
+
+@pytest.mark.parametrize("capability, kernels_run, usable", [
+    ((7, 0), True, False), ((7, 5), True, False), ((8, 0), True, True), ((9, 0), True, True),
+    ((10, 0), False, False)], ids=["V100", "T4", "A100", "H100", "B200-with-a-build-that-refuses-it"])
+def test_flash_attn_only_on_gpus_that_run_it(flash_standin, monkeypatch, capability, kernels_run, usable):
+    from neo_serve.models.attention import flash_attn_available
+
+    answer_as_a_gpu(monkeypatch, capability, kernels_run)
     assert flash_attn_available() is usable
 
 
@@ -103,7 +172,10 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
     from neo_serve.engine.config import EngineConfig
     from neo_serve.engine.llm_engine import LLMEngine
     from neo_serve.errors import ConfigError
+    from neo_serve.models import attention
     from neo_serve.serve.stages import UnloadedExecutor
+
+    monkeypatch.setattr(attention, "flash_kernels_run", lambda module, device: True)  # as on a GPU it runs on
 
     def stage_setup(**options) -> tuple[str, int]:
         engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cuda", **options),
@@ -150,6 +222,12 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(ConfigError, match="Ampere or newer"):
         stage_setup(dtype="bfloat16", attention_backend="flash")
+    # A newer GPU that this flash-attn build refuses (its one-call check fails): the same.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(attention, "flash_kernels_run", lambda module, device: False)
+    with pytest.raises(ConfigError, match="one-call check"):
+        stage_setup(dtype="bfloat16", attention_backend="flash")
+    assert stage_setup(dtype="bfloat16") == ("sdpa", 16)
 
 
 @pytest.mark.parametrize("device, capability, chosen", [("cuda", (8, 0), "flash"), ("cuda", (7, 5), "sdpa"),
@@ -157,8 +235,7 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
 def test_each_stage_picks_its_backend_for_its_own_device(flash_standin, monkeypatch, device, capability, chosen):
     from neo_serve.models.attention import make_backend
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    answer_as_a_gpu(monkeypatch, capability)
     assert make_backend("auto", device).name == chosen
 
 
@@ -169,7 +246,7 @@ def test_an_explicit_flash_stage_on_a_gpu_that_cannot_run_it_is_refused(flash_st
     from neo_serve.models.attention import make_backend
 
     asked: list = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    answer_as_a_gpu(monkeypatch, (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (7, 5))
     with pytest.raises(ConfigError, match="attention_backend flash cannot run on cuda:1"):
         make_backend("flash", "cuda:1")
@@ -177,3 +254,18 @@ def test_an_explicit_flash_stage_on_a_gpu_that_cannot_run_it_is_refused(flash_st
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert make_backend("flash", "cuda:1").name == "flash"
     assert make_backend("flash", "cpu").name == "flash"  # the CPU stand-in the tests use
+
+
+def test_auto_checks_that_flash_attn_runs_rather_than_trusting_the_capability(flash_standin, monkeypatch):
+    # flash-attn 2 builds refuse GPUs other than sm8x and sm90 in their C++, so a newer GPU passes
+    # the capability check; `auto` would then pick flash and every request would fail.
+    from neo_serve.models.attention import flash_kernels_run
+
+    assert flash_kernels_run(flash_standin, "cpu")
+    assert flash_standin.calls["varlen"] == 1
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(flash_standin, "flash_attn_varlen_func", refuses)
+    assert not flash_kernels_run(flash_standin, "cpu")

@@ -14,7 +14,7 @@ import torch
 from neo_serve.config import load_model_config
 from neo_serve.engine.kv_cache import KVArena, KVCopy
 from neo_serve.loader import DTYPES, CheckpointFiles, load_stage, resolve_dtype
-from neo_serve.models.attention import AttentionMetadata, SequenceSlice, make_backend
+from neo_serve.models.attention import AttentionMetadata, SequenceSlice, host_to_device, make_backend
 from neo_serve.models.kv_dtype_probe import cpu_kv_cache_dtype
 from neo_serve.models.packed_linear import pack_linears, packing_supported
 from neo_serve.models.stages import StageSpec
@@ -120,15 +120,20 @@ class StageWorker:
         """
         if step.kv_copies:
             self.kv.apply_copies(step.kv_copies)
+        # Every index tensor goes to the device before the forward is queued, from pinned memory
+        # on a GPU: a copy from pageable memory waits for the GPU's queue, so `logits_indices`
+        # copied after the layers would stall the host until they ran, then the head's launches.
         meta = AttentionMetadata.build(step.sequences, self.spec.block_size, self.device)
-        positions = step.positions.to(self.device)
+        positions = host_to_device(step.positions, self.device)
+        logits_indices = host_to_device(step.logits_indices, self.device) if self.spec.stage.is_last else None
         # A previous stage may compute in another dtype: `auto` resolves per stage, and on a
         # bfloat16 checkpoint a CPU without bfloat16 kernels runs float32 (heterogeneous nodes).
-        inputs = step.input_ids.to(self.device) if self.spec.stage.is_first else hidden.to(self.device, self.dtype)
+        inputs = (host_to_device(step.input_ids, self.device) if self.spec.stage.is_first
+                  else hidden.to(self.device, self.dtype))
         hidden = self.model(inputs, positions, self.kv.tensor, meta)
-        if not self.spec.stage.is_last:
+        if logits_indices is None:
             return hidden
-        logits = self.model.compute_logits(hidden[step.logits_indices.to(self.device)])
+        logits = self.model.compute_logits(hidden[logits_indices])
         if step.argmax_only:
             return logits.max(dim=-1).indices  # the first maximal token, as `sampler.sample` picks
         return logits

@@ -19,6 +19,7 @@ dtype, the output back to the model's.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from neo_serve.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class AttentionMetadata:
         for seq in sequences:
             first = seq.kv_start + seq.context_len
             slots.extend(range(first, first + seq.query_len))
-        return cls(sequences, torch.tensor(slots, dtype=torch.long, device=device), block_size)
+        return cls(sequences, host_to_device(torch.tensor(slots, dtype=torch.long), torch.device(device)), block_size)
 
 
 class AttentionBackend(Protocol):
@@ -375,17 +378,35 @@ class FlashAttentionBackend:
 FLASH_ATTN_MIN_CAPABILITY = (8, 0)
 
 
+def flash_kernels_run(module, device: torch.device | str) -> bool:
+    """Whether `module`'s flash-attn kernels run on `device`: one call on two float16 tokens.
+    The capability check is not enough: flash-attn 2 builds check for sm8x or sm90 in their C++
+    (`TORCH_CHECK(is_sm90 || is_sm8x, "FlashAttention only supports Ampere GPUs or newer.")`),
+    so a newer GPU such as a Blackwell passes the check and then fails every request; so does a
+    build without kernels for the card. What failed is logged."""
+    try:
+        tokens = torch.zeros(2, 1, 64, dtype=torch.float16, device=device)  # [tokens, heads, head_dim]
+        offsets = torch.tensor([0, 2], dtype=torch.int32, device=device)
+        module.flash_attn_varlen_func(tokens, tokens, tokens, cu_seqlens_q=offsets, cu_seqlens_k=offsets,
+                                      max_seqlen_q=2, max_seqlen_k=2, causal=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal means: not on this device
+        logger.warning("neo-serve: flash-attn does not run on %s (%r); attention_backend auto takes SDPA", device, exc)
+        return False
+    return True
+
+
 def flash_attn_available(device: torch.device | str | None = None) -> bool:
-    """flash-attn is installed and the CUDA device (default: the current one) can run it."""
+    """flash-attn is installed and runs on the CUDA device (default: the current one), checked
+    with one call (milliseconds, at engine and stage construction only)."""
     if not torch.cuda.is_available():
         return False
     if tuple(torch.cuda.get_device_capability(device)) < FLASH_ATTN_MIN_CAPABILITY:
         return False
     try:
-        importlib.import_module("flash_attn")
+        module = importlib.import_module("flash_attn")
     except ImportError:
         return False
-    return True
+    return flash_kernels_run(module, device if device is not None else "cuda")
 
 
 def require_flash_attn(device: torch.device | str) -> None:
@@ -393,8 +414,9 @@ def require_flash_attn(device: torch.device | str) -> None:
     comes at the first forward, and every request fails. (On a CPU only the tests' stand-in runs.)"""
     if torch.device(device).type == "cuda" and not flash_attn_available(device):
         raise ConfigError(f"attention_backend flash cannot run on {device}: it needs the flash-attn package "
-                          "(pip install -e '.[gpu]') and an Ampere or newer GPU (compute capability "
-                          f"{FLASH_ATTN_MIN_CAPABILITY[0]}.{FLASH_ATTN_MIN_CAPABILITY[1]}); set "
+                          "(pip install -e '.[gpu]'), an Ampere or newer GPU (compute capability "
+                          f"{FLASH_ATTN_MIN_CAPABILITY[0]}.{FLASH_ATTN_MIN_CAPABILITY[1]}) and a flash-attn build "
+                          "whose kernels run on it (the log has what a one-call check raised); set "
                           "attention_backend to auto or sdpa")
 
 
