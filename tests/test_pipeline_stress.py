@@ -8,8 +8,8 @@ moves first; the last stage answers each logits row from the history it holds fo
 with token 0 (never a real answer) if the stages disagree. Results come back first in, first
 out after random delays, and the engine samples when they arrive, as with Ray. Stages die
 (failing the in-flight steps past them) or hang (tripping `step_timeout_s`) at random, and are
-restarted. Every request must get exactly the tokens its prompt alone determines, and every
-KV block must be free at the end.
+restarted. Every request must get exactly the tokens its prompt alone determines (or, a few,
+lost to faults twice in a row, end with a 500), and every KV block must be free at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.worker import StepInput
 from neo_serve.serve.engine_loop import PipelineCore
+from neo_serve.serve.protocol import APIError
 from neo_serve.serve.stages import UnloadedExecutor
 from test_scheduler_stress import (MAX_MODEL_LEN, ShadowExecutor, check_cache, expected_tokens, next_token,
                                    random_request, step_output)
@@ -128,11 +129,18 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
     core.start()
     delivery = asyncio.ensure_future(stages.deliver())
 
-    async def consume(request_id: str, prompt: list[int], params: SamplingParams) -> list[list[int]]:
+    async def consume(request_id: str, prompt: list[int], params: SamplingParams) -> list[list[int]] | None:
+        """The request's tokens per choice, or None if it was lost to faults twice in a row (then
+        ended with a 500 rather than recomputed: its tokens might be what crashes the stage)."""
         tokens: list[list[int]] = [[] for _ in range(params.n)]
-        async for chunk in core.generate(prompt, params, request_id):
-            for delta in chunk.sequences:
-                tokens[delta.index].extend(delta.token_ids)
+        try:
+            async for chunk in core.generate(prompt, params, request_id):
+                for delta in chunk.sequences:
+                    tokens[delta.index].extend(delta.token_ids)
+        except APIError as exc:
+            if exc.code != "repeated_stage_failure":
+                raise
+            return None
         return tokens
 
     requests: dict[str, tuple[list[int], int]] = {}
@@ -155,8 +163,12 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
                 await asyncio.sleep(0)
         _, stuck = await asyncio.wait(list(streams.values()), timeout=60)
         assert not stuck, f"{len(stuck)} streams made no progress: {core.stats()}"
+        ended = [request_id for request_id, stream in streams.items()
+                 if request_id not in cancelled and stream.result() is None]
+        # Faults at these rates (one step in 100) rarely hit a request's recompute again.
+        assert len(ended) <= max(1, len(streams) // 20), (ended, stages.restarts)
         for request_id, stream in streams.items():
-            if request_id in cancelled:
+            if request_id in cancelled or request_id in ended:
                 continue
             prompt, max_tokens = requests[request_id]
             expected = expected_tokens(prompt, max_tokens, VOCAB)

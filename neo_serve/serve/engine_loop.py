@@ -26,8 +26,14 @@ unhealthy, so Serve replaces it. A fault that comes back whatever is recomputed 
 GPU cannot run) would restart the stages forever: after `MAX_RECOVERIES_WITHOUT_PROGRESS`
 recoveries with no micro-batch completing in between, the replica gives up the same way. One
 that comes back with a request (its tokens crash a stage) would take every other request's
-time with it: a request whose micro-batch is lost `MAX_STEP_FAULTS_PER_REQUEST` times ends with
-a 500, and the others go on.
+time with it: a request whose micro-batch is lost `MAX_STEP_FAULTS_IN_A_ROW` times in a row
+(recomputed into the same fault, with no micro-batch of it completing in between) ends with a
+500, as do the requests that shared those lost micro-batches with it, and the others go on.
+Unrelated faults (a node lost) rarely hit one request's recompute again. Which comes first:
+when every step faults, the requests in flight end with that 500 at the second fault (no step
+tells the two kinds of fault apart), and the next request's third and fourth faults give the
+replica up. A 500 rather than a 503 so that a client does not send a request that crashes
+stages again (to this replica or, past its replacement, to the next).
 """
 
 from __future__ import annotations
@@ -59,10 +65,10 @@ logger = logging.getLogger("ray.serve")
 
 _Item = RequestOutput | BaseException
 # Bounds on recovering from stage faults (see the module's docstring). For GPT-NeoX-20B one
-# recovery reloads ~41 GB (minutes), so a loop is costly; a single fault, or two unrelated ones
-# close together, are still recovered from.
+# recovery reloads ~41 GB (minutes), so a loop is costly. A single fault is always recovered
+# from.
 MAX_RECOVERIES_WITHOUT_PROGRESS = 3
-MAX_STEP_FAULTS_PER_REQUEST = 2
+MAX_STEP_FAULTS_IN_A_ROW = 2
 # Text prompts longer than this are encoded off the event loop; shorter ones take about a
 # millisecond at most (2 vCPUs), a stall not worth a hop to a thread and back.
 INLINE_TOKENIZE_CHARS = 1024
@@ -357,8 +363,9 @@ class PipelineCore:
             await asyncio.wait_for(restart(all_stages=all_stages), timeout=self.recovery_timeout_s)
         except Exception as exc:  # includes the deadline
             logger.error("neo-serve could not restart its stages: %r", exc)
-            self._fail_all(PipelineFailed(f"stage failure ({error!r}) and no recovery within "
-                                          f"{self.recovery_timeout_s} s ({exc!r})"))
+            # The client is told the errors' classes: their texts may hold a stage's remote traceback.
+            self._fail_all(PipelineFailed(f"stage failure ({error_name(error)}) and no recovery within "
+                                          f"{self.recovery_timeout_s} s ({error_name(exc)})"))
             return
         recomputed = self.engine.recompute_all()
         self.num_recoveries += 1
@@ -366,19 +373,21 @@ class PipelineCore:
 
     def _end_requests_lost_too_often(self, lost: PreparedStep, error: BaseException) -> None:
         """Count a lost micro-batch against each of its requests (ones still in the engine as
-        they were: an id may have been reused); end those lost `MAX_STEP_FAULTS_PER_REQUEST`
-        times with a 500 rather than recompute them into the same fault again."""
+        they were: an id may have been reused); end those lost `MAX_STEP_FAULTS_IN_A_ROW` times
+        in a row with a 500 rather than recompute them into the same fault again."""
         for request in {id(c.seq.request): c.seq.request for c in lost.batch.chunks}.values():
             if self.engine.requests.get(request.request_id) is not request:
                 continue
             request.metrics.num_step_faults += 1
-            if request.metrics.num_step_faults >= MAX_STEP_FAULTS_PER_REQUEST:
-                logger.error("neo-serve pipeline: request %s was in %d micro-batches lost to stage faults (last: "
-                             "%r); ending it", request.request_id, request.metrics.num_step_faults, error)
+            request.metrics.step_faults_in_a_row += 1
+            if request.metrics.step_faults_in_a_row >= MAX_STEP_FAULTS_IN_A_ROW:
+                logger.error("neo-serve pipeline: request %s was in %d micro-batches in a row lost to stage faults "
+                             "(last: %r); ending it", request.request_id, request.metrics.step_faults_in_a_row, error)
                 self._fail_requests({request.request_id}, APIError(
                     f"this request's computation was lost to a stage failure ({error_name(error)}) "
-                    f"{request.metrics.num_step_faults} times; it was ended so that it cannot bring the pipeline "
-                    "down again", status=500, type="server_error", code="repeated_stage_failure"))
+                    f"{request.metrics.step_faults_in_a_row} times in a row; it was ended rather than computed "
+                    "again, in case it is what makes the stage fail", status=500, type="server_error",
+                    code="repeated_stage_failure"))
 
     def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> _LostStage | None:
         """Apply a finished micro-batch. Says so when a stage died or its device faulted
@@ -401,6 +410,8 @@ class PipelineCore:
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
         self._recoveries_without_progress = 0
+        for chunk in prepared.batch.chunks:  # these requests progressed: a later fault starts a new count
+            chunk.seq.request.metrics.step_faults_in_a_row = 0
         for output in outputs:
             mailbox = self._streams.get(output.request_id)
             if mailbox is not None:
