@@ -222,12 +222,18 @@ def test_flash_attn_setups_that_cannot_run_are_caught_at_construction(neox_check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(ConfigError, match="Ampere or newer"):
         stage_setup(dtype="bfloat16", attention_backend="flash")
-    # A newer GPU that this flash-attn build refuses (its one-call check fails): the same.
+    # A newer GPU that this flash-attn build refuses (its one-call check fails). The engine reads
+    # the capability only, as an app's build on a GPU host must not make a CUDA context (the
+    # check allocates and runs a kernel); the stage's load makes the call, and refuses or falls back.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
-    monkeypatch.setattr(attention, "flash_kernels_run", lambda module, device: False)
+    checks: list = []
+    monkeypatch.setattr(attention, "flash_kernels_run", lambda module, device: checks.append(device) or False)
+    assert stage_setup(dtype="bfloat16", attention_backend="flash") == ("flash", 256)
+    assert stage_setup(dtype="bfloat16") == ("auto", 256)
+    assert checks == []
     with pytest.raises(ConfigError, match="one-call check"):
-        stage_setup(dtype="bfloat16", attention_backend="flash")
-    assert stage_setup(dtype="bfloat16") == ("sdpa", 16)
+        attention.make_backend("flash", "cuda")
+    assert attention.make_backend("auto", "cuda").name == "sdpa" and checks == ["cuda", "cuda"]
 
 
 @pytest.mark.parametrize("device, capability, chosen", [("cuda", (8, 0), "flash"), ("cuda", (7, 5), "sdpa"),

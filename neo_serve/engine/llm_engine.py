@@ -126,10 +126,13 @@ class LLMEngine:
                                       f"{kv_dtype} KV cache: set dtype to float16 or bfloat16 and kv_cache_dtype to "
                                       "auto (or the same), or attention_backend to sdpa")
                 backend = "sdpa"
+        # The capability only, not flash-attn's one-call check: this may be an app's build on a
+        # GPU host, which must not make a CUDA context; the stage's own load makes the call (a GPU
+        # whose flash-attn build refuses it then runs SDPA on these 256-slot blocks).
         if backend == "flash" and on_cuda and config.num_stages == 1:
-            require_flash_attn(device)  # one stage runs in this very process: refused now
+            require_flash_attn(device, run_check=False)  # one stage runs in this very process: refused now
         if (backend == "auto" and on_cuda and config.num_stages == 1 and torch.cuda.is_available()
-                and not flash_attn_available(device)):
+                and not flash_attn_available(device, run_check=False)):
             # One stage runs in this very process, on its GPU: no stage can take flash-attn here
             # (a T4 or V100, or flash-attn not installed), so nothing needs its 256-slot pages.
             # Where no GPU is visible (a CPU head node checking the config at build time) the

@@ -389,15 +389,19 @@ def flash_kernels_run(module, device: torch.device | str) -> bool:
         offsets = torch.tensor([0, 2], dtype=torch.int32, device=device)
         module.flash_attn_varlen_func(tokens, tokens, tokens, cu_seqlens_q=offsets, cu_seqlens_k=offsets,
                                       max_seqlen_q=2, max_seqlen_k=2, causal=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # a kernel's launch is asynchronous: its own failure shows here
     except Exception as exc:  # noqa: BLE001 - any refusal means: not on this device
         logger.warning("neo-serve: flash-attn does not run on %s (%r); attention_backend auto takes SDPA", device, exc)
         return False
     return True
 
 
-def flash_attn_available(device: torch.device | str | None = None) -> bool:
+def flash_attn_available(device: torch.device | str | None = None, *, run_check: bool = True) -> bool:
     """flash-attn is installed and runs on the CUDA device (default: the current one), checked
-    with one call (milliseconds, at engine and stage construction only)."""
+    with one call (milliseconds, where a stage loads). `run_check=False` reads the capability
+    only: a process that checks a config (an app's build on a GPU host) must not make a CUDA
+    context, hundreds of MB on a GPU that a replica may get."""
     if not torch.cuda.is_available():
         return False
     if tuple(torch.cuda.get_device_capability(device)) < FLASH_ATTN_MIN_CAPABILITY:
@@ -406,13 +410,13 @@ def flash_attn_available(device: torch.device | str | None = None) -> bool:
         module = importlib.import_module("flash_attn")
     except ImportError:
         return False
-    return flash_kernels_run(module, device if device is not None else "cuda")
+    return not run_check or flash_kernels_run(module, device if device is not None else "cuda")
 
 
-def require_flash_attn(device: torch.device | str) -> None:
+def require_flash_attn(device: torch.device | str, *, run_check: bool = True) -> None:
     """Refuse an explicit `flash` on a CUDA device that cannot run it; else flash-attn's own error
     comes at the first forward, and every request fails. (On a CPU only the tests' stand-in runs.)"""
-    if torch.device(device).type == "cuda" and not flash_attn_available(device):
+    if torch.device(device).type == "cuda" and not flash_attn_available(device, run_check=run_check):
         raise ConfigError(f"attention_backend flash cannot run on {device}: it needs the flash-attn package "
                           "(pip install -e '.[gpu]'), an Ampere or newer GPU (compute capability "
                           f"{FLASH_ATTN_MIN_CAPABILITY[0]}.{FLASH_ATTN_MIN_CAPABILITY[1]}) and a flash-attn build "
