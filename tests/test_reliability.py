@@ -231,6 +231,42 @@ def logs_containing(marker: str) -> list[str]:
     return [str(path) for path in log_files() if marker.encode() in path.read_bytes()]
 
 
+def serve_log_lines(kind: str, text: str) -> list[str]:
+    """Lines holding `text` in the Serve log files of replicas of `kind` (Router, Pipeline)."""
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return [line for path in logs.glob(f"replica_{APP}_{kind}*.log")
+            for line in path.read_text(errors="replace").splitlines() if text in line]
+
+
+def test_a_clients_mistake_is_one_line_in_the_replicas_logs(base_url, app):
+    """Serve logs what a replica's method raises at ERROR with a traceback: every prompt past the
+    context window flooded the pipeline's log. A client's 4xx is now one INFO line naming the
+    status, type and field (not the message, which may quote the request); the client still
+    gets its 400."""
+    from neo_serve.serve.protocol import APIError
+
+    marker = f"refused-{uuid.uuid4().hex}"
+    too_long = httpx.post(f"{base_url}/v1/completions", json={"prompt": "def " * 3000, "max_tokens": 1},
+                          headers={"x-request-id": marker}, timeout=60)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt"
+    # Serve's access line ("CALL generate ERROR") is written after the failure's own line.
+    wait_until(lambda: any("CALL generate" in line for line in serve_log_lines("Pipeline", marker)), timeout=30,
+               what="the refused request in the pipeline's log")
+    marked = serve_log_lines("Pipeline", marker)
+    assert any("INFO" in line and "Request refused: 400 invalid_request_error (prompt)" in line for line in marked), marked
+    assert not any("Request failed" in line for line in marked), marked
+
+    # Through a handle the router itself refuses a bad parameter.
+    refused_before = len(serve_log_lines("Router", "Request refused: 400 invalid_request_error (temperature)"))
+    failed_before = len(serve_log_lines("Router", "Request failed"))
+    with pytest.raises(APIError) as refused:
+        app.generate.remote(prompt="def f(", temperature=-1).result()
+    assert refused.value.status == 400
+    wait_until(lambda: len(serve_log_lines("Router", "Request refused: 400 invalid_request_error (temperature)"))
+               > refused_before, timeout=30, what="the handle's refusal in the router's log")
+    assert len(serve_log_lines("Router", "Request failed")) == failed_before
+
+
 def test_prompts_and_outputs_stay_out_of_the_logs_unless_enabled(base_url, app):
     """Prompts and generated text reach no log file (router, pipeline, stages, proxy, Ray) unless
     the router's `log_requests` is on; then the router logs both."""

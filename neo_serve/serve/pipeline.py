@@ -23,6 +23,7 @@ from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.serve.caller_watch import CallerWatch
 from neo_serve.serve.config import ModelArgs
 from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
+from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.metrics import PipelineMetrics
 from neo_serve.serve.outputs import GenerationChunk
 from neo_serve.serve.stages import LocalStepRunner, RayStageRunner, StepRunner, UnloadedExecutor
@@ -43,6 +44,7 @@ class PipelineServer:
 
     async def __init__(self, model: ModelArgs) -> None:  # Serve awaits async constructors
         self.model = model
+        log_client_errors_as_one_line()  # e.g. a prompt past the context window: a line, not a traceback
         engine = LLMEngine(model.engine_config(), executor=UnloadedExecutor())  # config, tokenizer, scheduler
         runner: StepRunner
         if model.num_stages == 1:

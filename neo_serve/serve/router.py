@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
+from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList, error_name
 from neo_serve.ui import bridge
 
@@ -149,6 +150,7 @@ class Router:
     def __init__(self, pipelines: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
                  settings: RouterArgs, playground: DeploymentHandle | None = None,
                  limits: dict[str, RouteLimits] | None = None) -> None:
+        log_client_errors_as_one_line()  # a handle caller's bad parameter: a line, not a traceback
         self.service = CompletionService(pipelines, limits, log_requests=settings.log_requests,
                                          caller=ray.get_runtime_context().current_actor)
         self.cards = [ModelCard(**card) for card in cards]
