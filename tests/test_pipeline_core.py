@@ -497,8 +497,8 @@ def test_an_echoed_prompt_is_the_text_its_logprob_offsets_count(neox_checkpoint,
 
 class FaultingRunner:
     """The in-process runner whose step number `fault_at` fails with `error` before it runs, as a
-    stage's fault reaches the replica (or each step for which `faults(call_number, requests)`
-    says so, given the ids of the step's requests). With `restartable`, it offers
+    stage's fault reaches the replica (or each step for which `faults(call_number, prepared)`
+    says so, given the core's prepared micro-batch). With `restartable`, it offers
     `restart_stages` (as the stage actors' runner does) and records what each restart was asked
     to replace. `depth`: micro-batches the core keeps in flight (they run one after another)."""
 
@@ -506,7 +506,7 @@ class FaultingRunner:
                  faults=None, depth: int | None = None) -> None:
         self.inner, self.depth = inner, depth or inner.depth
         self.fault_at, self.error, self.calls = fault_at, error, 0
-        self.faults = faults or (lambda call, requests: call == self.fault_at)
+        self.faults = faults or (lambda call, prepared: call == self.fault_at)
         self.restarts: list[bool] = []
         if restartable:
             self.restart_stages = self._restart_stages
@@ -514,7 +514,7 @@ class FaultingRunner:
     def submit(self, step, finish):
         self.calls += 1
         prepared = finish.args[0]  # the core's finish is `functools.partial(engine.sample_step, prepared)`
-        if self.faults(self.calls, {chunk.seq.request.request_id for chunk in prepared.batch.chunks}):
+        if self.faults(self.calls, prepared):
             future = asyncio.get_running_loop().create_future()
             future.set_exception(self.error)
             return future
@@ -531,9 +531,14 @@ async def start_faulting_core(checkpoint, error: BaseException, restartable: boo
     return core
 
 
-def run_with_faults(checkpoint, faults, request_ids, *, depth=None, after=None, timeout_s=120.0):
-    """Stream PROMPTS (one per id) through a core whose restartable runner fails each step that
-    `faults(call, requests)` picks with a CUDA fault; then, if given, one more request `after`.
+def request_ids(prepared) -> set[str]:
+    return {chunk.seq.request.request_id for chunk in prepared.batch.chunks}
+
+
+def run_with_faults(checkpoint, faults, request_ids, *, depth=None, after=None, timeout_s=120.0, prompts=PROMPTS,
+                    engine_options=None):
+    """Stream `prompts` (one per id) through a core whose restartable runner fails each step that
+    `faults(call, prepared)` picks with a CUDA fault; then, if given, one more request `after`.
     Each request's token ids or its exception, the runner and the core (bounded: a recovery loop
     fails the test instead of hanging it)."""
     fault = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
@@ -545,10 +550,10 @@ def run_with_faults(checkpoint, faults, request_ids, *, depth=None, after=None, 
             return exc
 
     async def main():
-        core = await start_core(checkpoint, stream_interval_s=0.0)
+        core = await start_core(checkpoint, engine_options, stream_interval_s=0.0)
         core.runner = FaultingRunner(core.runner, 0, fault, restartable=True, faults=faults, depth=depth)
         try:
-            results = await asyncio.gather(*(tokens_or_error(core, p, i) for p, i in zip(PROMPTS, request_ids)))
+            results = await asyncio.gather(*(tokens_or_error(core, p, i) for p, i in zip(prompts, request_ids)))
             if after is not None:
                 results.append(await tokens_or_error(core, PROMPTS[0], after))
             return results, core
@@ -565,7 +570,7 @@ def test_a_fault_that_comes_back_with_every_recompute_gives_up_the_replica(neox_
     from neo_serve.serve.engine_loop import PipelineFailed
     from neo_serve.serve.protocol import APIError
 
-    results, core = run_with_faults(neox_checkpoint, lambda call, requests: call >= 3,
+    results, core = run_with_faults(neox_checkpoint, lambda call, prepared: call >= 3,
                                     [f"r{i}" for i in range(len(PROMPTS))], after="after")
     # The requests in flight were in both lost micro-batches: each ends at the second fault, as
     # a request that faults its stage would (no step tells the two apart).
@@ -582,8 +587,8 @@ def test_a_request_that_faults_its_stage_again_ends_alone_and_the_others_complet
     from neo_serve.serve.protocol import APIError
 
     ids = ["r0", "r1", "poison", "r3"]
-    results, core = run_with_faults(neox_checkpoint, lambda call, requests: "poison" in requests, ids, depth=2,
-                                    after="after")
+    results, core = run_with_faults(neox_checkpoint, lambda call, prepared: "poison" in request_ids(prepared), ids,
+                                    depth=2, after="after")
     poisoned = results[ids.index("poison")]
     assert isinstance(poisoned, APIError) and poisoned.status == 500 and poisoned.code == "repeated_stage_failure"
     completed = [i for i, r in enumerate(results[:-1]) if isinstance(r, list)]
@@ -591,6 +596,22 @@ def test_a_request_that_faults_its_stage_again_ends_alone_and_the_others_complet
     for i, result in enumerate(results[:-1]):
         assert result == offline_tokens[i] if i in completed else isinstance(result, APIError), (i, result)
     assert results[-1] == offline_tokens[0] and core.failure is None
+    assert len(core.runner.restarts) == 2
+
+
+def test_a_request_that_faults_past_its_first_prefill_chunk_ends_too(neox_checkpoint):
+    # Recomputed after a fault, such a request's first chunk completes before the faulting one
+    # runs again: that must not count as getting past the fault, or it is recomputed forever.
+    from neo_serve.serve.protocol import APIError
+
+    def faults(call, prepared):  # the poison's tokens from 24 on crash the stage
+        return any(c.seq.request.request_id == "poison" and c.end > 24 for c in prepared.batch.chunks)
+
+    long_prompt = "def poisoned(x):\n" + "    x = x + 1\n" * 12  # well over 24 tokens: chunks of 16
+    results, core = run_with_faults(neox_checkpoint, faults, ["r0", "poison"], prompts=[PROMPTS[0], long_prompt],
+                                    depth=2, after="after", engine_options={"max_num_batched_tokens": 16})
+    assert isinstance(results[1], APIError) and results[1].code == "repeated_stage_failure", results[1]
+    assert isinstance(results[0], list) and isinstance(results[2], list) and core.failure is None, results
     assert len(core.runner.restarts) == 2
 
 

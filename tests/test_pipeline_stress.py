@@ -9,7 +9,8 @@ with token 0 (never a real answer) if the stages disagree. Results come back fir
 out after random delays, and the engine samples when they arrive, as with Ray. Stages die
 (failing the in-flight steps past them) or hang (tripping `step_timeout_s`) at random, and are
 restarted. Every request must get exactly the tokens its prompt alone determines (or, a few,
-lost to faults twice in a row, end with a 500), and every KV block must be free at the end.
+lost to faults twice in a row on the same tokens, end with a 500), and every KV block must be
+free at the end.
 """
 
 from __future__ import annotations

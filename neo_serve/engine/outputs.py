@@ -31,7 +31,6 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_step_faults: int = 0  # this request's micro-batches lost to a stage fault (then recomputed)
-    step_faults_in_a_row: int = 0  # of those, the ones since its last micro-batch that completed
 
 
 @dataclass

@@ -26,9 +26,10 @@ unhealthy, so Serve replaces it. A fault that comes back whatever is recomputed 
 GPU cannot run) would restart the stages forever: after `MAX_RECOVERIES_WITHOUT_PROGRESS`
 recoveries with no micro-batch completing in between, the replica gives up the same way. One
 that comes back with a request (its tokens crash a stage) would take every other request's
-time with it: a request whose micro-batch is lost `MAX_STEP_FAULTS_IN_A_ROW` times in a row
-(recomputed into the same fault, with no micro-batch of it completing in between) ends with a
-500, as do the requests that shared those lost micro-batches with it, and the others go on.
+time with it: a request one of whose sequences is lost `MAX_STEP_FAULTS_IN_A_ROW` times in a
+row on the same tokens (recomputed into the same fault: each lost step held tokens of the one
+before, and none got past them) ends with a 500, as do the requests that shared those lost
+micro-batches with it, and the others go on.
 Unrelated faults (a node lost) rarely hit one request's recompute again. Which comes first:
 when every step faults, the requests in flight end with that 500 at the second fault (no step
 tells the two kinds of fault apart), and the next request's third and fourth faults give the
@@ -43,6 +44,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -53,7 +55,7 @@ import ray
 from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
-from neo_serve.engine.sequence import Sequence
+from neo_serve.engine.sequence import Request, Sequence
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
@@ -123,6 +125,9 @@ class PipelineCore:
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self.num_recoveries = 0
         self._recoveries_without_progress = 0  # since a micro-batch last completed
+        # Sequences whose last micro-batch was lost, until a step gets them past its tokens (weak:
+        # a finished request's sequences drop out with it).
+        self._fault_marks: weakref.WeakKeyDictionary[Sequence, _FaultMark] = weakref.WeakKeyDictionary()
         self.decode_token = TokenDecoder(engine.tokenizer)
         self.num_steps = 0
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
@@ -372,22 +377,32 @@ class PipelineCore:
         logger.warning("neo-serve pipeline recovered; recomputing %d sequence(s)", recomputed)
 
     def _end_requests_lost_too_often(self, lost: PreparedStep, error: BaseException) -> None:
-        """Count a lost micro-batch against each of its requests (ones still in the engine as
-        they were: an id may have been reused); end those lost `MAX_STEP_FAULTS_IN_A_ROW` times
-        in a row with a 500 rather than recompute them into the same fault again."""
+        """Count a lost micro-batch against each of its sequences (of requests still in the
+        engine as they were: an id may have been reused), remembering how far it would have
+        brought them; end the requests with a sequence lost `MAX_STEP_FAULTS_IN_A_ROW` times in a
+        row with a 500 rather than recompute them into the same fault again."""
+        ending: dict[int, tuple[Request, int]] = {}
         for request in {id(c.seq.request): c.seq.request for c in lost.batch.chunks}.values():
+            if self.engine.requests.get(request.request_id) is request:
+                request.metrics.num_step_faults += 1
+        for chunk in lost.batch.chunks:
+            request = chunk.seq.request
             if self.engine.requests.get(request.request_id) is not request:
                 continue
-            request.metrics.num_step_faults += 1
-            request.metrics.step_faults_in_a_row += 1
-            if request.metrics.step_faults_in_a_row >= MAX_STEP_FAULTS_IN_A_ROW:
-                logger.error("neo-serve pipeline: request %s was in %d micro-batches in a row lost to stage faults "
-                             "(last: %r); ending it", request.request_id, request.metrics.step_faults_in_a_row, error)
-                self._fail_requests({request.request_id}, APIError(
-                    f"this request's computation was lost to a stage failure ({error_name(error)}) "
-                    f"{request.metrics.step_faults_in_a_row} times in a row; it was ended rather than computed "
-                    "again, in case it is what makes the stage fail", status=500, type="server_error",
-                    code="repeated_stage_failure"))
+            mark = self._fault_marks.get(chunk.seq)
+            # In a row only on the same tokens: a random fault while the sequence is recomputed
+            # elsewhere (a long prompt takes many steps) starts a new count.
+            count = mark.count + 1 if mark is not None and chunk.start < mark.end and mark.start < chunk.end else 1
+            self._fault_marks[chunk.seq] = _FaultMark(count, chunk.start, chunk.end)
+            if count >= MAX_STEP_FAULTS_IN_A_ROW:
+                ending[id(request)] = (request, count)
+        for request, count in ending.values():
+            logger.error("neo-serve pipeline: request %s was lost to stage faults %d times in a row (last: %r); "
+                         "ending it", request.request_id, count, error)
+            self._fail_requests({request.request_id}, APIError(
+                f"this request's computation was lost to a stage failure ({error_name(error)}) {count} times in a "
+                "row; it was ended rather than computed again, in case it is what makes the stage fail",
+                status=500, type="server_error", code="repeated_stage_failure"))
 
     def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> _LostStage | None:
         """Apply a finished micro-batch. Says so when a stage died or its device faulted
@@ -410,8 +425,10 @@ class PipelineCore:
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
         self._recoveries_without_progress = 0
-        for chunk in prepared.batch.chunks:  # these requests progressed: a later fault starts a new count
-            chunk.seq.request.metrics.step_faults_in_a_row = 0
+        for chunk in prepared.batch.chunks:
+            mark = self._fault_marks.get(chunk.seq)
+            if mark is not None and chunk.end >= mark.end:  # past the lost tokens: a later fault counts anew
+                del self._fault_marks[chunk.seq]
         for output in outputs:
             mailbox = self._streams.get(output.request_id)
             if mailbox is not None:
@@ -445,6 +462,16 @@ class PipelineCore:
         self._inflight.clear()
         self._submitted.clear()
         self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))
+
+
+@dataclass(frozen=True)
+class _FaultMark:
+    """A sequence's micro-batches lost in a row on the same tokens, and the positions [start,
+    end) the last one held: only a step that gets it to `end` shows the fault was not its own."""
+
+    count: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
