@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -314,3 +315,37 @@ def test_prompts_and_outputs_stay_out_of_the_logs_unless_enabled(base_url, app):
         assert logs_containing(logged_output)
     finally:
         serve.delete("logged")
+
+
+def test_only_serves_request_failures_of_client_mistakes_become_one_line():
+    """The log filter alone: which records it rewrites, and what the line may name."""
+    import logging
+
+    from neo_serve.errors import InvalidRequestError
+    from neo_serve.serve.error_logs import ClientErrorsAsOneLine
+    from neo_serve.serve.protocol import APIError
+
+    def logged(error: BaseException, msg: str = "Request failed.") -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, msg, None, sys.exc_info())
+        assert ClientErrorsAsOneLine().filter(record)
+        return record
+
+    refused = logged(InvalidRequestError("prompt has 3001 tokens; the context window is 512", field="prompt"))
+    assert refused.levelno == logging.INFO and refused.exc_info is None
+    assert refused.getMessage() == "Request refused: 400 invalid_request_error (prompt)"
+    nested = logged(APIError("bad", param="stream_options.include_usage"))
+    assert nested.getMessage() == "Request refused: 400 invalid_request_error (stream_options.include_usage)"
+    # An unknown field's name is whatever the client sent: not written (a newline would forge a line).
+    forged = logged(APIError("unknown field", param="x\nERROR forged line"))
+    assert forged.getMessage() == "Request refused: 400 invalid_request_error (unknown field)"
+    # Server errors, a full queue, a missed deadline and neo-serve's own records keep their tracebacks.
+    for error, msg in ((APIError("pipeline failed", status=503, type="service_unavailable_error"), "Request failed."),
+                       (APIError("busy", status=429, type="rate_limit_error", code="server_busy"), "Request failed."),
+                       (APIError("late", status=408, type="timeout_error", code="request_timeout"), "Request failed."),
+                       (RuntimeError("a bug"), "Request failed."),
+                       (InvalidRequestError("raised by a bug in the loop"), "neo-serve pipeline loop crashed")):
+        kept = logged(error, msg)
+        assert kept.levelno == logging.ERROR and kept.exc_info is not None and kept.getMessage() == msg, error

@@ -4,9 +4,10 @@ Ray Serve logs every exception a replica's method raises as "Request failed." at
 traceback. A prompt longer than the context window (refused in the pipeline replica) or a handle
 caller's bad parameter (refused in the router) is the client's mistake, answered with a 4xx: as
 an ERROR with thirty lines of traceback it floods the logs and trips alerts on error lines. The
-filter below turns those records into one INFO line naming the status, error type and field;
-never the message, which may quote what the client sent (prompts stay out of the logs). Server
-errors keep their tracebacks.
+filter below turns those records into one INFO line naming the status, error type and field (a
+field the API knows; never the message, which may quote what the client sent: prompts stay out
+of the logs). Server errors keep their tracebacks, and so do a full queue (429) and a missed
+deadline (408), which say something about the server too.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from __future__ import annotations
 import logging
 
 from neo_serve.errors import InvalidRequestError
-from neo_serve.serve.protocol import APIError
+from neo_serve.serve.protocol import APIError, CompletionRequest
 
 SERVE_LOGGER = "ray.serve"  # the logger Serve's replicas log requests on
+SERVE_FAILURE_MESSAGE = "Request failed."  # what Serve logs a method's exception with
+NOT_THE_CLIENTS_MISTAKE = frozenset({408, 429})  # a missed deadline, a full queue
+
+
+def _known_field(name: str | None) -> str | None:
+    """`name` if it is a field of the API ("stop", "stop[2]", "stream_options.include_usage"),
+    else a placeholder: an unknown field's name is whatever the client sent."""
+    if not name:
+        return None
+    root = name.split(".", 1)[0].split("[", 1)[0]
+    return name if root in CompletionRequest.model_fields and len(name) <= 64 and name.isprintable() else "unknown field"
 
 
 def describe_client_error(error: BaseException) -> str | None:
@@ -25,22 +37,30 @@ def describe_client_error(error: BaseException) -> str | None:
     cause = getattr(error, "cause", None)
     error = cause if isinstance(cause, BaseException) else error
     if isinstance(error, InvalidRequestError):
-        return f"400 invalid_request_error ({error.field})" if error.field else "400 invalid_request_error"
-    if isinstance(error, APIError) and error.status < 500:
-        described = f"{error.status} {error.type}"
-        described += f" ({error.param})" if error.param else ""
-        return described + (f" [{error.code}]" if error.code else "")
-    return None
+        status, kind, field, code = 400, "invalid_request_error", error.field, None
+    elif isinstance(error, APIError) and error.status < 500 and error.status not in NOT_THE_CLIENTS_MISTAKE:
+        status, kind, field, code = error.status, error.type, error.param, error.code
+    else:
+        return None
+    field = _known_field(field)
+    return f"{status} {kind}" + (f" ({field})" if field else "") + (f" [{code}]" if code else "")
 
 
 class ClientErrorsAsOneLine(logging.Filter):
+    """Rewrites Serve's "Request failed." records whose exception is a client's mistake; passes
+    every record, and any other untouched (neo-serve's own logs on this logger included)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        described = describe_client_error(error) if error is not None else None
-        if described is not None:
-            record.msg, record.args = "Request refused: %s", (described,)
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        try:
+            if record.msg != SERVE_FAILURE_MESSAGE or not isinstance(record.exc_info, tuple):
+                return True
+            described = describe_client_error(record.exc_info[1]) if record.exc_info[1] is not None else None
+            if described is not None:
+                record.msg, record.args = "Request refused: %s", (described,)
+                record.exc_info, record.exc_text = None, None
+                record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        except Exception:  # noqa: BLE001 - a logging filter must never fail the request it logs
+            pass
         return True
 
 
