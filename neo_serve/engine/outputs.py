@@ -30,7 +30,6 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
-    num_step_faults: int = 0  # this request's micro-batches lost to a stage fault (then recomputed)
 
 
 @dataclass

@@ -29,11 +29,10 @@ that comes back with a request (its tokens crash a stage) would take every other
 time with it: a request one of whose sequences is lost `MAX_STEP_FAULTS_IN_A_ROW` times in a
 row on the same tokens (recomputed into the same fault: each lost step held tokens of the one
 before, and none got past them) ends with a 500, as do the requests that shared those lost
-micro-batches with it, and the others go on.
-Unrelated faults (a node lost) rarely hit one request's recompute again. Which comes first:
-when every step faults, the requests in flight end with that 500 at the second fault (no step
-tells the two kinds of fault apart), and the next request's third and fourth faults give the
-replica up. A 500 rather than a 503 so that a client does not send a request that crashes
+micro-batches with it, and the others go on. Unrelated faults (a node lost) rarely hit the same
+tokens twice. Which comes first: when every step faults, the requests in flight end with that
+500 at the second fault (no step tells the two kinds of fault apart), and the next request's
+third and fourth faults give the replica up. A 500 rather than a 503 so that a client does not send a request that crashes
 stages again (to this replica or, past its replacement, to the next).
 """
 
@@ -55,7 +54,7 @@ import ray
 from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
-from neo_serve.engine.sequence import Request, Sequence
+from neo_serve.engine.sequence import Sequence
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
@@ -378,13 +377,10 @@ class PipelineCore:
 
     def _end_requests_lost_too_often(self, lost: PreparedStep, error: BaseException) -> None:
         """Count a lost micro-batch against each of its sequences (of requests still in the
-        engine as they were: an id may have been reused), remembering how far it would have
-        brought them; end the requests with a sequence lost `MAX_STEP_FAULTS_IN_A_ROW` times in a
-        row with a 500 rather than recompute them into the same fault again."""
-        ending: dict[int, tuple[Request, int]] = {}
-        for request in {id(c.seq.request): c.seq.request for c in lost.batch.chunks}.values():
-            if self.engine.requests.get(request.request_id) is request:
-                request.metrics.num_step_faults += 1
+        engine as they were: an id may have been reused), remembering the tokens it held; end the
+        requests with a sequence lost `MAX_STEP_FAULTS_IN_A_ROW` times in a row with a 500 rather
+        than recompute them into the same fault again."""
+        ending: dict[str, int] = {}  # request id -> its sequence's count
         for chunk in lost.batch.chunks:
             request = chunk.seq.request
             if self.engine.requests.get(request.request_id) is not request:
@@ -395,11 +391,11 @@ class PipelineCore:
             count = mark.count + 1 if mark is not None and chunk.start < mark.end and mark.start < chunk.end else 1
             self._fault_marks[chunk.seq] = _FaultMark(count, chunk.start, chunk.end)
             if count >= MAX_STEP_FAULTS_IN_A_ROW:
-                ending[id(request)] = (request, count)
-        for request, count in ending.values():
+                ending[request.request_id] = count
+        for request_id, count in ending.items():
             logger.error("neo-serve pipeline: request %s was lost to stage faults %d times in a row (last: %r); "
-                         "ending it", request.request_id, count, error)
-            self._fail_requests({request.request_id}, APIError(
+                         "ending it", request_id, count, error)
+            self._fail_requests({request_id}, APIError(
                 f"this request's computation was lost to a stage failure ({error_name(error)}) {count} times in a "
                 "row; it was ended rather than computed again, in case it is what makes the stage fail",
                 status=500, type="server_error", code="repeated_stage_failure"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from neo_serve.errors import InvalidRequestError
-from neo_serve.serve.protocol import APIError, CompletionRequest
+from neo_serve.serve.completions import as_api_error
+from neo_serve.serve.protocol import CompletionRequest
 
 SERVE_LOGGER = "ray.serve"  # the logger Serve's replicas log requests on
 SERVE_FAILURE_MESSAGE = "Request failed."  # what Serve logs a method's exception with
@@ -32,18 +32,15 @@ def _known_field(name: str | None) -> str | None:
 
 
 def describe_client_error(error: BaseException) -> str | None:
-    """'400 invalid_request_error (field)' for a client's mistake, None for anything else; a Ray
-    task error is described by the error it wraps."""
-    cause = getattr(error, "cause", None)
-    error = cause if isinstance(cause, BaseException) else error
-    if isinstance(error, InvalidRequestError):
-        status, kind, field, code = 400, "invalid_request_error", error.field, None
-    elif isinstance(error, APIError) and error.status < 500 and error.status not in NOT_THE_CLIENTS_MISTAKE:
-        status, kind, field, code = error.status, error.type, error.param, error.code
-    else:
+    """'400 invalid_request_error (field)' for a client's mistake, None for anything else: the
+    answer the client gets (`as_api_error`, which also reads a Ray task error's cause), when it
+    is a 4xx that is the client's alone."""
+    answer = as_api_error(error)
+    if answer is None or answer.status >= 500 or answer.status in NOT_THE_CLIENTS_MISTAKE:
         return None
-    field = _known_field(field)
-    return f"{status} {kind}" + (f" ({field})" if field else "") + (f" [{code}]" if code else "")
+    field = _known_field(answer.param)
+    return (f"{answer.status} {answer.type}" + (f" ({field})" if field else "")
+            + (f" [{answer.code}]" if answer.code else ""))
 
 
 class ClientErrorsAsOneLine(logging.Filter):
