@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from neo_serve import LLM, SamplingParams
-from neo_serve.engine.sampler import SamplingRow, apply_penalties, apply_top_k, apply_top_p, sample
+from neo_serve.engine.sampler import (SamplingRow, apply_penalties, apply_top_k, apply_top_p, draw, sample,
+                                      top_p_keep)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -75,6 +76,55 @@ def test_top_p_of_one_keeps_every_token_beside_rows_that_cut():
     kept = apply_top_p(logits.clone(), top_p)
     assert not torch.isinf(kept[1::2]).any()
     assert torch.isinf(kept[0::2]).all(dim=1).logical_not().all() and torch.isinf(kept[0::2]).any(dim=1).all()
+
+
+def top_p_by_sorting(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The rule top_p_keep follows, the slow way: sort, keep the most likely tokens until their
+    mass (summed in float64) reaches top_p, and every token as likely as the last one kept."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    mass_before = ordered.double().cumsum(dim=-1) - ordered.double()
+    keep_sorted = mass_before < top_p.double().unsqueeze(1)
+    keep_sorted[:, 0] = True
+    kept = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    least_kept = torch.where(kept, probs, torch.full_like(probs, 2.0)).min(dim=1, keepdim=True).values
+    return probs >= least_kept
+
+
+@pytest.mark.parametrize("vocab", [3, 100, 4096, 50432])
+def test_top_p_keeps_what_sorting_the_vocabulary_keeps(vocab):
+    # The radix select over probability bits against a sort, on flat, peaked, masked (top-k's
+    # -inf) and tied (rounded logits) rows, with top_p from tiny to nearly 1.
+    generator = torch.Generator().manual_seed(vocab)
+    for scale in (0.05, 1.0, 4.0, 12.0):
+        for shape in ("plain", "masked", "tied"):
+            logits = torch.randn(16, vocab, generator=generator) * scale
+            if shape == "masked":
+                logits[:, 1::3] = float("-inf")
+            if shape == "tied":
+                logits = logits.round()
+            top_p = torch.rand(16, generator=generator).clamp(min=1e-6)
+            top_p[:3] = torch.tensor([1e-6, 0.5, 0.999999])
+            probs = logits.softmax(dim=-1)
+            kept = top_p_keep(probs, top_p)
+            assert torch.equal(kept, top_p_by_sorting(probs, top_p)), (scale, shape)
+            assert kept.any(dim=1).all()
+
+
+def test_top_p_keeps_every_token_as_likely_as_the_last_one_kept():
+    # probabilities [0.576, 0.212, 0.212, 0.078]: 0.7 is reached by the first two tokens, and the
+    # third is as likely as the second, so it stays too (a sort keeps whichever of the two it put first).
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 2.0, 0.0, 1.0]])
+    kept = apply_top_p(logits, torch.tensor([0.7, 0.7]))
+    assert torch.isinf(kept).tolist() == [[False, False, False, True], [False, False, True, False]]
+
+
+def test_a_draw_lands_on_tokens_of_nonzero_probability_at_either_end():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0],
+                          [0.0, 0.5, 0.5, 0.0],
+                          [0.25, 0.0, 0.75, 0.0],
+                          [0.0, 2.0, 0.0, 6.0]])  # unnormalised: the draw scales by the row's total
+    uniforms = torch.tensor([0.0, 1.0 - 2.0**-53, 0.25, 0.5], dtype=torch.float64)  # 1 - 2**-53: the largest below 1
+    assert draw(probs, uniforms).tolist() == [1, 2, 2, 3]
 
 
 def test_penalties_follow_their_definitions():
