@@ -1,12 +1,29 @@
 """`neo-serve bench`'s report: each row says how much CPU the hypervisor took meanwhile.
 
 The engine bench itself runs for minutes (it is a benchmark, not a test); its measurements
-(exact tokens, throughput) are what test_engine checks. Here: the table it prints.
+(exact tokens, throughput) are what test_engine checks. Here: the table it prints, and its
+sampled workload (`--temperature`, `--top-p`) run in both systems on a tiny checkpoint.
 """
 
 from __future__ import annotations
 
-from neo_serve.bench.engine_bench import format_table, with_steal
+import argparse
+
+from neo_serve.bench.engine_bench import (Sampling, Workload, add_bench_arguments, format_table, run_neo_serve,
+                                          run_transformers, with_steal)
+
+
+def test_a_sampled_workload_runs_in_both_systems(neox_checkpoint):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--temperature", "0.8", "--top-p", "0.95"])
+    sampling = Sampling(args.temperature, args.top_p)
+    assert sampling.transformers_kwargs() == {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+    assert Sampling().transformers_kwargs() == {"do_sample": False}  # the default stays greedy
+    workload = Workload([[5, 6, 7, 8], [9, 10]], [6, 4])
+    ours = run_neo_serve(neox_checkpoint, "float32", workload, max_num_batched_tokens=64, sampling=sampling)
+    theirs = run_transformers(neox_checkpoint, "float32", workload, batch_size=2, sampling=sampling)
+    assert ours["generated"] == theirs["generated"] == 10
 
 
 def test_each_run_records_cpu_steal():

@@ -6,6 +6,8 @@ Workloads (on a random checkpoint shaped like Pythia-160M):
 - batch: 64 requests, prompts 32-256 tokens, 64-128 new tokens (fixed seed), all submitted at
   once -> generated tokens/s, vs transformers `generate` in left-padded static batches of 8 (what
   a Ray Serve user wrapping `generate` in `@serve.batch(max_batch_size=8)` gets).
+Every request greedy, or with `--temperature T [--top-p P]` sampled the same way in both systems
+(transformers: `do_sample=True`, its top-k off).
 Limits: weight bytes per decode step over the measured memory bandwidth (single), and the
 workload's FLOPs over the measured matmul rate (batch).
 
@@ -15,6 +17,7 @@ transformers is needed here (it is the baseline) but never by the engine itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -31,6 +34,19 @@ from neo_serve.models.stages import head_param_count, layer_param_count
 
 REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every request of a run samples: greedy (temperature 0) unless asked otherwise."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def transformers_kwargs(self) -> dict:
+        if self.temperature == 0.0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
 
 @dataclass
@@ -125,15 +141,17 @@ def flops_per_token(config, *, with_head: bool) -> int:
 
 # ---- runs -------------------------------------------------------------------------------------
 def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched_tokens: int,
-                  kv_cache_dtype: str = "auto") -> dict:
+                  kv_cache_dtype: str = "auto", sampling: Sampling | None = None) -> dict:
     from neo_serve import LLM, SamplingParams
 
+    sampling = sampling or Sampling()
     llm = LLM(str(path), dtype=dtype, max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
               kv_cache_tokens=max(32768, 2 * sum(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))))
     llm.generate([workload.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     engine = llm.engine
     for prompt, max_tokens in zip(workload.prompts, workload.max_tokens):
-        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
+                                                  top_p=sampling.top_p, ignore_eos=True))
     first_token_at: list[float] = []
     start = time.perf_counter()
     generated = 0
@@ -154,9 +172,11 @@ def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched
     return result
 
 
-def run_transformers(path: Path, dtype: str, workload: Workload, *, batch_size: int) -> dict:
+def run_transformers(path: Path, dtype: str, workload: Workload, *, batch_size: int,
+                     sampling: Sampling | None = None) -> dict:
     from transformers import GPTNeoXForCausalLM
 
+    sampling = sampling or Sampling()
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     model.generation_config.eos_token_id = None  # generate exactly the requested tokens
     model.generation_config.pad_token_id = 0
@@ -167,7 +187,7 @@ def run_transformers(path: Path, dtype: str, workload: Workload, *, batch_size: 
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+                           min_new_tokens=new_tokens, use_cache=True, **sampling.transformers_kwargs())
 
     generate([workload.prompts[0][:16]], 4)  # warm-up
     if len(workload.prompts) == 1:
@@ -200,6 +220,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="neo-serve's KV cache dtype (auto on CPU: float32, or the model's half-precision "
                              "dtype where a probe at load finds its attention kernels clearly faster)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every request's temperature (0: greedy, the default), for both systems")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every request's top_p, for both systems")
     parser.add_argument("--skip-transformers", action="store_true", help="measure neo-serve only")
     parser.add_argument("--json", default=None, help="also write the results here")
 
@@ -215,7 +238,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     machine = {"cpu": _cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {machine}")
-    results = {"machine": machine, "runs": []}
+    sampling = Sampling(args.temperature, args.top_p)
+    results = {"machine": machine, "sampling": dataclasses.asdict(sampling), "runs": []}
     for dtype in args.dtypes.split(","):
         element = torch.empty((), dtype=DTYPES[dtype]).element_size()
         rate = measure_matmul_rate(DTYPES[dtype])
@@ -225,14 +249,18 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         batch_limit = batch.generated / (batch_flops / rate)
         row = {"dtype": dtype, "kv_cache_dtype": args.kv_cache_dtype, "matmul_GFLOPs": rate / 1e9,
                "single_limit": single_limit, "batch_limit": batch_limit}
-        engine = {"max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype}
+        engine = {"max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_dtype": args.kv_cache_dtype,
+                  "sampling": sampling}
         row["ours_single"] = with_steal(lambda: run_neo_serve(path, dtype, single, **engine))
         row["ours_batch"] = with_steal(lambda: run_neo_serve(path, dtype, batch, **engine))
         if not args.skip_transformers:
-            row["hf_single"] = with_steal(lambda: run_transformers(path, dtype, single, batch_size=1))
-            row["hf_batch"] = with_steal(lambda: run_transformers(path, dtype, batch, batch_size=args.hf_batch_size))
+            row["hf_single"] = with_steal(lambda: run_transformers(path, dtype, single, batch_size=1,
+                                                                   sampling=sampling))
+            row["hf_batch"] = with_steal(lambda: run_transformers(path, dtype, batch, batch_size=args.hf_batch_size,
+                                                                  sampling=sampling))
         results["runs"].append(row)
         print(json.dumps(row, indent=1))
+    print(f"sampling: {'greedy' if sampling.temperature == 0 else dataclasses.asdict(sampling)}")
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
