@@ -25,10 +25,12 @@ def text_and_ids(llm, prompt, **params):
     return out.text, out.token_ids
 
 
-def test_seed_reproduces_alone_and_inside_a_batch(llm):
-    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+@pytest.mark.parametrize("top_k", [0, 40])
+def test_seed_reproduces_alone_and_inside_a_batch(llm, top_k):
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, top_k=top_k, seed=1234, ignore_eos=True)
     alone = llm.generate([PROMPT], seeded)[0].outputs[0].token_ids
-    noise = [SamplingParams(max_tokens=30, temperature=1.3, ignore_eos=True)] * 3
+    # Beside rows with no top-k, the same top-k and another one (the sampler groups rows by top_k).
+    noise = [SamplingParams(max_tokens=30, temperature=1.3, top_k=k, ignore_eos=True) for k in (0, 40, 7)]
     batch = llm.generate(["other prompt", PROMPT, "import os\n", "x = 1"], [noise[0], seeded, noise[1], noise[2]])
     assert batch[1].outputs[0].token_ids == alone
     other_seed = dataclasses.replace(seeded, seed=99)
@@ -125,6 +127,32 @@ def test_a_draw_lands_on_tokens_of_nonzero_probability_at_either_end():
                           [0.0, 2.0, 0.0, 6.0]])  # unnormalised: the draw scales by the row's total
     uniforms = torch.tensor([0.0, 1.0 - 2.0**-53, 0.25, 0.5], dtype=torch.float64)  # 1 - 2**-53: the largest below 1
     assert draw(probs, uniforms).tolist() == [1, 2, 2, 3]
+
+
+def test_a_top_k_row_draws_the_token_a_draw_over_the_whole_vocabulary_would():
+    # Rows with top_k draw among their k tokens only; seeded, each must land where the long way
+    # (mask all but the k, softmax over the vocabulary, top-p, draw) lands with the same number.
+    logits = torch.randn(24, 50304, generator=torch.Generator().manual_seed(3)) * 4
+    params = [SamplingParams(temperature=0.7, top_k=k, top_p=p, seed=seed)
+              for seed, (k, p) in enumerate([(1, 1.0), (5, 1.0), (50, 0.9), (50, 1.0), (400, 0.5), (400, 0.95)] * 4)]
+    rows = [SamplingRow(p, [0], [], torch.Generator().manual_seed(p.seed)) for p in params]
+    drawn = [s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))]
+    tempered = logits / torch.full((24, 1), 0.7)
+    masked = apply_top_k(tempered, torch.tensor([p.top_k for p in params]))
+    probs = masked.softmax(dim=-1)
+    probs *= top_p_keep(probs, torch.tensor([p.top_p for p in params], dtype=torch.float64))
+    uniforms = torch.tensor([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(p.seed)).item()
+                             for p in params], dtype=torch.float64)
+    assert drawn == draw(probs, uniforms).tolist()
+
+
+def test_top_k_keeps_tokens_tied_with_the_kth():
+    # top_k 2 over [3, 2, 2, 2, 0] keeps the three tied 2s as well: each is drawn about as often.
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0]]).expand(3000, 5).contiguous()
+    rows = [SamplingRow(SamplingParams(temperature=1.0, top_k=2), [0], [], None)] * len(logits)
+    drawn = torch.tensor([s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))])
+    counts = torch.bincount(drawn, minlength=5).tolist()
+    assert counts[4] == 0 and min(counts[1:4]) > 400, counts  # each tie: e**2 / (e**3 + 3 e**2) = 0.21
 
 
 def test_penalties_follow_their_definitions():

@@ -163,7 +163,7 @@ def uniform_per_row(rows: list[SamplingRow], default: torch.Generator) -> torch.
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """int64 [rows]: each row's token at its uniform number [rows] on the row's cumulative
     distribution; probs [rows, vocab] >= 0, any scale (a dropped token is 0, never drawn)."""
-    cumulative = probs.double().cumsum(dim=-1)  # [rows, vocab]
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)  # [rows, vocab]
     # u < 1 makes u * total < total in float64, so some position's running sum lies past the
     # point; the first such is a token of non-zero probability (a zero adds nothing to the sum).
     point = uniforms.to(probs.device).unsqueeze(1) * cumulative[:, -1:]  # [rows, 1]
@@ -183,6 +183,57 @@ def top_logprobs(logprobs: torch.Tensor, chosen: int, count: int) -> LogprobDict
 def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """tensor[indices], without the copy when they are all of its rows in order."""
     return tensor if indices == list(range(tensor.shape[0])) else tensor[indices]
+
+
+def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> torch.Tensor:
+    """int64 [rows]: a token per row of tempered logits [rows, vocab], after its top-k and top-p.
+
+    A row with top_k draws among its k most likely tokens alone ([rows, k] instead of [rows,
+    vocab]: the playground's top_k 50 made the vocabulary-wide work most of a step), in token-id
+    order, so that it lands on the token a draw over the whole vocabulary would. Which way a row
+    goes depends on its own parameters and logits only, never on the rest of the batch."""
+    vocab = tempered.shape[-1]
+    uniforms = uniform_per_row(rows, default_generator)  # [rows] float64
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float64)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=tempered.device)
+    whole_vocab: list[int] = []
+    by_top_k: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        k = row.params.top_k
+        if 0 < k < vocab:
+            by_top_k.setdefault(k, []).append(i)
+        else:
+            whole_vocab.append(i)
+    for k, group in by_top_k.items():
+        logits = _rows(tempered, group)
+        values, token_ids = logits.topk(k, dim=-1)  # [group, k], most likely first
+        # Top-k keeps every token as likely as the k-th: a row with ties past k goes the long way.
+        tied_past_k = ((logits >= values[:, -1:]).sum(dim=-1) > k).tolist()
+        whole_vocab += [i for i, tied in zip(group, tied_past_k) if tied]
+        keep = [j for j, tied in enumerate(tied_past_k) if not tied]
+        if not keep:
+            continue
+        token_ids, order = _rows(token_ids, keep).sort(dim=-1)  # token-id order, as in the whole vocab
+        probs = _rows(values, keep).gather(1, order).softmax(dim=-1)  # [kept, k]
+        members = [group[j] for j in keep]
+        picked = draw(_top_p(probs, top_p[members]), uniforms[members])  # [kept] positions among the k
+        tokens[members] = token_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+    if whole_vocab:
+        members = sorted(whole_vocab)
+        logits = apply_top_k(_rows(tempered, members), torch.tensor([rows[i].params.top_k for i in members]))
+        tokens[members] = draw(_top_p(logits.softmax(dim=-1), top_p[members]), uniforms[members])
+    return tokens
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs [rows, n] (changed in place) with what top-p drops set to 0; top_p 1 keeps every token
+    (see apply_top_p)."""
+    cutting = (top_p < 1.0).nonzero().squeeze(1).tolist()
+    if len(cutting) == len(top_p):
+        probs.masked_fill_(top_p_keep(probs, top_p).logical_not_(), 0.0)
+    elif cutting:
+        probs[cutting] = probs[cutting].masked_fill_(top_p_keep(probs[cutting], top_p[cutting]).logical_not_(), 0.0)
+    return probs
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> list[Sample]:
@@ -205,16 +256,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     if random_rows:
         chosen = [rows[i] for i in random_rows]
         temperature = torch.tensor([r.params.temperature for r in chosen], device=logits.device)
-        x = _rows(logits, random_rows) / temperature.unsqueeze(1)
-        x = apply_top_k(x, torch.tensor([r.params.top_k for r in chosen]))
-        probs = x.softmax(dim=-1)  # [len(chosen), vocab], a new tensor
-        top_p = torch.tensor([r.params.top_p for r in chosen], dtype=torch.float64)
-        cutting = [i for i, r in enumerate(chosen) if r.params.top_p < 1.0]  # 1 keeps all (see apply_top_p)
-        if len(cutting) == len(chosen):
-            probs *= top_p_keep(probs, top_p)
-        elif cutting:
-            probs[cutting] *= top_p_keep(probs[cutting], top_p[cutting])
-        tokens[random_rows] = draw(probs, uniform_per_row(chosen, default_generator))
+        tempered = _rows(logits, random_rows) / temperature.unsqueeze(1)  # [len(chosen), vocab]
+        tokens[random_rows] = _draw_tempered(tempered, chosen, default_generator)
     token_list = tokens.tolist()
     samples = [Sample(token, float("nan"), None) for token in token_list]
     for slot, i in enumerate(wanted):
