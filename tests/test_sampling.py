@@ -66,18 +66,18 @@ def test_top_k_and_top_p_masks():
     kept = apply_top_k(logits.clone(), torch.tensor([2, 0]))
     assert torch.isinf(kept[0]).tolist() == [True, False, False, True] and not torch.isinf(kept[1]).any()
     # probabilities of row 0: [0.09, 0.67, 0.24, 0.03]; top_p 0.7 keeps the two most likely.
-    kept = apply_top_p(logits.clone(), torch.tensor([0.7, 1.0]))
-    assert torch.isinf(kept[0]).tolist() == [True, False, False, True] and not torch.isinf(kept[1]).any()
+    kept = apply_top_p(logits.softmax(dim=-1), torch.tensor([0.7, 1.0]))
+    assert (kept[0] == 0).tolist() == [True, False, False, True] and (kept[1] > 0).all()
 
 
 def test_top_p_of_one_keeps_every_token_beside_rows_that_cut():
-    # Over a 50k vocabulary the float32 cumsum of a row's probabilities reaches 1.0 before its
-    # last tokens; a top_p=1 row batched with a top_p<1 row must still keep all of them.
+    # Over a 50k vocabulary a row's float32 probabilities may add up to a little more than 1.0,
+    # enough to drop its least likely tokens; a top_p=1 row beside rows that cut keeps them all.
     logits = torch.randn(8, 50304, generator=torch.Generator().manual_seed(0)) * 3
     top_p = torch.tensor([0.5, 1.0] * 4)
-    kept = apply_top_p(logits.clone(), top_p)
-    assert not torch.isinf(kept[1::2]).any()
-    assert torch.isinf(kept[0::2]).all(dim=1).logical_not().all() and torch.isinf(kept[0::2]).any(dim=1).all()
+    kept = apply_top_p(logits.softmax(dim=-1), top_p)
+    assert (kept[1::2] > 0).all()
+    assert (kept[0::2] > 0).any(dim=1).all() and (kept[0::2] == 0).any(dim=1).all()
 
 
 def top_p_by_sorting(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -116,8 +116,8 @@ def test_top_p_keeps_every_token_as_likely_as_the_last_one_kept():
     # probabilities [0.576, 0.212, 0.212, 0.078]: 0.7 is reached by the first two tokens, and the
     # third is as likely as the second, so it stays too (a sort keeps whichever of the two it put first).
     logits = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 2.0, 0.0, 1.0]])
-    kept = apply_top_p(logits, torch.tensor([0.7, 0.7]))
-    assert torch.isinf(kept).tolist() == [[False, False, False, True], [False, False, True, False]]
+    kept = apply_top_p(logits.softmax(dim=-1), torch.tensor([0.7, 0.7]))
+    assert (kept == 0).tolist() == [[False, False, False, True], [False, False, True, False]]
 
 
 def test_a_draw_lands_on_tokens_of_nonzero_probability_at_either_end():
@@ -129,21 +129,50 @@ def test_a_draw_lands_on_tokens_of_nonzero_probability_at_either_end():
     assert draw(probs, uniforms).tolist() == [1, 2, 2, 3]
 
 
-def test_a_top_k_row_draws_the_token_a_draw_over_the_whole_vocabulary_would():
-    # Rows with top_k draw among their k tokens only; seeded, each must land where the long way
-    # (mask all but the k, softmax over the vocabulary, top-p, draw) lands with the same number.
-    logits = torch.randn(24, 50304, generator=torch.Generator().manual_seed(3)) * 4
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_a_top_k_row_draws_the_token_a_draw_over_the_whole_vocabulary_would(head_dtype):
+    # Rows with top_k draw among the tokens top-k keeps only; seeded, each must land where the
+    # long way (mask all but those, softmax over the vocabulary, top-p, draw) lands with the same
+    # number. A bfloat16 head's logits tie often, so top-k keeps more than k tokens there.
+    logits = (torch.randn(24, 50304, generator=torch.Generator().manual_seed(3)) * 4).to(head_dtype).float()
     params = [SamplingParams(temperature=0.7, top_k=k, top_p=p, seed=seed)
               for seed, (k, p) in enumerate([(1, 1.0), (5, 1.0), (50, 0.9), (50, 1.0), (400, 0.5), (400, 0.95)] * 4)]
     rows = [SamplingRow(p, [0], [], torch.Generator().manual_seed(p.seed)) for p in params]
     drawn = [s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))]
     tempered = logits / torch.full((24, 1), 0.7)
     masked = apply_top_k(tempered, torch.tensor([p.top_k for p in params]))
-    probs = masked.softmax(dim=-1)
-    probs *= top_p_keep(probs, torch.tensor([p.top_p for p in params], dtype=torch.float64))
+    probs = apply_top_p(masked.softmax(dim=-1), torch.tensor([p.top_p for p in params], dtype=torch.float64))
     uniforms = torch.tensor([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(p.seed)).item()
                              for p in params], dtype=torch.float64)
     assert drawn == draw(probs, uniforms).tolist()
+
+
+def test_a_row_of_nan_or_infinite_logits_gets_a_real_token_and_spoils_no_other_row():
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    logits[0] = float("nan")  # e.g. a float16 head that overflowed
+    logits[1] = float("-inf")
+    logits[2, 3] = float("-inf")  # divided by a temperature that overflows float32: NaN
+    seeded = SamplingParams(temperature=0.9, top_k=4, top_p=0.9, seed=5)
+    params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.5),
+              SamplingParams(temperature=1e39, top_k=1), seeded]
+    rows = [SamplingRow(p, [0], [], torch.Generator().manual_seed(5) if p.seed else None) for p in params]
+    drawn = [s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))]
+    assert all(0 <= token < 10 for token in drawn), drawn
+    alone = sample(logits[3:], [SamplingRow(seeded, [0], [], torch.Generator().manual_seed(5))],
+                   torch.Generator().manual_seed(1))
+    assert drawn[3] == alone[0].token_id
+
+
+def test_a_degenerate_penalty_spoils_only_its_own_request(llm):
+    # repetition_penalty 5e-324 (valid: > 0) divides a seen logit into inf, and the row's
+    # probabilities into NaN; its draw once gave an id past the vocabulary, which failed the
+    # next step for every request in it (found by tests/test_fuzz_http.py).
+    normal = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([PROMPT], normal)[0].outputs[0].token_ids
+    odd = SamplingParams(max_tokens=8, temperature=0.7, repetition_penalty=5e-324, ignore_eos=True)
+    together = llm.generate([PROMPT, "import os"], [normal, odd])
+    assert together[0].outputs[0].token_ids == alone
+    assert len(together[1].outputs[0].token_ids) == 8
 
 
 def test_top_k_keeps_tokens_tied_with_the_kth():

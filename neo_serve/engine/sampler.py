@@ -5,9 +5,10 @@ top-k -> top-p -> draw.
 A draw takes one uniform number per row (a seeded sequence's from its own generator, so a seeded
 request gives the same tokens whatever else is in the batch) through the inverse of the row's
 cumulative distribution. Top-p finds each row's probability threshold by a radix select over
-the probabilities' bits instead of sorting the vocabulary: on a 2-core CPU, sorting 32 rows of
-50k tokens and drawing one exponential per token took ~100 ms, as long as the decode step of a
-160M model (docs/benchmarks.md, "Sampling: sampled requests").
+the probabilities' bits instead of sorting the vocabulary, and a row with top_k works on its k
+most likely tokens alone: on a 2-core CPU, sorting 32 rows of 50k tokens and drawing one
+exponential per token took ~100 ms, as long as the decode step of a 160M model
+(docs/benchmarks.md, "Sampling: sampled requests").
 """
 
 from __future__ import annotations
@@ -79,35 +80,21 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p[i] (and any
-    token as likely as the least likely of them); the others become -inf."""
-    cutting = top_p < 1.0
-    if not bool(cutting.any()):
-        return logits
-    # A row with top_p 1 keeps everything, even beside rows that cut: the float32 sum of its
-    # probabilities can fall short of 1.0, which would drop its least likely tokens (and make a
-    # seeded request's tokens depend on its batch).
-    rows = cutting.nonzero().squeeze(1)
-    drop = torch.zeros_like(logits, dtype=torch.bool)
-    drop[rows] = ~top_p_keep(logits[rows].softmax(dim=-1), top_p[rows])
-    return logits.masked_fill(drop, float("-inf"))
-
-
 # Radix select (see top_p_keep): a float32 >= 0 orders as its int32 bit pattern, and every
 # probability in [0, 1] has a pattern below 2**30. The first pass buckets the tokens by their top
-# 12 bits (exponent and 4 bits of mantissa: buckets 4% wide), the next two by 9 bits each.
+# 12 bits (7 of the exponent, 5 of the mantissa: buckets at most 3% wide), the next two by 9 each.
 _FIRST_BITS = 12
 _LATER_BITS = (9, 9)
 _PATTERN_BITS = 30
 
 
 def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """bool [rows, vocab]: the tokens top-p keeps, from probabilities [rows, vocab] and top_p
-    [rows] in (0, 1]: every token at least as likely as the threshold t, the largest value for
-    which the tokens of probability >= t hold top_p of the mass. That is the sorted rule (keep
-    the most likely tokens until their mass reaches top_p), except that a token as likely as the
-    last one kept is kept too, whatever order a sort would have put them in.
+    """bool [rows, vocab]: the tokens top-p keeps, from probabilities [rows, vocab] (each row
+    summing to about 1) and top_p [rows] in (0, 1]: every token at least as likely as the
+    threshold t, the largest value for which the tokens of probability >= t hold top_p of the
+    mass. That is the sorted rule (keep the most likely tokens until their mass reaches top_p),
+    except that a token as likely as the last one kept is kept too, whatever order a sort would
+    have put them in.
 
     Instead of a sort (O(vocab log vocab) a row), three passes of a histogram of probability
     mass by bit pattern: the first over every token, the next two over the tokens left in each
@@ -167,7 +154,9 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # u < 1 makes u * total < total in float64, so some position's running sum lies past the
     # point; the first such is a token of non-zero probability (a zero adds nothing to the sum).
     point = uniforms.to(probs.device).unsqueeze(1) * cumulative[:, -1:]  # [rows, 1]
-    return torch.searchsorted(cumulative, point, right=True).squeeze(1)
+    # A row with NaN (NaN logits, or an overflowing temperature over -inf ones) has no such
+    # position; it gets the last token rather than an id past the vocabulary.
+    return torch.searchsorted(cumulative, point, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: int, count: int) -> LogprobDict:
@@ -188,10 +177,12 @@ def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
 def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> torch.Tensor:
     """int64 [rows]: a token per row of tempered logits [rows, vocab], after its top-k and top-p.
 
-    A row with top_k draws among its k most likely tokens alone ([rows, k] instead of [rows,
-    vocab]: the playground's top_k 50 made the vocabulary-wide work most of a step), in token-id
-    order, so that it lands on the token a draw over the whole vocabulary would. Which way a row
-    goes depends on its own parameters and logits only, never on the rest of the batch."""
+    A row with top_k draws among the tokens top-k keeps alone (its k most likely and any tied
+    with the k-th: [rows, k] instead of [rows, vocab]; the playground's top_k 50 made the
+    vocabulary-wide work most of a step), in token-id order, so that up to float rounding it
+    lands on the token a draw over the whole vocabulary would. Which way a row goes, and the
+    width it is drawn over, depend on its own parameters and logits only, never on the rest of
+    the batch."""
     vocab = tempered.shape[-1]
     uniforms = uniform_per_row(rows, default_generator)  # [rows] float64
     top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float64)
@@ -207,27 +198,37 @@ def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow], default_gene
     for k, group in by_top_k.items():
         logits = _rows(tempered, group)
         values, token_ids = logits.topk(k, dim=-1)  # [group, k], most likely first
-        # Top-k keeps every token as likely as the k-th: a row with ties past k goes the long way.
-        tied_past_k = ((logits >= values[:, -1:]).sum(dim=-1) > k).tolist()
-        whole_vocab += [i for i, tied in zip(group, tied_past_k) if tied]
-        keep = [j for j, tied in enumerate(tied_past_k) if not tied]
-        if not keep:
-            continue
-        token_ids, order = _rows(token_ids, keep).sort(dim=-1)  # token-id order, as in the whole vocab
-        probs = _rows(values, keep).gather(1, order).softmax(dim=-1)  # [kept, k]
-        members = [group[j] for j in keep]
-        picked = draw(_top_p(probs, top_p[members]), uniforms[members])  # [kept] positions among the k
-        tokens[members] = token_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+        # How many tokens top-k keeps: k, or more when tokens tie with the k-th (common with a
+        # bfloat16 head). Fewer means NaN logits: those rows go the vocabulary-wide way.
+        kept = (logits >= values[:, -1:]).sum(dim=-1).tolist()
+        by_width: dict[int, list[int]] = {}
+        for j, width in enumerate(kept):
+            if width < k:
+                whole_vocab.append(group[j])
+            else:
+                by_width.setdefault(width, []).append(j)
+        for width, positions in by_width.items():
+            if width == k:
+                width_values, width_ids = _rows(values, positions), _rows(token_ids, positions)
+            else:
+                width_values, width_ids = _rows(logits, positions).topk(width, dim=-1)
+            width_ids, order = width_ids.sort(dim=-1)  # token-id order, as in the whole vocab
+            probs = width_values.gather(1, order).softmax(dim=-1)  # [positions, width]
+            members = [group[j] for j in positions]
+            picked = draw(apply_top_p(probs, top_p[members]), uniforms[members])  # positions among the width
+            tokens[members] = width_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
     if whole_vocab:
         members = sorted(whole_vocab)
         logits = apply_top_k(_rows(tempered, members), torch.tensor([rows[i].params.top_k for i in members]))
-        tokens[members] = draw(_top_p(logits.softmax(dim=-1), top_p[members]), uniforms[members])
+        tokens[members] = draw(apply_top_p(logits.softmax(dim=-1), top_p[members]), uniforms[members])
     return tokens
 
 
-def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """probs [rows, n] (changed in place) with what top-p drops set to 0; top_p 1 keeps every token
-    (see apply_top_p)."""
+def apply_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs [rows, n] (changed in place) with the tokens top-p drops set to 0 (see top_p_keep).
+    A row with top_p 1 keeps every token, even beside rows that cut: the sum of its float32
+    probabilities can pass 1.0, which would drop its least likely tokens (and make a seeded
+    request's tokens depend on its batch)."""
     cutting = (top_p < 1.0).nonzero().squeeze(1).tolist()
     if len(cutting) == len(top_p):
         probs.masked_fill_(top_p_keep(probs, top_p).logical_not_(), 0.0)
