@@ -16,9 +16,13 @@ from neo_serve.bench.engine_bench import (Sampling, Workload, add_bench_argument
 def test_a_sampled_workload_runs_in_both_systems(neox_checkpoint):
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    args = parser.parse_args(["--temperature", "0.8", "--top-p", "0.95"])
-    sampling = Sampling(args.temperature, args.top_p)
-    assert sampling.transformers_kwargs() == {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+    args = parser.parse_args(["--temperature", "0.8", "--top-p", "0.95", "--top-k", "50",
+                              "--repetition-penalty", "1.1"])
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    assert sampling.transformers_kwargs() == {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
+                                              "repetition_penalty": 1.1}
+    params = sampling.params(7)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.8, 0.95, 50, 1.1)
     assert Sampling().transformers_kwargs() == {"do_sample": False}  # the default stays greedy
     workload = Workload([[5, 6, 7, 8], [9, 10]], [6, 4])
     ours = run_neo_serve(neox_checkpoint, "float32", workload, max_num_batched_tokens=64, sampling=sampling)

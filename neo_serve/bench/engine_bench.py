@@ -6,8 +6,9 @@ Workloads (on a random checkpoint shaped like Pythia-160M):
 - batch: 64 requests, prompts 32-256 tokens, 64-128 new tokens (fixed seed), all submitted at
   once -> generated tokens/s, vs transformers `generate` in left-padded static batches of 8 (what
   a Ray Serve user wrapping `generate` in `@serve.batch(max_batch_size=8)` gets).
-Every request greedy, or with `--temperature T [--top-p P]` sampled the same way in both systems
-(transformers: `do_sample=True`, its top-k off).
+Every request greedy, or with `--temperature T [--top-p P] [--top-k K] [--repetition-penalty R]`
+sampled the same way in both systems (transformers: `do_sample=True`, its default top-k of 50
+replaced by K, 0 = off).
 Limits: weight bytes per decode step over the measured memory bandwidth (single), and the
 workload's FLOPs over the measured matmul rate (batch).
 
@@ -42,11 +43,21 @@ class Sampling:
 
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+
+    def params(self, max_tokens: int):
+        from neo_serve import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, repetition_penalty=self.repetition_penalty, ignore_eos=True)
 
     def transformers_kwargs(self) -> dict:
+        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {}
         if self.temperature == 0.0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+            return {"do_sample": False, **penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                **penalty}
 
 
 @dataclass
@@ -150,8 +161,7 @@ def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched
     llm.generate([workload.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     engine = llm.engine
     for prompt, max_tokens in zip(workload.prompts, workload.max_tokens):
-        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
-                                                  top_p=sampling.top_p, ignore_eos=True))
+        engine.add_request(prompt, sampling.params(max_tokens))
     first_token_at: list[float] = []
     start = time.perf_counter()
     generated = 0
@@ -223,6 +233,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="every request's temperature (0: greedy, the default), for both systems")
     parser.add_argument("--top-p", type=float, default=1.0, help="every request's top_p, for both systems")
+    parser.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off), for both systems")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="every request's repetition_penalty, for both systems")
     parser.add_argument("--skip-transformers", action="store_true", help="measure neo-serve only")
     parser.add_argument("--json", default=None, help="also write the results here")
 
@@ -238,7 +251,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     machine = {"cpu": _cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {machine}")
-    sampling = Sampling(args.temperature, args.top_p)
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     results = {"machine": machine, "sampling": dataclasses.asdict(sampling), "runs": []}
     for dtype in args.dtypes.split(","):
         element = torch.empty((), dtype=DTYPES[dtype]).element_size()
@@ -260,7 +273,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
                                                                   sampling=sampling))
         results["runs"].append(row)
         print(json.dumps(row, indent=1))
-    print(f"sampling: {'greedy' if sampling.temperature == 0 else dataclasses.asdict(sampling)}")
+    print(f"sampling: {dataclasses.asdict(sampling)}")
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
