@@ -181,7 +181,7 @@ def test_top_k_keeps_tokens_tied_with_the_kth():
     rows = [SamplingRow(SamplingParams(temperature=1.0, top_k=2), [0], [], None)] * len(logits)
     drawn = torch.tensor([s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))])
     counts = torch.bincount(drawn, minlength=5).tolist()
-    assert counts[4] == 0 and min(counts[1:4]) > 400, counts  # each tie: e**2 / (e**3 + 3 e**2) = 0.21
+    assert counts[4] == 0 and min(counts[1:4]) > 400, counts  # each tie: e**2 / (e**3 + 3 e**2) = 0.17
 
 
 def test_penalties_follow_their_definitions():
