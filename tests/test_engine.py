@@ -152,7 +152,7 @@ def test_bad_requests_raise_and_others_keep_running(llm, prompt, params, field):
     ({"top_k": 2**63}, "top_k"),  # past int64: the sampler's shared top_k tensor overflowed
     ({"temperature": 10**400}, "temperature"),  # past float: the shared temperature tensor
     ({"repetition_penalty": float("inf")}, "repetition_penalty"),
-    ({"seed": 2**64}, "seed"),  # past what a torch generator takes
+    ({"seed": 2**64}, "seed"),  # past a signed 64-bit integer
     ({"max_tokens": -10**5000}, "max_tokens"),  # named, not a ValueError from printing it
 ])
 def test_sampling_values_a_batch_cannot_hold_are_refused_for_that_request(llm, bad, field):
@@ -339,34 +339,66 @@ def test_a_step_pickles_as_plain_lists_and_round_trips(llm):
     SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3),
     SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=1),
 ], ids=["sampled", "logprobs", "penalty", "prompt-logprobs"])
-def test_a_plain_greedy_step_brings_back_token_ids_instead_of_logits(llm, other):
-    """Under Ray the last stage's output crosses processes per micro-batch: when every row is a
-    plain greedy pick it is the picked token ids, the same tokens the sampler takes from logits."""
+def test_a_plain_greedy_step_carries_no_sampling_plan(llm, other):
+    """Under Ray every stage call pickles its step on the replica's event loop: when every row
+    is a plain greedy pick the step carries no sampling plan, and the last stage's argmax gives
+    the tokens the sampler would take."""
     import dataclasses
+
+    from neo_serve.engine.sampler import SamplingRow
+    from neo_serve.engine.step_result import SamplingPlan
 
     engine = llm.engine
     engine.add_request(list(range(3, 20)), GREEDY, request_id="g0")
     engine.add_request(list(range(40, 47)), GREEDY, request_id="g1")
     try:
         prepared = engine.schedule_step()
-        assert prepared.step_input.argmax_only
-        token_ids = engine.executor.execute(prepared.step_input)
-        logits = engine.executor.execute(dataclasses.replace(prepared.step_input, argmax_only=False))
-        assert token_ids.dtype == torch.long and token_ids.shape == (2,)
-        assert logits.shape == (2, engine.model_config.vocab_size)
-        assert token_ids.tolist() == logits.max(dim=-1).indices.tolist()
-        outputs = engine.process_step(prepared, token_ids)
-        assert sorted(o.outputs[0].token_ids for o in outputs) == sorted([t] for t in token_ids.tolist())
+        assert prepared.step_input.argmax_only and prepared.step_input.sampling is None
+        picked = engine.executor.execute(prepared.step_input)
+        plan = SamplingPlan([0, 1], [SamplingRow(GREEDY, [], [])] * 2, [])
+        sampled = engine.executor.execute(dataclasses.replace(prepared.step_input, argmax_only=False, sampling=plan))
+        token_ids = [s.token_id for s in picked.samples]
+        assert len(token_ids) == 2 and token_ids == [s.token_id for s in sampled.samples]
+        outputs = engine.process_step(prepared, picked)
+        assert sorted(o.outputs[0].token_ids for o in outputs) == sorted([t] for t in token_ids)
     finally:
         for request_id in ("g0", "g1"):
             engine.abort_request(request_id)
-    # One row that needs more than the most likely token makes the whole step return logits.
+    # One row that needs more than the most likely token gives the whole step a plan.
     engine.add_request(list(range(3, 20)), GREEDY, request_id="g2")
     engine.add_request(list(range(50, 60)), other, request_id="o")
     try:
-        assert not engine.schedule_step().step_input.argmax_only
+        step = engine.schedule_step().step_input
+        assert not step.argmax_only and step.sampling is not None
     finally:
         for request_id in ("g2", "o"):
+            engine.abort_request(request_id)
+
+
+def test_the_last_stage_returns_tokens_and_logprobs_not_logits(llm):
+    """The last stage samples and scores where its logits are: what comes back of a step with
+    sampled rows, logprobs and a scored prompt is a few numbers per row (under Ray through the
+    object store, on a GPU across to the host), not [rows, vocab] logits."""
+    import pickle
+
+    engine = llm.engine
+    engine.add_request(list(range(3, 40)), SamplingParams(max_tokens=0, prompt_logprobs=2), request_id="scored")
+    engine.add_request(list(range(40, 47)), SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, logprobs=2,
+                                                           repetition_penalty=1.2), request_id="sampled")
+    try:
+        prepared = engine.schedule_step()
+        plan = prepared.step_input.sampling
+        assert [len(s.targets) for s in plan.prompt_scoring] == [36] and len(plan.rows) == 1
+        result = engine.executor.execute(prepared.step_input)
+        rows = prepared.step_input.logits_indices.shape[0]
+        assert rows == 37
+        logits_bytes = rows * engine.model_config.vocab_size * 4
+        assert len(pickle.dumps(result)) < logits_bytes / 10
+        assert len(result.prompt_logprobs[0]) == 36 and len(result.samples) == 1
+        [sample] = result.samples
+        assert sample.top_logprobs[sample.token_id] == sample.logprob <= 0.0
+    finally:
+        for request_id in ("scored", "sampled"):
             engine.abort_request(request_id)
 
 
@@ -420,23 +452,33 @@ def test_a_text_prompt_with_a_token_the_model_lacks_is_refused_for_that_request_
     assert len(outputs["innocent"].outputs[0].token_ids) == GREEDY.max_tokens
 
 
-def test_a_half_precision_head_returns_its_own_dtype_and_samples_in_float32(neox_checkpoint):
-    """The last stage's logits go to the host (and under Ray through the object store) in the
-    head's dtype: half the bytes of float32 for a bfloat16 or float16 model. The engine widens
-    them before it samples, so tokens and logprobs are those of the float32 widening."""
+def test_a_half_precision_head_samples_and_scores_in_float32(neox_checkpoint):
+    """The head computes in the model's dtype; the last stage widens its logits before it samples
+    and scores them, so tokens and logprobs are those of the float32 widening."""
+    from neo_serve.engine.step_result import step_result
+
     engine = LLM(str(neox_checkpoint), dtype="bfloat16", max_model_len=64, kv_cache_tokens=256).engine
     engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=0, prompt_logprobs=1), request_id="scored")
     engine.add_request(list(range(30, 41)), SamplingParams(max_tokens=2, temperature=0.0, logprobs=3),
                        request_id="greedy")
     prepared = engine.schedule_step()
     assert not prepared.step_input.argmax_only
-    logits = engine.executor.execute(prepared.step_input)
+    [worker] = engine.executor.workers
+    head, heads = worker.model.compute_logits, []
+    worker.model.compute_logits = lambda hidden: heads.append(head(hidden)) or heads[-1]
+    try:
+        result = engine.executor.execute(prepared.step_input)
+    finally:
+        del worker.model.compute_logits
+    [logits] = heads
     assert logits.dtype == torch.bfloat16 and logits.shape[1] == engine.model_config.vocab_size
-    shipped = engine.sample_step(prepared, logits)
-    widened = engine.sample_step(prepared, logits.float())
-    assert shipped.samples == widened.samples
-    assert shipped.prompt_logprobs == widened.prompt_logprobs
-    assert isinstance(shipped.samples[1].logprob, float) and shipped.samples[1].logprob <= 0.0
+    assert result == step_result(logits.float(), prepared.step_input.sampling)
+    # Scored without widening, the prompt's logprobs would be bfloat16 numbers.
+    targets = torch.arange(4, 20).unsqueeze(1)
+    in_bfloat16 = torch.log_softmax(logits[:16], dim=-1).gather(1, targets).squeeze(1).tolist()
+    scored = [entry[token] for entry, token in zip(result.prompt_logprobs[0], range(4, 20))]
+    assert scored != in_bfloat16
+    assert isinstance(result.samples[0].logprob, float) and result.samples[0].logprob <= 0.0
 
 
 def test_offline_stages_are_spread_over_the_gpus_the_machine_has(monkeypatch):

@@ -18,6 +18,7 @@ from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.engine_loop import PipelineCore
 from neo_serve.serve.stages import LocalStepRunner, UnloadedExecutor
+from test_scheduler_stress import step_output
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = ["def hello_world():", "import os\nimport sys\n", "class Stack:", "for i in range(10):"]
@@ -452,13 +453,8 @@ def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(
             while not new.done():
                 future, step, finish = runner.submitted[-1]
                 if not future.done():
-                    rows = len(step.logits_indices)
-                    if step.argmax_only:  # a plain greedy step brings back token ids
-                        output = torch.full((rows,), 42)
-                    else:
-                        output = torch.zeros(rows, engine.model_config.vocab_size)
-                        output[:, 42] = 10.0
-                    future.set_result(finish(output))
+                    future.set_result(finish(step_output(step, [42] * len(step.logits_indices),
+                                                         engine.model_config.vocab_size)))
                 await settle()
             return token_ids(await new)
         finally:

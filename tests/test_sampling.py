@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 import torch
 
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.sampler import (SamplingRow, apply_penalties, apply_top_k, apply_top_p, draw, sample,
-                                      top_p_keep)
+                                      seeded_uniform, top_p_keep)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -18,6 +19,12 @@ PROMPT = "def hello_world():\n"
 @pytest.fixture(scope="module")
 def llm(neox_checkpoint):
     return LLM(str(neox_checkpoint), dtype="float32")
+
+
+def with_uniforms(params: SamplingParams, count: int) -> list[SamplingRow]:
+    """`count` rows of `params`, each drawing at its own (seeded) uniform number."""
+    draws = random.Random(0)
+    return [SamplingRow(params, [0], [], draws.random()) for _ in range(count)]
 
 
 def text_and_ids(llm, prompt, **params):
@@ -35,6 +42,40 @@ def test_seed_reproduces_alone_and_inside_a_batch(llm, top_k):
     assert batch[1].outputs[0].token_ids == alone
     other_seed = dataclasses.replace(seeded, seed=99)
     assert llm.generate([PROMPT], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_a_seed_gives_the_same_tokens_on_two_stages_and_after_preemption(llm, neox_checkpoint):
+    """A seeded sequence's draws depend on its seed and positions alone: not on which stage
+    samples, nor on a step thrown away (preempted while it ran) and computed again."""
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=31, ignore_eos=True)
+    alone = llm.generate([PROMPT], seeded)[0].outputs[0].token_ids
+    two_stages = LLM(str(neox_checkpoint), dtype="float32", num_stages=2)
+    assert two_stages.generate([PROMPT], seeded)[0].outputs[0].token_ids == alone
+    engine = llm.engine
+    engine.add_request(PROMPT, seeded, request_id="preempted")
+    [seq] = engine.requests["preempted"].sequences
+    while len(seq.output_ids) < 5:
+        engine.step()
+    prepared = engine.schedule_step()
+    result = engine.executor.execute(prepared.step_input)
+    assert engine.recompute_all() == 1  # preempted while its step ran: that step's token is dropped
+    assert engine.process_step(prepared, result) == [] and len(seq.output_ids) == 5
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seq.output_ids == alone
+
+
+def test_seeded_uniforms_are_uniform_and_a_function_of_seed_and_position():
+    first = [seeded_uniform(7, position) for position in range(20000)]
+    assert first == [seeded_uniform(7, position) for position in range(20000)]
+    assert all(0.0 <= u < 1.0 for u in first)
+    deciles = torch.bincount((torch.tensor(first) * 10).long(), minlength=10)
+    assert (deciles - 2000).abs().max() < 200, deciles.tolist()  # 2000 +- 4.7 standard deviations
+    # Neighbouring seeds (a request's n sequences take seed + index) are not the same stream shifted.
+    second = [seeded_uniform(8, position) for position in range(20000)]
+    assert not set(first[:1000]) & set(second)
+    for seed in (-(2**63), -1, 2**63 - 1, 2**63 + 5):  # the range's ends, and past it (seed + index)
+        assert 0.0 <= seeded_uniform(seed, 0) < 1.0
 
 
 def test_n_completions_differ_and_reproduce_with_seed(llm):
@@ -137,13 +178,12 @@ def test_a_top_k_row_draws_the_token_a_draw_over_the_whole_vocabulary_would(head
     logits = (torch.randn(24, 50304, generator=torch.Generator().manual_seed(3)) * 4).to(head_dtype).float()
     params = [SamplingParams(temperature=0.7, top_k=k, top_p=p, seed=seed)
               for seed, (k, p) in enumerate([(1, 1.0), (5, 1.0), (50, 0.9), (50, 1.0), (400, 0.5), (400, 0.95)] * 4)]
-    rows = [SamplingRow(p, [0], [], torch.Generator().manual_seed(p.seed)) for p in params]
-    drawn = [s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))]
+    rows = [SamplingRow(p, [0], [], seeded_uniform(p.seed, 0)) for p in params]
+    drawn = [s.token_id for s in sample(logits, rows)]
     tempered = logits / torch.full((24, 1), 0.7)
     masked = apply_top_k(tempered, torch.tensor([p.top_k for p in params]))
     probs = apply_top_p(masked.softmax(dim=-1), torch.tensor([p.top_p for p in params], dtype=torch.float64))
-    uniforms = torch.tensor([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(p.seed)).item()
-                             for p in params], dtype=torch.float64)
+    uniforms = torch.tensor([seeded_uniform(p.seed, 0) for p in params], dtype=torch.float64)
     assert drawn == draw(probs, uniforms).tolist()
 
 
@@ -155,11 +195,10 @@ def test_a_row_of_nan_or_infinite_logits_gets_a_real_token_and_spoils_no_other_r
     seeded = SamplingParams(temperature=0.9, top_k=4, top_p=0.9, seed=5)
     params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.5),
               SamplingParams(temperature=1e39, top_k=1), seeded]
-    rows = [SamplingRow(p, [0], [], torch.Generator().manual_seed(5) if p.seed else None) for p in params]
-    drawn = [s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))]
+    rows = [SamplingRow(p, [0], [], 0.3 * i) for i, p in enumerate(params)]
+    drawn = [s.token_id for s in sample(logits, rows)]
     assert all(0 <= token < 10 for token in drawn), drawn
-    alone = sample(logits[3:], [SamplingRow(seeded, [0], [], torch.Generator().manual_seed(5))],
-                   torch.Generator().manual_seed(1))
+    alone = sample(logits[3:], [rows[3]])
     assert drawn[3] == alone[0].token_id
 
 
@@ -178,8 +217,8 @@ def test_a_degenerate_penalty_spoils_only_its_own_request(llm):
 def test_top_k_keeps_tokens_tied_with_the_kth():
     # top_k 2 over [3, 2, 2, 2, 0] keeps the three tied 2s as well: each is drawn about as often.
     logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0]]).expand(3000, 5).contiguous()
-    rows = [SamplingRow(SamplingParams(temperature=1.0, top_k=2), [0], [], None)] * len(logits)
-    drawn = torch.tensor([s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))])
+    rows = with_uniforms(SamplingParams(temperature=1.0, top_k=2), len(logits))
+    drawn = torch.tensor([s.token_id for s in sample(logits, rows)])
     counts = torch.bincount(drawn, minlength=5).tolist()
     assert counts[4] == 0 and min(counts[1:4]) > 400, counts  # each tie: e**2 / (e**3 + 3 e**2) = 0.17
 
@@ -187,10 +226,10 @@ def test_top_k_keeps_tokens_tied_with_the_kth():
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0]])
     params = SamplingParams(repetition_penalty=2.0)
-    out = apply_penalties(logits.clone(), [SamplingRow(params, [0], [1], None)])
+    out = apply_penalties(logits.clone(), [SamplingRow(params, [0], [1])])
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5, 0.0]]  # seen tokens 0, 1: divide positive, multiply negative
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(logits.clone(), [SamplingRow(params, [3], [2, 2, 4], None)])
+    out = apply_penalties(logits.clone(), [SamplingRow(params, [3], [2, 2, 4])])
     # output counts: token 2 twice, token 4 once; the prompt's token 3 is not penalised
     assert out.tolist() == [[2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5, 0.0 - 0.5 - 0.25]]
 
@@ -199,10 +238,10 @@ def test_sample_picks_the_first_best_token_and_leaves_the_logits_alone():
     # The engine passes a decode step's logits themselves (no copy): sampling must not write them.
     logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [3.0, 2.0, 3.0, -1.0]])
     before = logits.clone()
-    greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], None)
+    greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [])
     penalised = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=1.0),
                             [0], [2], None)
-    samples = sample(logits, [greedy, penalised], torch.Generator().manual_seed(0))
+    samples = sample(logits, [greedy, penalised])
     assert samples[0].token_id == 1  # a tie: the lowest token id, as argmax and transformers pick
     assert samples[1].token_id == 1  # penalties: 0 -> 1.5, 2 -> 0.5 (repetition, then presence)
     assert torch.equal(logits, before)
@@ -212,8 +251,8 @@ def test_a_vanishing_temperature_is_greedy():
     # logits / 1e-40 overflow float32 to inf, and a softmax over inf is NaN: such a row must
     # still get the most likely token, as temperature 0 gives.
     logits = torch.tensor([[1.0, 5.0, 3.0, -2.0]])
-    row = SamplingRow(SamplingParams(temperature=1e-40, seed=0), [0], [], torch.Generator().manual_seed(0))
-    assert [s.token_id for s in sample(logits, [row], torch.Generator().manual_seed(0))] == [1]
+    row = SamplingRow(SamplingParams(temperature=1e-40, seed=0), [0], [], seeded_uniform(0, 0))
+    assert [s.token_id for s in sample(logits, [row])] == [1]
 
 
 def test_repetition_penalty_stops_repeats(llm):
@@ -350,9 +389,9 @@ def test_logit_bias_moves_picks_as_the_bias_added_to_transformers_logits(llm, ne
 def test_logit_bias_comes_before_the_repetition_penalty():
     """As vLLM and transformers order them: the bias, then the penalty on the biased logit."""
     logits = torch.tensor([[2.0, 6.0, 0.0]])
-    row = SamplingRow(SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={0: 5.0}), [0], [], None)
+    row = SamplingRow(SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={0: 5.0}), [0], [])
     # (2 + 5) / 1.3 = 5.38 < 6: token 1 (penalty first: 2 / 1.3 + 5 = 6.54 would pick token 0).
-    assert sample(logits, [row], torch.Generator())[0].token_id == 1
+    assert sample(logits, [row])[0].token_id == 1
 
 
 def test_prompt_scoring_without_generation(llm):
@@ -461,7 +500,7 @@ def test_draws_follow_the_tempered_distribution(params, expected):
     # 8000 draws (one per row, seeded): each token's frequency within 0.02 of its probability
     # (4 standard deviations at most); temperature 1 and 0.5 differ by 0.22 on the first token.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(8000, 4).contiguous()
-    rows = [SamplingRow(SamplingParams(**params), [0], [], None)] * len(logits)
-    drawn = torch.tensor([s.token_id for s in sample(logits, rows, torch.Generator().manual_seed(0))])
+    rows = with_uniforms(SamplingParams(**params), len(logits))
+    drawn = torch.tensor([s.token_id for s in sample(logits, rows)])
     frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
     assert torch.allclose(frequencies, torch.tensor(expected), atol=0.02), frequencies.tolist()

@@ -22,6 +22,7 @@ import torch
 from neo_serve import SamplingParams
 from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.llm_engine import LLMEngine
+from neo_serve.engine.step_result import StepResult, argmax_result, step_result
 from neo_serve.engine.worker import StepInput
 
 MAX_MODEL_LEN = 96
@@ -59,14 +60,12 @@ class ShadowExecutor:
         return self.slots[s.kv_start:s.kv_start + s.context_len + (row - s.query_start) + 1]
 
 
-def step_output(step: StepInput, tokens: list[int], vocab: int) -> torch.Tensor:
-    """What the last stage returns for these chosen tokens: token ids for a plain greedy step,
-    else logits that pick them."""
-    if step.argmax_only:
-        return torch.tensor(tokens, dtype=torch.long)
+def step_output(step: StepInput, tokens: list[int], vocab: int) -> StepResult:
+    """What the last stage returns for logits that pick these tokens (one per logits row): the
+    stage's own sampling and scoring run on them."""
     logits = torch.zeros(len(tokens), vocab)
     logits[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 10.0
-    return logits
+    return argmax_result(logits) if step.argmax_only else step_result(logits, step.sampling)
 
 
 def expected_tokens(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:

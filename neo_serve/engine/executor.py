@@ -7,13 +7,14 @@ from typing import Protocol
 
 import torch
 
+from neo_serve.engine.step_result import StepResult
 from neo_serve.engine.worker import StageWorker, StageWorkerSpec, StepInput
 
 
 class Executor(Protocol):
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """The last stage's output for step.logits_indices: logits [rows, vocab] in the model's
-        dtype, or int64 token ids [rows] when step.argmax_only (see StepInput)."""
+    def execute(self, step: StepInput) -> StepResult:
+        """The last stage's result for step.logits_indices: sampled tokens and logprobs (see
+        step_result.py)."""
 
 
 def spread_over_gpus(specs: list[StageWorkerSpec], device_count: int) -> list[StageWorkerSpec]:
@@ -36,8 +37,8 @@ class LocalPipelineExecutor:
         device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.workers = [StageWorker(spec) for spec in spread_over_gpus(specs, device_count)]
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> StepResult:
         hidden = None
         for worker in self.workers:
             hidden = worker.execute(step, hidden)
-        return hidden.cpu()
+        return hidden

@@ -1,16 +1,17 @@
 """The engine: requests in, tokens out, one `step()` at a time.
 
-    step() = schedule -> prepare (pack tensors) -> execute (stages) -> postprocess (sample,
-             detokenize, stop checks, free finished)
+    step() = schedule -> prepare (pack tensors and the sampling plan) -> execute (stages; the
+             last one samples) -> postprocess (detokenize, stop checks, free finished)
 
-The served pipeline calls the same pieces (`schedule_step`, then `process_step` split in its
-tensor half `sample_step` and its bookkeeping half `apply_step`) with several micro-batches in
-flight; the offline `LLM` calls `step()` until nothing is left.
+The served pipeline calls the same pieces (`schedule_step`, then `process_step` split in
+`sample_step`, which picks the results that still count, and `apply_step`, the bookkeeping)
+with several micro-batches in flight; the offline `LLM` calls `step()` until nothing is left.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.executor import Executor, LocalPipelineExecutor
 from neo_serve.engine.kv_cache import ExtentAllocator
 from neo_serve.engine.outputs import LogprobDict, RequestOutput
-from neo_serve.engine.sampler import Sample, SamplingRow, sample, top_logprobs
+from neo_serve.engine.sampler import Sample, SamplingRow, seeded_uniform
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from neo_serve.engine.sequence import Request, Sequence
+from neo_serve.engine.step_result import PromptScoring, SamplingPlan, StepResult
 from neo_serve.engine.worker import StageWorkerSpec, StepInput, step_positions
 from neo_serve.errors import ConfigError, InvalidRequestError
 from neo_serve.loader import DTYPES, CheckpointFiles, resolve_dtype
@@ -35,13 +37,13 @@ from neo_serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 @dataclass
 class PreparedStep:
-    """A scheduled batch and the tensors that run it; `sample_rows`/`prompt_rows` index logits."""
+    """A scheduled batch and the tensors that run it; per chunk, where its results will be in the
+    step's `StepResult`."""
 
     batch: ScheduledBatch
     step_input: StepInput
-    sample_rows: list[int]  # per chunk: logits row of its sampled token, or -1
-    # per chunk: (first logits row, count, first position) of its prompt logprobs
-    prompt_rows: list[tuple[int, int, int]]
+    sample_slots: list[int]  # per chunk: index of its sample in StepResult.samples, or -1
+    scoring_slots: list[int]  # per chunk: index of its prompt logprobs in StepResult.prompt_logprobs, or -1
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class LLMEngine:
                                                    max_num_batched_tokens=config.max_num_batched_tokens),
                                    self.allocator)
         self.requests: dict[str, Request] = {}
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # Where unseeded rows' draws fall (seeded ones: sampler.seeded_uniform).
+        self.uniforms = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0  # tokens appended to sequences (not those of sequences aborted mid-step)
 
@@ -173,9 +176,8 @@ class LLMEngine:
             request.prompt_logprobs = [None]  # token 0 has no context
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
-            request.sequences.append(Sequence(request, index, detok, generator))
+            request.sequences.append(Sequence(request, index, detok, seed))
         if max_tokens == 0:  # nothing to generate: only score the prompt, if asked
             for seq in request.sequences:
                 seq.finish_reason = "length"
@@ -262,8 +264,7 @@ class LLMEngine:
         prepared = self.schedule_step()
         if prepared is None:
             return []
-        logits = self.executor.execute(prepared.step_input)
-        return self.process_step(prepared, logits)
+        return self.process_step(prepared, self.executor.execute(prepared.step_input))
 
     def schedule_step(self, busy: frozenset[Sequence] = frozenset(), max_seqs: int | None = None) -> PreparedStep | None:
         """Schedule and pack one (micro-)batch; see Scheduler.schedule for busy / max_seqs."""
@@ -276,85 +277,85 @@ class LLMEngine:
         input_ids: list[int] = []
         slices: list[SequenceSlice] = []
         logits_indices: list[int] = []
-        sample_rows: list[int] = []
-        prompt_rows: list[tuple[int, int, int]] = []
+        sample_rows: list[int] = []  # logits row of each sampled chunk
+        sampled: list[Sequence] = []  # the sequence of each sampled row
+        scoring: list[PromptScoring] = []
+        sample_slots: list[int] = []
+        scoring_slots: list[int] = []
         now = time.monotonic()
         for chunk in batch.chunks:
             seq = chunk.seq
-            metrics = seq.request.metrics
-            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            request = seq.request
+            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
             query_start = len(input_ids)
             input_ids.extend([seq.token_at(chunk.start)] if chunk.length == 1 else seq.tokens(chunk.start, chunk.end))
             slices.append(SequenceSlice(query_start, chunk.length, chunk.start,
                                         seq.extent.start * self.allocator.block_size))
             # Prompt logprobs: the logits at position p score prompt token p + 1. A prompt
             # recomputed after preemption scores only the tokens it has not scored yet.
-            first_row = len(logits_indices)
-            first_scored = chunk.start
-            if seq.index == 0 and seq.request.needs_prompt_logprobs:
-                first_scored = max(chunk.start, len(seq.request.prompt_logprobs) - 1)
+            scoring_slots.append(-1)
+            if seq.index == 0 and request.needs_prompt_logprobs:
+                first_scored = max(chunk.start, len(request.prompt_logprobs) - 1)
                 scored_end = min(chunk.end, len(seq.prompt_ids) - 1)
-                logits_indices.extend(query_start + p - chunk.start for p in range(first_scored, scored_end))
-            prompt_rows.append((first_row, len(logits_indices) - first_row, first_scored))
-            if chunk.samples and seq.request.max_tokens > 0:
+                if scored_end > first_scored:
+                    scoring_slots[-1] = len(scoring)
+                    scoring.append(PromptScoring(len(logits_indices), request.prompt_ids[first_scored + 1:scored_end + 1],
+                                                 request.params.prompt_logprobs))
+                    logits_indices.extend(query_start + p - chunk.start for p in range(first_scored, scored_end))
+            sample_slots.append(-1)
+            if chunk.samples and request.max_tokens > 0:
+                sample_slots[-1] = len(sample_rows)
                 sample_rows.append(len(logits_indices))
                 logits_indices.append(query_start + chunk.length - 1)
-            else:
-                sample_rows.append(-1)
+                sampled.append(seq)
+        # Only sampled rows (no prompt logprobs), each a plain greedy pick: no plan to build or send.
+        argmax_only = not scoring and all(seq.request.params.argmax_only for seq in sampled)
         step_input = StepInput(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=step_positions(tuple(slices)),
             sequences=tuple(slices),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             kv_copies=tuple(batch.kv_copies),
-            # Only sampled rows (no prompt logprobs), each a plain greedy pick.
-            argmax_only=len(logits_indices) == sum(row >= 0 for row in sample_rows) and all(
-                chunk.seq.request.params.argmax_only for chunk, row in zip(batch.chunks, sample_rows) if row >= 0),
+            argmax_only=argmax_only,
+            sampling=None if argmax_only else SamplingPlan(sample_rows, [self._sampling_row(seq) for seq in sampled],
+                                                           scoring),
         )
-        return PreparedStep(batch, step_input, sample_rows, prompt_rows)
+        return PreparedStep(batch, step_input, sample_slots, scoring_slots)
 
-    def process_step(self, prepared: PreparedStep, logits: torch.Tensor) -> list[RequestOutput]:
-        """Apply a step's output (logits, or token ids for an argmax-only step): prompt logprobs,
-        sampling, detokenizing, stop checks."""
-        return self.apply_step(prepared, self.sample_step(prepared, logits))
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        """What the last stage needs to sample `seq`'s next token: its parameters, the tokens its
+        penalties count (copies: the stage may read them while the engine appends to the
+        sequence) and where its draw falls."""
+        params = seq.request.params
+        prompt_ids: list[int] = []
+        output_ids: list[int] = []
+        if params.repetition_penalty != 1.0:
+            prompt_ids, output_ids = list(seq.prompt_ids), list(seq.output_ids)
+        elif params.presence_penalty or params.frequency_penalty:
+            output_ids = list(seq.output_ids)
+        if params.greedy:
+            uniform = 0.0
+        elif seq.seed is not None:
+            uniform = seeded_uniform(seq.seed, len(seq.output_ids))
+        else:
+            uniform = self.uniforms.random()
+        return SamplingRow(params, prompt_ids, output_ids, uniform)
 
-    @torch.inference_mode()
-    def sample_step(self, prepared: PreparedStep, logits: torch.Tensor) -> SampledStep:
-        """The tensor half of `process_step`: prompt logprobs and sampled tokens of the chunks
-        whose sequences are still live. It changes no engine state (it only advances seeded
-        sequences' generators), so the served pipeline runs it on the thread that ran the
-        step, keeping every parallel torch op of a process on one thread (see engine_loop)."""
-        chunks = prepared.batch.chunks
-        if logits.is_floating_point():
-            # The head's own dtype (see StageWorker.execute); sampling and logprobs in float32.
-            # Widening is exact, so they are the same numbers as from a float32 head output.
-            logits = logits.float()
-        live = [self._is_live(chunk.seq) for chunk in chunks]
-        prompt_logprobs: list[list[LogprobDict] | None] = [None] * len(chunks)
-        samples: list[Sample | None] = [None] * len(chunks)
-        to_sample: list[tuple[int, Sequence, int]] = []
-        for index, (chunk, sample_row, (first_row, count, first_scored)) in enumerate(
-                zip(chunks, prepared.sample_rows, prepared.prompt_rows)):
-            if not live[index]:
-                continue  # aborted or preempted while the step ran: its generator stays untouched
-            if count:
-                prompt_logprobs[index] = self._prompt_logprobs(
-                    chunk.seq.request, logits[first_row:first_row + count], first_scored)
-            if sample_row >= 0:
-                to_sample.append((index, chunk.seq, sample_row))
-        if to_sample and prepared.step_input.argmax_only:
-            # The last stage already picked each row's most likely token: `logits` is int64 [rows].
-            token_ids = logits.tolist()
-            for index, _, row in to_sample:
-                samples[index] = Sample(token_ids[row], float("nan"), None)
-        elif to_sample:
-            rows = [SamplingRow(s.request.params, s.prompt_ids, s.output_ids, s.generator) for _, s, _ in to_sample]
-            sample_rows = [row for _, _, row in to_sample]
-            # A decode step samples every row in order: sample from logits itself, not a copy.
-            picked = logits if sample_rows == list(range(logits.shape[0])) else logits[sample_rows]
-            results = sample(picked, rows, self.generator)
-            for (index, _, _), result in zip(to_sample, results):
-                samples[index] = result
+    def process_step(self, prepared: PreparedStep, result: StepResult) -> list[RequestOutput]:
+        """Apply a step's result (tokens sampled and logprobs, from the last stage): detokenizing,
+        stop checks."""
+        return self.apply_step(prepared, self.sample_step(prepared, result))
+
+    def sample_step(self, prepared: PreparedStep, result: StepResult) -> SampledStep:
+        """Which of a step's results still count: those of the chunks whose sequences are still
+        live (not aborted or preempted while the step ran). It reads the engine's state and
+        changes none of it."""
+        live = [self._is_live(chunk.seq) for chunk in prepared.batch.chunks]
+        prompt_logprobs: list[list[LogprobDict] | None] = [
+            result.prompt_logprobs[slot] if slot >= 0 and alive else None
+            for slot, alive in zip(prepared.scoring_slots, live)]
+        samples: list[Sample | None] = [
+            result.samples[slot] if slot >= 0 and alive else None for slot, alive in zip(prepared.sample_slots, live)]
         return SampledStep(live, prompt_logprobs, samples)
 
     def apply_step(self, prepared: PreparedStep, sampled: SampledStep) -> list[RequestOutput]:
@@ -393,13 +394,6 @@ class LLMEngine:
 
     def _is_live(self, seq: Sequence) -> bool:
         return seq.request.request_id in self.requests and seq.extent is not None
-
-    @staticmethod
-    def _prompt_logprobs(request: Request, logits: torch.Tensor, start: int) -> list[LogprobDict]:
-        logprobs = torch.log_softmax(logits, dim=-1)
-        count = request.params.prompt_logprobs
-        return [top_logprobs(logprobs[offset], request.prompt_ids[start + offset + 1], count)
-                for offset in range(logprobs.shape[0])]
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
         params = seq.request.params

@@ -2,13 +2,16 @@
 
 Order (as in vLLM and transformers): logit bias -> penalties -> greedy argmax, or temperature ->
 top-k -> top-p -> draw.
-A draw takes one uniform number per row (a seeded sequence's from its own generator, so a seeded
-request gives the same tokens whatever else is in the batch) through the inverse of the row's
-cumulative distribution. Top-p finds each row's probability threshold by a radix select over
+A draw takes one uniform number per row (`SamplingRow.uniform`; a seeded sequence's is a function
+of its seed and the token's position, so a seeded request gives the same tokens whatever else is
+in the batch) through the inverse of the row's cumulative distribution. Top-p finds each row's probability threshold by a radix select over
 the probabilities' bits instead of sorting the vocabulary, and a row with top_k works on its k
 most likely tokens alone: on a 2-core CPU, sorting 32 rows of 50k tokens and drawing one
 exponential per token took ~100 ms, as long as the decode step of a 160M model
 (docs/benchmarks.md, "Sampling: sampled requests").
+
+These functions run where the logits are: on the last stage's device (see step_result.py), so
+every tensor they make goes to `logits.device`.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ class SamplingRow:
     """What the sampler needs of one sequence."""
 
     params: SamplingParams
+    # The tokens the penalties look at (empty when the row has none: they travel to the last stage
+    # with every step): repetition over prompt and output, presence and frequency over the output.
     prompt_ids: list[int]
     output_ids: list[int]
-    generator: torch.Generator | None
+    uniform: float = 0.0  # in [0, 1): where the row's draw falls (unused by a greedy row)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,26 @@ class Sample:
     token_id: int
     logprob: float  # of the sampled token under the model's distribution
     top_logprobs: LogprobDict | None  # sampled token + the `logprobs` most likely, when asked
+
+
+def seeded_uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) of a seeded sequence's token at `position` (0 = its first
+    generated token): splitmix64's finalizer over the seed's own mix plus the position, 53 bits.
+    A function of the two alone, not a generator's state, so the same seed gives the same tokens
+    alone or batched, wherever the step runs, and after a step lost to preemption or to a stage
+    failure is computed again."""
+    key = _mix64(seed & _MASK64)
+    return (_mix64((key + (position + 1) * _GOLDEN) & _MASK64) >> 11) * 2.0 ** -53
+
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(value: int) -> int:
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -48,12 +73,13 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
             continue
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
-            seen = seen[seen < vocab]
+            seen = seen[seen < vocab].to(logits.device)
             values = logits[i, seen]
             logits[i, seen] = torch.where(values > 0, values / params.repetition_penalty,
                                           values * params.repetition_penalty)
         if row.output_ids and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            output_ids = torch.tensor(row.output_ids, dtype=torch.long).to(logits.device)
+            counts = torch.bincount(output_ids, minlength=vocab)[:vocab]
             logits[i] -= params.frequency_penalty * counts.to(logits.dtype)
             logits[i] -= params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
@@ -64,14 +90,15 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     for i, row in enumerate(rows):
         bias = row.params.logit_bias
         if bias:
-            ids = torch.tensor(list(bias), dtype=torch.long)
-            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(bias), dtype=torch.long).to(logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype).to(logits.device)
     return logits
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k[i] largest logits (0 = keep all)."""
     vocab = logits.shape[-1]
+    top_k = top_k.to(logits.device)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     if bool((k >= vocab).all()):
         return logits
@@ -135,18 +162,6 @@ def _bucket_reaching(mass: torch.Tensor, above: torch.Tensor, target: torch.Tens
     return chosen, from_here_up.gather(1, chosen) - mass.gather(1, chosen)
 
 
-def uniform_per_row(rows: list[SamplingRow], default: torch.Generator) -> torch.Tensor:
-    """float64 [rows] in [0, 1): a seeded row's from its own generator, the others' from `default`."""
-    uniforms = torch.empty(len(rows), dtype=torch.float64)
-    unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-    if unseeded:
-        uniforms[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=default)
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            uniforms[i] = torch.rand(1, dtype=torch.float64, generator=row.generator)
-    return uniforms
-
-
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """int64 [rows]: each row's token at its uniform number [rows] on the row's cumulative
     distribution; probs [rows, vocab] >= 0, any scale (a dropped token is 0, never drawn)."""
@@ -159,13 +174,24 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, point, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def top_logprobs(logprobs: torch.Tensor, chosen: int, count: int) -> LogprobDict:
-    """{chosen: lp, and the `count` most likely tokens: lp} for one row."""
-    result = {chosen: float(logprobs[chosen])}
-    if count:
-        values, ids = torch.topk(logprobs, count)
-        for value, token in zip(values.tolist(), ids.tolist()):
-            result.setdefault(token, value)
+def score_rows(logprobs: torch.Tensor, chosen: list[int], counts: list[int]) -> list[LogprobDict]:
+    """Per row of logprobs [rows, vocab]: {chosen[i]: its logprob, and the counts[i] most likely
+    tokens: theirs}. Two transfers to the host for all rows, not two per row (on a GPU, each
+    would wait for the device)."""
+    index = torch.tensor(chosen, dtype=torch.long).to(logprobs.device)
+    chosen_logprobs = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
+    most = min(max(counts, default=0), logprobs.shape[-1])
+    top_values: list[list[float]] = [[] for _ in chosen]
+    top_ids: list[list[int]] = [[] for _ in chosen]
+    if most:
+        values, ids = logprobs.topk(most, dim=-1)  # [rows, most], most likely first
+        top_values, top_ids = values.tolist(), ids.tolist()
+    result = []
+    for i, token in enumerate(chosen):
+        entry = {token: chosen_logprobs[i]}
+        for value, other in zip(top_values[i][:counts[i]], top_ids[i][:counts[i]]):
+            entry.setdefault(other, value)
+        result.append(entry)
     return result
 
 
@@ -174,7 +200,7 @@ def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
     return tensor if indices == list(range(tensor.shape[0])) else tensor[indices]
 
 
-def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> torch.Tensor:
+def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """int64 [rows]: a token per row of tempered logits [rows, vocab], after its top-k and top-p.
 
     A row with top_k draws among the tokens top-k keeps alone (its k most likely and any tied
@@ -184,7 +210,7 @@ def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow], default_gene
     width it is drawn over, depend on its own parameters and logits only, never on the rest of
     the batch."""
     vocab = tempered.shape[-1]
-    uniforms = uniform_per_row(rows, default_generator)  # [rows] float64
+    uniforms = torch.tensor([row.uniform for row in rows], dtype=torch.float64)  # [rows]
     top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float64)
     tokens = torch.empty(len(rows), dtype=torch.long, device=tempered.device)
     whole_vocab: list[int] = []
@@ -237,7 +263,7 @@ def apply_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator) -> list[Sample]:
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sample]:
     """logits: float32 [rows, vocab] (left as they are: it may be the step's own output); one
     Sample per row.
 
@@ -258,10 +284,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         chosen = [rows[i] for i in random_rows]
         temperature = torch.tensor([r.params.temperature for r in chosen], device=logits.device)
         tempered = _rows(logits, random_rows) / temperature.unsqueeze(1)  # [len(chosen), vocab]
-        tokens[random_rows] = _draw_tempered(tempered, chosen, default_generator)
+        tokens[random_rows] = _draw_tempered(tempered, chosen)
     token_list = tokens.tolist()
     samples = [Sample(token, float("nan"), None) for token in token_list]
-    for slot, i in enumerate(wanted):
-        top = top_logprobs(raw_logprobs[slot], token_list[i], rows[i].params.logprobs)
-        samples[i] = Sample(token_list[i], top[token_list[i]], top)
+    if wanted:
+        scored = score_rows(raw_logprobs, [token_list[i] for i in wanted], [rows[i].params.logprobs for i in wanted])
+        for i, top in zip(wanted, scored):
+            samples[i] = Sample(token_list[i], top[token_list[i]], top)
     return samples

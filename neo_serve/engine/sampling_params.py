@@ -12,7 +12,7 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI sets none; each costs the sampler a write)
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 MAX_TOP_K = 2**31 - 1  # past any vocabulary; the sampler holds top_k in int64 tensors
-SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators' seeds
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as vLLM and OpenAI take
 # Temperatures below this sample greedily (vLLM instead raises those under 0.01 to 0.01): dividing
 # float32 logits by a far smaller temperature overflows to inf, and the softmax of inf is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5

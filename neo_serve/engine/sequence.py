@@ -7,8 +7,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from neo_serve.engine.kv_cache import Extent
 from neo_serve.engine.outputs import CompletionOutput, LogprobDict, RequestMetrics, RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
@@ -30,7 +28,7 @@ class Sequence:
     request: "Request"
     index: int
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None  # seeded per sequence, so a seed reproduces alone or batched
+    seed: int | None  # the request's seed + this sequence's index: its draws (sampler.seeded_uniform)
     output_ids: list[int] = field(default_factory=list)
     output_text: str = ""
     logprobs: list[LogprobDict] = field(default_factory=list)

@@ -13,6 +13,7 @@ import torch
 
 from neo_serve.config import load_model_config
 from neo_serve.engine.kv_cache import KVArena, KVCopy
+from neo_serve.engine.step_result import SamplingPlan, StepResult, argmax_result, step_result
 from neo_serve.loader import DTYPES, CheckpointFiles, load_stage, resolve_dtype
 from neo_serve.models.attention import AttentionMetadata, SequenceSlice, host_to_device, make_backend
 from neo_serve.models.kv_dtype_probe import cpu_kv_cache_dtype
@@ -29,11 +30,12 @@ class StepInput:
     sequences: tuple[SequenceSlice, ...]
     logits_indices: torch.Tensor  # [rows] positions in the packed batch whose logits are needed
     kv_copies: tuple[KVCopy, ...]  # extent moves to apply before the forward
-    # Every row is a plain greedy sample (SamplingParams.argmax_only): the last stage returns each
-    # row's most likely token, int64 [rows], instead of logits [rows, vocab]. Under Ray
-    # that is a few bytes in the reply instead of an object-store object per micro-batch
-    # (demo: 32 rows x 4096 x 4 B = 512 KB; Pythia: 6.4 MB); on a GPU, no logits copy to the host.
+    # Every row is a plain greedy sample (SamplingParams.argmax_only): the last stage takes each
+    # row's most likely token, with no `sampling` plan to carry.
     argmax_only: bool = False
+    # Otherwise what the last stage does with the logits (step_result.py); the runners send it to
+    # the last stage only.
+    sampling: SamplingPlan | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -46,16 +48,17 @@ class StepInput:
         slices = [value for s in self.sequences
                   for value in (s.query_start, s.query_len, s.context_len, s.kv_start)]
         return (_step_from_lists, (self.input_ids.tolist(), self.positions.tolist(), slices,
-                                   self.logits_indices.tolist(), self.kv_copies, self.argmax_only))
+                                   self.logits_indices.tolist(), self.kv_copies, self.argmax_only, self.sampling))
 
 
 def _step_from_lists(input_ids: list[int], positions: list[int], slices: list[int],
-                     logits_indices: list[int], kv_copies: tuple[KVCopy, ...], argmax_only: bool) -> StepInput:
+                     logits_indices: list[int], kv_copies: tuple[KVCopy, ...], argmax_only: bool,
+                     sampling: SamplingPlan | None = None) -> StepInput:
     sequences = tuple(SequenceSlice(*slices[i:i + 4]) for i in range(0, len(slices), 4))
     return StepInput(input_ids=torch.tensor(input_ids, dtype=torch.long),
                      positions=torch.tensor(positions, dtype=torch.long), sequences=sequences,
                      logits_indices=torch.tensor(logits_indices, dtype=torch.long), kv_copies=kv_copies,
-                     argmax_only=argmax_only)
+                     argmax_only=argmax_only, sampling=sampling)
 
 
 def step_positions(sequences: tuple[SequenceSlice, ...]) -> torch.Tensor:
@@ -108,15 +111,13 @@ class StageWorker:
         return self.dtype
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """First stage: token ids in; others: the previous stage's hidden states [tokens, hidden].
 
-        Returns hidden states for the next stage, or on the last stage the step's output for
-        `step.logits_indices`: logits [rows, vocab] in the model's dtype, or with
-        `step.argmax_only` each row's most likely token, int64 [rows]. Logits stay in the head's
-        dtype: widened here, a float16 or bfloat16 last stage would ship twice the bytes to the host
-        and through the object store (GPT-NeoX-20B: 64 rows x 50432 x 4 B = 12.9 MB a step)
-        for no more information; `LLMEngine.sample_step` widens them to float32.
+        Returns hidden states for the next stage, or on the last stage the step's result for
+        `step.logits_indices`: each row's most likely token when `step.argmax_only`, else what
+        `step.sampling` asks for (tokens sampled and logprobs, computed here on this stage's
+        device: see step_result.py).
         """
         if step.kv_copies:
             self.kv.apply_copies(step.kv_copies)
@@ -133,10 +134,12 @@ class StageWorker:
         hidden = self.model(inputs, positions, self.kv.tensor, meta)
         if logits_indices is None:
             return hidden
-        logits = self.model.compute_logits(hidden[logits_indices])
+        logits = self.model.compute_logits(hidden[logits_indices])  # [rows, vocab], the head's dtype
         if step.argmax_only:
-            return logits.max(dim=-1).indices  # the first maximal token, as `sampler.sample` picks
-        return logits
+            return argmax_result(logits)
+        if step.sampling is None:
+            raise ValueError("a step that is not argmax_only needs its sampling plan on the last stage")
+        return step_result(logits, step.sampling)
 
     def ready(self) -> bool:
         return True

@@ -104,7 +104,7 @@ class GPTNeoXForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden] -> logits [rows, vocab] in the model's dtype: the sampler widens them."""
+        """[rows, hidden] -> logits [rows, vocab] in the model's dtype: sampling widens them."""
         return self.embed_out(hidden)
 
     def tied_weights(self) -> dict[str, str]:

@@ -1,11 +1,10 @@
 """The replica's continuous-batching loop: one engine, its stages, per-request output streams.
 
 Every engine call that changes its state (`add_request`, `abort_request`, `schedule_step`,
-`apply_step`) happens on the replica's event loop, so the engine stays single-threaded; only
-tensor work runs elsewhere: with one stage, a step thread runs the model and the step's
-sampling (`sample_step`, which reads but changes nothing the loop owns); with several, stage
-actors run the model and the loop samples. The loop keeps up
-to `runner.depth` (= num_stages) micro-batches in flight:
+`apply_step`) happens on the replica's event loop, so the engine stays single-threaded; tensor
+work runs elsewhere: with one stage on a step thread, with several in stage actors, and the last
+stage samples (engine/step_result.py). The loop keeps up to `runner.depth` (= num_stages)
+micro-batches in flight:
 
     fill:  while fewer than S in flight: schedule_step(busy=<sequences in flight>,
            max_seqs=ceil(active / S)) -> runner.submit(step)   (the stage chain starts at once)

@@ -5,14 +5,14 @@
 - `RayStageRunner` (num_stages > 1): one `StageActor` per placement-group bundle. A step is a
   chain of actor calls where stage k+1 receives stage k's result *as an ObjectRef*: activations
   move from stage to stage through the object store and never pass through the scheduler; only
-  the last stage's output comes back (logits, or token ids for a plain greedy step). Each actor
+  the last stage's result comes back (tokens and logprobs, never logits). Each actor
   runs its calls in submission order, so several micro-batches can be in flight: stage k works
   on micro-batch i while stage k+1 works on i-1.
 
-`submit(step, finish)` hands back an asyncio future of `finish(output)`, where output is the
-last stage's logits [rows, vocab] in the model's dtype (int64 token ids [rows] when `step.argmax_only`).
-The local runner calls `finish` (the engine's sampling) on its step thread: every parallel
-torch op of the replica then starts from that one thread. A second thread doing parallel ops
+`submit(step, finish)` hands back an asyncio future of `finish(result)`, where result is the
+last stage's `StepResult` (sampled tokens and logprobs: the last stage samples, see
+engine/step_result.py). The local runner runs the whole step, sampling included, on its step
+thread: every parallel torch op of the replica then starts from that one thread. A second thread doing parallel ops
 (the event loop sampling) gives OpenMP a second thread team; with more OpenMP threads than
 cores libgomp stops spinning at barriers and every op of a step pays a sleep and wake-up
 (measured on 2 cores: the offline engine at 64 Pythia-160M streams runs 1.3x slower once
@@ -22,6 +22,7 @@ another thread has run one parallel op).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neo_serve.engine.executor import LocalPipelineExecutor
+from neo_serve.engine.step_result import StepResult
 from neo_serve.engine.worker import StageWorker, StageWorkerSpec, StepInput
 
 logger = logging.getLogger("ray.serve")
@@ -43,12 +45,11 @@ T = TypeVar("T")
 class StepRunner(Protocol):
     depth: int  # micro-batches worth keeping in flight (the number of stages)
 
-    def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
-        """Start a step; the future resolves to `finish(output)`, the last stage's output on the
-        CPU (logits [rows, vocab] in the model's dtype, or int64 token ids [rows] when `step.argmax_only`).
+    def submit(self, step: StepInput, finish: Callable[[StepResult], T]) -> asyncio.Future[T]:
+        """Start a step; the future resolves to `finish(result)`, the last stage's `StepResult`.
         `finish` must not touch state the event loop owns."""
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> StepResult:
         """Blocking form (the engine's `Executor` protocol)."""
 
     def stage_info(self) -> list[dict[str, Any]]: ...
@@ -79,7 +80,7 @@ def describe_stage(worker: StageWorker) -> dict[str, Any]:
 class UnloadedExecutor:
     """The engine's executor until the stages are loaded (the engine builds its scheduler first)."""
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> StepResult:
         raise RuntimeError("the pipeline's stages are not loaded yet")
 
 
@@ -104,13 +105,13 @@ class LocalStepRunner:
         infos = await loop.run_in_executor(pool, lambda: [describe_stage(w) for w in executor.workers])
         return cls(executor, pool, infos)
 
-    def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
+    def submit(self, step: StepInput, finish: Callable[[StepResult], T]) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, step, finish)
 
-    def _run(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> T:
+    def _run(self, step: StepInput, finish: Callable[[StepResult], T]) -> T:
         return finish(self.executor.execute(step))
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> StepResult:
         return self.executor.execute(step)
 
     def stage_info(self) -> list[dict[str, Any]]:
@@ -152,10 +153,12 @@ class StageActor:
         """Whether the process lives, answered at once rather than behind queued steps."""
         return True
 
-    def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
+    def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
         # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
-        out = self._loaded().execute(step, hidden)  # [tokens, hidden], logits [rows, vocab] or token ids [rows]
-        return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
+        out = self._loaded().execute(step, hidden)  # hidden states [tokens, hidden], or the last stage's result
+        if isinstance(out, torch.Tensor):
+            return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
+        return out
 
 
 class RayStageRunner:
@@ -245,21 +248,23 @@ class RayStageRunner:
         # that was a fifth of the served 2-stage throughput (paired runs, 64 streams: 959 and
         # 942 tok/s by value, 755 and 718 with `ray.put`). Ray still moves a step above its
         # inline limit (100 KB) through the object store by itself.
+        # Only the last stage samples: the others get the step without its sampling plan.
         hidden: ray.ObjectRef | None = None
-        for actor in self.actors:
-            hidden = actor.execute.remote(step, hidden)
+        without_plan = dataclasses.replace(step, sampling=None) if step.sampling is not None else step
+        for index, actor in enumerate(self.actors):
+            hidden = actor.execute.remote(step if index == self.depth - 1 else without_plan, hidden)
         return hidden
 
-    def submit(self, step: StepInput, finish: Callable[[torch.Tensor], T]) -> asyncio.Future[T]:
+    def submit(self, step: StepInput, finish: Callable[[StepResult], T]) -> asyncio.Future[T]:
         # The model runs in the stage actors' processes; in the replica only the event loop does
         # torch work, so `finish` runs there once the last stage's output arrives.
         return asyncio.ensure_future(self._finish(self._chain(step), finish))
 
     @staticmethod
-    async def _finish(logits: ray.ObjectRef, finish: Callable[[torch.Tensor], T]) -> T:
-        return finish(await logits)
+    async def _finish(result: ray.ObjectRef, finish: Callable[[StepResult], T]) -> T:
+        return finish(await result)
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput) -> StepResult:
         return ray.get(self._chain(step))
 
     def stage_info(self) -> list[dict[str, Any]]:
