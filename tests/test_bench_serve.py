@@ -55,7 +55,9 @@ def test_statistics():
 @pytest.mark.timeout(180)
 def test_tiny_run_measures_every_system(tmp_path):
     out_json, out_md = tmp_path / "serve.json", tmp_path / "serve.md"
-    args = parse(ARGV + ["--json", str(out_json), "--markdown", str(out_md), "--plots-dir", str(tmp_path)])
+    # Sampled, as the playground's requests are: every system samples alike.
+    args = parse(ARGV + ["--json", str(out_json), "--markdown", str(out_md), "--plots-dir", str(tmp_path),
+                         "--temperature", "0.8", "--top-p", "0.9"])
     assert run_serve_bench(args) == 0
     assert not ray.is_initialized()  # Ray is shut down at the end
 
@@ -101,6 +103,8 @@ def test_tiny_run_measures_every_system(tmp_path):
             assert all(len(r["token_times"]) == r["tokens"] for r in point["raw"])
 
     report = out_md.read_text()
+    assert results["workload"]["sampling"] == {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}
+    assert "(`ignore_eos`, temperature 0.8, top_p 0.9, top_k 0, repetition_penalty 1)" in report
     assert "| chunk gap p50 | chunk gap p99 | tokens / chunk | all tokens | CPU steal |" in report
     # --from-json renders the same report from the saved numbers, measuring nothing.
     again = out_md.with_suffix(".again")
@@ -197,3 +201,41 @@ def test_a_ratio_just_short_of_its_target_is_not_shown_as_the_target():
 
     assert _verdict(0.798, 0.8) == "0.798x (missed)"
     assert _verdict(0.8, 0.8) == "0.80x (met)" and _verdict(2.74, 3.0) == "2.74x (missed)"
+
+
+def test_the_baseline_samples_as_its_requests_ask():
+    """The baseline's `generate` samples when the benchmark's requests do, and refuses what a
+    completions request could not ask."""
+    import asyncio
+
+    import torch
+    from starlette.requests import Request
+
+    from neo_serve.bench.baseline_app import HFGenerateServer
+    from neo_serve.bench.engine_bench import Sampling
+
+    from neo_serve.bench.serve_bench import DEMO_CHECKPOINT
+
+    threads = torch.get_num_threads()
+    try:
+        server = HFGenerateServer(str(DEMO_CHECKPOINT))  # sets its torch threads: 1, in this process
+    finally:
+        torch.set_num_threads(threads)  # later tests read this process's default (the launcher's)
+    prompts, lengths = [[5, 6, 7, 8], [9, 10]], [6, 4]
+    greedy = server._generate(prompts, lengths)
+    assert greedy == server._generate(prompts, lengths) and [len(t) for t in greedy] == lengths
+    sampled = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        sampled.append(server._generate(prompts, lengths, Sampling(temperature=1.0, top_p=0.95)))
+    assert all(s != greedy for s in sampled) and len({str(s) for s in sampled}) > 1
+
+    async def post(body: dict) -> int:
+        payload = json.dumps(body).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": payload, "more_body": False}
+
+        return (await server(Request({"type": "http", "method": "POST", "headers": []}, receive))).status_code
+
+    assert asyncio.run(post({"prompt": [1, 2], "max_tokens": 2, "temperature": -1.0})) == 400

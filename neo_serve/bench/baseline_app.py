@@ -1,11 +1,13 @@
 """The baseline of `neo-serve bench serve`: what a Ray Serve user gets by wrapping transformers'
 `generate` in `@serve.batch(max_batch_size=8)`.
 
-One deployment, one HTTP route (`POST /` with `{"prompt": [token ids], "max_tokens": n}`,
+One deployment, one HTTP route (`POST /` with `{"prompt": [token ids], "max_tokens": n}` and,
+to sample, `temperature`, `top_p`, `top_k`, `repetition_penalty` as in a completions request,
 answered with `{"token_ids": [...], "usage": {...}}` once the whole completion is done; no
 streaming). Requests that arrive together are generated as one left-padded static batch that
 runs for the batch's largest `max_tokens`; each request gets back exactly its own `max_tokens`
-tokens (`eos_token_id=None`: no early stop, as `ignore_eos` in neo-serve).
+tokens (`eos_token_id=None`: no early stop, as `ignore_eos` in neo-serve). A batch samples as its
+first request asks (the benchmark samples every request alike).
 
 It is given a fair chance: `generate` runs on a worker thread so the replica keeps queueing
 requests into the next batch meanwhile, the replica accepts many requests at once (Serve's
@@ -23,11 +25,13 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from neo_serve.bench.engine_bench import Sampling
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HFGenerateServer:
-    """transformers `generate` behind `@serve.batch`, with greedy decoding."""
+    """transformers `generate` behind `@serve.batch`, greedy unless a request asks to sample."""
 
     def __init__(self, checkpoint: str, *, dtype: str = "float32", num_threads: int = 1,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01) -> None:
@@ -50,16 +54,23 @@ class HFGenerateServer:
                 or not isinstance(max_tokens, int) or max_tokens < 1):
             return JSONResponse({"error": "prompt must be a non-empty list of token ids and max_tokens >= 1"},
                                 status_code=400)
-        token_ids = await self.generate_batch((prompt, max_tokens))
+        try:
+            sampling = Sampling(**{name: body[name] for name in Sampling().request_fields() if name in body})
+            sampling.params(max_tokens)  # checked as neo-serve checks a request
+        except Exception as exc:  # noqa: BLE001 - a bad field is the client's error
+            return JSONResponse({"error": f"bad sampling parameters: {exc}"}, status_code=400)
+        token_ids = await self.generate_batch((prompt, max_tokens, sampling))
         return JSONResponse({"token_ids": token_ids,
                              "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(token_ids)}})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[tuple[list[int], int]]) -> list[list[int]]:
+    async def generate_batch(self, items: list[tuple[list[int], int, Sampling]]) -> list[list[int]]:
         self.batch_sizes.append(len(items))
-        return await asyncio.to_thread(self._generate, [p for p, _ in items], [m for _, m in items])
+        return await asyncio.to_thread(self._generate, [p for p, _, _ in items], [m for _, m, _ in items],
+                                       items[0][2])
 
-    def _generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    def _generate(self, prompts: list[list[int]], max_tokens: list[int],
+                  sampling: Sampling = Sampling()) -> list[list[int]]:
         torch = self.torch
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
@@ -67,7 +78,7 @@ class HFGenerateServer:
         new_tokens = max(max_tokens)  # a static batch runs until its longest request is done
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                      do_sample=False, use_cache=True)
+                                      use_cache=True, **sampling.transformers_kwargs())
         return [out[row, width:width + m].tolist() for row, m in enumerate(max_tokens)]
 
     async def stats(self) -> dict[str, Any]:

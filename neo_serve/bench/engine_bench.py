@@ -31,6 +31,7 @@ import torch
 
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.config import load_model_config
+from neo_serve.errors import InvalidRequestError
 from neo_serve.models.stages import head_param_count, layer_param_count
 
 REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
@@ -46,11 +47,31 @@ class Sampling:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Sampling":
+        """From the options of `add_sampling_arguments`, checked as a request's would be."""
+        sampling = cls(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+        try:
+            sampling.params(1)
+        except InvalidRequestError as exc:
+            raise SystemExit(f"--{(exc.field or 'temperature').replace('_', '-')}: {exc}") from None
+        return sampling
+
     def params(self, max_tokens: int):
         from neo_serve import SamplingParams
 
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, repetition_penalty=self.repetition_penalty, ignore_eos=True)
+
+    def request_fields(self) -> dict:
+        """The same as fields of a completions request body (and of the served baseline's)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty}
+
+    def describe(self) -> str:
+        if self.temperature == 0.0:
+            return "greedy" + (f", repetition_penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
+        return ", ".join(f"{name} {value:g}" for name, value in self.request_fields().items())
 
     def transformers_kwargs(self) -> dict:
         penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {}
@@ -58,6 +79,16 @@ class Sampling:
             return {"do_sample": False, **penalty}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 **penalty}
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How every request of a run samples, the same in every system measured."""
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every request's temperature (0: greedy, the default), in every system")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every request's top_p, in every system")
+    parser.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off), in every system")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="every request's repetition_penalty, in every system")
 
 
 @dataclass
@@ -230,12 +261,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="neo-serve's KV cache dtype (auto on CPU: float32, or the model's half-precision "
                              "dtype where a probe at load finds its attention kernels clearly faster)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="every request's temperature (0: greedy, the default), for both systems")
-    parser.add_argument("--top-p", type=float, default=1.0, help="every request's top_p, for both systems")
-    parser.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off), for both systems")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="every request's repetition_penalty, for both systems")
+    add_sampling_arguments(parser)
     parser.add_argument("--skip-transformers", action="store_true", help="measure neo-serve only")
     parser.add_argument("--json", default=None, help="also write the results here")
 
@@ -251,7 +277,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     machine = {"cpu": _cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {machine}")
-    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    sampling = Sampling.from_args(args)
     results = {"machine": machine, "sampling": dataclasses.asdict(sampling), "runs": []}
     for dtype in args.dtypes.split(","):
         element = torch.empty((), dtype=DTYPES[dtype]).element_size()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neo_serve.bench.engine_bench import REPO_REFERENCE, _cpu_name, build_checkpoint
+from neo_serve.bench.engine_bench import REPO_REFERENCE, Sampling, _cpu_name, add_sampling_arguments, build_checkpoint
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 from neo_serve.serve.local_cluster import configure_local_cluster
@@ -61,6 +62,7 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
 NEO_APP = "neo-serve-bench"
 BASELINE_APP = "hf-baseline-bench"
+GREEDY = Sampling()
 
 
 # ---- workload ---------------------------------------------------------------------------------
@@ -214,12 +216,13 @@ async def drive(send: Callable[[BenchRequest], Awaitable[RequestRecord]], reques
     return records
 
 
-def stream_sender(http: Any, url: str, model: str) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
+def stream_sender(http: Any, url: str, model: str,
+                  sampling: Sampling = GREEDY) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
     """neo-serve's OpenAI completions, streamed: records each token's arrival."""
 
     async def send(request: BenchRequest) -> RequestRecord:
-        body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "return_token_ids": True,
+        body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens,
+                **sampling.request_fields(), "ignore_eos": True, "stream": True, "return_token_ids": True,
                 "stream_options": {"include_usage": True}}
         record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
         finished = usage = None
@@ -262,12 +265,13 @@ def stream_sender(http: Any, url: str, model: str) -> Callable[[BenchRequest], A
     return send
 
 
-def full_sender(http: Any, url: str) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
+def full_sender(http: Any, url: str, sampling: Sampling = GREEDY) -> Callable[[BenchRequest], Awaitable[RequestRecord]]:
     """The baseline's route: one JSON response with all tokens (TTFT = time to the response)."""
 
     async def send(request: BenchRequest) -> RequestRecord:
         record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
-        async with http.post(url, json={"prompt": request.prompt, "max_tokens": request.max_tokens}) as response:
+        body = {"prompt": request.prompt, "max_tokens": request.max_tokens, **sampling.request_fields()}
+        async with http.post(url, json=body) as response:
             body = await response.read()
         record.done = record.first_token = time.perf_counter()
         if response.status != 200:
@@ -305,11 +309,10 @@ def run_http(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[Reque
 
 
 # ---- the offline engine -----------------------------------------------------------------------
-def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int) -> list[RequestRecord]:
+def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int,
+                  sampling: Sampling = GREEDY) -> list[RequestRecord]:
     """The engine's own loop with `clients` requests in flight: a finished request is replaced
     by the next one before the next step, as a closed-loop client would do."""
-    from neo_serve import SamplingParams
-
     pending = iter(requests)
     records: dict[str, RequestRecord] = {}
 
@@ -318,8 +321,7 @@ def offline_point(engine: Any, requests: list[BenchRequest], *, clients: int) ->
         if request is None:
             return False
         record = RequestRecord(len(request.prompt), request.max_tokens, sent=time.perf_counter())
-        added = engine.add_request(request.prompt, SamplingParams(max_tokens=request.max_tokens, temperature=0.0,
-                                                                  ignore_eos=True))
+        added = engine.add_request(request.prompt, sampling.params(request.max_tokens))
         records[added.request_id] = record
         return True
 
@@ -364,7 +366,7 @@ def measure_offline(llm: Any, model: ModelSpec, requests: list[BenchRequest], cl
     """One offline point; `paired_with` names the served system measured right after it."""
     batch = requests[:requests_per_point(clients, args)]
     steal = StealMeter()
-    records = offline_point(llm.engine, batch, clients=clients)
+    records = offline_point(llm.engine, batch, clients=clients, sampling=args.sampling)
     point = {"system": offline_system(paired_with), "model": model.name, "stages": 1, "clients": clients,
              **summarize(records, streaming=True), "cpu_steal": steal.fraction(), "paired_with": paired_with}
     _print_point(point)
@@ -505,10 +507,10 @@ def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[Benc
         with deployed(build_app(app_args), NEO_APP, timeout=args.deploy_timeout):
             print(f"[{model.name}] {system}: deployed in {time.perf_counter() - started:.1f} s "
                   f"({cpus} CPU thread(s) per stage)", flush=True)
-            _http_warmup(lambda http: stream_sender(http, url, model.name), requests, args)
+            _http_warmup(lambda http: stream_sender(http, url, model.name, args.sampling), requests, args)
             for clients in clients_group:
                 batch = requests[:requests_per_point(clients, args)]
-                records, beside = run_http(lambda http: stream_sender(http, url, model.name), batch,
+                records, beside = run_http(lambda http: stream_sender(http, url, model.name, args.sampling), batch,
                                            clients=clients, timeout=args.request_timeout)
                 point = {"system": system, "model": model.name, "stages": stages, "clients": clients,
                          "cpus_per_stage": cpus, "replicas": replicas, **summarize(records, streaming=True),
@@ -530,11 +532,11 @@ def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
     started = time.perf_counter()
     with deployed(app, BASELINE_APP, timeout=args.deploy_timeout) as handle:
         print(f"[{model.name}] baseline: deployed in {time.perf_counter() - started:.1f} s", flush=True)
-        _http_warmup(lambda http: full_sender(http, url), requests, args)
+        _http_warmup(lambda http: full_sender(http, url, args.sampling), requests, args)
         for n in clients or args.clients:
             batch = requests[:requests_per_point(n, args)]
             handle.reset_stats.remote().result()
-            records, beside = run_http(lambda http: full_sender(http, url), batch, clients=n,
+            records, beside = run_http(lambda http: full_sender(http, url, args.sampling), batch, clients=n,
                                        timeout=args.request_timeout)
             point = {"system": "baseline", "model": model.name, "stages": 1, "clients": n,
                      "cpus_per_stage": args.threads, **summarize(records, streaming=False), **beside,
@@ -626,6 +628,7 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights of every system (default float32)")
+    add_sampling_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per system (default: torch's, i.e. the physical cores): the offline "
                              "engine, the baseline replica, and a pipeline's stages together")
@@ -663,6 +666,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     import torch
 
     args.threads = args.threads or torch.get_num_threads()
+    args.sampling = Sampling.from_args(args)
     try:
         ingress = configure_local_ingress(args.ingress)
     except IngressUnavailable as exc:
@@ -675,6 +679,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "machine": machine_info(args),
         "workload": {"seed": args.seed, "prompt_len": list(args.prompt_len), "max_tokens": list(args.max_tokens),
+                     "sampling": dataclasses.asdict(args.sampling),
                      "rounds": args.rounds, "min_requests": args.min_requests, "clients": args.clients,
                      "dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "baseline_batch_size": args.baseline_batch_size,
@@ -877,7 +882,8 @@ def format_markdown(results: dict[str, Any], plots: list[str] | None = None) -> 
         f"{_load(machine.get('load_average_at_end'))} at end.", "",
         f"Workload (seed {workload['seed']}): {workload['rounds']} x N requests per point (at least "
         f"{workload['min_requests']}), prompts of {workload['prompt_len'][0]}-{workload['prompt_len'][1]} token ids, "
-        f"{workload['max_tokens'][0]}-{workload['max_tokens'][1]} new tokens each (`ignore_eos`, temperature 0), "
+        f"{workload['max_tokens'][0]}-{workload['max_tokens'][1]} new tokens each (`ignore_eos`, "
+        f"{Sampling(**workload.get('sampling', {})).describe()}), "
         f"{workload['dtype']} weights. N clients each send a request as soon as their previous one is done. "
         "tokens/s = generated tokens / wall time from the first request sent to the last completed. "
         "`offline`: the engine in-process, N requests in flight. `neo-serve S stages`: the Ray Serve app over "
