@@ -61,6 +61,12 @@ def _bench_load(args: argparse.Namespace) -> int:
     return run_load_test(args)
 
 
+def _bench_score(args: argparse.Namespace) -> int:
+    from neo_serve.bench.score_bench import run_score_bench
+
+    return run_score_bench(args)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,load}")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,load,score}")
     serve_bench = bench_sub.add_parser(
         "serve", help="N concurrent streaming HTTP clients against the Ray Serve app, the offline engine and a "
                       "transformers @serve.batch baseline")
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "each must complete or be refused cleanly, and memory must stay bounded")
     add_load_arguments(load)
     load.set_defaults(func=_bench_load)
+    from neo_serve.bench.score_bench import add_score_bench_arguments
+
+    score = bench_sub.add_parser(
+        "score", help="prompt scoring as lm-evaluation-harness requests it (echo, logprobs, max_tokens 0): served "
+                      "against the offline engine, logprobs checked")
+    add_score_bench_arguments(score)
+    score.set_defaults(func=_bench_score, input_errors_as_messages=True)
 
     plan = sub.add_parser("plan", help="stage split, weights and KV capacity per GPU, on the meta device")
     plan.add_argument("--config", required=True, help="a checkpoint's config.json (or its directory)")
