@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neo_serve import LLM, SamplingParams
-from neo_serve.engine.sampler import (SamplingRow, apply_penalties, apply_top_k, apply_top_p, draw, sample,
-                                      seeded_uniform, top_p_keep)
+from neo_serve.engine.sampler import (SamplingRow, apply_logit_bias, apply_penalties, apply_top_k, apply_top_p, draw,
+                                      sample, seeded_uniform, top_p_keep)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -232,6 +232,35 @@ def test_penalties_follow_their_definitions():
     out = apply_penalties(logits.clone(), [SamplingRow(params, [3], [2, 2, 4])])
     # output counts: token 2 twice, token 4 once; the prompt's token 3 is not penalised
     assert out.tolist() == [[2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5, 0.0 - 0.5 - 0.25]]
+
+
+def test_penalties_and_biases_land_on_their_own_rows_in_one_write():
+    """All rows' penalties and biases go to the device as one index each: every (row, token) must
+    get what the per-row definitions give, bit for bit."""
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2)) * 3
+    rows = [
+        SamplingRow(SamplingParams(repetition_penalty=1.5, logit_bias={3: 2.0, 39: -1.5}), [1, 2, 2], [5, 1]),
+        SamplingRow(SamplingParams(), [1, 2], [3]),  # none: untouched
+        SamplingRow(SamplingParams(presence_penalty=0.3, frequency_penalty=0.7), [9], [4, 4, 4, 6]),
+        SamplingRow(SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=0.1,
+                                   logit_bias={4: 1.0}), [7, 8], [4, 8, 8]),
+        SamplingRow(SamplingParams(logit_bias={0: -100.0}), [], []),
+    ]
+    expected = logits.clone()
+    for i, row in enumerate(rows):  # the definitions, row by row
+        params = row.params
+        for token, bias in params.logit_bias.items():
+            expected[i, token] += torch.tensor(bias)
+        if params.repetition_penalty != 1.0:
+            for token in set(row.prompt_ids) | set(row.output_ids):
+                value = expected[i, token]
+                expected[i, token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+        for token in set(row.output_ids):
+            expected[i, token] -= params.frequency_penalty * torch.tensor(float(row.output_ids.count(token)))
+            expected[i, token] -= torch.tensor(params.presence_penalty)
+    got = apply_penalties(apply_logit_bias(logits.clone(), rows), rows)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[1], logits[1])
 
 
 def test_sample_picks_the_first_best_token_and_leaves_the_logits_alone():
@@ -504,3 +533,24 @@ def test_draws_follow_the_tempered_distribution(params, expected):
     drawn = torch.tensor([s.token_id for s in sample(logits, rows)])
     frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
     assert torch.allclose(frequencies, torch.tensor(expected), atol=0.02), frequencies.tolist()
+
+
+def test_a_step_scores_every_prompt_with_its_own_count_of_top_tokens():
+    """The last stage scores all of a step's prompt positions in one pass (beside a sampled row
+    between them): each position gets its target's logprob and its request's number of top
+    tokens, as a log-softmax of its own row gives them."""
+    from neo_serve.engine.step_result import PromptScoring, SamplingPlan, step_result
+
+    logits = (torch.randn(7, 30, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16)
+    plan = SamplingPlan(sample_rows=[3], rows=[SamplingRow(SamplingParams(temperature=0.0, logprobs=1), [], [])],
+                        prompt_scoring=[PromptScoring(0, [5, 6, 7], 0), PromptScoring(4, [1, 2, 3], 2)])
+    result = step_result(logits, plan)
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    for scoring, scored in zip(plan.prompt_scoring, result.prompt_logprobs):
+        assert len(scored) == len(scoring.targets)
+        for offset, (target, entry) in enumerate(zip(scoring.targets, scored)):
+            row = reference[scoring.first_row + offset]
+            top = row.topk(scoring.top).indices.tolist() if scoring.top else []
+            assert entry == {token: float(row[token]) for token in [target] + top}
+    [picked] = result.samples
+    assert picked.token_id == int(logits[3].float().argmax()) and picked.logprob == float(reference[3, picked.token_id])

@@ -56,16 +56,30 @@ def argmax_result(logits: torch.Tensor) -> StepResult:
 
 def step_result(logits: torch.Tensor, plan: SamplingPlan) -> StepResult:
     """Sample and score logits [rows, vocab] (the head's dtype, on its device) as `plan` says.
-    Both in float32: widening is exact, so they are the numbers a float32 head output gives."""
-    logits = logits.float()
-    prompt_logprobs = []
-    for scoring in plan.prompt_scoring:
-        count = len(scoring.targets)
-        logprobs = torch.log_softmax(logits[scoring.first_row:scoring.first_row + count], dim=-1)
-        prompt_logprobs.append(score_rows(logprobs, scoring.targets, [scoring.top] * count))
+    Both in float32 (widening is exact, so they are the numbers a float32 head output gives),
+    each on its own rows: a float32 copy of a long prompt's whole logits would double the
+    stage's peak memory (8192 rows of a 50k vocabulary: 1.6 GB)."""
+    prompt_logprobs: list[list[LogprobDict]] = []
+    if plan.prompt_scoring:
+        # Every scored position of the step at once: on a GPU, each call waits for the device.
+        rows = [row for scoring in plan.prompt_scoring
+                for row in range(scoring.first_row, scoring.first_row + len(scoring.targets))]
+        logprobs = torch.log_softmax(_widened(logits, rows), dim=-1)  # [len(rows), vocab]
+        scored = score_rows(logprobs, [token for scoring in plan.prompt_scoring for token in scoring.targets],
+                            [scoring.top for scoring in plan.prompt_scoring for _ in scoring.targets])
+        start = 0
+        for scoring in plan.prompt_scoring:
+            prompt_logprobs.append(scored[start:start + len(scoring.targets)])
+            start += len(scoring.targets)
     samples: list[Sample] = []
     if plan.rows:
-        # A decode step samples every row in order: sample from the logits themselves, not a copy.
-        every_row = plan.sample_rows == list(range(logits.shape[0]))
-        samples = sample(logits if every_row else logits[plan.sample_rows], plan.rows)
+        samples = sample(_widened(logits, plan.sample_rows), plan.rows)
     return StepResult(samples, prompt_logprobs)
+
+
+def _widened(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """float32 logits[rows]. Consecutive rows (a decode step's, or scored prompts that generate
+    nothing, as lm-evaluation-harness asks) are a view of float32 logits, not a copy."""
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return logits[rows[0]:rows[-1] + 1].float()
+    return logits[rows].float()
