@@ -34,5 +34,9 @@ def test_tiny_scoring_run_checks_served_logprobs_against_offline(tmp_path, capsy
     assert "3 prompts of 24 token ids, scored with `echo`, `logprobs: 2`, `max_tokens: 0` (2 HTTP clients)" in report
 
 
-def test_bad_options_are_named():
+def test_bad_options_are_named(capsys):
     assert cli_main(["bench", "score", "--prompt-len", "1"]) == 2
+    assert "--prompt-len must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused as it is parsed, before the offline engine runs
+        cli_main(["bench", "score", "--stages", "0"])
+    assert "--stages" in capsys.readouterr().err

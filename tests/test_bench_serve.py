@@ -229,6 +229,8 @@ def test_the_baseline_samples_as_its_requests_ask():
         torch.manual_seed(seed)
         sampled.append(server._generate(prompts, lengths, Sampling(temperature=1.0, top_p=0.95)))
     assert all(s != greedy for s in sampled) and len({str(s) for s in sampled}) > 1
+    # top_k -1 is "off" in a completions request (and `--top-k -1`); transformers refuses it as is.
+    assert [len(t) for t in server._generate(prompts, lengths, Sampling(temperature=1.0, top_k=-1))] == lengths
 
     async def post(body: dict) -> int:
         payload = json.dumps(body).encode()

@@ -77,8 +77,9 @@ class Sampling:
         penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {}
         if self.temperature == 0.0:
             return {"do_sample": False, **penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                **penalty}
+        # top_k -1 is "off" to a completions request; transformers takes only 0 for that.
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": max(self.top_k, 0), **penalty}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

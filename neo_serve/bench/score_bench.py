@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE
 from neo_serve.bench.machine import StealMeter
-from neo_serve.bench.serve_bench import (PYTHIA_DIR, ModelSpec, cpus_per_stage, deployed, machine_info,
+from neo_serve.bench.serve_bench import (PYTHIA_DIR, ModelSpec, _int_list, cpus_per_stage, deployed, machine_info,
                                          ray_serve, resolve_models, served_system, sigterm_as_interrupt)
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
@@ -126,8 +127,9 @@ def score_served(model: ModelSpec, stages: int, prompts: list[list[int]], refere
         steal = StealMeter()
         seconds, served, errors = asyncio.run(_score_over_http(
             url, model.name, prompts, clients=args.clients, logprobs=args.logprobs, timeout=args.request_timeout))
+        cpu_steal = steal.fraction()  # over the requests, not the app's deletion
     point = ScorePoint(served_system(stages, 1), model.name, stages, len(prompts), sum(map(len, prompts)), seconds,
-                       errors=errors, cpu_steal=steal.fraction())
+                       errors=errors, cpu_steal=cpu_steal)
     diffs = [abs(a - b) for got, want in zip(served, reference) if got is not None
              for a, b in zip(got[1:], want[1:])]
     if any(got is not None and len(got) != len(want) for got, want in zip(served, reference)):
@@ -160,7 +162,7 @@ def add_score_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_REFERENCE),
                         help="config.json whose shape the pythia-160m checkpoint takes")
     parser.add_argument("--checkpoint-dir", default=str(PYTHIA_DIR), help="where the pythia-160m checkpoint lives")
-    parser.add_argument("--stages", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+    parser.add_argument("--stages", type=_int_list, default=[1, 2],
                         help="neo-serve pipeline stages, comma-separated (default 1,2)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts scored per system (default 16)")
     parser.add_argument("--prompt-len", type=int, default=512, help="token ids per prompt (default 512)")
@@ -198,6 +200,8 @@ def run_score_bench(args: argparse.Namespace) -> int:
     except IngressUnavailable as exc:
         print(f"neo-serve bench score: {exc}", file=sys.stderr)
         return 2
+    ray_cpus = _ray_cpus(args)  # checks each --stages' app config before anything is measured
+    machine = machine_info(args)
     models = resolve_models(args)
     points: list[ScorePoint] = []
     failures: list[str] = []
@@ -211,7 +215,7 @@ def run_score_bench(args: argparse.Namespace) -> int:
         point, references[model.name] = score_offline(model, prompts, args)
         points.append(point)
         _print_point(point)
-    with sigterm_as_interrupt(), ray_serve(_ray_cpus(args), ingress) as base_url:
+    with sigterm_as_interrupt(), ray_serve(ray_cpus, ingress) as base_url:
         for model in models:
             prompts = make_prompts(model.vocab_size, args.prompts, args.prompt_len, args.seed)
             for stages in args.stages:
@@ -223,7 +227,7 @@ def run_score_bench(args: argparse.Namespace) -> int:
                     continue
                 points.append(point)
                 _print_point(point)
-    machine = machine_info(args)
+    machine["load_average_at_end"] = list(os.getloadavg())
     print(format_report(points, args, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({
