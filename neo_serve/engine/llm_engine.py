@@ -48,8 +48,8 @@ class PreparedStep:
 
 @dataclass(frozen=True)
 class SampledStep:
-    """What the logits of a finished step decided, per chunk of its batch: whether the chunk's
-    sequence was live when sampled, its prompt logprobs and its sampled token (None: none)."""
+    """What of a finished step's result counts, per chunk of its batch: whether the chunk's
+    sequence was still live, its prompt logprobs and its sampled token (None: none)."""
 
     live: list[bool]
     prompt_logprobs: list[list[LogprobDict] | None]

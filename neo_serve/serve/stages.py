@@ -12,11 +12,11 @@
 `submit(step, finish)` hands back an asyncio future of `finish(result)`, where result is the
 last stage's `StepResult` (sampled tokens and logprobs: the last stage samples, see
 engine/step_result.py). The local runner runs the whole step, sampling included, on its step
-thread: every parallel torch op of the replica then starts from that one thread. A second thread doing parallel ops
-(the event loop sampling) gives OpenMP a second thread team; with more OpenMP threads than
-cores libgomp stops spinning at barriers and every op of a step pays a sleep and wake-up
-(measured on 2 cores: the offline engine at 64 Pythia-160M streams runs 1.3x slower once
-another thread has run one parallel op).
+thread: every parallel torch op of the replica then starts from that one thread. A second
+thread doing parallel ops (as the event loop did when it sampled) gives OpenMP a second thread
+team; with more OpenMP threads than cores libgomp stops spinning at barriers and every op of a
+step pays a sleep and wake-up (measured on 2 cores: the offline engine at 64 Pythia-160M
+streams runs 1.3x slower once another thread has run one parallel op).
 """
 
 from __future__ import annotations
@@ -256,8 +256,8 @@ class RayStageRunner:
         return hidden
 
     def submit(self, step: StepInput, finish: Callable[[StepResult], T]) -> asyncio.Future[T]:
-        # The model runs in the stage actors' processes; in the replica only the event loop does
-        # torch work, so `finish` runs there once the last stage's output arrives.
+        # The model and the sampling run in the stage actors' processes; `finish` (bookkeeping,
+        # no torch work) runs on the event loop once the last stage's result arrives.
         return asyncio.ensure_future(self._finish(self._chain(step), finish))
 
     @staticmethod
