@@ -10,7 +10,7 @@ import torch
 
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.sampler import (SamplingRow, apply_logit_bias, apply_penalties, apply_top_k, apply_top_p, draw,
-                                      sample, seeded_uniform, top_p_keep)
+                                      sample, seeded_uniform, top_p_keep, top_p_keep_by_sort)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -133,10 +133,12 @@ def top_p_by_sorting(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return probs >= least_kept
 
 
+@pytest.mark.parametrize("keep", [top_p_keep, top_p_keep_by_sort], ids=["radix-cpu", "sort-gpu"])
 @pytest.mark.parametrize("vocab", [3, 100, 4096, 50432])
-def test_top_p_keeps_what_sorting_the_vocabulary_keeps(vocab):
-    # The radix select over probability bits against a sort, on flat, peaked, masked (top-k's
-    # -inf) and tied (rounded logits) rows, with top_p from tiny to nearly 1.
+def test_top_p_keeps_what_sorting_the_vocabulary_keeps(vocab, keep):
+    # The radix select over probability bits (the CPU's way) and the sort a GPU takes, against a
+    # plain sort, on flat, peaked, masked (top-k's -inf) and tied (rounded logits) rows, with
+    # top_p from tiny to nearly 1.
     generator = torch.Generator().manual_seed(vocab)
     for scale in (0.05, 1.0, 4.0, 12.0):
         for shape in ("plain", "masked", "tied"):
@@ -148,7 +150,7 @@ def test_top_p_keeps_what_sorting_the_vocabulary_keeps(vocab):
             top_p = torch.rand(16, generator=generator).clamp(min=1e-6)
             top_p[:3] = torch.tensor([1e-6, 0.5, 0.999999])
             probs = logits.softmax(dim=-1)
-            kept = top_p_keep(probs, top_p)
+            kept = keep(probs, top_p)
             assert torch.equal(kept, top_p_by_sorting(probs, top_p)), (scale, shape)
             assert kept.any(dim=1).all()
 

@@ -177,7 +177,12 @@ def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
     Instead of a sort (O(vocab log vocab) a row), three passes of a histogram of probability
     mass by bit pattern: the first over every token, the next two over the tokens left in each
-    row's chosen bucket. Masses are summed in float64."""
+    row's chosen bucket. Masses are summed in float64. On a GPU, a sort (`top_p_keep_by_sort`):
+    fast there, and its sums are in a fixed order, where the histograms' float64 atomics add up
+    in whatever order the threads run, so that a top_p at a bucket's edge could cut differently
+    from run to run, and a seed would not reproduce."""
+    if probs.is_cuda:
+        return top_p_keep_by_sort(probs, top_p)
     probs = probs.float().contiguous()
     rows = probs.shape[0]
     patterns = probs.view(torch.int32)  # [rows, vocab], ordered as the probabilities
@@ -203,6 +208,18 @@ def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         chosen, above = _bucket_reaching(mass.view(rows, 1 << bits), above, target)
         threshold = (threshold << bits) | chosen.squeeze(1)
     return patterns >= threshold.to(torch.int32).unsqueeze(1)
+
+
+def top_p_keep_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`top_p_keep`'s rule by a sort: the most likely tokens until the mass before the next one
+    (summed in float64, in order) reaches top_p, and every token as likely as the last kept."""
+    probs = probs.float()
+    ordered = probs.sort(dim=-1, descending=True).values  # [rows, vocab]
+    running = ordered.double().cumsum(dim=-1)
+    mass_before = torch.cat([torch.zeros_like(running[:, :1]), running[:, :-1]], dim=1)  # [rows, vocab]
+    target = top_p.to(device=probs.device, dtype=torch.float64).unsqueeze(1)
+    count = (mass_before < target).sum(dim=1, keepdim=True).clamp_(min=1)  # tokens kept before ties
+    return probs >= ordered.gather(1, count - 1)
 
 
 def _bucket_reaching(mass: torch.Tensor, above: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
