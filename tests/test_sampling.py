@@ -256,7 +256,8 @@ def test_penalties_and_biases_land_on_their_own_rows_in_one_write():
         if params.repetition_penalty != 1.0:
             for token in set(row.prompt_ids) | set(row.output_ids):
                 value = expected[i, token]
-                expected[i, token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+                penalty = params.repetition_penalty
+                expected[i, token] = value / penalty if value > 0 else value * penalty
         for token in set(row.output_ids):
             expected[i, token] -= params.frequency_penalty * torch.tensor(float(row.output_ids.count(token)))
             expected[i, token] -= torch.tensor(params.presence_penalty)

@@ -70,7 +70,8 @@ class Sampling:
 
     def describe(self) -> str:
         if self.temperature == 0.0:
-            return "greedy" + (f", repetition_penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
+            penalty = self.repetition_penalty
+            return "greedy" + (f", repetition_penalty {penalty:g}" if penalty != 1.0 else "")
         return ", ".join(f"{name} {value:g}" for name, value in self.request_fields().items())
 
     def transformers_kwargs(self) -> dict:

@@ -61,7 +61,8 @@ def make_prompts(vocab_size: int, count: int, length: int, seed: int) -> list[li
     return [[rng.randrange(1, vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-def score_offline(model: ModelSpec, prompts: list[list[int]], args: argparse.Namespace) -> tuple[ScorePoint, list[Scores]]:
+def score_offline(model: ModelSpec, prompts: list[list[int]],
+                  args: argparse.Namespace) -> tuple[ScorePoint, list[Scores]]:
     """The offline engine scores every prompt at once (it batches them by its token budget)."""
     import torch
 
@@ -253,7 +254,8 @@ def format_report(points: list[ScorePoint], args: argparse.Namespace, machine: d
              f"system; torch {machine['torch']}, ray {machine['ray']}.",
              f"Workload (seed {args.seed}): {args.prompts} prompts of {args.prompt_len} token ids, scored with "
              f"`echo`, `logprobs: {args.logprobs}`, `max_tokens: 0` ({args.clients} HTTP clients), {args.dtype}.",
-             "", "| model | system | prompt tokens/s | vs offline | max abs logprob diff vs offline | errors | CPU steal |",
+             "",
+             "| model | system | prompt tokens/s | vs offline | max abs logprob diff vs offline | errors | CPU steal |",
              "|---|---|---|---|---|---|---|"]
     offline = {p.model: p for p in points if p.system == "offline"}
     for point in points:

@@ -299,8 +299,8 @@ class LLMEngine:
                 scored_end = min(chunk.end, len(seq.prompt_ids) - 1)
                 if scored_end > first_scored:
                     scoring_slots[-1] = len(scoring)
-                    scoring.append(PromptScoring(len(logits_indices), request.prompt_ids[first_scored + 1:scored_end + 1],
-                                                 request.params.prompt_logprobs))
+                    targets = request.prompt_ids[first_scored + 1:scored_end + 1]  # the token after each position
+                    scoring.append(PromptScoring(len(logits_indices), targets, request.params.prompt_logprobs))
                     logits_indices.extend(query_start + p - chunk.start for p in range(first_scored, scored_end))
             sample_slots.append(-1)
             if chunk.samples and request.max_tokens > 0:

@@ -2,13 +2,14 @@
 
 Order (as in vLLM and transformers): logit bias -> penalties -> greedy argmax, or temperature ->
 top-k -> top-p -> draw.
-A draw takes one uniform number per row (`SamplingRow.uniform`; a seeded sequence's is a function
-of its seed and the token's position, so a seeded request gives the same tokens whatever else is
-in the batch) through the inverse of the row's cumulative distribution. Top-p finds each row's probability threshold by a radix select over
-the probabilities' bits instead of sorting the vocabulary, and a row with top_k works on its k
-most likely tokens alone: on a 2-core CPU, sorting 32 rows of 50k tokens and drawing one
-exponential per token took ~100 ms, as long as the decode step of a 160M model
-(docs/benchmarks.md, "Sampling: sampled requests").
+A draw takes one uniform number per row (`SamplingRow.uniform`; a seeded sequence's is a
+function of its seed and the token's position, so a seeded request gives the same tokens
+whatever else is in the batch) through the inverse of the row's cumulative distribution. On a
+CPU, top-p finds each row's probability threshold by a radix select over the probabilities' bits
+instead of sorting the vocabulary (on a GPU it sorts), and a row with top_k works on its k most
+likely tokens alone: on a 2-core CPU, sorting 32 rows of 50k tokens and drawing one exponential
+per token took ~100 ms, as long as the decode step of a 160M model (docs/benchmarks.md,
+"Sampling: sampled requests").
 
 These functions run where the logits are: on the last stage's device (see step_result.py), so
 every tensor they make goes to `logits.device`.
@@ -247,7 +248,7 @@ def score_rows(logprobs: torch.Tensor, chosen: list[int], counts: list[int]) -> 
     """Per row of logprobs [rows, vocab]: {chosen[i]: its logprob, and the counts[i] most likely
     tokens: theirs}. Two transfers to the host for all rows, not two per row (on a GPU, each
     would wait for the device)."""
-    index = torch.tensor(chosen, dtype=torch.long).to(logprobs.device)
+    index = host_to_device(torch.tensor(chosen, dtype=torch.long), logprobs.device)
     chosen_logprobs = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
     most = min(max(counts, default=0), logprobs.shape[-1])
     top_values: list[list[float]] = [[] for _ in chosen]
