@@ -10,7 +10,7 @@ import torch
 
 from neo_serve import LLM, SamplingParams
 from neo_serve.engine.sampler import (SamplingRow, apply_logit_bias, apply_penalties, apply_top_k, apply_top_p, draw,
-                                      sample, seeded_uniform, top_p_keep, top_p_keep_by_sort)
+                                      sample, score_rows, seeded_uniform, top_p_keep, top_p_keep_by_sort)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -557,3 +557,14 @@ def test_a_step_scores_every_prompt_with_its_own_count_of_top_tokens():
             assert entry == {token: float(row[token]) for token in [target] + top}
     [picked] = result.samples
     assert picked.token_id == int(logits[3].float().argmax()) and picked.logprob == float(reference[3, picked.token_id])
+
+
+def test_a_rows_top_logprobs_do_not_depend_on_what_other_rows_ask_for():
+    # A bfloat16 head's logits tie often; a topk of 20 cut to 2 may order tied tokens otherwise
+    # than a topk of 2, so a request's alternatives changed with a neighbour asking for 20.
+    logits = (torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    alone = score_rows(logprobs, [0] * 64, [2] * 64)
+    beside = score_rows(torch.cat([logprobs, logprobs[:1]]), [0] * 65, [2] * 64 + [20])
+    assert beside[:64] == alone
+    assert len(beside[64]) == 21  # token 0 (chosen) and the 20 most likely, of which it is not one

@@ -179,9 +179,10 @@ def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     Instead of a sort (O(vocab log vocab) a row), three passes of a histogram of probability
     mass by bit pattern: the first over every token, the next two over the tokens left in each
     row's chosen bucket. Masses are summed in float64. On a GPU, a sort (`top_p_keep_by_sort`):
-    fast there, and its sums are in a fixed order, where the histograms' float64 atomics add up
-    in whatever order the threads run, so that a top_p at a bucket's edge could cut differently
-    from run to run, and a seed would not reproduce."""
+    fast there, and the same from run to run, where the histograms' float64 atomics add up in
+    whatever order the threads run, so that a top_p at a bucket's edge could cut differently
+    from one run of the same batch to the next. (A scan's rounding may still differ with the
+    number of rows, as the model's own logits may: docs/serving.md.)"""
     if probs.is_cuda:
         return top_p_keep_by_sort(probs, top_p)
     probs = probs.float().contiguous()
@@ -246,20 +247,26 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def score_rows(logprobs: torch.Tensor, chosen: list[int], counts: list[int]) -> list[LogprobDict]:
     """Per row of logprobs [rows, vocab]: {chosen[i]: its logprob, and the counts[i] most likely
-    tokens: theirs}. Two transfers to the host for all rows, not two per row (on a GPU, each
-    would wait for the device)."""
+    tokens: theirs}. A few transfers to the host for all rows, not two per row (on a GPU, each
+    waits for the device): one for the chosen tokens, one per distinct count. Rows of one count
+    take one topk of that count: a row's alternatives must not depend on what other rows ask
+    for (a wider topk cut short may order tied tokens otherwise, and a bfloat16 head ties often)."""
     index = host_to_device(torch.tensor(chosen, dtype=torch.long), logprobs.device)
     chosen_logprobs = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
-    most = min(max(counts, default=0), logprobs.shape[-1])
     top_values: list[list[float]] = [[] for _ in chosen]
     top_ids: list[list[int]] = [[] for _ in chosen]
-    if most:
-        values, ids = logprobs.topk(most, dim=-1)  # [rows, most], most likely first
-        top_values, top_ids = values.tolist(), ids.tolist()
+    by_count: dict[int, list[int]] = {}
+    for i, count in enumerate(counts):
+        if count:
+            by_count.setdefault(min(count, logprobs.shape[-1]), []).append(i)
+    for count, members in by_count.items():
+        values, ids = _rows(logprobs, members).topk(count, dim=-1)  # [members, count], most likely first
+        for i, row_values, row_ids in zip(members, values.tolist(), ids.tolist()):
+            top_values[i], top_ids[i] = row_values, row_ids
     result = []
     for i, token in enumerate(chosen):
         entry = {token: chosen_logprobs[i]}
-        for value, other in zip(top_values[i][:counts[i]], top_ids[i][:counts[i]]):
+        for value, other in zip(top_values[i], top_ids[i]):
             entry.setdefault(other, value)
         result.append(entry)
     return result
