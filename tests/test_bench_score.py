@@ -21,17 +21,21 @@ def test_tiny_scoring_run_checks_served_logprobs_against_offline(tmp_path, capsy
     results = json.loads(out.read_text())
     assert results["failures"] == []
     points = {p["system"]: p for p in results["points"]}
-    assert set(points) == {"offline", "neo-serve 2 stages"}
+    assert set(points) == {"offline", "transformers", "neo-serve 2 stages"}
     for point in points.values():
         assert point["model"] == "neo-demo" and point["prompts"] == 3 and point["prompt_tokens"] == 3 * 24
         assert point["errors"] == [] and point["seconds"] > 0
         assert point["tokens_per_s"] == pytest.approx(point["prompt_tokens"] / point["seconds"])
     served = points["neo-serve 2 stages"]
     assert served["max_abs_diff"] is not None and served["max_abs_diff"] <= 1e-4
+    # The baseline scores the same prompts with transformers' own kernels: the same numbers up to
+    # float32 rounding.
+    assert 0 <= points["transformers"]["max_abs_diff"] < 1e-3
     report = capsys.readouterr().out
     assert "| model | system | prompt tokens/s | vs offline | max abs logprob diff vs offline |" in report
     assert "| neo-demo | neo-serve 2 stages |" in report
     assert "3 prompts of 24 token ids, scored with `echo`, `logprobs: 2`, `max_tokens: 0` (2 HTTP clients)" in report
+    assert "transformers: forward passes over 8 prompts at a time" in report
 
 
 def test_bad_options_are_named(capsys):
