@@ -107,13 +107,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         row_of = torch.repeat_interleave(torch.tensor(seen_rows), sizes)
         penalty = torch.repeat_interleave(torch.tensor(seen_penalty, dtype=logits.dtype), sizes)
         inside = seen_ids < vocab
-        pairs = host_to_device(torch.stack([row_of[inside], seen_ids[inside]]), logits.device)
-        where = (pairs[0], pairs[1])
+        where = _device_index(torch.stack([row_of[inside], seen_ids[inside]]), logits.device)
         penalty = host_to_device(penalty[inside], logits.device)
         values = logits[where]
         logits[where] = torch.where(values > 0, values / penalty, values * penalty)
     if counted_ids:
-        where = _device_index(counted_rows, counted_ids, logits.device)
+        where = _device_index(torch.tensor([counted_rows, counted_ids]), logits.device)
         # Two subtractions, as `logit - frequency * count - presence` rounds in float32.
         scaled = torch.tensor(frequency, dtype=logits.dtype) * torch.tensor(counts, dtype=logits.dtype)
         logits.index_put_(where, host_to_device(scaled.neg_(), logits.device), accumulate=True)
@@ -133,15 +132,16 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             biased_ids += list(bias)
             biases += list(bias.values())
     if biased_ids:
-        logits.index_put_(_device_index(biased_rows, biased_ids, logits.device), _device_values(biases, logits),
-                          accumulate=True)
+        logits.index_put_(_device_index(torch.tensor([biased_rows, biased_ids]), logits.device),
+                          _device_values(biases, logits), accumulate=True)
     return logits
 
 
-def _device_index(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) pairs as an index into [rows, vocab] on `device`, in one copy."""
-    pairs = host_to_device(torch.tensor([rows, tokens], dtype=torch.long), device)
-    return pairs[0], pairs[1]
+def _device_index(pairs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) pairs, int64 [2, n] on the host, as an index into [rows, vocab] on `device`,
+    in one copy."""
+    on_device = host_to_device(pairs, device)
+    return on_device[0], on_device[1]
 
 
 def _device_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,7 @@ def score_rows(logprobs: torch.Tensor, chosen: list[int], counts: list[int]) -> 
         if count:
             by_count.setdefault(min(count, logprobs.shape[-1]), []).append(i)
     for count, members in by_count.items():
-        values, ids = _rows(logprobs, members).topk(count, dim=-1)  # [members, count], most likely first
+        values, ids = select_rows(logprobs, members).topk(count, dim=-1)  # [members, count], most likely first
         for i, row_values, row_ids in zip(members, values.tolist(), ids.tolist()):
             top_values[i], top_ids[i] = row_values, row_ids
     result = []
@@ -272,9 +272,12 @@ def score_rows(logprobs: torch.Tensor, chosen: list[int], counts: list[int]) -> 
     return result
 
 
-def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
-    """tensor[indices], without the copy when they are all of its rows in order."""
-    return tensor if indices == list(range(tensor.shape[0])) else tensor[indices]
+def select_rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """tensor[indices], for reading: consecutive rows in order (all of a decode step's, or
+    scored prompts that generate nothing) are a view, not a copy."""
+    if indices and indices == list(range(indices[0], indices[-1] + 1)):
+        return tensor[indices[0]:indices[-1] + 1]
+    return tensor[indices]
 
 
 def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -299,7 +302,7 @@ def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         else:
             whole_vocab.append(i)
     for k, group in by_top_k.items():
-        logits = _rows(tempered, group)
+        logits = select_rows(tempered, group)
         values, token_ids = logits.topk(k, dim=-1)  # [group, k], most likely first
         # How many tokens top-k keeps: k, or more when tokens tie with the k-th (common with a
         # bfloat16 head). Fewer means NaN logits: those rows go the vocabulary-wide way.
@@ -312,9 +315,9 @@ def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
                 by_width.setdefault(width, []).append(j)
         for width, positions in by_width.items():
             if width == k:
-                width_values, width_ids = _rows(values, positions), _rows(token_ids, positions)
+                width_values, width_ids = select_rows(values, positions), select_rows(token_ids, positions)
             else:
-                width_values, width_ids = _rows(logits, positions).topk(width, dim=-1)
+                width_values, width_ids = select_rows(logits, positions).topk(width, dim=-1)
             width_ids, order = width_ids.sort(dim=-1)  # token-id order, as in the whole vocab
             probs = width_values.gather(1, order).softmax(dim=-1)  # [positions, width]
             members = [group[j] for j in positions]
@@ -322,7 +325,7 @@ def _draw_tempered(tempered: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             tokens[members] = width_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
     if whole_vocab:
         members = sorted(whole_vocab)
-        logits = apply_top_k(_rows(tempered, members), torch.tensor([rows[i].params.top_k for i in members]))
+        logits = apply_top_k(select_rows(tempered, members), torch.tensor([rows[i].params.top_k for i in members]))
         tokens[members] = draw(apply_top_p(logits.softmax(dim=-1), top_p[members]), uniforms[members])
     return tokens
 
@@ -355,12 +358,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sample]:
     greedy_rows = [i for i, row in enumerate(rows) if row.params.greedy]
     if greedy_rows:
         # max(dim) gives the first maximal index like argmax, in ~60% of argmax's time on CPU.
-        tokens[greedy_rows] = _rows(logits, greedy_rows).max(dim=-1).indices
+        tokens[greedy_rows] = select_rows(logits, greedy_rows).max(dim=-1).indices
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
     if random_rows:
         chosen = [rows[i] for i in random_rows]
         temperature = torch.tensor([r.params.temperature for r in chosen], device=logits.device)
-        tempered = _rows(logits, random_rows) / temperature.unsqueeze(1)  # [len(chosen), vocab]
+        tempered = select_rows(logits, random_rows) / temperature.unsqueeze(1)  # [len(chosen), vocab]
         tokens[random_rows] = _draw_tempered(tempered, chosen)
     token_list = tokens.tolist()
     samples = [Sample(token, float("nan"), None) for token in token_list]

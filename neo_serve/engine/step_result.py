@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from neo_serve.engine.outputs import LogprobDict
-from neo_serve.engine.sampler import Sample, SamplingRow, sample, score_rows
+from neo_serve.engine.sampler import Sample, SamplingRow, sample, score_rows, select_rows
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def step_result(logits: torch.Tensor, plan: SamplingPlan) -> StepResult:
         for start in range(0, len(rows), SCORING_BLOCK_ROWS):
             # Several prompts' positions per block: on a GPU, each call waits for the device.
             block = slice(start, start + SCORING_BLOCK_ROWS)
-            logprobs = torch.log_softmax(_widened(logits, rows[block]), dim=-1)  # [block rows, vocab]
+            logprobs = torch.log_softmax(select_rows(logits, rows[block]).float(), dim=-1)  # [block rows, vocab]
             scored += score_rows(logprobs, targets[block], counts[block])
             del logprobs
         start = 0
@@ -83,13 +83,6 @@ def step_result(logits: torch.Tensor, plan: SamplingPlan) -> StepResult:
             start += len(scoring.targets)
     samples: list[Sample] = []
     if plan.rows:
-        samples = sample(_widened(logits, plan.sample_rows), plan.rows)
+        samples = sample(select_rows(logits, plan.sample_rows).float(), plan.rows)
     return StepResult(samples, prompt_logprobs)
 
-
-def _widened(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """float32 logits[rows]. Consecutive rows (a decode step's, or scored prompts that generate
-    nothing, as lm-evaluation-harness asks) are a view of float32 logits, not a copy."""
-    if rows and rows == list(range(rows[0], rows[-1] + 1)):
-        return logits[rows[0]:rows[-1] + 1].float()
-    return logits[rows].float()
