@@ -31,8 +31,8 @@ from typing import Any
 
 from neo_serve.bench.engine_bench import REPO_REFERENCE
 from neo_serve.bench.machine import StealMeter
-from neo_serve.bench.serve_bench import (PYTHIA_DIR, ModelSpec, _int_list, cpus_per_stage, deployed, machine_info,
-                                         ray_serve, resolve_models, served_system, sigterm_as_interrupt)
+from neo_serve.bench.serve_bench import (PYTHIA_DIR, ModelSpec, _int_list, bench_app_args, deployed, machine_info,
+                                         ray_cpus, ray_serve, resolve_models, served_system, sigterm_as_interrupt)
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress
 
 SCORE_APP = "neo-serve-score-bench"
@@ -144,9 +144,7 @@ def score_served(model: ModelSpec, stages: int, prompts: list[list[int]], refere
                  args: argparse.Namespace) -> ScorePoint:
     from neo_serve.app import build_app
 
-    app_args = {"playground": False, "models": [{
-        "name": model.name, "checkpoint": str(model.path), "num_stages": stages, "dtype": args.dtype,
-        "cpus_per_stage": cpus_per_stage(stages, 1, args), **_engine_args(args)}]}
+    app_args = bench_app_args(model, stages, 1, args, _engine_args(args))
     url = f"{base_url}/v1/completions"
     with deployed(build_app(app_args), SCORE_APP, timeout=args.deploy_timeout):
         warm = asyncio.run(_score_over_http(url, model.name, [p[:16] for p in prompts[:2]], clients=2,
@@ -165,17 +163,6 @@ def score_served(model: ModelSpec, stages: int, prompts: list[list[int]], refere
         point.errors.append("a served answer has another number of logprobs than its prompt has tokens")
     point.max_abs_diff = max(diffs, default=None)
     return point
-
-
-def _ray_cpus(args: argparse.Namespace) -> int:
-    """Logical CPUs for the largest app (one at a time), so that no placement group waits."""
-    import math
-
-    from neo_serve.serve.config import AppArgs, ModelArgs
-
-    return 1 + math.ceil(max(
-        AppArgs(models=[ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, 1, args))],
-                playground=False, verify_checkpoints=False).cpus_reserved() for stages in args.stages))
 
 
 def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,7 +219,8 @@ def run_score_bench(args: argparse.Namespace) -> int:
     except IngressUnavailable as exc:
         print(f"neo-serve bench score: {exc}", file=sys.stderr)
         return 2
-    ray_cpus = _ray_cpus(args)  # checks each --stages' app config before anything is measured
+    # Checks each --stages' app config before anything is measured.
+    num_cpus = ray_cpus(args, [(stages, 1) for stages in args.stages])
     machine = machine_info(args)
     models = resolve_models(args)
     points: list[ScorePoint] = []
@@ -242,20 +230,21 @@ def run_score_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt-len {args.prompt_len} is past {model.name}'s context window of "
                              f"{model.max_position_embeddings} positions")
     references = {}
+    prompts_of = {model.name: make_prompts(model.vocab_size, args.prompts, args.prompt_len, args.seed)
+                  for model in models}
     for model in models:  # before Ray starts: nothing else runs on the machine
-        prompts = make_prompts(model.vocab_size, args.prompts, args.prompt_len, args.seed)
+        prompts = prompts_of[model.name]
         point, references[model.name] = score_offline(model, prompts, args)
         points.append(point)
         _print_point(point)
         if not args.skip_baseline:
             points.append(score_transformers(model, prompts, references[model.name], args))
             _print_point(points[-1])
-    with sigterm_as_interrupt(), ray_serve(ray_cpus, ingress) as base_url:
+    with sigterm_as_interrupt(), ray_serve(num_cpus, ingress) as base_url:
         for model in models:
-            prompts = make_prompts(model.vocab_size, args.prompts, args.prompt_len, args.seed)
             for stages in args.stages:
                 try:
-                    point = score_served(model, stages, prompts, references[model.name], base_url, args)
+                    point = score_served(model, stages, prompts_of[model.name], references[model.name], base_url, args)
                 except Exception as exc:  # noqa: BLE001 - reported; the next system goes on
                     failures.append(f"{model.name}, {stages} stage(s): {type(exc).__name__}: {exc}")
                     print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)

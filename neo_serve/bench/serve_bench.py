@@ -475,6 +475,20 @@ def deployed(app: Any, name: str, *, timeout: float) -> Iterator[Any]:
                 print(f"warning: could not delete Serve app {name!r}: {exc!r}", file=sys.stderr)
 
 
+def bench_app_args(model: ModelSpec, stages: int, replicas: int, args: argparse.Namespace,
+                   engine_args: dict[str, Any]) -> dict[str, Any]:
+    """The app's args for one measured neo-serve system: the model alone, no playground."""
+    from neo_serve.app import AppArgs
+
+    cpus = cpus_per_stage(stages, replicas, args)
+    app_args: dict[str, Any] = {"models": [{"name": model.name, "checkpoint": str(model.path), "num_stages": stages,
+                                            "dtype": args.dtype, "cpus_per_stage": cpus,
+                                            "num_replicas": replicas, **engine_args}]}
+    if "playground" in AppArgs.model_fields:  # the Gradio playground is not measured here
+        app_args["playground"] = False
+    return app_args
+
+
 def served_system(stages: int, replicas: int) -> str:
     name = f"neo-serve {stages} stage{'s' if stages > 1 else ''}"
     return name if replicas == 1 else f"{name}, {replicas} replicas"
@@ -487,14 +501,10 @@ def run_served(model: ModelSpec, stages: int, replicas: int, requests: list[Benc
     `LLM`), each comes right after an offline point of the same N, measured while no app is
     deployed (an idle app's replica and router still wake up now and then), so the app is
     deployed anew for each point."""
-    from neo_serve.app import AppArgs, build_app
+    from neo_serve.app import build_app
 
     cpus = cpus_per_stage(stages, replicas, args)
-    app_args: dict[str, Any] = {"models": [{"name": model.name, "checkpoint": str(model.path), "num_stages": stages,
-                                            "dtype": args.dtype, "cpus_per_stage": cpus,
-                                            "num_replicas": replicas, **engine_args}]}
-    if "playground" in AppArgs.model_fields:  # the Gradio playground is not measured here
-        app_args["playground"] = False
+    app_args = bench_app_args(model, stages, replicas, args, engine_args)
     url = f"{base_url}/v1/completions"
     system = served_system(stages, replicas)
     points = []
@@ -719,13 +729,15 @@ def served_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
             if replicas == 1 or args.cpus_per_stage or stages * replicas <= args.threads]
 
 
-def ray_cpus(args: argparse.Namespace) -> int:
-    """Logical CPUs for Ray: room for the largest application (one at a time), so that no
-    placement group waits for CPUs. Only logical: each replica's torch threads are its own."""
+def ray_cpus(args: argparse.Namespace, configs: list[tuple[int, int]] | None = None) -> int:
+    """Logical CPUs for Ray: room for the largest application (one at a time) of `configs`
+    ((stages, replicas) of each neo-serve system; default `served_configs`) and the baseline
+    replica, so that no placement group waits for CPUs. Only logical: each replica's torch
+    threads are its own."""
     from neo_serve.serve.config import AppArgs, ModelArgs
 
     needed = [float(args.threads)]  # the baseline replica
-    for stages, replicas in served_configs(args):
+    for stages, replicas in served_configs(args) if configs is None else configs:
         model = ModelArgs(num_stages=stages, cpus_per_stage=cpus_per_stage(stages, replicas, args),
                           num_replicas=replicas)
         needed.append(AppArgs(models=[model], playground=False, verify_checkpoints=False).cpus_reserved())
