@@ -50,7 +50,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
                   for model, card, name in zip(app_args.models, cards, names)]
         playground = playground_deployment(app_args.playground, relayed_timeout_s).bind(pipelines, models,
                                                                                         app_args.playground)
-    limits = {model.served_name: model.route_limits(card.get("max_model_len"))
+    # Unverified, the router knows a model's window only if the args set it (the pipeline refuses a
+    # larger one at load); otherwise it asks a pipeline replica when a request needs it.
+    limits = {model.served_name: model.route_limits(card.get("max_model_len", model.max_model_len))
               for model, card in zip(app_args.models, cards)}
     return router_deployment(app_args.router, relayed_timeout_s).bind(pipelines, cards, app_args.router, playground,
                                                                     limits)

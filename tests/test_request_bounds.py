@@ -159,3 +159,25 @@ def test_a_non_streamed_response_too_large_for_the_router_is_refused():
     with pytest.raises(APIError):
         check(prompt=["hi"] * 16, n=16, logprobs=20, max_tokens=None)  # 16 x 16 x 2048 x 21
     check(prompt=[[1] * 2000] * 8, n=16, echo=True, logprobs=20, max_tokens=100_000)  # 8 x 16 x 2048 x 21
+
+
+def test_a_window_unknown_to_the_router_is_asked_for_only_when_the_bound_needs_it():
+    # Built without reading the checkpoint (verify_checkpoints: false, no max_model_len), the
+    # router does not know the window that bounds a request without max_tokens.
+    bounds = RequestBounds({"m": RouteLimits(max_prompts_per_request=1024)})
+
+    def needs(**fields) -> bool:
+        body = {"model": "m", "prompt": "hi", "max_tokens": None, **fields}  # null: up to the window
+        return bounds.needs_window("m", parse_request(body))
+
+    assert needs(logprobs=20) and needs(echo=True) and needs(return_token_ids=True)
+    assert not needs(logprobs=20, max_tokens=16)  # bounded by its max_tokens
+    assert not needs(logprobs=20, stream=True)  # sent choice by choice
+    assert not needs()  # text only
+    unbounded = parse_request({"model": "m", "prompt": ["hi"] * 16, "n": 16, "logprobs": 20, "max_tokens": None})
+    bounds.check_response_size("m", unbounded, unbounded.prompts())  # nothing to bound it by yet
+    bounds.learn_window("m", 2048)
+    assert not bounds.needs_window("m", unbounded) and bounds.limits["m"].max_prompts_per_request == 1024
+    with pytest.raises(APIError) as caught:
+        bounds.check_response_size("m", unbounded, unbounded.prompts())  # 16 x 16 x 2048 x 21
+    assert caught.value.code == "response_too_large"

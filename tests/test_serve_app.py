@@ -1108,3 +1108,40 @@ def test_backpressure_refuses_at_once_with_retry_after(base_url, app, checkpoint
         assert [c["index"] for c in fits.json()["choices"]] == [0, 1]
     finally:
         serve.delete(name)
+
+
+# ---- an app built without reading its checkpoint, with a long context window ---------------------
+LONG_WINDOW = 32768
+
+
+@pytest.fixture(scope="module")
+def long_window(base_url, tmp_path_factory):
+    """A tiny GPT-NeoX with a 32k window, served by an app that does not read its checkpoint at
+    build time (`verify_checkpoints: false`, as when checkpoints live only on the GPU nodes), so
+    the router does not know the window. Yields (its base URL, the offline engine)."""
+    path = make_neox(tmp_path_factory.mktemp("long-window") / "long", build_tokenizer(),
+                     max_position_embeddings=LONG_WINDOW)
+    name = "neo-long"
+    serve.run(build_app({
+        "models": [{"name": "long", "checkpoint": str(path), "num_stages": 1, "dtype": "float32",
+                    "cpus_per_stage": 0.5, "kv_cache_tokens": LONG_WINDOW, "max_num_batched_tokens": LONG_WINDOW}],
+        "router": {"num_cpus": 0.5}, "playground": False, "verify_checkpoints": False}),
+        name=name, route_prefix="/long")
+    try:
+        yield f"{base_url}/long", LLM(str(path), dtype="float32")
+    finally:
+        serve.delete(name)
+
+
+def test_a_router_without_the_window_asks_the_pipeline_before_bounding_a_response(long_window):
+    url, _ = long_window
+    # Without max_tokens each of 16 x 16 sequences may run to the 32k window with 21 logprob
+    # entries a token (176M): refused before any generation, as when the router read the checkpoint.
+    huge = {"model": "long", "prompt": ["hi"] * 16, "n": 16, "logprobs": 20, "max_tokens": None}
+    refused = httpx.post(f"{url}/v1/completions", json=huge, timeout=60)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "response_too_large" and "176,160,768 entries" in error["message"], error
+    small = httpx.post(f"{url}/v1/completions", json={**huge, "prompt": "hi", "n": 1, "logprobs": 1, "max_tokens": 4,
+                                                      "temperature": 0}, timeout=60)
+    assert small.status_code == 200 and len(small.json()["choices"][0]["logprobs"]["tokens"]) == 4, small.text

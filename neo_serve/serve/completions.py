@@ -15,7 +15,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -284,6 +284,15 @@ class RequestBounds:
         if window is not None and num_ids > window:
             raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
 
+    def needs_window(self, model: str, request: CompletionRequest) -> bool:
+        """Whether `check_response_size` needs `model`'s context window, which the router does not
+        know: a non-streamed request with per-position output and no max_tokens."""
+        return (self.limits[model].max_model_len is None and request.max_tokens is None and not request.stream
+                and (request.logprobs is not None or request.echo or request.return_token_ids))
+
+    def learn_window(self, model: str, max_model_len: int) -> None:
+        self.limits[model] = replace(self.limits[model], max_model_len=max_model_len)
+
     def check_response_size(self, model: str, request: CompletionRequest, prompts: list[str | list[int]]) -> None:
         """Refuse a non-streamed request whose per-position output could outgrow the router's
         memory (a response is built whole; a stream sends each choice's as they come): its
@@ -296,7 +305,7 @@ class RequestBounds:
         window = self._largest(model, "max_model_len")
         generated = request.max_tokens if request.max_tokens is not None else window
         if generated is None:
-            return  # no bound known to the router: the pipeline's window decides
+            return  # no bound known (the caller asks a pipeline for the window first, see needs_window)
         positions = 0
         for prompt in prompts:
             scored = 0
@@ -351,6 +360,20 @@ class CompletionService:
         self.bounds.check_raw(body)
         return parse_request(body)
 
+    async def learn_window(self, model: str, deadline: Deadline) -> None:
+        """Ask one of `model`'s pipeline replicas for its context window, once: the app was built
+        without reading the checkpoint (`verify_checkpoints: false`) or a `max_model_len`."""
+        try:
+            info = await deadline.run(self.pipelines[model].model_info.remote())
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. no replica yet: as a pipeline call's failure
+            error = as_api_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        self.bounds.learn_window(model, int(info["max_model_len"]))
+
     def resolve_model(self, name: str | None) -> str:
         if name is None:
             if len(self.pipelines) == 1:
@@ -397,8 +420,10 @@ class _Run:
         model = service.resolve_model(request.model)
         prompts = request.prompts()
         service.bounds.check_prompt_count(model, len(prompts))
-        service.bounds.check_response_size(model, request, prompts)
         deadline = Deadline(service.timeout_for(model, request))
+        if service.bounds.needs_window(model, request):
+            await service.learn_window(model, deadline)
+        service.bounds.check_response_size(model, request, prompts)
         params = sampling_params(request)
         handle = service.streaming[model]
         base = uuid.uuid4().hex
