@@ -99,3 +99,64 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+def replica_actor(app_name: str, deployment: str) -> dict[str, Any]:
+    """The one Serve replica actor of `deployment` in `app_name`, as Ray lists named actors."""
+    import ray
+
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
+    return actor
+
+
+def kill_router_mid_streams(base_url: str, checkpoint: str, *, name: str, prefix: str,
+                            streams: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Deploy app `name` at `prefix` (a 2-stage pipeline of `checkpoint`), start `streams`
+    streaming requests of 480 tokens through its router, kill the router replica (no restart)
+    and wait until the pipeline runs no sequence. Returns the pipeline's stats just before the
+    kill and once stopped; deletes the app."""
+    import threading
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from neo_serve.app import build_app
+
+    serve.run(build_app({
+        "models": [{"name": "orphans", "checkpoint": checkpoint, "num_stages": 2, "dtype": "float32",
+                    "cpus_per_stage": 0.5}],
+        "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix=prefix)
+    url = f"{base_url}{prefix}/v1/completions"
+    body = {"prompt": "def f(", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+    started = threading.Barrier(streams + 1)
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=120) as response:
+                lines = response.iter_lines()
+                next(lines)
+                started.wait(timeout=60)
+                for _ in lines:
+                    pass
+        except httpx.HTTPError:
+            pass  # the router died: the connection is cut
+
+    try:
+        clients = [threading.Thread(target=stream, daemon=True) for _ in range(streams)]
+        for client in clients:
+            client.start()
+        started.wait(timeout=60)
+        router = replica_actor(name, "Router")
+        pipeline = serve.get_deployment_handle("Pipeline-orphans", app_name=name)
+        before = pipeline.stats.remote().result()
+        assert before["running"] == streams and before["streams_of_dead_callers"] == 0, before
+        ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+        stopped = wait_until(lambda: (s := pipeline.stats.remote().result())["running"] == 0 and s, timeout=60,
+                             interval=0.2, what="the dead router's sequences stopped")
+        for client in clients:
+            client.join(timeout=60)
+        return before, stopped
+    finally:
+        serve.delete(name)

@@ -14,7 +14,7 @@ import ray
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neox
-from conftest_serve import parse_sse, ray_serve_on_loopback, wait_until
+from conftest_serve import kill_router_mid_streams, parse_sse, ray_serve_on_loopback, wait_until
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.serve.ingress import HAPROXY_FLAG
@@ -92,6 +92,8 @@ def test_a_client_that_disconnects_has_its_sequence_stopped(base_url, app):
             next(lines)
         running = pipeline_stats()
         assert running["running"] == 1
+        # Serve's default transport, as on KubeRay: Ray actor tasks, whose cancellation this checks.
+        assert running["router_transport"] == "actor tasks"
     stats = wait_until(lambda: (s := pipeline_stats())["requests"] == 0 and s, timeout=10, what="abort")
     assert stats["free_kv_blocks"] == stats["total_kv_blocks"]
     # At most a few steps after the hang-up (in flight, and while the cancel travels); running
@@ -129,3 +131,12 @@ def test_a_stream_ends_with_done(base_url, app):
             **LONG, "max_tokens": 8, "stream_options": {"include_usage": True}}) as response:
         events, done = parse_sse(list(response.iter_lines()))
     assert done and events[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_streams_of_a_router_that_died_are_stopped_by_the_pipelines_watch(base_url, app, checkpoint):
+    """Ray does not cancel a streaming actor task whose caller died: the pipeline pings the
+    callers of its streams and stops those of a dead one (`CallerWatch`), here where the router
+    calls it as Ray actor tasks, as on KubeRay."""
+    before, stopped = kill_router_mid_streams(base_url, checkpoint, name="neo-k8s-orphans", prefix="/orphans")
+    assert stopped["streams_of_dead_callers"] == 8, stopped  # stopped by the watch, not run to 480 tokens
+    assert stopped["free_kv_blocks"] == stopped["total_kv_blocks"]

@@ -22,7 +22,8 @@ import torch
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo, make_neox
-from conftest_serve import free_port, join_stream, parse_sse, ray_serve_on_loopback, wait_until
+from conftest_serve import (free_port, join_stream, kill_router_mid_streams, parse_sse, ray_serve_on_loopback,
+                            replica_actor, wait_until)
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.config import load_model_config
@@ -115,6 +116,9 @@ def test_health_and_models(client):
     assert set(cards) == {"neox", "neo"}
     assert cards["neox"]["max_model_len"] == 512 and cards["neox"]["num_stages"] == 2
     stats = pipeline_stats()
+    # The router reaches the pipelines over Serve's gRPC, as the local cluster asks, though the
+    # handles it was given were made in this process, whose Serve was imported before that.
+    assert stats["router_transport"] == "grpc"
     assert [s["layers"] for s in stats["stages"]] == [[0, 2], [2, 4]]
     assert [s["kv_cache_dtype"] for s in stats["stages"]] == ["float32", "float32"]  # a float32 model
     # A stage's CPUs are its torch threads, whatever OMP_NUM_THREADS says: in its stage actor, and in
@@ -735,13 +739,6 @@ def stage_actor(replica: str, stage: int) -> dict:
     return actor
 
 
-def replica_actor(app_name: str, deployment: str) -> dict:
-    """The one Serve replica actor of `deployment` in `app_name`."""
-    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
-    return actor
-
-
 def kill(actor: dict, **options) -> None:
     """Kill a named actor, as listed by `stage_actor` or `replica_actor`."""
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), **options)
@@ -816,48 +813,15 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
 
 
 def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
-    """Ray does not cancel a streaming call whose caller died: when a router replica was killed
-    mid-stream, its sequences ran on to max_tokens, holding KV blocks and batch slots. The
-    pipeline pings the callers of its streams and stops those of a dead one."""
-    name = "neo-orphans"
-    serve.run(build_app({
-        "models": [{"name": "orphans", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
-                    "cpus_per_stage": 0.5}],
-        "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix="/orphans")
-    url = f"{base_url}/orphans/v1/completions"
-    body = {"prompt": "def f(", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
-    started = threading.Barrier(9)
-
-    def stream() -> None:
-        try:
-            with httpx.stream("POST", url, json=body, timeout=120) as response:
-                lines = response.iter_lines()
-                next(lines)
-                started.wait(timeout=60)
-                for _ in lines:
-                    pass
-        except httpx.HTTPError:
-            pass  # the router died: the connection is cut
-
-    try:
-        clients = [threading.Thread(target=stream, daemon=True) for _ in range(8)]
-        for client in clients:
-            client.start()
-        started.wait(timeout=60)
-        router = replica_actor(name, "Router")
-        pipeline = serve.get_deployment_handle("Pipeline-orphans", app_name=name)
-        stats = pipeline.stats.remote().result()
-        assert stats["running"] == 8 and stats["streams_of_dead_callers"] == 0, stats
-        kill(router, no_restart=True)
-        stopped = wait_until(lambda: (s := pipeline.stats.remote().result())["running"] == 0 and s, timeout=60,
-                             interval=0.2, what="the dead router's sequences stopped")
-        # Stopped, not run to the end: 8 x 480 tokens were asked for.
-        assert stopped["streams_of_dead_callers"] == 8, stopped
-        assert stopped["free_kv_blocks"] == stopped["total_kv_blocks"]
-        for client in clients:
-            client.join(timeout=60)
-    finally:
-        serve.delete(name)
+    """A router replica killed mid-stream must not leave its sequences running on to max_tokens,
+    holding KV blocks and batch slots. Over gRPC (this cluster's transport) the replica's server
+    cancels the calls as the router's connection closes; test_proxy_ingress checks the pipeline's
+    own watch of its callers, which Ray's actor tasks need."""
+    before, stopped = kill_router_mid_streams(base_url, checkpoints["neox"], name="neo-orphans", prefix="/orphans")
+    assert stopped["free_kv_blocks"] == stopped["total_kv_blocks"]
+    # Stopped as the connection closed, a few steps later, not 8 x 480 tokens later.
+    assert stopped["num_steps"] - before["num_steps"] <= 100, (before["num_steps"], stopped["num_steps"])
+    assert stopped["streams_of_dead_callers"] == 0, stopped
 
 
 @pytest.fixture(scope="module")
@@ -1145,3 +1109,23 @@ def test_a_router_without_the_window_asks_the_pipeline_before_bounding_a_respons
     small = httpx.post(f"{url}/v1/completions", json={**huge, "prompt": "hi", "n": 1, "logprobs": 1, "max_tokens": 4,
                                                       "temperature": 0}, timeout=60)
     assert small.status_code == 200 and len(small.json()["choices"][0]["logprobs"]["tokens"]) == 4, small.text
+
+
+def test_a_pipeline_chunk_past_grpcs_default_message_size_reaches_the_client(long_window):
+    """The pipeline streams a scored prompt's logprobs to the router in one chunk per step: 30k
+    positions with their top 20 make a chunk of about 7 MB, past the 4 MiB gRPC message limit
+    that Serve keeps for handle calls unless raised (neo_serve/serve/local_cluster.py)."""
+    url, offline = long_window
+    prompt = [(7 * i + 3) % 500 + 10 for i in range(30000)]
+    body = httpx.post(f"{url}/v1/completions", json={"model": "long", "prompt": prompt, "max_tokens": 0,
+                                                     "echo": True, "logprobs": 20}, timeout=240)
+    assert body.status_code == 200, body.text[:500]
+    logprobs = body.json()["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(prompt)
+    # The top 20 of each position and the prompt's own token when not among them, keyed by token
+    # text (two tokens of one text are one key).
+    sizes = [len(top) for top in logprobs["top_logprobs"][1:]]
+    assert max(sizes) == 21 and sum(sizes) > 19 * len(sizes), sorted(sizes)[:10]
+    [out] = offline.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    expected = [entry[token] for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from neo_serve.serve.config import PlaygroundArgs, ingress_actor_options
+from neo_serve.serve.transport import with_cluster_transport
 from neo_serve.ui.backend import PlaygroundBackend, PlaygroundModel
 from neo_serve.ui.bridge import LifespanManager, serve_asgi
 
@@ -35,6 +36,7 @@ class PlaygroundServer:
                      settings: PlaygroundArgs) -> None:
         from neo_serve.ui.blocks import build_asgi_app  # Gradio: imported in the replica only
 
+        pipelines = {name: with_cluster_transport(handle) for name, handle in pipelines.items()}
         backend = PlaygroundBackend(pipelines, [PlaygroundModel(**model) for model in models],
                                     app_name=serve.get_replica_context().app_name,
                                     replica_wait_s=settings.replica_wait_s,

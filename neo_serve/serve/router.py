@@ -30,6 +30,7 @@ from neo_serve.serve.completions import CompletionService, as_api_error
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList, error_name
+from neo_serve.serve.transport import transport_name, with_cluster_transport
 from neo_serve.ui import bridge
 
 logger = logging.getLogger("ray.serve")
@@ -151,6 +152,9 @@ class Router:
                  settings: RouterArgs, playground: DeploymentHandle | None = None,
                  limits: dict[str, RouteLimits] | None = None) -> None:
         log_client_errors_as_one_line()  # a handle caller's bad parameter: a line, not a traceback
+        pipelines = {name: with_cluster_transport(handle) for name, handle in pipelines.items()}
+        if playground is not None:
+            playground = with_cluster_transport(playground)
         self.service = CompletionService(pipelines, limits, log_requests=settings.log_requests,
                                          caller=ray.get_runtime_context().current_actor)
         self.cards = [ModelCard(**card) for card in cards]
@@ -303,7 +307,8 @@ class Router:
         """Each model's pipeline stats (from one of its replicas)."""
         names = list(self.service.pipelines)
         stats = await asyncio.gather(*(self.service.pipelines[n].stats.remote() for n in names))
-        return dict(zip(names, stats))
+        # How this router reaches the pipelines (see neo_serve/serve/transport.py).
+        return {name: {**model_stats, "router_transport": transport_name()} for name, model_stats in zip(names, stats)}
 
 
 RouterDeployment = serve.deployment(Router)
