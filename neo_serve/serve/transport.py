@@ -28,5 +28,6 @@ def with_cluster_transport(handle: H) -> H:
     return handle.options(_by_reference=not uses_grpc())  # type: ignore[attr-defined]
 
 
-def transport_name() -> str:
-    return "grpc" if uses_grpc() else "actor tasks"
+def transport_name(handle: object) -> str:
+    """How `handle` (a DeploymentHandle) reaches its replicas."""
+    return "actor tasks" if handle.handle_options._by_reference else "grpc"  # type: ignore[attr-defined]
