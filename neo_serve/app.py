@@ -39,6 +39,10 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
         if app_args.verify_checkpoints:
             card["max_model_len"] = verify_model(model, index)
         cards.append(card)
+    # Each model's context window as far as the build knows it. Unverified, only if the args set
+    # it (the pipeline refuses a larger one at load); the router then asks a pipeline replica when
+    # a request needs it.
+    windows = [card.get("max_model_len", model.max_model_len) for model, card in zip(app_args.models, cards)]
     names = [deployment_name(model, app_args.models) for model in app_args.models]
     pipelines = {model.served_name: pipeline_deployment(model, name).bind(model)
                  for model, name in zip(app_args.models, names)}
@@ -46,15 +50,11 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     playground = None
     if app_args.playground.enabled:
         models = [{"name": card["id"], "deployment": name, "num_stages": model.num_stages,
-                   "max_model_len": card.get("max_model_len", model.max_model_len),
-                   "request_timeout_s": model.request_timeout_s}
-                  for model, card, name in zip(app_args.models, cards, names)]
+                   "max_model_len": window, "request_timeout_s": model.request_timeout_s}
+                  for model, card, name, window in zip(app_args.models, cards, names, windows)]
         playground = playground_deployment(app_args.playground, relayed_timeout_s).bind(pipelines, models,
                                                                                         app_args.playground)
-    # Unverified, the router knows a model's window only if the args set it (the pipeline refuses a
-    # larger one at load); otherwise it asks a pipeline replica when a request needs it.
-    limits = {model.served_name: model.route_limits(card.get("max_model_len", model.max_model_len))
-              for model, card in zip(app_args.models, cards)}
+    limits = {model.served_name: model.route_limits(window) for model, window in zip(app_args.models, windows)}
     return router_deployment(app_args.router, relayed_timeout_s).bind(pipelines, cards, app_args.router, playground,
                                                                     limits)
 

@@ -110,6 +110,13 @@ def replica_actor(app_name: str, deployment: str) -> dict[str, Any]:
     return actor
 
 
+def kill(actor: dict[str, Any], **options: Any) -> None:
+    """Kill a named actor, as listed by `replica_actor` (or test_serve_app's `stage_actor`)."""
+    import ray
+
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), **options)
+
+
 def kill_router_mid_streams(base_url: str, checkpoint: str, *, name: str, prefix: str,
                             streams: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
     """Deploy app `name` at `prefix` (a 2-stage pipeline of `checkpoint`), start `streams`
@@ -119,7 +126,6 @@ def kill_router_mid_streams(base_url: str, checkpoint: str, *, name: str, prefix
     import threading
 
     import httpx
-    import ray
     from ray import serve
 
     from neo_serve.app import build_app
@@ -152,7 +158,7 @@ def kill_router_mid_streams(base_url: str, checkpoint: str, *, name: str, prefix
         pipeline = serve.get_deployment_handle("Pipeline-orphans", app_name=name)
         before = pipeline.stats.remote().result()
         assert before["running"] == streams and before["streams_of_dead_callers"] == 0, before
-        ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+        kill(router, no_restart=True)
         stopped = wait_until(lambda: (s := pipeline.stats.remote().result())["running"] == 0 and s, timeout=60,
                              interval=0.2, what="the dead router's sequences stopped")
         for client in clients:

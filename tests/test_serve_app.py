@@ -22,8 +22,8 @@ import torch
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo, make_neox
-from conftest_serve import (free_port, join_stream, kill_router_mid_streams, parse_sse, ray_serve_on_loopback,
-                            replica_actor, wait_until)
+from conftest_serve import (free_port, join_stream, kill, kill_router_mid_streams, parse_sse,
+                            ray_serve_on_loopback, replica_actor, wait_until)
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.config import load_model_config
@@ -737,11 +737,6 @@ def stage_actor(replica: str, stage: int) -> dict:
                if a["name"].startswith("neo-serve-stage:") and f":{replica}:" in a["name"]
                and a["name"].rsplit(":", 1)[1].split(".")[0] == str(stage)]
     return actor
-
-
-def kill(actor: dict, **options) -> None:
-    """Kill a named actor, as listed by `stage_actor` or `replica_actor`."""
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), **options)
 
 
 def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):

@@ -284,11 +284,17 @@ class RequestBounds:
         if window is not None and num_ids > window:
             raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
 
+    @staticmethod
+    def _response_size_bounded(request: CompletionRequest) -> bool:
+        """Whether `check_response_size` bounds `request`: a response built whole (not streamed)
+        with per-position output (logprobs, an echoed prompt or token ids)."""
+        return not request.stream and (request.logprobs is not None or request.echo or request.return_token_ids)
+
     def needs_window(self, model: str, request: CompletionRequest) -> bool:
         """Whether `check_response_size` needs `model`'s context window, which the router does not
-        know: a non-streamed request with per-position output and no max_tokens."""
-        return (self.limits[model].max_model_len is None and request.max_tokens is None and not request.stream
-                and (request.logprobs is not None or request.echo or request.return_token_ids))
+        know: a bounded request without max_tokens."""
+        return (self._response_size_bounded(request) and request.max_tokens is None
+                and self.limits[model].max_model_len is None)
 
     def learn_window(self, model: str, max_model_len: int) -> None:
         self.limits[model] = replace(self.limits[model], max_model_len=max_model_len)
@@ -300,7 +306,7 @@ class RequestBounds:
         Bounded from above: a prompt's tokens by its ids, or by the UTF-8 bytes of its NFC form
         (the tokenizers normalize to NFC first, which can triple the bytes; a token is at least
         one byte), and every sequence by the context window."""
-        if request.stream or (request.logprobs is None and not request.echo and not request.return_token_ids):
+        if not self._response_size_bounded(request):
             return
         window = self._largest(model, "max_model_len")
         generated = request.max_tokens if request.max_tokens is not None else window
@@ -367,21 +373,16 @@ class CompletionService:
         question per model at a time: each takes a place in the pipelines' request queue."""
         lookup = self._window_lookups.get(model)
         if lookup is None or (lookup.done() and (lookup.cancelled() or lookup.exception() is not None)):
-            lookup = asyncio.ensure_future(self._model_info(model))
+            lookup = asyncio.ensure_future(self.pipelines[model].model_info.remote())
             self._window_lookups[model] = lookup
         try:
             info = await deadline.run(asyncio.shield(lookup))  # a caller's deadline ends only its wait
-        except APIError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. no replica yet: as a pipeline call's failure
+        except Exception as exc:  # noqa: BLE001 - no replica yet, the deadline: as a pipeline call's failure
             error = as_api_error(exc)
             if error is None:
                 raise
             raise error from None
         self.bounds.learn_window(model, int(info["max_model_len"]))
-
-    async def _model_info(self, model: str) -> dict[str, Any]:
-        return await self.pipelines[model].model_info.remote()
 
     def resolve_model(self, name: str | None) -> str:
         if name is None:
