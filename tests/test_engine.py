@@ -109,6 +109,49 @@ def test_a_sequence_aborted_while_its_step_runs_generates_nothing(llm):
         engine.step()
 
 
+def test_a_prefill_is_split_over_the_micro_batches_in_flight_and_gives_the_offline_tokens(llm, neox_checkpoint):
+    """Two micro-batches in flight, as a 2-stage pipeline keeps them: a new prompt's second half is
+    sent while its first half is still on its way (each stage runs them in order), beside the
+    other micro-batch's decodes, so that both micro-batches carry half of it."""
+    prompts = {"a": [3, 4, 5], "b": [6, 7, 8], "p": list(range(10, 50))}
+    expected = {name: solo(llm, prompt) for name, prompt in prompts.items()}
+    engine = LLM(str(neox_checkpoint), dtype="float32", max_model_len=128, kv_cache_tokens=1024).engine
+    for name in "ab":
+        engine.add_request(prompts[name], GREEDY, request_id=name)
+    tokens: dict[str, list[int]] = {name: [] for name in prompts}
+
+    def run(prepared):
+        for output in engine.process_step(prepared, engine.executor.execute(prepared.step_input)):
+            tokens[output.request_id] = list(output.outputs[0].token_ids)
+
+    run(engine.schedule_step())  # a and b prefilled: both decode from now on
+    engine.add_request(prompts["p"], GREEDY, request_id="p")
+
+    def chunks(prepared):
+        return {(c.seq.request.request_id, c.start, c.end) for c in prepared.batch.chunks}
+
+    def in_flight(*prepared_steps):
+        return {c.seq: c.end for prepared in prepared_steps for c in prepared.batch.chunks}
+
+    first = engine.schedule_step({}, max_seqs=2, prefill_split=2)
+    assert chunks(first) == {("a", 3, 4), ("b", 3, 4)}
+    second = engine.schedule_step(in_flight(first), max_seqs=2, prefill_split=2)
+    assert chunks(second) == {("p", 0, 20)}  # a and b wait for their tokens
+    run(first)
+    # p's second half goes while its first is in flight, and does not count against max_seqs: it
+    # counts in the micro-batch that holds its first half.
+    third = engine.schedule_step(in_flight(second), max_seqs=2, prefill_split=2)
+    assert chunks(third) == {("a", 4, 5), ("b", 4, 5), ("p", 20, 40)} and not third.batch.kv_copies
+    assert engine.schedule_step(in_flight(second, third), max_seqs=2, prefill_split=2) is None
+    run(second)
+    run(third)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens[output.request_id] = list(output.outputs[0].token_ids)
+    assert tokens == expected
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+
+
 def test_kv_admission_makes_requests_wait(neox_checkpoint):
     llm = LLM(str(neox_checkpoint), dtype="float32", max_model_len=64, kv_cache_tokens=64)
     prompts = [list(range(1, 41)), list(range(2, 42)), list(range(3, 43))]

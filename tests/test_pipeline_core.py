@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -399,10 +400,12 @@ def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neo
             core.runner.depth = 2
             schedule_step = core.engine.schedule_step
 
-            def recording_schedule_step(busy, max_seqs):
-                prepared = schedule_step(busy, max_seqs)
+            def recording_schedule_step(in_flight, *args, **kwargs):
+                prepared = schedule_step(in_flight, *args, **kwargs)
                 if prepared is not None:
-                    sizes.append((core.engine.num_waiting(), len({c.seq for c in prepared.batch.chunks})))
+                    # A prompt's next chunk, sent while its first is in flight, counts in the first's micro-batch.
+                    sizes.append((core.engine.num_waiting(),
+                                  len({c.seq for c in prepared.batch.chunks if c.seq not in in_flight})))
                 return prepared
 
             core.engine.schedule_step = recording_schedule_step
@@ -451,16 +454,77 @@ def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(
             runner.submitted[0][0].set_exception(RuntimeError("a stage raised in micro-batch 1"))
             await settle()
             while not new.done():
-                future, step, finish = runner.submitted[-1]
-                if not future.done():
-                    future.set_result(finish(step_output(step, [42] * len(step.logits_indices),
-                                                         engine.model_config.vocab_size)))
+                # The oldest step still running finishes first, as a pipeline's do.
+                future, step, finish = next(item for item in runner.submitted if not item[0].done())
+                future.set_result(finish(step_output(step, [42] * len(step.logits_indices),
+                                                     engine.model_config.vocab_size)))
                 await settle()
             return token_ids(await new)
         finally:
             core.close()
 
     assert asyncio.run(main()) == [42] * 4
+
+
+class ManualRunner:
+    """A 2-stage pipeline's steps, each finished when the test says, oldest first; the last stage
+    reports `stage_seconds` per step."""
+
+    depth = 2
+
+    def __init__(self, vocab: int, stage_seconds: float) -> None:
+        self.vocab, self.stage_seconds = vocab, stage_seconds
+        self.submitted: list = []
+
+    def submit(self, step, finish):
+        future = asyncio.get_running_loop().create_future()
+        self.submitted.append((future, step, finish))
+        return future
+
+    async def finish_oldest(self) -> None:
+        running = [item for item in self.submitted if not item[0].done()]
+        if running:
+            future, step, finish = running[0]
+            result = step_output(step, [42] * len(step.logits_indices), self.vocab)
+            future.set_result(finish(dataclasses.replace(result, last_stage_seconds=self.stage_seconds)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    def chunks_of(self, request_id: str) -> list[tuple[int, int]]:
+        # `finish` is the engine's sample_step bound to the step's PreparedStep.
+        return [(chunk.start, chunk.end) for _, _, finish in self.submitted for chunk in finish.args[0].batch.chunks
+                if chunk.seq.request.request_id == request_id]
+
+
+@pytest.mark.parametrize("stage_seconds,expected_chunks", [
+    (0.9, [(0, 20), (20, 40)]),  # busy: each micro-batch in flight carries half of the prompt
+    (0.1, [(0, 40)]),  # mostly idle: the prompt goes whole
+], ids=["busy_stages", "idle_stages"])
+def test_prompts_are_split_over_the_micro_batches_in_flight_while_the_stages_are_busy(
+        neox_checkpoint, stage_seconds, expected_chunks):
+    async def main():
+        engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cpu", kv_cache_tokens=1024,
+                                        num_stages=2), executor=UnloadedExecutor())
+        runner = ManualRunner(engine.model_config.vocab_size, stage_seconds)
+        core = PipelineCore(engine, runner, stream_interval_s=0.0)
+        core.start()
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        try:
+            decoding = [asyncio.ensure_future(collect(core, [5 + i, 6, 7], params, f"d{i}")) for i in range(2)]
+            while core.num_steps < 4:  # two steps each: the stage's load over the last 2 s is known
+                await runner.finish_oldest()
+            load = core.stats()["last_stage_load"]
+            prompt = asyncio.ensure_future(collect(core, list(range(10, 50)), params, "prompt"))
+            while not all(stream.done() for stream in [prompt, *decoding]):
+                await runner.finish_oldest()
+            assert token_ids(await prompt) == [42] * 12
+            return runner.chunks_of("prompt"), load
+        finally:
+            core.close()
+
+    chunks, load = asyncio.run(main())
+    assert load == pytest.approx(stage_seconds * 4 / 2.0)  # 4 steps within the last 2 s
+    assert chunks[:len(expected_chunks)] == expected_chunks
 
 
 def test_an_echoed_prompt_is_the_text_its_logprob_offsets_count(neox_checkpoint, tmp_path):

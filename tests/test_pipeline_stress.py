@@ -16,6 +16,7 @@ free at the end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import deque
 
@@ -39,8 +40,10 @@ DISAGREE = 0  # the answer to a row whose stages hold different histories (next_
 class ShadowStages:
     """S shadow KV caches run as a pipeline (the `StepRunner` protocol)."""
 
-    def __init__(self, num_stages: int, num_slots: int, rng: random.Random, death_p: float, hang_p: float) -> None:
+    def __init__(self, num_stages: int, num_slots: int, rng: random.Random, death_p: float, hang_p: float,
+                 stage_seconds: float | None = None) -> None:
         self.depth = num_stages
+        self.stage_seconds = stage_seconds  # what the last stage reports it spent on each step
         self.num_slots = num_slots
         self.stages = [ShadowExecutor(num_slots, VOCAB) for _ in range(num_stages)]
         self.rng, self.death_p, self.hang_p = rng, death_p, hang_p
@@ -48,6 +51,7 @@ class ShadowStages:
         self.hung = False
         self.pending: deque[list] = deque()  # [future, output or exception, finish], oldest first
         self.restarts = 0
+        self.continued_prefills = 0  # chunks sent while their sequence's previous chunk was in flight
 
     def submit(self, step: StepInput, finish):
         future = asyncio.get_running_loop().create_future()
@@ -74,7 +78,7 @@ class ShadowStages:
             histories = [stage.history(step, row) for stage in self.stages]
             agree = all(h == histories[0] for h in histories) and None not in histories[0]
             tokens.append(next_token(histories[0], VOCAB) if agree else DISAGREE)
-        return step_output(step, tokens, VOCAB)
+        return dataclasses.replace(step_output(step, tokens, VOCAB), last_stage_seconds=self.stage_seconds)
 
     async def deliver(self) -> None:
         """Resolve the steps first in, first out, after random delays; a hung pipe answers nothing."""
@@ -108,7 +112,11 @@ class ShadowStages:
         return restarted
 
 
-async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: float, hang_p: float) -> ShadowStages:
+async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: float, hang_p: float,
+                          busy: bool) -> ShadowStages:
+    """busy: the last stage reports a second per step, so the loop splits prompts over the
+    micro-batches in flight (each next chunk sent while the one before is in flight; a prompt
+    cut by the token budget goes on that way too)."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 4, 16])
     kv_tokens = rng.choice([MAX_MODEL_LEN, 128, 192, 384])
@@ -116,7 +124,8 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
                           block_size=block_size, max_num_seqs=rng.choice([2, 4, 16, 64]),
                           max_num_batched_tokens=rng.choice([1, 7, 64, 512]), num_stages=num_stages)
     engine = LLMEngine(config, executor=UnloadedExecutor())
-    stages = ShadowStages(num_stages, (kv_tokens // block_size) * block_size, rng, death_p, hang_p)
+    stages = ShadowStages(num_stages, (kv_tokens // block_size) * block_size, rng, death_p, hang_p,
+                          stage_seconds=1.0 if busy else 0.0)
     core = PipelineCore(engine, stages, step_timeout_s=0.02 if hang_p else None, stream_interval_s=0.0)
     apply_step = engine.apply_step
 
@@ -127,6 +136,15 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
         return outputs
 
     engine.apply_step = checked_apply_step
+    schedule_step = engine.schedule_step
+
+    def counting_schedule_step(in_flight, *args, **kwargs):
+        prepared = schedule_step(in_flight, *args, **kwargs)
+        if prepared is not None:
+            stages.continued_prefills += sum(chunk.seq in in_flight for chunk in prepared.batch.chunks)
+        return prepared
+
+    engine.schedule_step = counting_schedule_step
     core.start()
     delivery = asyncio.ensure_future(stages.deliver())
 
@@ -184,13 +202,16 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
         core.close()
 
 
-@pytest.mark.parametrize("num_stages,death_p,hang_p,seed", [
-    *[(2, 0.0, 0.0, seed) for seed in range(4)],
-    *[(3, 0.0, 0.0, seed) for seed in range(4, 7)],
-    *[(2, 0.01, 0.0, seed) for seed in range(7, 10)],
-    *[(3, 0.01, 0.005, seed) for seed in range(10, 13)],
+@pytest.mark.parametrize("num_stages,death_p,hang_p,seed,busy", [
+    *[(2, 0.0, 0.0, seed, seed < 2) for seed in range(4)],
+    *[(3, 0.0, 0.0, seed, seed < 6) for seed in range(4, 7)],
+    *[(2, 0.01, 0.0, seed, seed < 9) for seed in range(7, 10)],
+    *[(3, 0.01, 0.005, seed, seed < 12) for seed in range(10, 13)],
 ])
-def test_micro_batches_in_flight_give_each_prompt_its_own_tokens(neox_checkpoint, num_stages, death_p, hang_p, seed):
-    stages = asyncio.run(random_workload(str(neox_checkpoint), seed, num_stages, death_p, hang_p))
+def test_micro_batches_in_flight_give_each_prompt_its_own_tokens(neox_checkpoint, num_stages, death_p, hang_p, seed,
+                                                                 busy):
+    stages = asyncio.run(random_workload(str(neox_checkpoint), seed, num_stages, death_p, hang_p, busy))
     if death_p:
         assert stages.restarts > 0  # the faults were exercised
+    if busy:  # prompts were split over the micro-batches in flight
+        assert stages.continued_prefills > 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ class SampledStep:
     live: list[bool]
     prompt_logprobs: list[list[LogprobDict] | None]
     samples: list[Sample | None]
+    last_stage_seconds: float | None = None  # StepResult.last_stage_seconds
 
 
 class LLMEngine:
@@ -266,9 +268,10 @@ class LLMEngine:
             return []
         return self.process_step(prepared, self.executor.execute(prepared.step_input))
 
-    def schedule_step(self, busy: frozenset[Sequence] = frozenset(), max_seqs: int | None = None) -> PreparedStep | None:
-        """Schedule and pack one (micro-)batch; see Scheduler.schedule for busy / max_seqs."""
-        batch = self.scheduler.schedule(busy, max_seqs)
+    def schedule_step(self, in_flight: Mapping[Sequence, int] | None = None, max_seqs: int | None = None,
+                      prefill_split: int = 1) -> PreparedStep | None:
+        """Schedule and pack one (micro-)batch; see Scheduler.schedule for the arguments."""
+        batch = self.scheduler.schedule(in_flight, max_seqs, prefill_split)
         if not batch.chunks:
             return None
         return self._prepare(batch)
@@ -356,7 +359,7 @@ class LLMEngine:
             for slot, alive in zip(prepared.scoring_slots, live)]
         samples: list[Sample | None] = [
             result.samples[slot] if slot >= 0 and alive else None for slot, alive in zip(prepared.sample_slots, live)]
-        return SampledStep(live, prompt_logprobs, samples)
+        return SampledStep(live, prompt_logprobs, samples, result.last_stage_seconds)
 
     def apply_step(self, prepared: PreparedStep, sampled: SampledStep) -> list[RequestOutput]:
         """The bookkeeping half of `process_step`: append tokens, detokenize, check stops, free

@@ -11,6 +11,7 @@ recomputed from their tokens (prompt + what they generated), losing nothing.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from neo_serve.engine.kv_cache import ExtentAllocator, KVCopy
@@ -81,37 +82,54 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
 
-    def schedule(self, busy: frozenset[Sequence] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+    def schedule(self, in_flight: Mapping[Sequence, int] | None = None, max_seqs: int | None = None,
+                 prefill_split: int = 1) -> ScheduledBatch:
         """Pick this step's work.
 
-        busy: sequences already in flight (pipelined micro-batches), skipped and never preempted.
-        max_seqs: at most this many sequences in the batch (to split the running set into
-        micro-batches that keep every pipeline stage busy).
+        in_flight: sequences with a chunk in a micro-batch still on its way through the pipeline's
+        stages, each with where its last such chunk ends. They are never preempted. One whose
+        chunk reaches its last token waits for the token sampled there; one still prefilling
+        takes its next chunk from that end: every stage runs its micro-batches in the order they
+        were sent, so the earlier chunk's KV is written before this one reads it.
+        max_seqs: at most this many sequences in the batch besides those continuing a prefill in
+        flight, which count in the micro-batch that holds their first chunk (to split the running
+        set into micro-batches that keep every pipeline stage busy).
+        prefill_split: a prefill takes at most 1 / prefill_split of what it has left per chunk
+        (one chunk per micro-batch in flight): a prompt then weighs on each micro-batch alike,
+        where whole it made one micro-batch several times longer than the next, and the stage
+        that finished the short one waited for the long one to come round.
         """
+        in_flight = in_flight if in_flight is not None else {}
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         seq_budget = max_seqs if max_seqs is not None else self.config.max_num_seqs
         scheduled: set[Sequence] = set()
+        counted = 0  # sequences against seq_budget
         for seq in list(self.running):
-            if budget == 0 or len(batch.chunks) >= seq_budget:
+            if budget == 0:
                 break
-            if seq in busy or seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING or (counted >= seq_budget and seq not in in_flight):
                 continue
-            length = min(seq.total_len - seq.num_computed, budget)
+            start = in_flight.get(seq, seq.num_computed)
+            length = min(seq.total_len - start, budget, self._prefill_share(seq, prefill_split))
+            if seq in in_flight:
+                # Only within its extent: moving it would copy KV that in-flight chunks still write.
+                length = min(length, seq.extent.length * self.allocator.block_size - start)
             if length <= 0:
                 continue
-            if not self._reserve(seq, seq.num_computed + length, batch, scheduled | busy):
+            if seq not in in_flight and not self._reserve(seq, start + length, batch, scheduled | in_flight.keys()):
                 continue  # seq itself was preempted
-            batch.chunks.append(ScheduledChunk(seq, seq.num_computed, length))
+            batch.chunks.append(ScheduledChunk(seq, start, length))
             scheduled.add(seq)
+            counted += seq not in in_flight
             budget -= length
-        if batch.preempted and (batch.chunks or busy):
+        if batch.preempted and (batch.chunks or in_flight):
             return batch  # the cache is full: admit nobody new this step
         # Otherwise the preempted sequences were all there was (one that evicted itself for want
         # of a contiguous extent leaves the cache empty): admit them again now, since a caller
         # that sees an empty batch with nothing in flight has no reason to schedule again.
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and len(batch.chunks) < seq_budget):
+               and counted < seq_budget):
             seq = self.waiting[0]
             extent = self.allocator.allocate(self._admission_blocks(seq))
             if extent is None:
@@ -119,11 +137,19 @@ class Scheduler:
             self.waiting.popleft()
             seq.extent, seq.num_computed, seq.status = extent, 0, SequenceStatus.RUNNING
             self.running.append(seq)
-            length = min(seq.total_len, budget)
+            length = min(seq.total_len, budget, self._prefill_share(seq, prefill_split))
             batch.chunks.append(ScheduledChunk(seq, 0, length))
+            counted += 1
             scheduled.add(seq)
             budget -= length
         return batch
+
+    @staticmethod
+    def _prefill_share(seq: Sequence, prefill_split: int) -> int:
+        """The most tokens one chunk of seq's prefill takes: its share of what is left to
+        compute (measured from what is in the cache, so the chunks of one prefill in flight
+        together are of one size). A decode (one token left) is never cut."""
+        return -(-(seq.total_len - seq.num_computed) // prefill_split)
 
     def num_schedulable(self) -> int:
         """How many sequences the coming steps can run: the running ones and the waiting ones the

@@ -46,6 +46,9 @@ class StepResult:
 
     samples: list[Sample]  # one per plan row (argmax_only: one per logits row, logprob NaN)
     prompt_logprobs: list[list[LogprobDict]]  # one list per PromptScoring, one entry per target
+    # Seconds the last stage spent on the step, when a stage actor ran it: how busy the
+    # pipeline's stages are, which decides whether prompts are split (serve/engine_loop.py).
+    last_stage_seconds: float | None = None
 
 
 def argmax_result(logits: torch.Tensor) -> StepResult:

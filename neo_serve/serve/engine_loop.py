@@ -6,8 +6,11 @@ work runs elsewhere: with one stage on a step thread, with several in stage acto
 stage samples (engine/step_result.py). The loop keeps up to `runner.depth` (= num_stages)
 micro-batches in flight:
 
-    fill:  while fewer than S in flight: schedule_step(busy=<sequences in flight>,
-           max_seqs=ceil(active / S)) -> runner.submit(step)   (the stage chain starts at once)
+    fill:  while fewer than S in flight: schedule_step(in_flight=<where each sequence's chunks in
+           flight end>, max_seqs=ceil(active / S), prefill_split=S while the last stage is busy
+           over 70% of the time, else 1) -> runner.submit(step)   (the stage chain starts at
+           once; a split prompt goes in chunks of a 1/S share, the next sent while the one
+           before is still in flight)
     drain: await the oldest micro-batch's sampled tokens (or a new request, if the pipe has room)
            -> apply_step -> push outputs to the requests' streams
 
@@ -69,6 +72,11 @@ _Item = RequestOutput | BaseException
 # from.
 MAX_RECOVERIES_WITHOUT_PROGRESS = 3
 MAX_STEP_FAULTS_IN_A_ROW = 2
+# Prompts are split over the micro-batches in flight only while the last stage is busier than
+# this share of the time (see `_fill`). Measured on 2 cores, 64 streams, 2 stages: Pythia-160M's
+# stages ran 77-81% busy, and splitting gave 3-4% more tokens/s and halved the ITL p99; the demo
+# model's ran 56-63% busy (its millisecond steps wait on Ray's hops), and splitting cost it 8%.
+SPLIT_PROMPTS_ABOVE_STAGE_LOAD = 0.7
 # Text prompts longer than this are encoded off the event loop; shorter ones take about a
 # millisecond at most (2 vCPUs), a stall not worth a hop to a thread and back.
 INLINE_TOKENIZE_CHARS = 1024
@@ -129,6 +137,7 @@ class PipelineCore:
         self.decode_token = TokenDecoder(engine.tokenizer)
         self.num_steps = 0
         self.peak_in_flight = 0  # most micro-batches in flight at once (pipelining at work)
+        self.stage_load = StageLoad()
         self.failure: BaseException | None = None
         self._streams: dict[str, _Mailbox] = {}
         # Streams pausing between chunks (see `_hold`), woken early when their request ends.
@@ -263,6 +272,7 @@ class PipelineCore:
             "streams": len(self._streams),
             "in_flight_micro_batches": len(self._inflight),
             "peak_in_flight_micro_batches": self.peak_in_flight,
+            "last_stage_load": round(self.stage_load.share(), 3),
             "free_kv_blocks": allocator.num_free_blocks,
             "total_kv_blocks": allocator.num_blocks,
             "kv_block_size": allocator.block_size,
@@ -323,8 +333,10 @@ class PipelineCore:
         """Schedule and submit micro-batches until `depth` are in flight or nothing is left."""
         depth = self.runner.depth
         while len(self._inflight) < depth:
-            busy: frozenset[Sequence] = frozenset(
-                chunk.seq for prepared, _ in self._inflight for chunk in prepared.batch.chunks)
+            in_flight: dict[Sequence, int] = {}  # where each sequence's last chunk in flight ends
+            for prepared, _ in self._inflight:
+                for chunk in prepared.batch.chunks:
+                    in_flight[chunk.seq] = chunk.end
             max_seqs = None
             if depth > 1:
                 # Split the sequences that can run evenly over the stages' micro-batches. Waiting
@@ -332,7 +344,18 @@ class PipelineCore:
                 # are not counted: they made the first micro-batch take every running sequence
                 # and left the other stages idle.
                 max_seqs = max(1, math.ceil(self.engine.num_schedulable() / depth))
-            prepared = self.engine.schedule_step(busy, max_seqs)
+            # A prompt whole in one micro-batch makes it several times longer than the next; with
+            # the stages busy, the stage that finished the short one then waits for the long one
+            # to come round, and split, the two weigh alike. With the stages often idle (a small
+            # model's steps waiting on Ray's hops), each micro-batch goes round on its own, a
+            # split prompt slows both and its first token waits for the second: it goes whole.
+            # Whole too while a lost micro-batch's sequences are recomputed: split, their chunks
+            # would share the next micro-batch with other sequences as well, and a request whose
+            # tokens crash a stage would end those too (see _end_requests_lost_too_often).
+            prefill_split = 1
+            if depth > 1 and not self._fault_marks and self.stage_load.share() > SPLIT_PROMPTS_ABOVE_STAGE_LOAD:
+                prefill_split = depth
+            prepared = self.engine.schedule_step(in_flight, max_seqs, prefill_split=prefill_split)
             if prepared is None:
                 return
             finish = functools.partial(self.engine.sample_step, prepared)
@@ -416,6 +439,8 @@ class PipelineCore:
             self._fail_requests({c.seq.request.request_id for c in prepared.batch.chunks
                                  if self.engine.requests.get(c.seq.request.request_id) is c.seq.request}, exc)
             return None
+        if sampled.last_stage_seconds is not None:
+            self.stage_load.record(sampled.last_stage_seconds)
         generated_before = self.engine.num_generated_tokens
         outputs = self.engine.apply_step(prepared, sampled)
         self.num_steps += 1
@@ -457,6 +482,30 @@ class PipelineCore:
         self._inflight.clear()
         self._submitted.clear()
         self._fail_requests(set(self.engine.requests) | set(self._streams), PipelineFailed(repr(error)))
+
+
+class StageLoad:
+    """The share of the last `window_s` seconds the pipeline's last stage spent on steps, from the
+    times it reports with each result."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._steps: deque[tuple[float, float]] = deque()  # (when the result came, stage seconds)
+        self._total = 0.0
+
+    def record(self, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._steps.append((now, seconds))
+        self._total += seconds
+        self._forget(now)
+
+    def share(self, now: float | None = None) -> float:
+        self._forget(time.monotonic() if now is None else now)
+        return self._total / self.window_s
+
+    def _forget(self, now: float) -> None:
+        while self._steps and self._steps[0][0] < now - self.window_s:
+            self._total -= self._steps.popleft()[1]
 
 
 @dataclass(frozen=True)

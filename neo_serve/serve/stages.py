@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -155,10 +156,12 @@ class StageActor:
 
     def execute(self, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
         # Ray resolved `hidden` from the previous stage's ObjectRef before this call.
+        started = time.perf_counter()
         out = self._loaded().execute(step, hidden)  # hidden states [tokens, hidden], or the last stage's result
         if isinstance(out, torch.Tensor):
             return out.cpu()  # the object store holds host memory; the next stage moves it back to its device
-        return out
+        # The result's tokens are on the host: on a GPU the step's kernels have run.
+        return dataclasses.replace(out, last_stage_seconds=time.perf_counter() - started)
 
 
 class RayStageRunner:
