@@ -418,61 +418,13 @@ def test_micro_batches_split_the_sequences_that_can_run_even_while_more_wait(neo
     assert max(size for _, size in sizes) <= 4, sizes
 
 
-def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(neox_checkpoint):
-    # "x" is cancelled while its micro-batch is in flight and a new "x" starts (a handle caller's
-    # own ids). The old micro-batch then fails: the error is the old request's, not the new one's.
-    class ManualRunner:  # the pipeline's steps, finished by the test
-        depth = 2
-
-        def __init__(self) -> None:
-            self.submitted: list = []
-
-        def submit(self, step, finish):
-            future = asyncio.get_running_loop().create_future()
-            self.submitted.append((future, step, finish))
-            return future
-
-    async def settle():
-        for _ in range(5):
-            await asyncio.sleep(0)
-
-    async def main():
-        engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cpu", kv_cache_tokens=1024,
-                                        num_stages=2), executor=UnloadedExecutor())
-        runner = ManualRunner()
-        core = PipelineCore(engine, runner, stream_interval_s=0.0)
-        core.start()
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        try:
-            old = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
-            await settle()
-            old.cancel()
-            await settle()
-            new = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
-            await settle()
-            assert len(runner.submitted) == 2
-            runner.submitted[0][0].set_exception(RuntimeError("a stage raised in micro-batch 1"))
-            await settle()
-            while not new.done():
-                # The oldest step still running finishes first, as a pipeline's do.
-                future, step, finish = next(item for item in runner.submitted if not item[0].done())
-                future.set_result(finish(step_output(step, [42] * len(step.logits_indices),
-                                                     engine.model_config.vocab_size)))
-                await settle()
-            return token_ids(await new)
-        finally:
-            core.close()
-
-    assert asyncio.run(main()) == [42] * 4
-
-
 class ManualRunner:
     """A 2-stage pipeline's steps, each finished when the test says, oldest first; the last stage
     reports `stage_seconds` per step."""
 
     depth = 2
 
-    def __init__(self, vocab: int, stage_seconds: float) -> None:
+    def __init__(self, vocab: int, stage_seconds: float | None = None) -> None:
         self.vocab, self.stage_seconds = vocab, stage_seconds
         self.submitted: list = []
 
@@ -494,6 +446,39 @@ class ManualRunner:
         # `finish` is the engine's sample_step bound to the step's PreparedStep.
         return [(chunk.start, chunk.end) for _, _, finish in self.submitted for chunk in finish.args[0].batch.chunks
                 if chunk.seq.request.request_id == request_id]
+
+
+def test_a_failed_micro_batch_spares_a_new_request_that_took_an_aborted_ones_id(neox_checkpoint):
+    # "x" is cancelled while its micro-batch is in flight and a new "x" starts (a handle caller's
+    # own ids). The old micro-batch then fails: the error is the old request's, not the new one's.
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def main():
+        engine = LLMEngine(EngineConfig(model=str(neox_checkpoint), device="cpu", kv_cache_tokens=1024,
+                                        num_stages=2), executor=UnloadedExecutor())
+        runner = ManualRunner(engine.model_config.vocab_size)
+        core = PipelineCore(engine, runner, stream_interval_s=0.0)
+        core.start()
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        try:
+            old = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
+            await settle()
+            old.cancel()
+            await settle()
+            new = asyncio.ensure_future(collect(core, [5, 6, 7], params, "x"))
+            await settle()
+            assert len(runner.submitted) == 2
+            runner.submitted[0][0].set_exception(RuntimeError("a stage raised in micro-batch 1"))
+            await settle()
+            while not new.done():
+                await runner.finish_oldest()
+            return token_ids(await new)
+        finally:
+            core.close()
+
+    assert asyncio.run(main()) == [42] * 4
 
 
 @pytest.mark.parametrize("stage_seconds,expected_chunks", [

@@ -337,24 +337,24 @@ class PipelineCore:
             for prepared, _ in self._inflight:
                 for chunk in prepared.batch.chunks:
                     in_flight[chunk.seq] = chunk.end
-            max_seqs = None
+            max_seqs, prefill_split = None, 1
             if depth > 1:
                 # Split the sequences that can run evenly over the stages' micro-batches. Waiting
                 # ones that cannot be admitted (past max_num_seqs, or while the KV cache is full)
                 # are not counted: they made the first micro-batch take every running sequence
                 # and left the other stages idle.
                 max_seqs = max(1, math.ceil(self.engine.num_schedulable() / depth))
-            # A prompt whole in one micro-batch makes it several times longer than the next; with
-            # the stages busy, the stage that finished the short one then waits for the long one
-            # to come round, and split, the two weigh alike. With the stages often idle (a small
-            # model's steps waiting on Ray's hops), each micro-batch goes round on its own, a
-            # split prompt slows both and its first token waits for the second: it goes whole.
-            # Whole too while a lost micro-batch's sequences are recomputed: split, their chunks
-            # would share the next micro-batch with other sequences as well, and a request whose
-            # tokens crash a stage would end those too (see _end_requests_lost_too_often).
-            prefill_split = 1
-            if depth > 1 and not self._fault_marks and self.stage_load.share() > SPLIT_PROMPTS_ABOVE_STAGE_LOAD:
-                prefill_split = depth
+                # A prompt whole in one micro-batch makes it several times longer than the next;
+                # with the stages busy, the stage that finished the short one then waits for the
+                # long one to come round, and split, the two weigh alike. With the stages often
+                # idle (a small model's steps waiting on Ray's hops), each micro-batch goes round
+                # on its own, a split prompt slows both and its first token waits for the second:
+                # it goes whole. Whole too while a lost micro-batch's sequences are recomputed:
+                # split, their chunks would share the next micro-batch with other sequences as
+                # well, and a request whose tokens crash a stage would end those too (see
+                # _end_requests_lost_too_often).
+                if not self._fault_marks and self.stage_load.share() > SPLIT_PROMPTS_ABOVE_STAGE_LOAD:
+                    prefill_split = depth
             prepared = self.engine.schedule_step(in_flight, max_seqs, prefill_split=prefill_split)
             if prepared is None:
                 return
@@ -493,19 +493,20 @@ class StageLoad:
         self._steps: deque[tuple[float, float]] = deque()  # (when the result came, stage seconds)
         self._total = 0.0
 
-    def record(self, seconds: float, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._steps.append((now, seconds))
+    def record(self, seconds: float) -> None:
+        self._steps.append((time.monotonic(), seconds))
         self._total += seconds
-        self._forget(now)
+        self._forget()
 
-    def share(self, now: float | None = None) -> float:
-        self._forget(time.monotonic() if now is None else now)
+    def share(self) -> float:
+        self._forget()
         return self._total / self.window_s
 
-    def _forget(self, now: float) -> None:
-        while self._steps and self._steps[0][0] < now - self.window_s:
+    def _forget(self) -> None:
+        while self._steps and self._steps[0][0] < time.monotonic() - self.window_s:
             self._total -= self._steps.popleft()[1]
+        if not self._steps:
+            self._total = 0.0  # no float residue from the subtractions
 
 
 @dataclass(frozen=True)
