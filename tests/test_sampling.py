@@ -216,6 +216,22 @@ def test_a_degenerate_penalty_spoils_only_its_own_request(llm):
     assert len(together[1].outputs[0].token_ids) == 8
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1e-5, 0.7, 1e39])
+def test_a_tiny_repetition_penalty_favours_the_seen_tokens_rather_than_an_arbitrary_one(temperature):
+    # 1e-38 divides a seen token's positive logit past float32: the seen tokens tie at the top,
+    # as the penalty asks, where inf logits made the row NaN and its draw the vocabulary's last
+    # token (an HTTP client got "nodesnodes..." with a 200).
+    logits = torch.tensor([[0.1, -2.0, 1.0, 3.0, -1.0, 0.5, 2.5, 9.0, 0.0, 4.0]])
+    seen = [2, 4, 5]  # 2 and 5 positive: the ones a tiny penalty favours; 4 negative: ~0
+    drawn = {sample(logits, [SamplingRow(SamplingParams(temperature=temperature, repetition_penalty=1e-38),
+                                         seen[:2], seen[2:], uniform)])[0].token_id
+             for uniform in (0.01, 0.3, 0.6, 0.99)}
+    if temperature < 1e39:
+        assert drawn <= {2, 5} and (temperature < 1e-5 or drawn == {2, 5}), drawn
+    else:  # all but flattened: any token, but a real one
+        assert all(0 <= token < 10 for token in drawn)
+
+
 def test_top_k_keeps_tokens_tied_with_the_kth():
     # top_k 2 over [3, 2, 2, 2, 0] keeps the three tied 2s as well: each is drawn about as often.
     logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0]]).expand(3000, 5).contiguous()

@@ -58,6 +58,11 @@ def seeded_uniform(seed: int, position: int) -> float:
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+# Where a repetition penalty's quotient is cut: a tiny penalty (1e-38 is > 0, so valid) divides
+# a seen token's logit past float32's range, and inf logits make the row's probabilities NaN,
+# whose draw is an arbitrary token. No model's logit comes near 1e30, and the smallest
+# temperature that samples (1e-5) keeps 1e30 finite: the seen tokens tie at the top instead.
+PENALISED_LOGIT_LIMIT = 1e30
 
 
 def _mix64(value: int) -> int:
@@ -110,7 +115,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         where = _device_index(torch.stack([row_of[inside], seen_ids[inside]]), logits.device)
         penalty = host_to_device(penalty[inside], logits.device)
         values = logits[where]
-        logits[where] = torch.where(values > 0, values / penalty, values * penalty)
+        penalised = torch.where(values > 0, values / penalty, values * penalty)
+        logits[where] = penalised.clamp_(-PENALISED_LOGIT_LIMIT, PENALISED_LOGIT_LIMIT)
     if counted_ids:
         where = _device_index(torch.tensor([counted_rows, counted_ids]), logits.device)
         # Two subtractions, as `logit - frequency * count - presence` rounds in float32.
