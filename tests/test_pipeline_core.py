@@ -636,6 +636,7 @@ def test_a_request_that_faults_its_stage_again_ends_alone_and_the_others_complet
                                     depth=2, after="after")
     poisoned = results[ids.index("poison")]
     assert isinstance(poisoned, APIError) and poisoned.status == 500 and poisoned.code == "repeated_stage_failure"
+    assert poisoned.headers == {"x-should-retry": "false"}  # OpenAI's clients would send it again
     completed = [i for i, r in enumerate(results[:-1]) if isinstance(r, list)]
     assert len(completed) >= 2, results  # two micro-batches in flight: the poison shares at most one
     for i, result in enumerate(results[:-1]):

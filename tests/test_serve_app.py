@@ -169,6 +169,9 @@ def test_http_stream_matches_offline(client, offline):
     assert len(events) > 3  # streamed, not one blob
     assert join_stream(events) == {0: text}
     assert [t for e in events for c in e["choices"] for t in c["token_ids"]] == token_ids
+    # The prompt's ids once, in the choice's first event (as vLLM streams them).
+    prompt_ids = [c["prompt_token_ids"] for e in events for c in e["choices"]]
+    assert prompt_ids[0] == offline["neox"].tokenizer.encode(PROMPTS[0]) and not any(prompt_ids[1:])
     assert all(e["usage"] is None for e in events[:-1])
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 32
     assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "length"
@@ -248,6 +251,15 @@ def test_openai_client_matches_offline(base_url, app, offline):
         text += "".join(c.text for c in chunk.choices)
     assert text == expected[0][0][0]
     assert [m.id for m in api.models.list().data] == ["neox", "neo"]
+    card = api.models.retrieve("neo")
+    assert card.id == "neo" and card.object == "model" and card.model_extra["num_stages"] == 1
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        api.models.retrieve("gpt-4")
+    assert excinfo.value.body["code"] == "model_not_found"
+    # Base models, no chat template: a 400 that says so (as vLLM), not a bare 404 read as a wrong model.
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        api.chat.completions.create(model="neox", messages=[{"role": "user", "content": "hi"}])
+    assert excinfo.value.body["code"] == "chat_not_supported" and "/v1/completions" in excinfo.value.message
     # A parameter passed as None goes out as null (e.g. temperature=args.temperature left unset):
     # the default, as vLLM reads it, not a 400. Seeded, so the sampled text is the offline one.
     [[(sampled, _)]] = reference(offline["neox"], [PROMPTS[0]], max_tokens=8, seed=5)
@@ -471,6 +483,7 @@ def test_malformed_bodies_and_routes(client):
         assert response.status_code == 400 and "error" in response.json()
     response = client.get("/v2/nothing")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    assert "GET /v2/nothing" in response.json()["error"]["message"]  # and the routes there are
     # A wrong method says which ones the route takes (RFC 9110: a 405 carries Allow).
     response = client.get("/v1/completions")
     assert response.status_code == 405 and response.headers["allow"] == "POST", response.headers
@@ -604,7 +617,7 @@ def test_http_disconnect_frees_the_sequence(client):
 
 
 # ---- metrics -----------------------------------------------------------------------------------
-def test_request_deadline_ends_the_request_and_frees_it(client):
+def test_request_deadline_ends_the_request_and_frees_it(client, base_url):
     """Past its `timeout`, a request ends with a 408 `request_timeout` error (an error event after
     the text so far, when streaming) and its sequence is stopped, not left to run to 480 tokens."""
     started = time.monotonic()
@@ -614,6 +627,17 @@ def test_request_deadline_ends_the_request_and_frees_it(client):
     assert error["code"] == "request_timeout" and error["type"] == "timeout_error" and error["param"] == "timeout"
     assert time.monotonic() - started < 5
     _assert_freed_soon(pipeline_stats()["num_steps"])
+    # OpenAI's client retries a 408 twice by default, each running into the same deadline: the
+    # response tells it not to (`x-should-retry`), and it sends the request once.
+    assert response.headers["x-should-retry"] == "false"
+    sent = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    api = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", http_client=http)
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        api.completions.create(model="neox", prompt=PROMPTS[0], max_tokens=480, extra_body={"timeout": 0.3,
+                               "ignore_eos": True})
+    assert excinfo.value.status_code == 408 and len(sent) == 1
+    http.close()
 
     with client.stream("POST", "/v1/completions", json={**LONG, "timeout": 0.5}) as streamed:
         assert streamed.status_code == 200

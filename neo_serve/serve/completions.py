@@ -80,6 +80,11 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
         raise APIError(str(exc), param=exc.field) from None
 
 
+def model_not_found(name: str, served: list[str]) -> APIError:
+    return APIError(f"The model `{name}` does not exist. Served models: {', '.join(served)}",
+                    status=404, param="model", code="model_not_found")  # OpenAI's type for it
+
+
 RETRY_AFTER_UNAVAILABLE_S = 5  # a replaced pipeline replica reloads its stages: seconds, not one
 
 
@@ -134,12 +139,14 @@ class _Choice:
 
     index: int
     want_logprobs: bool
+    prompt_token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: CompletionLogprobs | None = None
     offset: int = 0  # text offset of the next token, in this choice's text
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    fed: bool = False  # whether a delta went out: the first one carries the prompt's token ids
 
     def __post_init__(self) -> None:
         if self.want_logprobs:
@@ -156,13 +163,16 @@ class _Choice:
                 getattr(self.logprobs, name).extend(getattr(delta_logprobs, name))
         if finish_reason is not None:
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
+        # As vLLM streams them: the prompt's ids once, in the choice's first event.
+        prompt_token_ids = None if self.fed else self.prompt_token_ids
+        self.fed = True
         return CompletionChoice(index=self.index, text=text, logprobs=delta_logprobs, finish_reason=finish_reason,
-                                stop_reason=stop_reason, token_ids=token_ids)
+                                stop_reason=stop_reason, prompt_token_ids=prompt_token_ids, token_ids=token_ids)
 
-    def final(self, prompt_token_ids: list[int]) -> CompletionChoice:
+    def final(self) -> CompletionChoice:
         return CompletionChoice(index=self.index, text="".join(self.text), logprobs=self.logprobs,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                prompt_token_ids=prompt_token_ids, token_ids=self.token_ids)
+                                prompt_token_ids=self.prompt_token_ids, token_ids=self.token_ids)
 
 
 class _PromptState:
@@ -177,7 +187,7 @@ class _PromptState:
         self.prompt_logprobs: list[TokenLogprob] = []
         # Sequence deltas that came while the echo waited for the prompt's scoring to finish.
         self.held: list[SequenceDelta] = []
-        self.choices = [_Choice(prompt_index * request.n + i, request.logprobs is not None)
+        self.choices = [_Choice(prompt_index * request.n + i, request.logprobs is not None, self.prompt_token_ids)
                         for i in range(request.n)]
 
     def feed(self, chunk: GenerationChunk) -> list[CompletionChoice]:
@@ -216,7 +226,7 @@ class _PromptState:
 def request_timed_out(timeout_s: float) -> APIError:
     return APIError(f"the request did not finish within its deadline of {timeout_s:g} s (request field `timeout` "
                     "or the model's request_timeout_s); its sequences were stopped", status=408,
-                    type="timeout_error", param="timeout", code="request_timeout")
+                    type="timeout_error", param="timeout", code="request_timeout", retryable=False)
 
 
 # The most log-probability entries (a position's chosen token plus its top alternatives; without
@@ -390,8 +400,7 @@ class CompletionService:
                 return next(iter(self.pipelines))
             raise APIError(f"model is required; served models: {', '.join(self.pipelines)}", param="model")
         if name not in self.pipelines:
-            raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.pipelines)}",
-                           status=404, param="model", code="model_not_found")
+            raise model_not_found(name, list(self.pipelines))
         return name
 
     async def complete(self, request: CompletionRequest) -> dict[str, Any]:
@@ -399,7 +408,7 @@ class CompletionService:
         run = await _Run.start(self, request)
         async for _ in run.chunks():
             pass
-        choices = [c.final(state.prompt_token_ids) for state in run.states for c in state.choices]
+        choices = [c.final() for state in run.states for c in state.choices]
         response = CompletionResponse(id=run.id, created=run.created, model=run.model, choices=choices,
                                       usage=run.usage())
         return response.model_dump(exclude=dump_exclude(request, stream=False))
@@ -453,7 +462,8 @@ class _Run:
                     raise first
                 if len(prompts) > 1:
                     error = APIError(f"prompt {index}: {error.message}", status=error.status, type=error.type,
-                                     param=error.param, code=error.code, retry_after_s=error.retry_after_s)
+                                     param=error.param, code=error.code, retry_after_s=error.retry_after_s,
+                                     retryable=error.retryable)
                 raise error from None
         return cls(model, request, streams, [_PromptState(i, first, request) for i, first in enumerate(firsts)],
                    deadline, service.log_requests)

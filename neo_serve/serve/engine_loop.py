@@ -420,7 +420,7 @@ class PipelineCore:
             self._fail_requests({request_id}, APIError(
                 f"this request's computation was lost to a stage failure ({error_name(error)}) {count} times in a "
                 "row; it was ended rather than computed again, in case it is what makes the stage fail",
-                status=500, type="server_error", code="repeated_stage_failure"))
+                status=500, type="server_error", code="repeated_stage_failure", retryable=False))
 
     def _finish_step(self, prepared: PreparedStep, future: asyncio.Future[SampledStep]) -> _LostStage | None:
         """Apply a finished micro-batch. Says so when a stage died or its device faulted

@@ -43,7 +43,8 @@ class APIError(Exception):
     """An error with its HTTP status, rendered as OpenAI's error JSON."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after_s: int | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after_s: int | None = None,
+                 retryable: bool | None = None) -> None:
         # A lone surrogate (a JSON escape like "\ud800" in a field name or value) written into an
         # exception's text is fatal: Ray fails to encode it as UTF-8 and the replica's actor exits.
         message, param = _printable(message), _printable(param) if param is not None else None
@@ -54,10 +55,18 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s  # sent as a Retry-After header (429 / 503)
+        # False: the same request would fail the same way again. OpenAI's clients retry a 408 and
+        # every 5xx by default (twice, each time from the start) unless `x-should-retry` says no.
+        self.retryable = retryable
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        if self.retryable is not None:
+            headers["x-should-retry"] = "true" if self.retryable else "false"
+        return headers or None
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

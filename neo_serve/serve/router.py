@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
-from neo_serve.serve.completions import CompletionService, as_api_error
+from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList, error_name
@@ -64,7 +64,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(APIError(str(exc.detail), status=exc.status_code, type=error_type).to_dict(),
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":  # no such route: say which there are, as OpenAI does
+        message = (f"Invalid URL ({request.method} {request.url.path}): this server answers POST /v1/completions, "
+                   "GET /v1/models, GET /v1/models/{model} and GET /health")
+    return JSONResponse(APIError(message, status=exc.status_code, type=error_type).to_dict(),
                         status_code=exc.status_code, headers=exc.headers)  # e.g. a 405's Allow
 
 
@@ -197,6 +201,22 @@ class Router:
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return ModelList(data=self.cards).model_dump()
+
+    @api.get("/v1/models/{model:path}")  # `path`: a served name may hold slashes (EleutherAI/pythia-160m)
+    async def model(self, model: str) -> dict[str, Any]:
+        """One model's card (OpenAI's `models.retrieve`)."""
+        card = next((card for card in self.cards if card.id == model), None)
+        if card is None:
+            raise model_not_found(model, [card.id for card in self.cards])
+        return card.model_dump()
+
+    @api.post("/v1/chat/completions", include_in_schema=False)
+    async def chat_completions(self) -> None:
+        """Not served, and said so: the GPT-NeoX and GPT-Neo checkpoints are base models without a
+        chat template (vLLM answers such a model's chat request with a 400 too)."""
+        raise APIError("chat completions are not supported: the served models are base models without a chat "
+                       "template; send the text to continue as `prompt` to POST /v1/completions",
+                       code="chat_not_supported")
 
     @api.api_route("/health", methods=["GET", "HEAD"])  # some load balancers probe with HEAD
     async def health(self) -> JSONResponse:
