@@ -29,6 +29,17 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_gpu_memory(text: str | int) -> int:
+    """One GPU's memory in bytes, from a size with its unit ('24GiB'). A bare number is refused
+    rather than read as bytes: `--gpu-memory 24` planned for 24 bytes and said nothing fits."""
+    if isinstance(text, str) and re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):
+        raise ValueError(f"GPU memory {text.strip()!r} has no unit: write e.g. {text.strip()}GiB or {text.strip()}GB")
+    total = parse_bytes(text)
+    if total <= 0:
+        raise ValueError(f"GPU memory must be more than 0, got {text!r} (use e.g. 24GiB, 80GB)")
+    return total
+
+
 @dataclass(frozen=True)
 class StagePlan:
     index: int
@@ -88,7 +99,7 @@ def plan_pipeline(config: ModelConfig, *, num_stages: int, gpu_memory: str | int
     dtype = planned_dtype(config, dtype)
     torch_dtype = DTYPES[dtype]
     element = torch.empty((), dtype=torch_dtype).element_size()
-    total = parse_bytes(gpu_memory)
+    total = parse_gpu_memory(gpu_memory)
     usable = int(total * memory_utilization) - parse_bytes(activation_reserve)
     stages = []
     for spec in partition_layers(config, num_stages):

@@ -84,6 +84,15 @@ def test_parse_bytes_names_the_problem():
         parse_bytes("24 gigs")
 
 
+@pytest.mark.parametrize("memory, message", [("24", "GPU memory '24' has no unit: write e.g. 24GiB or 24GB"),
+                                             ("0GiB", "GPU memory must be more than 0, got '0GiB' (use e.g. 24GiB, 80GB)")])
+def test_plan_refuses_a_gpu_memory_without_unit_or_size(reference_dir, capsys, memory, message):
+    # `--gpu-memory 24` was read as 24 bytes: "0.0 GiB per GPU ... DOES NOT FIT", exit 1.
+    assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "2",
+                 "--gpu-memory", memory]) == 2
+    assert capsys.readouterr().err.strip() == f"neo-serve plan: {message}"
+
+
 def test_generate_cli_on_the_bundled_demo(capsys):
     from neo_serve import LLM, SamplingParams
     from neo_serve.serve.config import DEMO_CHECKPOINT
