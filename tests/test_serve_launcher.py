@@ -150,6 +150,9 @@ def test_up_serves_until_ctrl_c(tmp_path):
         # and the replica that runs it says so when its stage is loaded.
         threads = local_cpu_threads(available_cores())
         assert f"threads      {threads} per stage" in banner
+        # Where another process's ray.init finds this cluster ("auto" takes the first on the machine).
+        pattern = r"ray address  (\S+)  \(handles from another process: RAY_ADDRESS=\1\)"
+        [ray_address] = re.findall(pattern, banner)
         # Replica logs reach this process through Ray's log monitor.
         ready = up.read_until(f"pipeline for {name} ready:", timeout=30)
         assert f"'threads': {threads}}}" in ready, ready
@@ -177,10 +180,11 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert body["usage"]["completion_tokens"] == 8
         assert body["choices"][0]["text"] == offline_text(checkpoint[0] if checkpoint else DEMO_CHECKPOINT,
                                                           "def hello_world():", 8)
-        # The README's handle example, run as a user runs it: from a process of its own.
+        # The README's handle example, run as a user runs it: from a process of its own, with the
+        # address the banner printed (the test session may have a Ray of its own on this machine).
         example = readme_python_example()
         ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120,
-                             env=_user_environ())
+                             env={**_user_environ(), "RAY_ADDRESS": ray_address})
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
         # The banner's metrics URL serves the model's metrics (once Ray has exported them).
@@ -250,3 +254,28 @@ def test_a_port_in_use_is_one_line_before_any_ray():
     ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", "99999"], capture_output=True,
                          text=True, timeout=120, env=_user_environ())
     assert ran.returncode == 2 and "argument --port: 99999 is not a port number (1-65535)" in ran.stderr
+
+
+def test_a_bad_host_metrics_port_or_app_name_is_one_line_before_any_ray():
+    """Each started a whole Ray first: an unknown host failed Serve's bind naming the wrong port,
+    a metrics port in use timed Ray's start out 30 s later blaming an overloaded GCS, and an empty
+    application name got Serve's own refusal."""
+    import socket
+
+    def up(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(free_port()), *args],
+                              capture_output=True, text=True, timeout=120, env=_user_environ())
+
+    ran = up("--host", "bogus.invalid")
+    assert ran.returncode == 2 and ran.stderr.startswith("neo-serve up: --host bogus.invalid: cannot be resolved")
+    assert "Ray" not in ran.stdout + ran.stderr
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        metrics_port = held.getsockname()[1]
+        ran = up("--metrics-port", str(metrics_port))
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert ran.stderr.strip() == (f"neo-serve up: --metrics-port {metrics_port} is already in use: choose another, "
+                                  "or leave it out for a free one")
+    ran = up("--app-name", " ")
+    assert ran.returncode == 2 and "argument --app-name: give the application a name" in ran.stderr

@@ -38,6 +38,28 @@ def port_number(text: str) -> int:
     return port
 
 
+def app_name(text: str) -> str:
+    """An argparse type: Serve's application name, which may not be empty (Serve refused it only
+    after Ray had started)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give the application a name (Serve refuses an empty one)")
+    return text
+
+
+def host_problem(host: str, port: int) -> str | None:
+    """What keeps Serve from listening on host:port, told before Ray starts (Serve's own failure
+    comes 10 s later as a remote traceback): a name that does not resolve, a port in use."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return (f"--host {host}: cannot be resolved ({exc.strerror}); give an address (127.0.0.1, 0.0.0.0) "
+                "or a known name")
+    if port_in_use(host, port):
+        return (f"{host}:{port} is already in use (another `neo-serve up`, or another server): stop it, or serve "
+                "on another port with --port")
+    return None
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether something already listens on host:port, so that Serve could not bind it. Checked
     before Ray starts: Serve's own failure comes 10 s later as a remote traceback."""
@@ -89,7 +111,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=port_number, default=None,
                         help="port of a local Ray's Prometheus endpoint, /metrics (default: a free one; "
                              "the banner prints it)")
-    parser.add_argument("--app-name", default=DEFAULT_APP_NAME,
+    parser.add_argument("--app-name", type=app_name, default=DEFAULT_APP_NAME,
                         help=f"Serve application name (default {DEFAULT_APP_NAME})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
@@ -213,9 +235,14 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: --metrics-port {args.metrics_port} ignored: a joined cluster's nodes export "
                   "metrics where they were started to (ray start --metrics-export-port)", file=sys.stderr)
     else:
-        if port_in_use(args.host, args.port):
-            print(f"neo-serve up: {args.host}:{args.port} is already in use (another `neo-serve up`, or another "
-                  "server): stop it, or serve on another port with --port", file=sys.stderr)
+        if problem := host_problem(args.host, args.port):
+            print(f"neo-serve up: {problem}", file=sys.stderr)
+            return 2
+        # Ray binds its Prometheus port on every interface; taken, its start timed out 30 s later
+        # blaming an overloaded GCS, with the cause in a log file only.
+        if args.metrics_port is not None and port_in_use("0.0.0.0", args.metrics_port):
+            print(f"neo-serve up: --metrics-port {args.metrics_port} is already in use: choose another, or leave "
+                  "it out for a free one", file=sys.stderr)
             return 2
         try:
             ingress = configure_local_cluster(args.ingress)  # before Ray starts: its processes inherit it
@@ -257,6 +284,10 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
+        # Where other processes' `ray.init` find this cluster, for Serve handles: "auto" takes the
+        # first Ray on the machine, which with two `neo-serve up` may be the other's.
+        gcs_address = ray.get_runtime_context().gcs_address
+        print(f"  ray address  {gcs_address}  (handles from another process: RAY_ADDRESS={gcs_address})", flush=True)
         print(f"  ingress      {ingress}", flush=True)
         if ingress == "haproxy" and not address and args.host not in ALL_INTERFACES:
             # Serve's controller warns, above, whenever HAProxy's host is not every interface: only
