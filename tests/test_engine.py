@@ -461,6 +461,19 @@ def test_stages_that_resolved_different_dtypes_still_run_together(neox_checkpoin
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
 
 
+def test_a_prompt_that_fills_the_window_is_refused_unless_only_scored(llm):
+    full = [7] * llm.engine.max_model_len
+    with pytest.raises(InvalidRequestError) as excinfo:
+        llm.engine.add_request(full, SamplingParams(max_tokens=1))
+    assert excinfo.value.field == "prompt" and str(excinfo.value) == (
+        "prompt has 128 tokens, the whole context window of 128: no room for a generated token (with max_tokens 0 "
+        "it is only scored)")
+    [scored] = llm.generate([full], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert scored.outputs[0].token_ids == [] and len(scored.prompt_logprobs) == 128
+    with pytest.raises(InvalidRequestError, match="prompt has 129 tokens; the context window is 128"):
+        llm.engine.add_request(full + [7], SamplingParams(max_tokens=0))
+
+
 def test_a_text_prompt_too_long_for_any_tokenization_is_refused_before_encoding(llm, monkeypatch):
     engine = llm.engine
     assert engine.max_prompt_chars == 4 * engine.max_model_len * engine.tokenizer.max_token_chars

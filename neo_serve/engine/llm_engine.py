@@ -225,8 +225,12 @@ class LLMEngine:
                 f"which the tokenizer has but the model's vocabulary of {vocab} does not", field="prompt")
 
     def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and params.max_tokens != 0):
+        if prompt_len > self.max_model_len:
             raise self._too_long(prompt_len)
+        if prompt_len == self.max_model_len and params.max_tokens != 0:
+            raise InvalidRequestError(
+                f"prompt has {prompt_len} tokens, the whole context window of {self.max_model_len}: no room for a "
+                "generated token (with max_tokens 0 it is only scored)", field="prompt")
         if params.max_tokens is None:
             return self.max_model_len - prompt_len
         if prompt_len + params.max_tokens > self.max_model_len:
