@@ -14,7 +14,8 @@ request's log-likelihood and is-greedy flag, and every greedy generation's text.
 
 Two of the scored texts are built at least 64 tokens longer than the window (from
 GET /v1/models, or --window), and lm-evaluation-harness cuts them on the left.
-`local-completions` is given the window as `max_length` and sends at most `max_length` - 1
+`local-completions` tokenizes through the server's /tokenize (`--tokenizer checkpoint`: with the
+checkpoint's files) and is given the window as `max_length` and sends at most `max_length` - 1
 tokens (it asks for one generated token besides, docs/serving.md); `hf` keeps `max_length` + 1
 tokens and feeds all but the last, so it is given the window less two: both then score the
 same tokens after the same context.
@@ -137,6 +138,9 @@ def main() -> int:
     parser.add_argument("--model", default="neo-demo", help="its served name (default neo-demo)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1/completions")
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--tokenizer", choices=["server", "checkpoint"], default="server",
+                        help="where local-completions tokenizes: through the server's /tokenize (lm-eval's remote "
+                             "backend, the default) or the checkpoint's files (its huggingface backend)")
     parser.add_argument("--window", type=int, default=None,
                         help="the served model's context window (default: its max_model_len in GET /v1/models)")
     args = parser.parse_args()
@@ -147,9 +151,10 @@ def main() -> int:
         run_lm_eval("hf", f"pretrained={args.checkpoint},dtype=float32,max_length={window - 2}", directory,
                     directory / "hf",
                     "--device", "cpu", "--batch_size", "4")
-        run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},tokenizer={args.checkpoint},"
-                    "tokenizer_backend=huggingface,num_concurrent=4,max_retries=2,"
-                    f"max_length={window}", directory, directory / "served")
+        tokenizer = ("tokenizer_backend=remote" if args.tokenizer == "server"
+                     else f"tokenizer={args.checkpoint},tokenizer_backend=huggingface")
+        run_lm_eval("local-completions", f"model={args.model},base_url={args.base_url},{tokenizer},"
+                    f"num_concurrent=4,max_retries=2,max_length={window}", directory, directory / "served")
         generations = list(zip(samples(directory / "hf", "neo_gen"), samples(directory / "served", "neo_gen"),
                                strict=True))
         texts_differ = [(reference["doc_id"], reference["resps"][0][0], served["resps"][0][0])

@@ -274,6 +274,37 @@ def test_openai_client_matches_offline(base_url, app, offline):
     assert excinfo.value.body["param"] == "temperature"
 
 
+def test_tokenizer_routes_give_the_ids_completions_use(client, offline):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info: lm-evaluation-harness's `local-completions`
+    checks for /tokenizer_info (with `eos_token`) and /tokenize, and then tokenizes through the
+    server, so a checkpoint whose tokenizer is not on the Hub (the demo's) can be evaluated."""
+    tokenizer = offline["neox"].tokenizer
+    info = client.get("/tokenizer_info", params={"model": "neox"}).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["eos_token_id"] == 0 and info["model_max_length"] == 512
+    for text in (PROMPTS[0], PROMPTS[3]):  # ASCII, and accents and an emoji over several tokens
+        body = client.post("/tokenize", json={"model": "neox", "prompt": text, "add_special_tokens": False}).json()
+        assert body == {"tokens": tokenizer.encode(text), "count": len(tokenizer.encode(text)), "max_model_len": 512}
+        # The ids a completion of that text starts from, and back to the text.
+        echoed = client.post("/v1/completions", json={"model": "neox", "prompt": text, "max_tokens": 0, "echo": True,
+                                                      "return_token_ids": True}).json()
+        assert echoed["choices"][0]["prompt_token_ids"] == body["tokens"]
+        assert client.post("/detokenize", json={"model": "neox", "tokens": body["tokens"]}).json() == {"prompt": text}
+    # lm-eval reads the end token's id by encoding its text; special tokens are decoded too.
+    assert client.post("/tokenize", json={"model": "neox", "prompt": "<|endoftext|>"}).json()["tokens"] == [0]
+    assert client.post("/detokenize", json={"model": "neox", "tokens": [0]}).json() == {"prompt": "<|endoftext|>"}
+    # The other model's tokenizer is asked by name; with two served, a name is needed.
+    assert client.get("/tokenizer_info", params={"model": "neo"}).json()["model"] == "neo"
+    for response, status, param in [
+            (client.get("/tokenizer_info"), 400, "model"),
+            (client.get("/tokenizer_info", params={"model": "gpt-4"}), 404, "model"),
+            (client.post("/tokenize", json={"model": "neox"}), 400, "prompt"),
+            (client.post("/tokenize", json={"model": "neox", "prompt": [1, 2]}), 400, "prompt"),
+            (client.post("/detokenize", json={"model": "neox", "tokens": [5, 999999]}), 400, "tokens"),
+            (client.post("/detokenize", json={"model": "neox", "tokens": [-1]}), 400, "tokens")]:
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["param"] == param, response.text
+
+
 def test_handle_generate_matches_offline(app, offline):
     [[(text, token_ids)]] = reference(offline["neox"], [PROMPTS[3]], max_tokens=20, temperature=0.0)
     handle = serve.get_app_handle(APP)

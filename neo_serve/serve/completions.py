@@ -16,9 +16,9 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -35,25 +35,33 @@ from neo_serve.serve.protocol import (MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, APIE
 logger = logging.getLogger("ray.serve")
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 def parse_request(body: Any) -> CompletionRequest:
     """Validate a request body (dict) into a CompletionRequest, or raise a 400 APIError."""
-    if isinstance(body, CompletionRequest):
+    return parse_body(CompletionRequest, body)
+
+
+def parse_body(model: type[Body], body: Any) -> Body:
+    """Validate a request body (dict) into `model`, or raise a 400 APIError naming the field."""
+    if isinstance(body, model):
         return body
     if not isinstance(body, Mapping):
         raise APIError("the request body must be a JSON object")
     try:
-        return CompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, prompt_union=model is CompletionRequest) from None
 
 
-def _validation_error(exc: ValidationError) -> APIError:
+def _validation_error(exc: ValidationError, *, prompt_union: bool) -> APIError:
     error = exc.errors()[0]
     param = str(error["loc"][0]) if error["loc"] else None
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":  # name the whole path: stream_options.include_usge
         return APIError(f"{'.'.join(map(str, error['loc']))}: unknown parameter", param=param)
-    if param == "prompt" and error["type"] != "value_error":
+    if prompt_union and param == "prompt" and error["type"] != "value_error":
         # A union's errors list every alternative; name them instead.
         message = "must be a string, a list of strings, a list of token ids or a list of token id lists"
     return APIError(f"{param}: {message}" if param else message, param=param)

@@ -8,6 +8,7 @@ never leaves the replica that admitted it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -20,9 +21,10 @@ from ray.serve.config import BackpressureConfig
 
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
+from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.caller_watch import CallerWatch
 from neo_serve.serve.config import ModelArgs
-from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
+from neo_serve.serve.engine_loop import INLINE_TOKENIZE_CHARS, PipelineCore, PipelineFailed
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.metrics import PipelineMetrics
 from neo_serve.serve.outputs import GenerationChunk
@@ -95,6 +97,36 @@ class PipelineServer:
         return {"model": self.model.served_name, "max_model_len": engine.max_model_len,
                 "vocab_size": engine.model_config.vocab_size, "num_stages": self.model.num_stages,
                 "architecture": engine.model_config.architecture}
+
+    async def tokenize(self, text: str) -> list[int]:
+        """`text`'s token ids, as the engine encodes a text prompt (off the event loop when long)."""
+        engine = self.core.engine
+        engine.check_prompt_text(text)  # far too long for any context window: refused unread
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(engine.tokenizer.encode, text)
+        return engine.tokenizer.encode(text)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` (special tokens included), each id checked against the vocabulary."""
+        tokenizer = self.core.engine.tokenizer
+        vocab = max(tokenizer.vocab_size, self.core.engine.model_config.vocab_size)
+        outside = next((token for token in token_ids if not 0 <= token < vocab), None)
+        if outside is not None:
+            raise InvalidRequestError(f"token id {outside} is outside the vocabulary (0-{vocab - 1})", field="tokens")
+        return tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens and limits (vLLM's /tokenizer_info fields that apply)."""
+        engine = self.core.engine
+        config, tokenizer = engine.model_config, engine.tokenizer
+
+        def token(token_id: int | None) -> str | None:
+            return tokenizer.id_to_token(token_id) if token_id is not None else None
+
+        return {"model": self.model.served_name, "eos_token": token(config.eos_token_id),
+                "eos_token_id": config.eos_token_id, "bos_token": token(config.bos_token_id),
+                "bos_token_id": config.bos_token_id, "pad_token": None, "model_max_length": engine.max_model_len,
+                "vocab_size": tokenizer.vocab_size, "add_bos_token": False, "add_eos_token": False}
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a dead stage makes the replica unhealthy (replaced)."""

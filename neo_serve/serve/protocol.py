@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
                       model_validator)
 
 from neo_serve.engine.sampling_params import MAX_LOGPROBS, MAX_N
@@ -32,6 +32,15 @@ def is_encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _unicode_text(text: str) -> str:
+    if not is_encodable(text):
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)")
+    return text
+
+
+UnicodeText = Annotated[str, AfterValidator(_unicode_text)]  # JSON lets lone surrogates through
 
 
 def _printable(text: str) -> str:
@@ -118,6 +127,31 @@ def _id_lists(value: Any) -> list[list[int]]:
 NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "presence_penalty", "frequency_penalty",
                                 "repetition_penalty", "echo", "stream", "ignore_eos", "skip_special_tokens",
                                 "return_token_ids"})
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize body (vLLM's route and fields; lm-evaluation-harness's remote tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: UnicodeText | None = Field(None, description="Served model name; may be omitted when one model is served.")
+    prompt: UnicodeText = Field(..., description="Text to encode as the completions endpoint encodes a prompt.")
+    add_special_tokens: bool = Field(True, description="Accepted for vLLM's clients; GPT-NeoX and GPT-Neo "
+                                                       "tokenizers add no special tokens either way.")
+
+
+# Bounds the ids pydantic reads on the router's event loop, which every stream of the replica shares.
+MAX_DETOKENIZE_IDS = 2**20
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize body (vLLM's route and fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: UnicodeText | None = Field(None, description="Served model name; may be omitted when one model is served.")
+    tokens: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] = Field(..., max_length=MAX_DETOKENIZE_IDS,
+                                                                    description="Token ids to decode.")
 
 
 class CompletionRequest(BaseModel):

@@ -26,10 +26,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import AccessMiddleware, load_api_keys
-from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found
+from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found, parse_body
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
-from neo_serve.serve.protocol import APIError, CompletionRequest, ModelCard, ModelList, error_name
+from neo_serve.serve.protocol import (APIError, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                                      TokenizeRequest, error_name)
 from neo_serve.serve.transport import transport_name, with_cluster_transport
 from neo_serve.ui import bridge
 
@@ -67,7 +68,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":  # no such route: say which there are, as OpenAI does
         message = (f"Invalid URL ({request.method} {request.url.path}): this server answers POST /v1/completions, "
-                   "GET /v1/models, GET /v1/models/{model} and GET /health")
+                   "GET /v1/models, GET /v1/models/{model}, POST /tokenize, POST /detokenize, GET /tokenizer_info "
+                   "and GET /health")
     return JSONResponse(APIError(message, status=exc.status_code, type=error_type).to_dict(),
                         status_code=exc.status_code, headers=exc.headers)  # e.g. a 405's Allow
 
@@ -209,6 +211,37 @@ class Router:
         if card is None:
             raise model_not_found(model, [card.id for card in self.cards])
         return card.model_dump()
+
+    # ---- tokenizer (vLLM's routes; lm-evaluation-harness's remote tokenizer finds them) ---------
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        """`prompt` as token ids, as /v1/completions encodes it: {"tokens", "count", "max_model_len"}."""
+        body = parse_body(TokenizeRequest, await _json_body(request))
+        model = self.service.resolve_model(body.model)
+        tokens = await self._pipeline_call(self.service.pipelines[model].tokenize.remote(body.prompt))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self._card(model).max_model_len}
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        """The text of `tokens`: {"prompt"}."""
+        body = parse_body(DetokenizeRequest, await _json_body(request))
+        model = self.service.resolve_model(body.model)
+        return {"prompt": await self._pipeline_call(self.service.pipelines[model].detokenize.remote(body.tokens))}
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, model: str | None = None) -> dict[str, Any]:
+        """The model's special tokens (`eos_token` ...) and context window (`?model=` with several)."""
+        name = self.service.resolve_model(model)
+        return await self._pipeline_call(self.service.pipelines[name].tokenizer_info.remote())
+
+    async def _pipeline_call(self, response: Any) -> Any:
+        try:
+            return await response
+        except Exception as exc:  # noqa: BLE001 - an invalid id, no replica: as the completions answer it
+            raise _client_error(exc) from None
+
+    def _card(self, model: str) -> ModelCard:
+        return next(card for card in self.cards if card.id == model)
 
     @api.post("/v1/chat/completions", include_in_schema=False)
     async def chat_completions(self) -> None:
