@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from neo_serve.serve.config import PlaygroundArgs, ingress_actor_options
+from neo_serve.serve.config import SHUTDOWN_POLL_S, PlaygroundArgs, ingress_actor_options
 from neo_serve.serve.transport import with_cluster_transport
 from neo_serve.ui.backend import PlaygroundBackend, PlaygroundModel
 from neo_serve.ui.bridge import LifespanManager, serve_asgi
@@ -69,4 +69,5 @@ def playground_deployment(settings: PlaygroundArgs, runs_timeout_s: float) -> se
         # need no heartbeat, a test checks), which may last as long as the pipelines drain. Cut
         # at 5 s, as before, a redeploy showed "Connection errored out" in every running page.
         graceful_shutdown_timeout_s=runs_timeout_s,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
     )

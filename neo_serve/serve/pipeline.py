@@ -23,7 +23,7 @@ from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.caller_watch import CallerWatch
-from neo_serve.serve.config import ModelArgs
+from neo_serve.serve.config import SHUTDOWN_POLL_S, ModelArgs
 from neo_serve.serve.engine_loop import INLINE_TOKENIZE_CHARS, PipelineCore, PipelineFailed
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.metrics import PipelineMetrics
@@ -160,6 +160,7 @@ def pipeline_deployment(model: ModelArgs, name: str) -> serve.Deployment:
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         health_check_period_s=model.health_check_period_s,
         graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         **model.scaling_options(),
     )
 
