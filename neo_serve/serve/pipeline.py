@@ -98,13 +98,16 @@ class PipelineServer:
                 "vocab_size": engine.model_config.vocab_size, "num_stages": self.model.num_stages,
                 "architecture": engine.model_config.architecture}
 
-    async def tokenize(self, text: str) -> list[int]:
-        """`text`'s token ids, as the engine encodes a text prompt (off the event loop when long)."""
+    async def tokenize(self, text: str) -> dict[str, Any]:
+        """`text`'s token ids as the engine encodes a text prompt (off the event loop when long):
+        {"tokens", "count", "max_model_len"}, vLLM's /tokenize answer."""
         engine = self.core.engine
         engine.check_prompt_text(text)  # far too long for any context window: refused unread
         if len(text) > INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(engine.tokenizer.encode, text)
-        return engine.tokenizer.encode(text)
+            tokens = await asyncio.to_thread(engine.tokenizer.encode, text)
+        else:
+            tokens = engine.tokenizer.encode(text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of `token_ids` (special tokens included), each id checked against the vocabulary."""

@@ -218,8 +218,7 @@ class Router:
         """`prompt` as token ids, as /v1/completions encodes it: {"tokens", "count", "max_model_len"}."""
         body = parse_body(TokenizeRequest, await _json_body(request))
         model = self.service.resolve_model(body.model)
-        tokens = await self._pipeline_call(self.service.pipelines[model].tokenize.remote(body.prompt))
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self._card(model).max_model_len}
+        return await self._pipeline_call(self.service.pipelines[model].tokenize.remote(body.prompt))
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, Any]:
@@ -239,9 +238,6 @@ class Router:
             return await response
         except Exception as exc:  # noqa: BLE001 - an invalid id, no replica: as the completions answer it
             raise _client_error(exc) from None
-
-    def _card(self, model: str) -> ModelCard:
-        return next(card for card in self.cards if card.id == model)
 
     @api.post("/v1/chat/completions", include_in_schema=False)
     async def chat_completions(self) -> None:
