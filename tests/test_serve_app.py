@@ -110,6 +110,8 @@ def test_health_and_models(client):
     probe = client.head("/health")  # as some load balancers ask
     assert probe.status_code == 200 and probe.content == b""
     assert health.json()["models"]["neox"] == {"model": "neox", "ready": True, "stages_loaded": 2, "num_stages": 2}
+    # Asked again (the pipeline is not, while it stays loaded): the same fields, not another shape.
+    assert client.get("/health").json() == health.json()
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
     cards = {card["id"]: card for card in models["data"]}

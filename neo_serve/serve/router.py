@@ -171,7 +171,9 @@ class Router:
         # pipeline's request queue, so under load it would time out or be refused (429), and a
         # readiness probe would take a busy router out of its load balancer. Serve health-checks
         # the pipeline replicas and replaces failed ones itself.
-        self._loaded: set[str] = set()
+        # Each such model's answer, given again while it stays loaded: a probe that parses
+        # /health sees the same fields whether its call asked the pipeline or not.
+        self._loaded: dict[str, dict[str, Any]] = {}
         self._without: set[str] = set()  # models with no pipeline running, as last counted
         self._status_at = -float("inf")
         self._status_call: asyncio.Future[Any] | None = None
@@ -252,13 +254,13 @@ class Router:
         """200 once every stage of every model's pipeline is loaded, else 503."""
         # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
         # restarts them) is loading again: asked `ready` again, as at the start, until one answers.
-        self._loaded -= await self._without_pipelines()
+        for name in await self._without_pipelines():
+            self._loaded.pop(name, None)
         pending = [name for name in self.service.pipelines if name not in self._loaded]
         states = await asyncio.gather(*(self._ready(name, self.service.pipelines[name]) for name in pending))
-        self._loaded.update(name for name, state in zip(pending, states) if state.get("ready"))
+        self._loaded.update((name, state) for name, state in zip(pending, states) if state.get("ready"))
         answers = dict(zip(pending, states))
-        models = {name: answers.get(name) or {"model": name, "ready": True, "detail": "loaded"}
-                  for name in self.service.pipelines}
+        models = {name: answers.get(name) or self._loaded[name] for name in self.service.pipelines}
         ready = all(state.get("ready") for state in models.values())
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
