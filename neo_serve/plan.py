@@ -19,11 +19,14 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
 
 
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*")  # a number, then its unit
+
+
 def parse_bytes(text: str | int) -> int:
     """'24GiB', '80G', '512Mi', 1024 -> bytes."""
     if isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    match = _SIZE.fullmatch(str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read a memory size from {text!r} (use e.g. 24GiB, 80GB, 512MiB)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
@@ -32,7 +35,7 @@ def parse_bytes(text: str | int) -> int:
 def parse_gpu_memory(text: str | int) -> int:
     """One GPU's memory in bytes, from a size with its unit ('24GiB'). A bare number is refused
     rather than read as bytes: `--gpu-memory 24` planned for 24 bytes and said nothing fits."""
-    if isinstance(text, str) and re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):
+    if isinstance(text, str) and (match := _SIZE.fullmatch(text)) and not match.group(2):
         raise ValueError(f"GPU memory {text.strip()!r} has no unit: write e.g. {text.strip()}GiB or {text.strip()}GB")
     total = parse_bytes(text)
     if total <= 0:

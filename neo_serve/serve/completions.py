@@ -154,7 +154,6 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    fed: bool = False  # whether a delta went out: the first one carries the prompt's token ids
 
     def __post_init__(self) -> None:
         if self.want_logprobs:
@@ -162,6 +161,8 @@ class _Choice:
 
     def feed(self, text: str, entries: list[TokenLogprob] | None, token_ids: list[int],
              finish_reason: str | None = None, stop_reason: str | int | None = None) -> CompletionChoice:
+        # As vLLM streams them: the prompt's ids once, in the choice's first delta.
+        prompt_token_ids = None if self.text else self.prompt_token_ids
         self.text.append(text)
         self.token_ids.extend(token_ids)
         delta_logprobs = None
@@ -171,9 +172,6 @@ class _Choice:
                 getattr(self.logprobs, name).extend(getattr(delta_logprobs, name))
         if finish_reason is not None:
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
-        # As vLLM streams them: the prompt's ids once, in the choice's first event.
-        prompt_token_ids = None if self.fed else self.prompt_token_ids
-        self.fed = True
         return CompletionChoice(index=self.index, text=text, logprobs=delta_logprobs, finish_reason=finish_reason,
                                 stop_reason=stop_reason, prompt_token_ids=prompt_token_ids, token_ids=token_ids)
 

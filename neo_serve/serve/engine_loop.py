@@ -176,10 +176,7 @@ class PipelineCore:
         arrival = time.monotonic()
         prompt_token_ids = None
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
-            self.engine.check_prompt_text(prompt)  # far too long: refused without encoding it
-            # On a worker thread (the tokenizer releases the GIL): on the event loop, a long text
-            # would stall every stream of the replica while it is encoded (1 MiB: over a second).
-            prompt_token_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
+            prompt_token_ids = await self.encode(prompt)  # else the engine encodes it, inline
         if self.failure is not None:
             raise PipelineFailed(f"pipeline failed: {self.failure!r}")
         if request_id in self._streams:  # finished in the engine, its stream not yet closed
@@ -235,6 +232,16 @@ class PipelineCore:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
             timer.ended(request.metrics, [seq.finish_reason for seq in request.sequences])
+
+    async def encode(self, text: str) -> list[int]:
+        """`text`'s token ids, as the engine encodes a text prompt. A text far too long for the
+        context window is refused without encoding it; a long one is encoded on a worker thread
+        (the tokenizer releases the GIL): on the event loop it would stall every stream of the
+        replica (1 MiB: over a second)."""
+        self.engine.check_prompt_text(text)
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.engine.tokenizer.encode, text)
+        return self.engine.tokenizer.encode(text)
 
     async def _hold(self, request_id: str, seconds: float) -> None:
         """Pause a stream for `seconds`, or until its request finishes or fails: a request's last

@@ -8,7 +8,6 @@ never leaves the replica that admitted it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.errors import InvalidRequestError
 from neo_serve.serve.caller_watch import CallerWatch
 from neo_serve.serve.config import SHUTDOWN_POLL_S, ModelArgs
-from neo_serve.serve.engine_loop import INLINE_TOKENIZE_CHARS, PipelineCore, PipelineFailed
+from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.metrics import PipelineMetrics
 from neo_serve.serve.outputs import GenerationChunk
@@ -99,15 +98,10 @@ class PipelineServer:
                 "architecture": engine.model_config.architecture}
 
     async def tokenize(self, text: str) -> dict[str, Any]:
-        """`text`'s token ids as the engine encodes a text prompt (off the event loop when long):
-        {"tokens", "count", "max_model_len"}, vLLM's /tokenize answer."""
-        engine = self.core.engine
-        engine.check_prompt_text(text)  # far too long for any context window: refused unread
-        if len(text) > INLINE_TOKENIZE_CHARS:
-            tokens = await asyncio.to_thread(engine.tokenizer.encode, text)
-        else:
-            tokens = engine.tokenizer.encode(text)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+        """`text`'s token ids as the engine encodes a text prompt: {"tokens", "count",
+        "max_model_len"}, vLLM's /tokenize answer."""
+        tokens = await self.core.encode(text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.core.engine.max_model_len}
 
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of `token_ids` (special tokens included), each id checked against the vocabulary."""
@@ -115,7 +109,7 @@ class PipelineServer:
         vocab = max(tokenizer.vocab_size, self.core.engine.model_config.vocab_size)
         outside = next((token for token in token_ids if not 0 <= token < vocab), None)
         if outside is not None:
-            raise InvalidRequestError(f"token id {outside} is outside the vocabulary (0-{vocab - 1})", field="tokens")
+            raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {vocab})", field="tokens")
         return tokenizer.decode(token_ids, skip_special_tokens=False)
 
     async def tokenizer_info(self) -> dict[str, Any]:
