@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,13 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
         full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+        if full.endswith("\ufffd") and not final:
+            return ""
+        # The new text starts where `prefix` ends, except after a prompt (token ids) cut inside a
+        # character: the prompt's text shows its bytes as U+FFFD, and the token that completes
+        # the character brings it, e.g. prefix "a\ufffd" (bytes 61 c3), full "a\u00e9" (+ a9).
+        start = len(prefix) if full.startswith(prefix) else len(os.path.commonprefix((prefix, full)))
+        if len(full) <= start:
             return ""
         # Keep a short window: drop ids before the read offset once they are decoded.
         self.prefix_offset = self.read_offset
@@ -204,4 +211,4 @@ class IncrementalDetokenizer:
             del self.ids[:drop]
             self.prefix_offset -= drop
             self.read_offset -= drop
-        return full[len(prefix):]
+        return full[start:]

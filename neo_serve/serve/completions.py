@@ -125,7 +125,7 @@ def _logprobs_delta(entries: list[TokenLogprob], offset: int) -> tuple[Completio
         out.tokens.append(entry.token)
         out.token_logprobs.append(entry.logprob)
         out.top_logprobs.append(entry.top)
-        out.text_offset.append(offset)
+        out.text_offset.append(offset + entry.earlier_chars)  # where the token's own text starts
         offset += entry.text_len
     return out, offset
 

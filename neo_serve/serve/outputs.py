@@ -30,6 +30,9 @@ class TokenLogprob:
     # Characters of the text this token completes: 0 for the leading bytes of a character split
     # over tokens, 1 for the token that ends it. Text offsets add these up.
     text_len: int
+    # How many of those stand for earlier tokens' bytes: the U+FFFD that an unfinished character
+    # becomes when this token does not continue it. The token's own text starts after them.
+    earlier_chars: int = 0
 
 
 @dataclass
@@ -75,17 +78,36 @@ class DeltaTracker:
         self._num_tokens: dict[int, int] = {}
         self._finished: set[int] = set()
         self._prompt_logprobs_sent = 0
+        # Bytes of a character that a token-id prompt ends inside: the first generated token may
+        # complete it, and that character is then that token's text (the prompt's text shows U+FFFD).
+        self._prompt_tail = b""
+        self._holding_prompt_bytes: set[int] = set()  # sequences whose undecoded bytes include those
 
     def first_chunk(self, output: RequestOutput, prompt_text: str) -> GenerationChunk:
+        self._prompt_tail = self._unfinished_character(output.prompt_token_ids)
         return GenerationChunk(self.request_id, prompt=prompt_text, prompt_token_ids=list(output.prompt_token_ids))
+
+    def _unfinished_character(self, token_ids: list[int]) -> bytes:
+        """The bytes of an unfinished character at the end of `token_ids`, as the generated text
+        continues them (special tokens left out of it are passed over). A character is at most
+        4 bytes: the last 4 tokens decide."""
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for token in token_ids[-4:]:
+            raw = self._decode.token_bytes(token)
+            if raw is not None:
+                utf8.decode(raw)
+            elif not (self._skip_special and self._decode.is_special(token)):
+                utf8.reset()
+        return utf8.getstate()[0]
 
     def update(self, output: RequestOutput) -> GenerationChunk | None:
         """The delta since the last call, or None if nothing changed."""
         chunk = GenerationChunk(self.request_id, finished=output.finished)
         if output.prompt_logprobs is not None and len(output.prompt_logprobs) > self._prompt_logprobs_sent:
             start = self._prompt_logprobs_sent
+            last = len(output.prompt_token_ids) - 1
             chunk.prompt_logprobs = [
-                self._token_logprob(self.PROMPT, output.prompt_token_ids[p], entry)
+                self._token_logprob(self.PROMPT, output.prompt_token_ids[p], entry, ends_stream=p == last)
                 for p, entry in enumerate(output.prompt_logprobs[start:], start)
             ]
             self._prompt_logprobs_sent = len(output.prompt_logprobs)
@@ -109,31 +131,60 @@ class DeltaTracker:
             return None
         return chunk
 
-    def _token_logprob(self, stream: int, token_id: int, entry: LogprobDict | None) -> TokenLogprob:
-        text_len = self._chars_completed(stream, token_id)
+    def _token_logprob(self, stream: int, token_id: int, entry: LogprobDict | None, *,
+                       ends_stream: bool = False) -> TokenLogprob:
+        text_len, earlier = self._chars_completed(stream, token_id)
+        if ends_stream:  # the prompt's text shows an unfinished character at its end as U+FFFD
+            text_len += len(self._utf8[stream].decode(b"", final=True))
         if entry is None:
-            return TokenLogprob(token_id, self._decode(token_id), None, None, text_len)
+            return TokenLogprob(token_id, self._decode(token_id), None, None, text_len, earlier)
         # The engine's dict holds the chosen token and the top alternatives, by token id.
         top: dict[str, float] = {}
         for t, lp in sorted(entry.items(), key=lambda kv: -kv[1]):
             top.setdefault(self._decode(t), lp)  # ids decoding to the same text: keep the likeliest
-        return TokenLogprob(token_id, self._decode(token_id), entry.get(token_id), top, text_len)
+        return TokenLogprob(token_id, self._decode(token_id), entry.get(token_id), top, text_len, earlier)
 
-    def _chars_completed(self, stream: int, token_id: int) -> int:
+    def _chars_completed(self, stream: int, token_id: int) -> tuple[int, int]:
         """How many characters of its stream's text `token_id` completes, given the tokens before
-        it (the bytes of a character split over tokens count once, at the token that ends it)."""
+        it (the bytes of a character split over tokens count once, at the token that ends it),
+        and how many of those stand for earlier tokens' bytes (see `TokenLogprob.earlier_chars`)."""
         if stream != self.PROMPT and self._skip_special and self._decode.is_special(token_id):
-            return 0  # absent from the text; bytes of a character before it join those after it
+            return 0, 0  # absent from the text; bytes of a character before it join those after it
         utf8 = self._utf8.get(stream)
         if utf8 is None:
             utf8 = self._utf8[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+            if stream != self.PROMPT and self._prompt_tail:
+                utf8.setstate((self._prompt_tail, 0))
+                self._holding_prompt_bytes.add(stream)
         raw = self._decode.token_bytes(token_id)
         if raw is not None:
-            return len(utf8.decode(raw))
-        # An added token (e.g. <|endoftext|>): bytes left over decode on their own, as U+FFFD.
-        left_over = len(utf8.decode(b"", final=True))
-        utf8.reset()
-        return left_over + len(self._decode.decoded(token_id))
+            earlier = _cut_off_chars(utf8, raw)
+            chars = len(utf8.decode(raw))
+        else:
+            # An added token (e.g. <|endoftext|>): bytes left over decode on their own, as U+FFFD.
+            earlier = len(utf8.decode(b"", final=True))
+            utf8.reset()
+            chars = earlier + len(self._decode.decoded(token_id))
+        if stream in self._holding_prompt_bytes and (chars or not utf8.getstate()[0]):
+            # The prompt's unfinished character is settled: completed here (its character is this
+            # token's text), or cut off, and then its U+FFFD is the prompt's text, not this one's.
+            self._holding_prompt_bytes.discard(stream)
+            chars, earlier = chars - earlier, 0
+        return chars, earlier
+
+
+def _cut_off_chars(utf8: codecs.IncrementalDecoder, raw: bytes) -> int:
+    """How many characters (U+FFFD) the bytes pending in `utf8` become when followed by `raw`:
+    0 if `raw` continues their character (or nothing is pending), else 1, as Python's "replace"
+    decodes an unfinished character."""
+    pending = utf8.getstate()[0]
+    if not pending:
+        return 0
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(pending + raw)
+    except UnicodeDecodeError as error:
+        return len(pending.decode("utf-8", "replace")) if error.start == 0 else 0
+    return 0
 
 
 class TokenSource(Protocol):
