@@ -432,6 +432,9 @@ def test_logit_bias_moves_picks_as_the_bias_added_to_transformers_logits(llm, ne
     with pytest.raises(InvalidRequestError) as outside:
         llm.generate([prompt], SamplingParams(logit_bias={llm.engine.model_config.vocab_size: 1.0}))
     assert outside.value.field == "logit_bias" and "outside the vocabulary" in str(outside.value)
+    with pytest.raises(InvalidRequestError) as never_stops:
+        llm.generate([prompt], SamplingParams(stop_token_ids=[llm.engine.model_config.vocab_size]))
+    assert never_stops.value.field == "stop_token_ids" and "outside the vocabulary" in str(never_stops.value)
 
 
 def test_logit_bias_comes_before_the_repetition_penalty():

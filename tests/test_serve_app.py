@@ -482,6 +482,7 @@ def test_two_models_routed_by_name(client, offline):
     ({"model": "neox", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
     ({"model": "neox", "prompt": "x", "logit_bias": {"x": 1.0}}, "logit_bias"),
     ({"model": "neox", "prompt": "x", "logit_bias": {"999999": 1.0}}, "logit_bias"),  # outside the vocabulary
+    ({"model": "neox", "prompt": "x", "stop_token_ids": [2, 999999]}, "stop_token_ids"),  # could never stop
     ({"model": "neox", "prompt": "x", "logit_bias": {"5": -101}}, "logit_bias"),
     ({"model": "neox", "prompt": "x", "logit_bias": {"5": 1.0, "05": -100}}, "logit_bias"),  # token 5 twice
     ({"model": "neox", "prompt": "x", "best_of": 3}, "best_of"),

@@ -173,6 +173,9 @@ class LLMEngine:
         if outside := [token for token in params.logit_bias if token >= vocab]:  # would fail the whole step
             raise InvalidRequestError(f"logit_bias token {outside[0]} is outside the vocabulary [0, {vocab})",
                                       field="logit_bias")
+        if outside := [token for token in params.stop_token_ids if token >= vocab]:  # could never stop it
+            raise InvalidRequestError(f"stop_token_ids token {outside[0]} is outside the vocabulary [0, {vocab})",
+                                      field="stop_token_ids")
         request = Request(request_id, text, prompt_ids, params, max_tokens)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # token 0 has no context
