@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -177,6 +178,10 @@ def test_up_arguments_make_app_args():
     assert demo == {"models": [{"num_stages": 1, "dtype": "auto", "use_gpu": False, "num_replicas": 3}]}
     threads = app_args_from_namespace(parser.parse_args(["--cpus-per-stage", "4"]))
     assert threads["models"][0]["cpus_per_stage"] == 4.0
+    # A relative directory is the one `neo-serve up` was started in, whatever the workers' directory.
+    relative = app_args_from_namespace(parser.parse_args(["ckpt", "./runs/../m/.", "~/m"]))
+    assert [m["checkpoint"] for m in relative["models"]] == [
+        os.path.join(os.getcwd(), "ckpt"), os.path.join(os.getcwd(), "m"), os.path.join(os.path.expanduser("~"), "m")]
 
 
 def test_up_on_a_local_cpu_cluster_gives_the_stages_the_machines_threads():

@@ -157,7 +157,9 @@ def app_args_from_namespace(args: argparse.Namespace, cpu_threads: int | None = 
     for index, checkpoint in enumerate(checkpoints):
         entry = dict(model)
         if checkpoint is not None:
-            entry["checkpoint"] = checkpoint
+            # Relative to where `neo-serve up` runs, not to each Ray worker's directory (the same
+            # on a local cluster, not on one joined with --address); /v1/models shows it so.
+            entry["checkpoint"] = os.path.abspath(os.path.expanduser(checkpoint))
         if names:
             entry["name"] = names[index]
         models.append(entry)
