@@ -197,6 +197,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(timeout=90) == 0
         up.read_until("neo-serve: shutting down", timeout=10)
+        up.read_until("neo-serve: stopped", timeout=10)
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it

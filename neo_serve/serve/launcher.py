@@ -334,3 +334,8 @@ def run_up(args: argparse.Namespace) -> int:
                 # it never placed; our own Ray goes down whole below, Serve with it.
             finally:
                 ray.shutdown()
+            if up.is_set():
+                # Serve's controller ends itself while its own shutdown call is still open, and Ray
+                # prints "ServeController.graceful_shutdown failed ... killed by `ray.kill`" for it:
+                # say that the stop went as it should.
+                print("neo-serve: stopped", flush=True)
