@@ -15,8 +15,8 @@ router with a 1 MiB body limit.
   field at fault; every 200 is a well-formed completion or event stream ending with
   `data: [DONE]`; a request built to be valid is answered 200. Afterwards the pipelines are
   the same replicas (no restart), nothing runs and every KV block is free.
-- schemathesis calls every operation of /openapi.json (the completions body has no schema
-  there, hence the hand-written generators).
+- schemathesis calls every operation of /openapi.json, bodies from their schemas included
+  (the hand-written generators above reach the invalid values that a schema does not describe).
 - A table of the bad inputs of the reliability issue, each with its expected status and param.
 - A long greedy stream runs while a burst of bad requests hits the server: its tokens equal
   the same request run alone.
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import ray
 import schemathesis
@@ -838,12 +839,28 @@ openapi = schemathesis.pytest.from_fixture("openapi_schema")
 @openapi.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 def test_openapi_operations(case, base_url):
-    """Every operation of /openapi.json, as schemathesis generates calls for it (the completions
-    body has no schema there: the hypothesis runs above generate it)."""
+    """Every operation of /openapi.json, as schemathesis generates calls for it from the schema
+    (the completions body's included)."""
     response = case.call(base_url=base_url, timeout=TIMEOUT_S)
     assert response.status_code < 500, response.text[:500]
     if response.status_code >= 400:
         assert error_problems(response.status_code, response.json()) == []
+
+
+def test_openapi_describes_each_json_body_and_its_example_runs(base_url, app):
+    """/docs lets a user try the API: each POST route's body has its schema (fields, bounds,
+    descriptions) and an example that the server answers with a 200."""
+    spec = httpx.get(f"{base_url}/openapi.json", timeout=TIMEOUT_S).json()
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        jsonschema.validate(body["example"], body["schema"])
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**body["example"], "frobnicate": 1}, body["schema"])  # unknown fields: 400
+        assert "description" in body["schema"]["properties"]["model"], path
+        response = httpx.post(f"{base_url}{path}", json={**body["example"], "model": SHORT}, timeout=TIMEOUT_S)
+        assert response.status_code == 200, (path, response.text)
+    completions = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "max_tokens", "logprobs", "echo", "stream_options"} <= set(completions["properties"])
 
 
 # ---- explicit bad input, HTTP and handle ----------------------------------------------------------

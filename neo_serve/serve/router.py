@@ -21,6 +21,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +51,24 @@ class _AccessSettings:
 
 _access = _AccessSettings()
 api.add_middleware(AccessMiddleware, settings=_access)
+
+
+def json_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    """A route's `openapi_extra` for a JSON body that `model` describes. The routes read the raw
+    request (a bad body is answered with OpenAI's error JSON, naming the field), so FastAPI cannot
+    see the body's model: without this, /openapi.json has no body and /docs nothing to try."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # "#/$defs/..." would point into the OpenAPI document's root
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": inline(schema), "example": example}}}}
 
 
 @api.exception_handler(APIError)
@@ -182,7 +201,8 @@ class Router:
         _access.playground = playground is not None
 
     # ---- HTTP --------------------------------------------------------------------------------
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=json_body(CompletionRequest, {
+        "prompt": "def hello_world():", "max_tokens": 32, "temperature": 0}))
     async def completions(self, request: Request):
         """OpenAI completions; `stream: true` answers with server-sent events ending in `[DONE]`."""
         completion_request = self.service.parse(await _json_body(request))
@@ -215,14 +235,14 @@ class Router:
         return card.model_dump()
 
     # ---- tokenizer (vLLM's routes; lm-evaluation-harness's remote tokenizer finds them) ---------
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=json_body(TokenizeRequest, {"prompt": "def hello_world():"}))
     async def tokenize(self, request: Request) -> dict[str, Any]:
         """`prompt` as token ids, as /v1/completions encodes it: {"tokens", "count", "max_model_len"}."""
         body = parse_body(TokenizeRequest, await _json_body(request))
         model = self.service.resolve_model(body.model)
         return await self._pipeline_call(self.service.pipelines[model].tokenize.remote(body.prompt))
 
-    @api.post("/detokenize")
+    @api.post("/detokenize", openapi_extra=json_body(DetokenizeRequest, {"tokens": [1, 2, 3]}))
     async def detokenize(self, request: Request) -> dict[str, Any]:
         """The text of `tokens`: {"prompt"}."""
         body = parse_body(DetokenizeRequest, await _json_body(request))
