@@ -531,6 +531,29 @@ def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):
     toast.wait_for(timeout=10_000)
     body = page.locator("body").inner_text()
     assert "Traceback" not in body and "InvalidRequestError" not in body
+    # Gradio's "Error" badge is not drawn over the line that says what failed.
+    assert page.locator("#figures").get_by_text("Prompt too long").is_visible()
+    assert not page.locator("#figures span.error").is_visible()
+
+
+def test_browser_a_refused_setting_replaces_the_last_runs_figures(browser, page, app):
+    """A seed past what the page can send exactly is refused by the playground itself, which
+    says so in the figures: Gradio's own range check left the previous run's figures standing
+    under its error, as if that run had failed."""
+    pick_example(page, "def hello_world():")
+    set_number(page, "max-new-tokens", 8)
+    set_number(page, "seed", 7)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('Finished in')", timeout=30_000)
+    set_number(page, "seed", 99999999999999999999)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('Invalid setting')",
+                           timeout=30_000)
+    shown = page.locator("#figures").inner_text()
+    assert "Seed must be at most 9007199254740991" in shown and "Finished in" not in shown, shown
+    set_number(page, "seed", -5)  # any negative seed: a random one, as the field's note says
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('Finished in')", timeout=30_000)
 
 
 # ---- API keys: the playground signs a browser in -------------------------------------------------

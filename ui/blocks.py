@@ -19,7 +19,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from neo_serve.serve.config import PlaygroundArgs
-from neo_serve.ui.backend import MAX_SEED, PlaygroundBackend, PlaygroundError, Run, describe_error, sampling_params
+from neo_serve.ui.backend import PlaygroundBackend, PlaygroundError, Run, describe_error, sampling_params
 
 MOUNT_PATH = "/ui"
 
@@ -64,6 +64,9 @@ CSS = """
 .run-figure span { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
 .run-served { margin-top: 8px; color: var(--body-text-color-subdued); font-size: var(--text-sm); }
 .run-served code { font-size: var(--text-sm); }
+/* Gradio's red "Error" badge sits on the middle of an output whose event failed: on the figures it
+   covered the status line that says what failed. The toast and the status line say it. */
+#figures span.error { display: none; }
 """
 
 
@@ -238,8 +241,10 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
                     repetition_penalty = gr.Slider(1.0, 2.0, value=Defaults.repetition_penalty, step=0.01,
                                                    label="Repetition penalty", info="1 = off",
                                                    elem_id="repetition-penalty")
-                    seed = gr.Number(Defaults.seed, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED,
-                                     elem_id="seed",
+                    # No minimum / maximum here: Gradio would refuse such a value before the run
+                    # starts, and the last run's figures would stay as if they were this one's;
+                    # `parse_seed` takes any negative as random and says what is too large.
+                    seed = gr.Number(Defaults.seed, label="Seed", precision=0, elem_id="seed",
                                      info="-1 = random; any other value repeats a sampled run")
                     stop_strings = gr.Textbox(label="Stop strings", lines=2, elem_id="stop-strings",
                                               info=r"one per line (at most 4); \n is a newline",
