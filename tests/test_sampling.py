@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from neo_serve import LLM, SamplingParams
-from neo_serve.engine.sampler import (SamplingRow, apply_logit_bias, apply_penalties, apply_top_k, apply_top_p, draw,
-                                      sample, score_rows, seeded_uniform, top_p_keep, top_p_keep_by_sort)
+from neo_serve.engine.sampler import (SamplingRow, apply_logit_bias, apply_penalties, apply_top_k, apply_top_p,
+                                      choice_seed, draw, sample, score_rows, seeded_uniform, top_p_keep,
+                                      top_p_keep_by_sort)
 from neo_serve.errors import InvalidRequestError
 
 PROMPT = "def hello_world():\n"
@@ -71,10 +72,10 @@ def test_seeded_uniforms_are_uniform_and_a_function_of_seed_and_position():
     assert all(0.0 <= u < 1.0 for u in first)
     deciles = torch.bincount((torch.tensor(first) * 10).long(), minlength=10)
     assert (deciles - 2000).abs().max() < 200, deciles.tolist()  # 2000 +- 4.7 standard deviations
-    # Neighbouring seeds (a request's n sequences take seed + index) are not the same stream shifted.
+    # Neighbouring seeds are not the same stream shifted.
     second = [seeded_uniform(8, position) for position in range(20000)]
     assert not set(first[:1000]) & set(second)
-    for seed in (-(2**63), -1, 2**63 - 1, 2**63 + 5):  # the range's ends, and past it (seed + index)
+    for seed in (-(2**63), -1, 2**63 - 1, 2**63 + 5):  # the range's ends, and past it
         assert 0.0 <= seeded_uniform(seed, 0) < 1.0
 
 
@@ -85,6 +86,21 @@ def test_n_completions_differ_and_reproduce_with_seed(llm):
     again = [o.token_ids for o in llm.generate([PROMPT], params)[0].outputs]
     assert again == first
     assert [o.index for o in llm.generate([PROMPT], params)[0].outputs] == [0, 1, 2, 3]
+
+
+def test_consecutive_seeds_with_n_choices_draw_apart(llm):
+    """Seeds 0..3 with n = 3 each: twelve samples, none the same stream as another (with vLLM v1's
+    `seed + index`, choice 1 of seed s was choice 0 of seed s + 1); choice 0 keeps the request's
+    seed, so n = 1 and the first of n choices agree."""
+    def samples(seed: int, n: int) -> list[tuple[int, ...]]:
+        params = SamplingParams(n=n, max_tokens=12, temperature=1.5, seed=seed, ignore_eos=True)
+        return [tuple(o.token_ids) for o in llm.generate([PROMPT], params)[0].outputs]
+
+    drawn = [sample for seed in range(4) for sample in samples(seed, 3)]
+    assert len(set(drawn)) == 12, drawn
+    assert samples(2, 1)[0] == drawn[2 * 3]
+    assert [choice_seed(9, i) for i in range(3)][0] == 9 and len({choice_seed(s, i) for s in range(50)
+                                                                  for i in range(8)}) == 400
 
 
 def test_seed_minus_one_is_no_seed_as_in_vllm(llm):

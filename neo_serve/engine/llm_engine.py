@@ -23,7 +23,7 @@ from neo_serve.engine.config import EngineConfig
 from neo_serve.engine.executor import Executor, LocalPipelineExecutor
 from neo_serve.engine.kv_cache import ExtentAllocator
 from neo_serve.engine.outputs import LogprobDict, RequestOutput
-from neo_serve.engine.sampler import Sample, SamplingRow, seeded_uniform
+from neo_serve.engine.sampler import Sample, SamplingRow, choice_seed, seeded_uniform
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from neo_serve.engine.sequence import Request, Sequence
@@ -180,7 +180,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # token 0 has no context
         for index in range(params.n):
-            seed = None if params.seed is None else params.seed + index
+            seed = None if params.seed is None else choice_seed(params.seed, index)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
             request.sequences.append(Sequence(request, index, detok, seed))
         if max_tokens == 0:  # nothing to generate: only score the prompt, if asked

@@ -28,7 +28,7 @@ class Sequence:
     request: "Request"
     index: int
     detokenizer: IncrementalDetokenizer
-    seed: int | None  # the request's seed + this sequence's index: its draws (sampler.seeded_uniform)
+    seed: int | None  # from the request's seed and this sequence's index (sampler.choice_seed): its draws
     output_ids: list[int] = field(default_factory=list)
     output_text: str = ""
     logprobs: list[LogprobDict] = field(default_factory=list)

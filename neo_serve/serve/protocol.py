@@ -174,7 +174,7 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings (not included in the text).")
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
                                              description="Extension: token ids that end a choice.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # signed 64-bit; choice i draws with seed + i
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # signed 64-bit; see sampler.choice_seed
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, description="Extension: CTRL-style repetition penalty.")
