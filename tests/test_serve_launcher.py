@@ -24,7 +24,7 @@ from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
-from neo_serve.serve.launcher import available_cores, local_cpu_threads
+from neo_serve.serve.launcher import available_cores, failure_message, local_cpu_threads
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
 pytestmark = pytest.mark.timeout(300)
@@ -255,6 +255,20 @@ def test_a_port_in_use_is_one_line_before_any_ray():
     ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", "99999"], capture_output=True,
                          text=True, timeout=120, env=_user_environ())
     assert ran.returncode == 2 and "argument --port: 99999 is not a port number (1-65535)" in ran.stderr
+
+
+def test_a_port_taken_after_the_check_is_one_line_too():
+    """Two `neo-serve up` started at once both pass the check; the second's HAProxy then fails to
+    bind (its text as Ray 2.60 raises it, from the QA run that found it): the same one line."""
+    haproxy = RuntimeError("ray::HAProxyManager.ready() (pid=4242, ip=127.0.0.1)\nRuntimeError: HAProxy crashed during "
+                           "startup: [NOTICE] ... [ALERT] (4250) : Binding [/tmp/neo-hap-x/haproxy.cfg:40] for "
+                           "frontend http_frontend: cannot bind socket (Address already in use) for [127.0.0.1:18462]")
+    assert failure_message(haproxy, "127.0.0.1", 18462) == (
+        "127.0.0.1:18462 is already in use (another `neo-serve up`, or another server): stop it, or serve on "
+        "another port with --port")
+    # Another port's bind failure, or any other failure, is told as it is.
+    assert failure_message(haproxy, "127.0.0.1", 8000).startswith("RuntimeError: ray::HAProxyManager.ready()")
+    assert failure_message(ValueError("no GPU"), "127.0.0.1", 8000) == "ValueError: no GPU"
 
 
 def test_a_bad_host_metrics_port_or_app_name_is_one_line_before_any_ray():

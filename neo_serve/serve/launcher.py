@@ -54,10 +54,22 @@ def host_problem(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return (f"--host {host}: cannot be resolved ({exc.strerror}); give an address (127.0.0.1, 0.0.0.0) "
                 "or a known name")
-    if port_in_use(host, port):
-        return (f"{host}:{port} is already in use (another `neo-serve up`, or another server): stop it, or serve "
-                "on another port with --port")
-    return None
+    return address_in_use(host, port) if port_in_use(host, port) else None
+
+
+def failure_message(exc: BaseException, host: str, port: int) -> str:
+    """What `neo-serve up` prints when starting Serve or the app failed. The port can be taken
+    between the check before Ray and Serve's bind (two `neo-serve up` started at once): one line
+    then, not HAProxy's (or the proxy's) remote traceback."""
+    text = str(exc)
+    if "Address already in use" in text and f":{port}" in text:
+        return address_in_use(host, port)
+    return f"{type(exc).__name__}: {text}"
+
+
+def address_in_use(host: str, port: int) -> str:
+    return (f"{host}:{port} is already in use (another `neo-serve up`, or another server): stop it, or serve "
+            "on another port with --port")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -319,7 +331,7 @@ def run_up(args: argparse.Namespace) -> int:
         print("neo-serve: interrupted before the app was up; shutting down", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # deployment failures: say what failed, exit non-zero
-        print(f"neo-serve up: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"neo-serve up: {failure_message(exc, args.host, args.port)}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():
