@@ -86,6 +86,9 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
         # test_reliability took 394 s at 0.5 s against 341 s at 0.1 s). test_serve_launcher
         # checks what `neo-serve up` sets.
         os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+        # Handles report their ongoing requests to the autoscaler every second (Serve's default
+        # 10 s), so that a test of scaling up and down under load takes seconds, not minutes.
+        os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
         if as_on_kubernetes:
             for variable in LOCAL_SERVE_SETTINGS:
                 os.environ.pop(variable, None)

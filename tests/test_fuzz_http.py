@@ -252,7 +252,7 @@ def valid_bodies(draw) -> dict[str, Any]:
     maybe(draw, body, "best_of", st.sampled_from([None, n]))
     maybe(draw, body, "stop", st.one_of(st.none(), st.text(min_size=1, max_size=4),
                                         st.lists(st.text(min_size=1, max_size=4), max_size=4)))
-    maybe(draw, body, "stop_token_ids", st.one_of(st.none(), st.lists(st.integers(0, VOCAB + 100), max_size=3)))
+    maybe(draw, body, "stop_token_ids", st.one_of(st.none(), st.lists(token, max_size=3)))
     maybe(draw, body, "seed", st.one_of(st.none(), st.integers(0, 2**32)))
     for name in ("presence_penalty", "frequency_penalty"):
         maybe(draw, body, name, st.floats(-2.0, 2.0))
@@ -319,7 +319,8 @@ def invalid_values(body: dict[str, Any]) -> dict[str, st.SearchStrategy]:
         "best_of": strict(0, -1, 17, 10**9, (body["n"] if isinstance(body.get("n"), int) else 1) + 1, 1.5, "x", []),
         "stop": st.one_of(strict("", [""], ["a", ""], 5, [1], ["a"] * 65, {"a": 1}, [["a"]]),
                           odd(*SURROGATES, "x" * 100_000, ["\n", "\n\n", " ", "e"])),
-        "stop_token_ids": st.one_of(strict([-1], "x", [1.5], 5, [[1]], {"1": 1}), odd([10**30], [], [0] * 100)),
+        "stop_token_ids": st.one_of(strict([-1], "x", [1.5], 5, [[1]], {"1": 1}, [VOCAB], [3, VOCAB + 100], [10**30]),
+                                    odd([], [0] * 100)),
         "seed": st.one_of(strict(1.5, "x", [], {}),
                           odd(-1, -2**63, 2**63, 2**64, -2**64, 10**30, Raw(HUGE_INT, 10**5000))),
         "presence_penalty": st.one_of(strict(2.5, -3, INF, -INF, *NUMBER_STRICT), odd("1", None)),
@@ -913,6 +914,7 @@ BAD = [
     ("repetition_penalty", {**OK, "repetition_penalty": 0}, {400}, {"repetition_penalty"}),
     ("logit_bias-range", {**OK, "logit_bias": {"5": 101}}, {400}, {"logit_bias"}),
     ("logit_bias-vocab", {**OK, "logit_bias": {str(VOCAB): 1.0}}, {400}, {"logit_bias"}),
+    ("stop_token_ids-vocab", {**OK, "stop_token_ids": [2, VOCAB]}, {400}, {"stop_token_ids"}),
     ("logit_bias-key", {**OK, "logit_bias": {"five": 1.0}}, {400}, {"logit_bias"}),
     ("suffix", {**OK, "suffix": "x"}, {400}, {"suffix"}),
     ("stream_options", {**OK, "stream_options": "x"}, {400}, {"stream_options"}),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
+import concurrent.futures
 import json
 import threading
 import time
@@ -787,6 +789,68 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         wait_until(lambda: ray.available_resources().get(INGRESS_RESOURCE) == 5, timeout=30,
                    what=f"router and playground holding {INGRESS_RESOURCE}")
     finally:
+        serve.delete(name)
+
+
+def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, checkpoints, offline):
+    """Under load Serve adds a pipeline replica, with its own stage actors; once the load stops it
+    removes one again, stages included. Every request, on either pipeline and while the second
+    one starts, completes with the offline engine's tokens."""
+    name, deployment = "neo-elastic", "Pipeline-elastic"
+    serve.run(build_app({"models": [{"name": "elastic", "checkpoint": checkpoints["neo"], "num_stages": 2,
+                                     "dtype": "float32", "cpus_per_stage": 0.5, "kv_cache_tokens": 2048,
+                                     "autoscaling": {"min_replicas": 1, "max_replicas": 2,
+                                                     "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                                                     "downscale_delay_s": 2, "look_back_period_s": 2}}],
+                         "router": {"num_cpus": 0.5}, "playground": {"enabled": False}}),
+              name=name, route_prefix="/elastic")
+
+    def running() -> int:
+        return serve.status().applications[name].deployments[deployment].replica_states.get("RUNNING", 0)
+
+    def stage_actors() -> dict[str, set[str]]:
+        """Live stage actors of the app, by pipeline replica: {replica id: {stage index}}."""
+        found: dict[str, set[str]] = {}
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(f"neo-serve-stage:{name}:{deployment}:"):
+                replica, stage = actor["name"].rsplit(":", 2)[1:]
+                found.setdefault(replica, set()).add(stage.split(".")[0])
+        return found
+
+    expected = {prompt: reference(offline["neo"], [prompt], max_tokens=48, temperature=0.0, ignore_eos=True)[0][0][0]
+                for prompt in PROMPTS}
+    stop, answered, wrong = threading.Event(), collections.Counter(), []
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=f"{base_url}/elastic", timeout=60) as http:
+            while not stop.is_set():
+                prompt = PROMPTS[index % len(PROMPTS)]
+                body = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 48, "temperature": 0,
+                                                          "ignore_eos": True}).json()
+                text = body.get("choices", [{}])[0].get("text")
+                if text != expected[prompt]:
+                    wrong.append(body)
+                answered[index] += 1
+
+    try:
+        assert running() == 1 and len(stage_actors()) == 1
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client, index) for index in range(4)]
+            try:
+                wait_until(lambda: running() == 2, timeout=60, what="a second pipeline replica under load")
+                pipelines = stage_actors()
+                assert len(pipelines) == 2 and all(stages == {"0", "1"} for stages in pipelines.values()), pipelines
+                time.sleep(2)  # requests on both pipelines
+            finally:
+                stop.set()
+            for done in clients:
+                done.result()
+        wait_until(lambda: running() == 1 and len(stage_actors()) == 1, timeout=60,
+                   what="back to one pipeline, its stages included, once the load stopped")
+        assert not wrong, wrong[:2]
+        assert sum(answered.values()) >= 8 and len(answered) == 4
+    finally:
+        stop.set()
         serve.delete(name)
 
 

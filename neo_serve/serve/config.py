@@ -72,6 +72,8 @@ class AutoscalingArgs(_Strict):
                                 "many sequences, so this is much higher than Serve's default of 2.")
     upscale_delay_s: float | None = Field(None, ge=0, description="Seconds of sustained load before scaling up.")
     downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before scaling down.")
+    look_back_period_s: float | None = Field(None, gt=0, description="Seconds of ongoing-request counts the "
+                                             "autoscaler averages (Serve's default 30).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingArgs":
