@@ -1085,8 +1085,8 @@ def test_unrecoverable_stage_fails_requests_and_serve_replaces_the_pipeline(frag
 
 # ---- who may call --------------------------------------------------------------------------------
 def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
-    """With keys configured, every route but /health needs `Authorization: Bearer <key>`; bodies
-    over the limit get 413 before they are parsed; errors are OpenAI JSON."""
+    """With keys configured, every route but /health and the API's docs needs `Authorization:
+    Bearer <key>`; bodies over the limit get 413 before they are parsed; errors are OpenAI JSON."""
     keys = tmp_path / "keys"
     keys.write_text("first-key\nsecond-key\n")
     name = "neo-secure"
@@ -1107,6 +1107,14 @@ def test_api_keys_and_body_limit(base_url, app, checkpoints, tmp_path):
             refused = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        # The API's description and its page are open (as vLLM's), and offer the key as a bearer
+        # token: /docs' Authorize button, which then sends it with each call tried there.
+        page = httpx.get(f"{url}/docs", timeout=30)
+        assert page.status_code == 200 and "swagger-ui" in page.text and "/secure/openapi.json" in page.text
+        spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
+        assert spec["components"]["securitySchemes"]["apiKey"] == {**spec["components"]["securitySchemes"]["apiKey"],
+                                                                   "type": "http", "scheme": "bearer"}
+        assert spec["security"] == [{"apiKey": []}] and spec["paths"]["/health"]["get"]["security"] == []
         # No playground, so no sign-in: a key posted to its form gets no session cookie, and a
         # browser opening /ui is not sent round to a sign-in page that itself needs a key.
         login = httpx.post(f"{url}/ui/login", data={"api_key": "first-key", "next": "/secure/ui/"}, timeout=30)

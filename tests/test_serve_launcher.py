@@ -174,6 +174,8 @@ def test_up_serves_until_ctrl_c(tmp_path):
         controller_env = _controller_environ(up.process.pid)
         assert {key: controller_env.get(key) for key in LOCAL_SERVE_SETTINGS} == LOCAL_SERVE_SETTINGS
         assert httpx.get(f"{base}/v1/models").status_code == 401  # no key
+        assert f"API docs     {base}/docs" in banner  # open: its Authorize button takes the key
+        assert "swagger-ui" in httpx.get(f"{base}/docs", timeout=30).text
         assert [m["id"] for m in httpx.get(f"{base}/v1/models", headers=auth).json()["data"]] == [name]
         body = httpx.post(f"{base}/v1/completions", json={"prompt": "def hello_world():", "max_tokens": 8,
                                                           "temperature": 0}, headers=auth, timeout=60).json()

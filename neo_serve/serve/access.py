@@ -2,7 +2,8 @@
 
 - API keys (optional): `Authorization: Bearer <key>`, keys read when the router starts from an
   environment variable (comma-separated) and/or a file (one per line); each comparison is
-  constant-time (`hmac.compare_digest`). `/health` stays open for load balancers and probes.
+  constant-time (`hmac.compare_digest`). `/health` stays open for load balancers and probes,
+  and so do the API's description (`/openapi.json`, `/docs`, `/redoc`), which holds no secret.
 - The playground (`/ui`) takes the same keys from a browser: a page that is not signed in is sent
   to `/ui/login`, whose form sets an HttpOnly, SameSite=Strict cookie scoped to `/ui`. The cookie
   holds a digest of the key, not the key, and opens only the playground (never `/v1`, so a
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-OPEN_PATHS = frozenset({"/health", "/"})  # probes; the root only points on (router.py)
+# Probes; the root only points on (router.py); the API's description and its pages (as vLLM
+# leaves them open), where a user then gives a key with the page's Authorize button.
+OPEN_PATHS = frozenset({"/health", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 UI_PREFIX = "/ui"
 LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"

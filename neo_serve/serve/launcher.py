@@ -298,6 +298,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve is up: application {args.app_name!r}", flush=True)
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
+        print(f"  API docs     {base}/docs", flush=True)
         # Where other processes' `ray.init` find this cluster, for Serve handles: "auto" takes the
         # first Ray on the machine, which with two `neo-serve up` may be the other's.
         gcs_address = ray.get_runtime_context().gcs_address

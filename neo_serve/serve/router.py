@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
@@ -69,6 +70,26 @@ def json_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]
 
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": inline(schema), "example": example}}}}
+
+
+def _openapi_with_api_keys() -> dict[str, Any]:
+    """The generated description, with the API keys as a bearer scheme, so that /docs offers an
+    Authorize button (the keys are checked by the access middleware, not by FastAPI)."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {
+            "type": "http", "scheme": "bearer",
+            "description": "One of the router's API keys, when it has any (api_keys_env / api_keys_file)"}}
+        schema["security"] = [{"apiKey": []}]
+        for operations in schema.get("paths", {}).values():  # what the middleware leaves open
+            for operation in operations.values():
+                if operation.get("operationId", "").startswith("health"):
+                    operation["security"] = []
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi_with_api_keys  # type: ignore[method-assign]
 
 
 @api.exception_handler(APIError)
@@ -269,7 +290,8 @@ class Router:
                        "template; send the text to continue as `prompt` to POST /v1/completions",
                        code="chat_not_supported")
 
-    @api.api_route("/health", methods=["GET", "HEAD"])  # some load balancers probe with HEAD
+    @api.get("/health")
+    @api.head("/health", include_in_schema=False)  # some load balancers probe with HEAD
     async def health(self) -> JSONResponse:
         """200 once every stage of every model's pipeline is loaded, else 503."""
         # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
