@@ -178,9 +178,20 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self.ids = self.prompt_context(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+
+    @classmethod
+    def prompt_context(cls, tokenizer: Tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool) -> list[int]:
+        """The prompt's last tokens that the generated text is decoded after: `CONTEXT_TOKENS` of
+        those the text shows, and the special tokens it leaves out between them (counted, they
+        could push a character's first bytes out of the window: U+FFFD for a whole character)."""
+        start, shown = len(prompt_ids), 0
+        while start > 0 and shown < cls.CONTEXT_TOKENS:
+            start -= 1
+            shown += not (skip_special_tokens and prompt_ids[start] in tokenizer.special_ids)
+        return list(prompt_ids[start:])
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""

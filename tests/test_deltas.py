@@ -52,15 +52,38 @@ def _character_ends(data: bytes) -> list[int]:
     return ends
 
 
-def _echoed(tokenizer: Tokenizer, prompt: list[int], generated: list[int]) -> tuple[str, str, list[int]]:
+def _offsets(tokenizer, tokens: list[int], *, show_special: bool) -> tuple[list[int], int]:
+    """For each token, how many characters of the tokens' text end before it starts: each byte
+    of a byte-level token and each special token shown is a unit, and a character ends after the
+    last unit it holds (bytes decoded as "replace" does; a special token's text ends with it).
+    Also the text's length, to check this reference against the tokenizer's decode."""
+    starts, units = [], []
+    for token in tokens:
+        starts.append(len(units))
+        raw = tokenizer.token_bytes(token)
+        if raw is not None:
+            units.extend(raw[i:i + 1] for i in range(len(raw)))
+        elif show_special:
+            units.append(tokenizer.decode([token], skip_special_tokens=False))
+    ends, run, run_start = [], b"", 0
+    for index, unit in enumerate(units + [""]):
+        if isinstance(unit, bytes):
+            run_start, run = (index, unit) if not run else (run_start, run + unit)
+            continue
+        ends += [run_start + end for end in _character_ends(run)] + [index + 1] * len(unit)
+        run = b""
+    return [sum(end <= start for end in ends) for start in starts], len(ends)
+
+
+def _echoed(tokenizer, prompt: list[int], generated: list[int], skip: bool) -> tuple[str, str, list[int]]:
     """The prompt's text, the completion's text (the engine's detokenizer) and the echoed text
     offsets of `prompt` + `generated`, as the router puts them together from a replica's chunks."""
     from neo_serve.serve.completions import _logprobs_delta
     from neo_serve.tokenizer import IncrementalDetokenizer
 
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
     text = "".join(detokenizer.add(token) for token in generated) + detokenizer.flush()
-    tracker = DeltaTracker("r", TokenDecoder(tokenizer))
+    tracker = DeltaTracker("r", TokenDecoder(tokenizer), skip_special_tokens=skip)
     prompt_text = tokenizer.decode(prompt, skip_special_tokens=False)
     output = RequestOutput("r", None, prompt, [CompletionOutput(0, text, generated, "length",
                                                                 logprobs=[{t: -1.0} for t in generated])],
@@ -73,38 +96,73 @@ def _echoed(tokenizer: Tokenizer, prompt: list[int], generated: list[int]) -> tu
     return prompt_text, text, echoed.text_offset + completion.text_offset
 
 
-def test_text_offsets_and_text_where_characters_are_cut_between_tokens():
+class _ByteTokens:
+    """A byte-level vocabulary whose tokens hold several bytes, parts of characters among them
+    (b"\x80A": a character's last byte and an ASCII letter), as real GPT-NeoX vocabularies have
+    and the demo's does not; token 0 is a special token. Decodes as `tokenizers`' byte-level
+    decoder does: the tokens' bytes (a special token's as its text) joined, then "replace"."""
+
+    PIECES = [b"a", b"b", b"\xc3", b"\xa9", b"\x80A", b"\xe2\x82", b"\xac\xf0", b"\x9f\x99", b"\x82",
+              b"\xe4\xb8\xad", b"\xb8", b"A\xe4"]
+    EOS = "<|endoftext|>"
+    special_ids = frozenset({0})
+    vocab_size = len(PIECES) + 1
+
+    def token_bytes(self, token: int) -> bytes | None:
+        return None if token == 0 else self.PIECES[token - 1]
+
+    def decode(self, tokens: list[int], *, skip_special_tokens: bool = True) -> str:
+        return b"".join(self.EOS.encode() if token == 0 else self.PIECES[token - 1] for token in tokens
+                        if not (token == 0 and skip_special_tokens)).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("vocabulary", ["demo", "multi-byte pieces"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
+def test_text_offsets_and_text_where_characters_are_cut_between_tokens(vocabulary, skip):
     """Token-id prompts (lm-eval truncates them by tokens) and generations can hold bytes of a
     character that the next token does not continue, and a prompt can end inside a character
-    that the first generated token completes. The completion's text is then what the whole token
-    list's text adds to the prompt's (as vLLM: the completed character, not a U+FFFD the prompt's
-    text already shows), and a token's offset counts the characters whose bytes all come before
-    it, in the prompt's text or in the completion's."""
-    tokenizer = Tokenizer.from_dir(DEMO)
-    byte_token = {tokenizer.token_bytes(t)[0]: t for t in range(tokenizer.vocab_size)
-                  if tokenizer.token_bytes(t) is not None and len(tokenizer.token_bytes(t)) == 1}
-    # ASCII, é's and 中's and 🙂's bytes, a stray continuation byte; U+FFFD's own bytes left out
-    # (a real U+FFFD and a cut-off character look alike).
-    alphabet = [byte_token[b] for b in b"ab\xc3\xa9\xe4\xb8\xad\xf0\x9f\x99\x82\x80"]
-    alphabet += tokenizer.encode(" \u00e9t\u00e9 \u4e2d")[:4]
-    c3, a9 = byte_token[0xC3], byte_token[0xA9]
-    a, b = byte_token[ord("a")], byte_token[ord("b")]
-    # The QA report's cases: a cut-off byte in a prompt, a prompt's é completed by the first
-    # generated token, a prompt's cut-off byte followed by ASCII, six cut-off bytes generated.
-    cases = [([a, c3, a, b], []), ([a, c3], [a9, a9]), ([a, c3], [a, b]), ([a, b], [c3] * 6)]
+    that a generated token completes, also past special tokens left out of the text. The
+    completion's text is then what the whole token list's text adds to the prompt's (as vLLM:
+    the completed character, not a U+FFFD the prompt's text already shows), and a token's offset
+    counts the characters whose bytes all come before it, in the prompt's text or the completion's."""
+    if vocabulary == "demo":
+        tokenizer = Tokenizer.from_dir(DEMO)
+        byte_token = {tokenizer.token_bytes(t)[0]: t for t in range(tokenizer.vocab_size)
+                      if tokenizer.token_bytes(t) is not None and len(tokenizer.token_bytes(t)) == 1}
+        [eos] = [t for t in tokenizer.special_ids if tokenizer.decode([t], skip_special_tokens=False) == "<|endoftext|>"]
+        # ASCII, é's and 中's and 🙂's bytes, a stray continuation byte; U+FFFD's own bytes left
+        # out (a real U+FFFD and a cut-off character look alike).
+        alphabet = [byte_token[b] for b in b"ab\xc3\xa9\xe4\xb8\xad\xf0\x9f\x99\x82\x80"] + [eos]
+        alphabet += tokenizer.encode(" \u00e9t\u00e9 \u4e2d")[:4]
+        c3, a9, a, b = (byte_token[x] for x in (0xC3, 0xA9, ord("a"), ord("b")))
+        # The QA report's cases: a cut-off byte in a prompt, a prompt's é completed by the first
+        # generated token, a prompt's cut-off byte followed by ASCII, six cut-off bytes generated;
+        # and 🙂's bytes with special tokens between them, at the end of a prompt.
+        cases = [([a, c3, a, b], []), ([a, c3], [a9, a9]), ([a, c3], [a, b]), ([a, b], [c3] * 6),
+                 ([byte_token[0xF0], eos, eos, byte_token[0x9F], eos],
+                  [byte_token[0x99], byte_token[0x82], a, b])]
+    else:
+        tokenizer = _ByteTokens()
+        alphabet, cases = list(range(tokenizer.vocab_size)), []
     rng = random.Random(0)
-    cases += [([rng.choice(alphabet) for _ in range(rng.randint(1, 6))],
-               [rng.choice(alphabet) for _ in range(rng.randint(1, 6))]) for _ in range(400)]
+    cases += [([rng.choice(alphabet) for _ in range(rng.randint(1, 7))],
+               [rng.choice(alphabet) for _ in range(rng.randint(1, 7))]) for _ in range(600)]
     for prompt, generated in cases:
-        prompt_text, text, offsets = _echoed(tokenizer, prompt, generated)
-        whole = tokenizer.decode(prompt + generated)
-        kept = len(os.path.commonprefix((prompt_text, whole)))  # the prompt's text that stays as it is
+        prompt_text, text, offsets = _echoed(tokenizer, prompt, generated, skip)
+        whole = tokenizer.decode(prompt + generated, skip_special_tokens=skip)
+        # The prompt's text as the completion continues it (special tokens left out or not) and
+        # how much of it stays as it is.
+        kept = len(os.path.commonprefix((tokenizer.decode(prompt, skip_special_tokens=skip), whole)))
         assert text == whole[kept:], (prompt, generated)
-        prompt_bytes = [tokenizer.token_bytes(t) for t in prompt]
-        all_bytes = prompt_bytes + [tokenizer.token_bytes(t) for t in generated]
-        prompt_ends, all_ends = _character_ends(b"".join(prompt_bytes)), _character_ends(b"".join(all_bytes))
-        starts = [len(b"".join(all_bytes[:i])) for i in range(len(all_bytes))]
-        expected = [sum(end <= start for end in prompt_ends) for start in starts[:len(prompt)]]
-        expected += [len(prompt_text) + max(0, sum(end <= start for end in all_ends) - kept)
-                     for start in starts[len(prompt):]]
+        prompt_offsets, prompt_chars = _offsets(tokenizer, prompt, show_special=True)
+        all_offsets, all_chars = _offsets(tokenizer, prompt + generated, show_special=not skip)
+        assert (prompt_chars, all_chars) == (len(prompt_text), len(whole))  # the reference itself
+        expected = prompt_offsets + [len(prompt_text) + max(0, offset - kept) for offset in all_offsets[len(prompt):]]
+        # A special token left out of the text has no text of its own: after bytes of a character
+        # not yet whole, where it stands depends on tokens still to come (they may complete the
+        # character around it). Anywhere from the token before it to `expected` will do.
+        for index in range(len(prompt), len(offsets)):
+            if skip and offsets[index] != expected[index] and offsets[index - 1] <= offsets[index] <= expected[index]:
+                assert tokenizer.token_bytes((prompt + generated)[index]) is None
+                expected[index] = offsets[index]
         assert offsets == expected, (prompt, generated)

@@ -760,7 +760,7 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
     name = "neo-autoscale"
     serve.run(build_app({"models": [{"name": "scaled", "checkpoint": checkpoints["neo"], "dtype": "float32",
                                      "autoscaling": {"min_replicas": 2, "max_replicas": 3,
-                                                     "target_ongoing_requests": 4}}],
+                                                     "target_ongoing_requests": 4, "look_back_period_s": 5}}],
                          "router": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2},
                                     "resources": {INGRESS_RESOURCE: 1}},
                          "playground": {"resources": {INGRESS_RESOURCE: 2}}}),
@@ -772,7 +772,8 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         details = ServeInstanceDetails(**_get_global_client().get_serve_details())
         deployments = details.applications[name].deployments
         config = deployments["Pipeline-scaled"].deployment_config.autoscaling_config
-        assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"]) == (2, 3, 4)
+        assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"],
+                config["look_back_period_s"]) == (2, 3, 4, 5)
         # Scaling down lets a long generation finish (Serve's own default would stop it at 20 s).
         assert deployments["Pipeline-scaled"].deployment_config.graceful_shutdown_timeout_s == 300
         # Nor may a router replica that relays it, or the playground whose run it is: the router
@@ -794,8 +795,8 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
 
 def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, checkpoints, offline):
     """Under load Serve adds a pipeline replica, with its own stage actors; once the load stops it
-    removes one again, stages included. Every request, on either pipeline and while the second
-    one starts, completes with the offline engine's tokens."""
+    removes one again, stages included. Every request, while the second one starts and runs,
+    completes with the offline engine's tokens."""
     name, deployment = "neo-elastic", "Pipeline-elastic"
     serve.run(build_app({"models": [{"name": "elastic", "checkpoint": checkpoints["neo"], "num_stages": 2,
                                      "dtype": "float32", "cpus_per_stage": 0.5, "kv_cache_tokens": 2048,

@@ -268,8 +268,9 @@ def test_a_port_taken_after_the_check_is_one_line_too():
     assert failure_message(haproxy, "127.0.0.1", 18462) == (
         "127.0.0.1:18462 is already in use (another `neo-serve up`, or another server): stop it, or serve on "
         "another port with --port")
-    # Another port's bind failure, or any other failure, is told as it is.
+    # Another port's bind failure (one the port is a prefix of too), or any other failure, is told as it is.
     assert failure_message(haproxy, "127.0.0.1", 8000).startswith("RuntimeError: ray::HAProxyManager.ready()")
+    assert failure_message(haproxy, "127.0.0.1", 1846).startswith("RuntimeError: ray::HAProxyManager.ready()")
     assert failure_message(ValueError("no GPU"), "127.0.0.1", 8000) == "ValueError: no GPU"
 
 

@@ -531,8 +531,10 @@ def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):
     toast.wait_for(timeout=10_000)
     body = page.locator("body").inner_text()
     assert "Traceback" not in body and "InvalidRequestError" not in body
-    # Gradio's "Error" badge is not drawn over the line that says what failed.
+    # Gradio's "Error" badge is not drawn over the line that says what failed: it is there (the
+    # selector still finds Gradio's badge) and hidden.
     assert page.locator("#figures").get_by_text("Prompt too long").is_visible()
+    assert page.locator("#figures span.error").count() == 1
     assert not page.locator("#figures span.error").is_visible()
 
 

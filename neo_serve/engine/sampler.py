@@ -60,7 +60,7 @@ def choice_seed(seed: int, index: int) -> int:
     """The seed of a request's sequence `index` (its n choices): the request's own for the first,
     a mix of both for the others. With `seed + index` (vLLM v1's rule) choice 1 of seed s would be
     choice 0 of seed s + 1: a study over seeds 0..9 with n = 4 would get 13 distinct samples."""
-    return seed if index == 0 else _mix64((seed & _MASK64) ^ _mix64(index * _GOLDEN))
+    return seed if index == 0 else _mix64((seed & _MASK64) ^ _mix64((index * _GOLDEN) & _MASK64))
 
 
 _MASK64 = (1 << 64) - 1

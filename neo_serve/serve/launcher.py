@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -60,9 +61,9 @@ def host_problem(host: str, port: int) -> str | None:
 def failure_message(exc: BaseException, host: str, port: int) -> str:
     """What `neo-serve up` prints when starting Serve or the app failed. The port can be taken
     between the check before Ray and Serve's bind (two `neo-serve up` started at once): one line
-    then, not HAProxy's (or the proxy's) remote traceback."""
+    then, not HAProxy's remote traceback."""
     text = str(exc)
-    if "Address already in use" in text and f":{port}" in text:
+    if "Address already in use" in text and re.search(rf":{port}(?!\d)", text):
         return address_in_use(host, port)
     return f"{type(exc).__name__}: {text}"
 

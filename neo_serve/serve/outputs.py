@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from neo_serve.engine.outputs import LogprobDict, RequestOutput
+from neo_serve.tokenizer import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class TokenLogprob:
     logprob: float | None
     top: dict[str, float] | None
     # Characters of the text this token completes: 0 for the leading bytes of a character split
-    # over tokens, 1 for the token that ends it. Text offsets add these up.
+    # over tokens, 1 for the token that ends it; the prompt's last token also counts the U+FFFD of
+    # a character the prompt ends inside. Text offsets add these up.
     text_len: int
     # How many of those stand for earlier tokens' bytes: the U+FFFD that an unfinished character
     # becomes when this token does not continue it. The token's own text starts after them.
@@ -84,15 +86,18 @@ class DeltaTracker:
         self._holding_prompt_bytes: set[int] = set()  # sequences whose undecoded bytes include those
 
     def first_chunk(self, output: RequestOutput, prompt_text: str) -> GenerationChunk:
+        """The stream's first chunk; call it before `update` (it notes how the prompt ends)."""
         self._prompt_tail = self._unfinished_character(output.prompt_token_ids)
         return GenerationChunk(self.request_id, prompt=prompt_text, prompt_token_ids=list(output.prompt_token_ids))
 
     def _unfinished_character(self, token_ids: list[int]) -> bytes:
         """The bytes of an unfinished character at the end of `token_ids`, as the generated text
-        continues them (special tokens left out of it are passed over). A character is at most
-        4 bytes: the last 4 tokens decide."""
+        continues them (special tokens left out of it are passed over), from the same last
+        tokens as the engine's detokenizer decodes the generated text after."""
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        for token in token_ids[-4:]:
+        context = IncrementalDetokenizer.prompt_context(self._decode.tokenizer, token_ids,
+                                                        skip_special_tokens=self._skip_special)
+        for token in context:
             raw = self._decode.token_bytes(token)
             if raw is not None:
                 utf8.decode(raw)
@@ -158,33 +163,36 @@ class DeltaTracker:
                 self._holding_prompt_bytes.add(stream)
         raw = self._decode.token_bytes(token_id)
         if raw is not None:
-            earlier = _cut_off_chars(utf8, raw)
+            cut_off, shared = _cut_off(utf8, raw)
             chars = len(utf8.decode(raw))
         else:
             # An added token (e.g. <|endoftext|>): bytes left over decode on their own, as U+FFFD.
-            earlier = len(utf8.decode(b"", final=True))
+            cut_off, shared = len(utf8.decode(b"", final=True)), False
             utf8.reset()
-            chars = earlier + len(self._decode.decoded(token_id))
+            chars = cut_off + len(self._decode.decoded(token_id))
         if stream in self._holding_prompt_bytes and (chars or not utf8.getstate()[0]):
             # The prompt's unfinished character is settled: completed here (its character is this
             # token's text), or cut off, and then its U+FFFD is the prompt's text, not this one's.
             self._holding_prompt_bytes.discard(stream)
-            chars, earlier = chars - earlier, 0
-        return chars, earlier
+            return chars - cut_off, 0
+        # A U+FFFD that also holds some of this token's bytes starts the token's own text.
+        return chars, 0 if shared else cut_off
 
 
-def _cut_off_chars(utf8: codecs.IncrementalDecoder, raw: bytes) -> int:
-    """How many characters (U+FFFD) the bytes pending in `utf8` become when followed by `raw`:
-    0 if `raw` continues their character (or nothing is pending), else 1, as Python's "replace"
-    decodes an unfinished character."""
+def _cut_off(utf8: codecs.IncrementalDecoder, raw: bytes) -> tuple[int, bool]:
+    """The characters (U+FFFD) that the bytes pending in `utf8` become when `raw` follows without
+    finishing their character (0 if it continues it, or nothing is pending; 1 otherwise, as
+    Python's "replace" decodes an unfinished character), and whether that U+FFFD also holds
+    some of `raw`'s first bytes (a lead byte and a continuation, then a byte that ends neither)."""
     pending = utf8.getstate()[0]
     if not pending:
-        return 0
+        return 0, False
     try:
         codecs.getincrementaldecoder("utf-8")("strict").decode(pending + raw)
     except UnicodeDecodeError as error:
-        return len(pending.decode("utf-8", "replace")) if error.start == 0 else 0
-    return 0
+        if error.start == 0:
+            return len(pending.decode("utf-8", "replace")), error.end > len(pending)
+    return 0, False
 
 
 class TokenSource(Protocol):
@@ -215,6 +223,10 @@ class TokenDecoder:
         self._tokenizer = tokenizer
         self._cache: dict[int, _TokenText] = {}
         self._max = max_entries
+
+    @property
+    def tokenizer(self) -> TokenSource:
+        return self._tokenizer
 
     def __call__(self, token_id: int) -> str:
         return self._lookup(token_id).shown

@@ -1,6 +1,8 @@
 """The router: the application's ingress deployment (FastAPI), stateless, routing by model name.
 
-HTTP: `POST /v1/completions`, `GET /v1/models`, `GET /health`; errors as OpenAI error JSON.
+HTTP: `POST /v1/completions`, `GET /v1/models`, `GET /health`, vLLM's `/tokenize`, `/detokenize`
+and `/tokenizer_info`, the API's description at `/openapi.json` and `/docs`; errors as OpenAI
+error JSON.
 `GET /` sends a browser on to the playground, or lists the routes when there is none.
 `/ui` and `/ui/...` (the Gradio playground) are relayed to the one-replica playground deployment
 (`neo_serve.ui.bridge`): Gradio's sessions live in one process, this router is autoscaled.
@@ -20,14 +22,13 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from neo_serve.serve.access import AccessMiddleware, load_api_keys
+from neo_serve.serve.access import OPEN_PATHS, AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found, parse_body
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
@@ -73,20 +74,19 @@ def json_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]
 
 
 def _openapi_with_api_keys() -> dict[str, Any]:
-    """The generated description, with the API keys as a bearer scheme, so that /docs offers an
-    Authorize button (the keys are checked by the access middleware, not by FastAPI)."""
-    if api.openapi_schema is None:
-        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {
-            "type": "http", "scheme": "bearer",
-            "description": "One of the router's API keys, when it has any (api_keys_env / api_keys_file)"}}
-        schema["security"] = [{"apiKey": []}]
-        for operations in schema.get("paths", {}).values():  # what the middleware leaves open
+    """FastAPI's description of the API, with the API keys as a bearer scheme, so that /docs
+    offers an Authorize button (the keys are checked by the access middleware, not by FastAPI),
+    and none on the paths the middleware leaves open."""
+    schema = FastAPI.openapi(api)
+    schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {
+        "type": "http", "scheme": "bearer",
+        "description": "One of the router's API keys, when it has any (api_keys_env / api_keys_file)"}}
+    schema["security"] = [{"apiKey": []}]
+    for path, operations in schema.get("paths", {}).items():
+        if path in OPEN_PATHS:
             for operation in operations.values():
-                if operation.get("operationId", "").startswith("health"):
-                    operation["security"] = []
-        api.openapi_schema = schema
-    return api.openapi_schema
+                operation["security"] = []
+    return schema
 
 
 api.openapi = _openapi_with_api_keys  # type: ignore[method-assign]
