@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import queue
 import re
@@ -121,6 +122,45 @@ def readme_python_example() -> str:
     return example
 
 
+class StreamsInFlight:
+    """`count` greedy streams of `max_tokens` tokens each, started on threads; returns once each
+    has its first token. `finished()`: per stream (finish reason, tokens, whether [DONE] came)."""
+
+    def __init__(self, base: str, headers: dict[str, str], *, count: int, max_tokens: int) -> None:
+        self._started = threading.Barrier(count + 1, timeout=60)
+        self._results: list[tuple[str | None, int, bool] | str] = []
+        body = {"prompt": "def hello_world():", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "return_token_ids": True}
+        self._threads = [threading.Thread(target=self._stream, args=(base, headers, body), daemon=True)
+                         for _ in range(count)]
+        for thread in self._threads:
+            thread.start()
+        self._started.wait()
+
+    def _stream(self, base: str, headers: dict[str, str], body: dict) -> None:
+        reason, tokens, done, first = None, 0, False, True
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=headers, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                        tokens += len(choice.get("token_ids") or [])
+                        reason = choice.get("finish_reason") or reason
+                        if first and tokens:
+                            first = False
+                            self._started.wait()
+            self._results.append((reason, tokens, done))
+        except Exception as exc:  # noqa: BLE001 - reported by finished()
+            self._results.append(f"{type(exc).__name__}: {exc}")
+
+    def finished(self) -> list:
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self._results
+
+
 def test_up_serves_until_ctrl_c(tmp_path):
     port, haproxy_stats_port, metrics_port = free_port(), free_port(), free_port()
     # The bundled demo when it is there (the default), else a tiny checkpoint named on the command line.
@@ -195,11 +235,14 @@ def test_up_serves_until_ctrl_c(tmp_path):
             assert time.monotonic() < deadline, "no neo-serve metrics at the banner's metrics URL"
             time.sleep(1)
         # SIGTERM, as `docker stop` or a Pod's end sends it: the same clean stop as Ctrl-C (ray.init's
-        # own handler made it exit 15 at once, without "shutting down").
+        # own handler made it exit 15 at once, without "shutting down"), with 8 streams in flight:
+        # they finish whole (the shutdown cut every one of them mid-stream, with no error event).
+        streams = StreamsInFlight(base, auth, count=8, max_tokens=400)
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(timeout=90) == 0
-        up.read_until("neo-serve: shutting down", timeout=10)
+        up.read_until("neo-serve: shutting down; requests in flight finish first", timeout=10)
         up.read_until("neo-serve: stopped", timeout=10)
+        assert streams.finished() == [("length", 400, True)] * 8
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it

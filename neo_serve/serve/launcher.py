@@ -58,6 +58,24 @@ def host_problem(host: str, port: int) -> str | None:
     return address_in_use(host, port) if port_in_use(host, port) else None
 
 
+def drain_application(app_name: str, stop: threading.Event) -> bool:
+    """Delete the application as Serve deletes one, and wait: no new request reaches it, and
+    each replica stops once its requests in flight are done (up to its
+    graceful_shutdown_timeout_s), so their streams end whole, not cut by the shutdown. Another
+    signal (`stop` set again) ends the wait, and the shutdown cuts what still runs. Whether the
+    application is gone."""
+    from ray import serve
+
+    print("neo-serve: shutting down; requests in flight finish first (Ctrl-C again to stop now)", flush=True)
+    stop.clear()
+    serve.delete(app_name, _blocking=False)
+    while app_name in serve.status().applications:
+        if stop.wait(0.5):
+            print("neo-serve: stopping now; requests still in flight are cut", flush=True)
+            return False
+    return True
+
+
 def failure_message(exc: BaseException, host: str, port: int) -> str:
     """What `neo-serve up` prints when starting Serve or the app failed. The port can be taken
     between the check before Ray and Serve's bind (two `neo-serve up` started at once): one line
@@ -267,6 +285,7 @@ def run_up(args: argparse.Namespace) -> int:
 
     num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
     up, stop = threading.Event(), threading.Event()
+    drained = False
 
     def on_signal(*_: Any) -> None:
         if not up.is_set():
@@ -325,7 +344,7 @@ def run_up(args: argparse.Namespace) -> int:
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
-        print("neo-serve: shutting down", flush=True)
+        drained = drain_application(args.app_name, stop)
         return 0
     except KeyboardInterrupt:
         if up.is_set():
@@ -340,7 +359,7 @@ def run_up(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if ray.is_initialized():
             try:
-                if address:  # someone else's cluster: remove only our application
+                if address and not drained:  # someone else's cluster: remove only our application
                     serve.delete(args.app_name)
                 elif up.is_set():
                     serve.shutdown()
