@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from checkpoints import build_tokenizer, make_neox
-from conftest_serve import free_port
+from conftest_serve import free_port, ray_serve_on_loopback
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
 from neo_serve.serve.launcher import available_cores, failure_message, local_cpu_threads
@@ -248,6 +248,34 @@ def test_up_serves_until_ctrl_c(tmp_path):
         with pytest.raises(httpx.HTTPError):  # HAProxy went with it
             httpx.get(f"http://127.0.0.1:{haproxy_stats_port}/stats", timeout=5)
         assert not os.path.exists(private)  # and its files
+
+
+def test_up_on_a_joined_cluster_removes_only_its_app():
+    """`neo-serve up --address` joins a cluster someone else runs: Ctrl-C drains and deletes its own
+    application and leaves the cluster, its Serve and their applications running."""
+    import ray
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Keeper:
+        async def __call__(self, request) -> str:
+            return "kept"
+
+    with ray_serve_on_loopback(num_cpus=8) as base:
+        serve.run(Keeper.bind(), name="keeper", route_prefix="/keeper")
+        address = ray.get_runtime_context().gcs_address
+        with neo_serve_up("--address", address, "--app-name", "joined", "--no-playground", "--port", str(free_port()),
+                          env=_user_environ()) as up:
+            up.read_until("Ctrl-C to stop", timeout=180)
+            answer = httpx.post(f"{base}/v1/completions", json={"prompt": "def f(", "max_tokens": 4}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+            up.process.send_signal(signal.SIGINT)
+            assert up.process.wait(timeout=90) == 0, up.text()
+            up.read_until("neo-serve: stopped", timeout=10)
+            # Checked before `neo_serve_up` cleans up: it kills the HAProxy processes that appeared
+            # meanwhile, and the cluster's own HAProxy reloads as applications come and go.
+            assert "joined" not in serve.status().applications
+            assert httpx.get(f"{base}/keeper", timeout=30).text == "kept"
 
 
 def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():

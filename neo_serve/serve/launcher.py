@@ -63,7 +63,7 @@ def drain_application(app_name: str, stop: threading.Event) -> bool:
     each replica stops once its requests in flight are done (up to its
     graceful_shutdown_timeout_s), so their streams end whole, not cut by the shutdown. Another
     signal (`stop` set again) ends the wait, and the shutdown cuts what still runs. Whether the
-    application is gone."""
+    application is gone (else Serve is still deleting it)."""
     from ray import serve
 
     print("neo-serve: shutting down; requests in flight finish first (Ctrl-C again to stop now)", flush=True)
@@ -285,7 +285,7 @@ def run_up(args: argparse.Namespace) -> int:
 
     num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
     up, stop = threading.Event(), threading.Event()
-    drained = False
+    deleting = False
 
     def on_signal(*_: Any) -> None:
         if not up.is_set():
@@ -344,7 +344,8 @@ def run_up(args: argparse.Namespace) -> int:
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
-        drained = drain_application(args.app_name, stop)
+        deleting = True  # on a joined cluster Serve goes on deleting it after a second Ctrl-C
+        drain_application(args.app_name, stop)
         return 0
     except KeyboardInterrupt:
         if up.is_set():
@@ -359,8 +360,9 @@ def run_up(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if ray.is_initialized():
             try:
-                if address and not drained:  # someone else's cluster: remove only our application
-                    serve.delete(args.app_name)
+                if address:  # someone else's cluster: remove only our application
+                    if not deleting:
+                        serve.delete(args.app_name)
                 elif up.is_set():
                     serve.shutdown()
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
