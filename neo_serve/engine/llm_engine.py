@@ -170,12 +170,11 @@ class LLMEngine:
         text, prompt_ids = self._tokenize(prompt, prompt_token_ids)
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
         vocab = self.model_config.vocab_size
-        if outside := [token for token in params.logit_bias if token >= vocab]:  # would fail the whole step
-            raise InvalidRequestError(f"logit_bias token {outside[0]} is outside the vocabulary [0, {vocab})",
-                                      field="logit_bias")
-        if outside := [token for token in params.stop_token_ids if token >= vocab]:  # could never stop it
-            raise InvalidRequestError(f"stop_token_ids token {outside[0]} is outside the vocabulary [0, {vocab})",
-                                      field="stop_token_ids")
+        # A bias past the vocabulary would fail the whole step; such a stop token could never stop.
+        for name, tokens in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if outside := [token for token in tokens if token >= vocab]:
+                raise InvalidRequestError(f"{name} token {outside[0]} is outside the vocabulary [0, {vocab})",
+                                          field=name)
         request = Request(request_id, text, prompt_ids, params, max_tokens)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # token 0 has no context

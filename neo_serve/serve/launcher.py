@@ -58,12 +58,11 @@ def host_problem(host: str, port: int) -> str | None:
     return address_in_use(host, port) if port_in_use(host, port) else None
 
 
-def drain_application(app_name: str, stop: threading.Event) -> bool:
+def drain_application(app_name: str, stop: threading.Event) -> None:
     """Delete the application as Serve deletes one, and wait: no new request reaches it, and
     each replica stops once its requests in flight are done (up to its
     graceful_shutdown_timeout_s), so their streams end whole, not cut by the shutdown. Another
-    signal (`stop` set again) ends the wait, and the shutdown cuts what still runs. Whether the
-    application is gone (else Serve is still deleting it)."""
+    signal (`stop` set again) ends the wait, and the shutdown cuts what still runs."""
     from ray import serve
 
     print("neo-serve: shutting down; requests in flight finish first (Ctrl-C again to stop now)", flush=True)
@@ -72,8 +71,7 @@ def drain_application(app_name: str, stop: threading.Event) -> bool:
     while app_name in serve.status().applications:
         if stop.wait(0.5):
             print("neo-serve: stopping now; requests still in flight are cut", flush=True)
-            return False
-    return True
+            return
 
 
 def failure_message(exc: BaseException, host: str, port: int) -> str:
