@@ -35,6 +35,11 @@ from test_scheduler_stress import (MAX_MODEL_LEN, ShadowExecutor, check_cache, e
 
 VOCAB = 512
 DISAGREE = 0  # the answer to a row whose stages hold different histories (next_token never gives 0)
+# How long a step may take before the loop counts its pipe as hung. Every real step here answers in
+# well under a millisecond of its own, but a loaded CI machine (and check_cache after each step)
+# can hold the event loop for tens of ms; 20 ms once took a slow step for a hang, which counted as
+# a fault and pushed a request over the bound of requests lost to faults twice in a row.
+STEP_TIMEOUT_S = 0.1
 
 
 class ShadowStages:
@@ -126,7 +131,7 @@ async def random_workload(checkpoint: str, seed: int, num_stages: int, death_p: 
     engine = LLMEngine(config, executor=UnloadedExecutor())
     stages = ShadowStages(num_stages, (kv_tokens // block_size) * block_size, rng, death_p, hang_p,
                           stage_seconds=1.0 if busy else 0.0)
-    core = PipelineCore(engine, stages, step_timeout_s=0.02 if hang_p else None, stream_interval_s=0.0)
+    core = PipelineCore(engine, stages, step_timeout_s=STEP_TIMEOUT_S if hang_p else None, stream_interval_s=0.0)
     apply_step = engine.apply_step
 
     def checked_apply_step(prepared, sampled):
