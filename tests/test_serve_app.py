@@ -702,6 +702,15 @@ def test_metrics_on_prometheus_endpoint(client, metrics_port):
     text = wait_until(scrape, timeout=60, interval=1, what="neo-serve metrics on the Prometheus endpoint")
     kv_lines = [line for line in text.splitlines() if line.startswith("ray_neo_serve_kv_cache_usage{")]
     assert any('stage="1"' in line and 'model="neox"' in line for line in kv_lines)
+    # Counters of what has not happened yet (no preemption in this module: its KV caches hold
+    # every request) are exported at 0 from the replica's start, so rate() reads 0, not "no data".
+    for model in ("neox", "neo"):
+        preemptions = [line for line in text.splitlines() if line.startswith("ray_neo_serve_preemptions")
+                       and f'model="{model}"' in line]
+        assert preemptions and all(line.endswith(" 0.0") for line in preemptions), preemptions
+        for reason in ("stop", "length", "abort"):
+            assert any(line.startswith("ray_neo_serve_finished_sequences") and f'model="{model}"' in line
+                       and f'finished_reason="{reason}"' in line for line in text.splitlines()), (model, reason)
 
     counted = ("ray_neo_serve_generation_tokens", "ray_neo_serve_prompt_tokens",
                "ray_neo_serve_time_to_first_token_seconds_count", "ray_neo_serve_inter_token_latency_seconds_count",

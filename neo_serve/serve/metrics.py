@@ -46,6 +46,16 @@ def gauge_refresh_period_s() -> float:
     return min(MAX_GAUGE_REFRESH_S, export_interval_s / 2)
 
 
+def start_at_zero(counter: metrics.Counter, tags: dict[str, str] | None = None) -> None:
+    """Export `counter` (with `tags`) at 0 from the start, as vLLM's labelled counters are, so that
+    `rate()`, `increase()` and alerts over preemptions or aborts read 0 rather than "no data" until
+    the first one. Ray's `Counter.inc` refuses 0; `_record` is the path it takes after that check
+    (ray[serve] is pinned to 2.60.x), skipped if a Ray lacks it."""
+    record = getattr(counter, "_record", None)
+    if record is not None:
+        record(0, tags=tags)
+
+
 class PipelineMetrics:
     def __init__(self, model: str, num_stages: int) -> None:
         tags = {"model": model}
@@ -90,6 +100,10 @@ class PipelineMetrics:
                        self.finished_sequences, self.prompt_tokens, self.generation_tokens, self.running,
                        self.waiting, self.preemptions):
             metric.set_default_tags(dict(tags))  # Serve adds its tags into the dict it is given
+        for counter, reasons in ((self.preemptions, [None]), (self.prompt_tokens, [None]),
+                                 (self.generation_tokens, [None]), (self.finished_sequences, FINISH_REASONS)):
+            for reason in reasons:
+                start_at_zero(counter, None if reason is None else {"finished_reason": reason})
         self._stage_tags = [{"model": model, "stage": str(stage)} for stage in range(num_stages)]
         self._last_gauges = 0.0
         self._preemptions_seen = 0
