@@ -39,6 +39,8 @@ from typing import Any
 import pytest
 import yaml
 
+from serve_configs import scaled_app_args
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 SHARED = REPO.parent / "shared"
@@ -656,6 +658,15 @@ def edit_args(doc: dict[str, Any], edit) -> dict[str, Any]:
     return doc
 
 
+def edit_scaling(doc: dict[str, Any], deployment: str, **bounds) -> dict[str, Any]:
+    """Change a deployment's autoscaling bounds where the manifest keeps them: `deployments:`."""
+    config = serve_config(doc)
+    [override] = [d for d in config["applications"][0]["deployments"] if d["name"] == deployment]
+    override["autoscaling_config"].update(bounds)
+    set_serve_config(doc, config)
+    return doc
+
+
 def gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
     (group,) = [g for g in worker_groups(cluster_spec(doc)) if pod_shape(g).gpus]
     return group
@@ -772,7 +783,9 @@ def test_serve_config_validates_and_builds_the_app(path, checkpoints):
     # The router, one pipeline deployment per model, and the playground (unless disabled).
     expected = 1 + len(app_args.models) + (1 if app_args.playground.enabled else 0)
     assert built.ingress_deployment_name == "Router" and len(names) == expected
-    assert all(m.autoscaling is not None for m in app_args.models), "Serve autoscales whole pipelines"
+    # Serve autoscales whole pipelines (the bounds sit in `deployments:`, where an edit does not
+    # restart the app: test_serve_config.py).
+    assert all(m.autoscaling is not None for m in scaled_app_args(app).models)
 
 
 @needs_reference
@@ -821,8 +834,7 @@ def test_gpu_manifest_is_sized_by_the_plan(gpu_doc, checkpoints):
 @needs_reference
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: edit_args(d, lambda a: a["models"][0].update(num_stages=8)), "not enough GPUs: Serve may scale to 16"),
-    (lambda d: edit_args(d, lambda a: a["models"][0]["autoscaling"].update(max_replicas=3)),
-     "not enough GPUs: Serve may scale to 12"),
+    (lambda d: edit_scaling(d, "Pipeline-gpt-neox-20b", max_replicas=3), "not enough GPUs: Serve may scale to 12"),
     (lambda d: gpu_group(d).update(maxReplicas=1), "hold at most 4"),
     (lambda d: [ray_container(gpu_group(d))["resources"][k].update({"nvidia.com/gpu": "2"})
                 for k in ("requests", "limits")], "hold at most 4"),
@@ -834,10 +846,11 @@ def test_resource_check_fails_without_the_gpus(gpu_doc, checkpoints, edit, expec
 
 
 @needs_reference
-def test_resource_check_sees_serve_deployment_overrides(gpu_doc, checkpoints):
-    config = serve_config(gpu_doc)
-    config["applications"][0]["deployments"] = [
-        {"name": "Pipeline-gpt-neox-20b", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}]
+def test_resource_check_sees_autoscaling_in_args_too(gpu_doc, checkpoints):
+    config = serve_config(gpu_doc)  # the bounds moved from `deployments:` into the model's args
+    app = config["applications"][0]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Pipeline-gpt-neox-20b"]
+    app["args"]["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
     set_serve_config(gpu_doc, config)
     assert any("Serve may scale to 12" in p for p in resource_problems(gpu_doc, checkpoints))
 
@@ -905,7 +918,7 @@ def test_router_and_playground_can_only_be_placed_on_the_head(path, checkpoints)
 
 @needs_reference
 def test_routers_stay_on_the_head(gpu_doc, checkpoints):
-    edit_args(gpu_doc, lambda a: a["router"]["autoscaling"].update(max_replicas=4))
+    edit_scaling(gpu_doc, "Router", max_replicas=4)
     problems = resource_problems(gpu_doc, checkpoints)
     assert any("head's 2 logical CPUs" in p and "Router" in p for p in problems), problems
 

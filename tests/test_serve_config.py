@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from checkpoints import build_tokenizer, make_neox
+from serve_configs import SHIPPED_CONFIGS, load_serve_config, scaled_app_args
 from neo_serve.app import build_app
 from neo_serve.config import load_model_config
 from neo_serve.models.attention import FlashAttentionBackend
@@ -134,7 +136,8 @@ def test_deploy_configs_are_valid(path):
             assert DEMO_CHECKPOINT.is_dir()
             build_app(application.args)
             [num_cpus] = re.findall(r"ray start --head --num-cpus (\d+)", path.read_text())
-            assert int(num_cpus) >= args.cpus_reserved(), f"{path.name} tells users to start Ray with too few CPUs"
+            reserved = scaled_app_args(config["applications"][0]).cpus_reserved()  # at the overrides' max_replicas
+            assert int(num_cpus) >= reserved, f"{path.name} tells users to start Ray with too few CPUs"
             continue
         assert model.use_gpu and model.dtype == "float16"
         # The real checkpoints are not here; check the shape against the published config.
@@ -154,6 +157,47 @@ def test_deploy_configs_are_valid(path):
             assert plan.fits and model.kv_cache_tokens <= plan.kv_tokens, f"{path.name}: {plan.kv_tokens} tokens fit"
         # A hung CUDA call must end in a restart (or a replaced replica), not streams stalled forever.
         assert model.step_timeout_s is not None, f"{path.name}: a GPU model without step_timeout_s"
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scaling_edits_of_the_shipped_configs_keep_the_app_running(path):
+    """Each pipeline and autoscaled router is scaled by a `deployments:` entry, not by args: Serve
+    applies an edit there to the running replicas, while an edit of args (or adding the first
+    autoscaling_config entry, which changes the app's code version in Serve 2.60) replaces every
+    replica of the app, reloading every model's weights (checked live on a cluster: 0 of 5 replica
+    processes survived adding such an entry to the demo's RayService)."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    config = load_serve_config(path)
+    for app in config["applications"]:
+        args = parse_app_args(app.get("args") or {})
+        overrides = {d["name"]: d for d in app.get("deployments") or []}
+        for model in args.models:
+            name = deployment_name(model, args.models)
+            assert model.autoscaling is None, f"{path.name}: {model.served_name}'s autoscaling belongs in deployments:"
+            assert overrides.get(name, {}).get("autoscaling_config"), f"{path.name}: no deployments: entry scales {name}"
+        assert args.router.autoscaling is None, f"{path.name}: the router's autoscaling belongs in deployments:"
+        scaled = scaled_app_args(app)  # the bounds are valid as the args' own (target under max_ongoing_requests)
+        assert all(model.autoscaling is not None for model in scaled.models)
+
+        def version(app_config: dict) -> str:
+            return get_app_code_version(ServeApplicationSchema.model_validate(app_config))
+
+        rescaled = copy.deepcopy(app)
+        for override in rescaled["deployments"]:
+            if override.get("autoscaling_config"):
+                bounds = override["autoscaling_config"]
+                bounds.update(min_replicas=bounds.get("min_replicas", 1) + 1, max_replicas=bounds["max_replicas"] + 1,
+                              target_ongoing_requests=bounds.get("target_ongoing_requests", 2) / 2)
+        assert version(rescaled) == version(app), f"{path.name}: a scaling edit would replace every replica"
+        # The same edit made in args would restart everything: Serve hashes args whole.
+        moved = copy.deepcopy(app)
+        pipeline = deployment_name(args.models[0], args.models)
+        [bounds] = [o["autoscaling_config"] for o in rescaled["deployments"] if o["name"] == pipeline]
+        moved["args"]["models"][0]["autoscaling"] = bounds
+        moved["deployments"] = [o for o in moved["deployments"] if o["name"] != pipeline]
+        assert version(moved) != version(app)
 
 
 def test_expected_deploy_files():
