@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ from neo_serve.models.attention import FlashAttentionBackend
 from neo_serve.plan import plan_pipeline
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     deployment_name, parse_app_args)
-from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, local_cpu_threads, local_num_cpus,
-                                      threads_per_stage)
+from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, available_cores, cgroup_cpu_limit,
+                                      local_cpu_threads, local_num_cpus, threads_per_stage)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # ../shared beside the clone
@@ -257,6 +258,28 @@ def test_up_on_a_local_cpu_cluster_gives_the_stages_the_machines_threads():
     assert local_cpu_threads(16, torch_threads=8) == 7  # physical cores of a laptop with SMT
     assert local_cpu_threads(4, torch_threads=32) == 3  # a container allowed 4 of a host's cores
     assert local_cpu_threads(3, torch_threads=1) == 1  # OMP_NUM_THREADS=1
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2: `docker run --cpus 2`, a Pod's limit of 2
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # 2 threads, as Ray rounds it
+    ({"cpu.max": "100000 100000\n"}, 1.0),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbled\n"}, None),
+    ({}, None),  # no cgroup files at all (macOS, a host without the controller)
+])
+def test_a_containers_cpu_quota_caps_the_threads_of_neo_serve_up(tmp_path, files, limit):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(str(tmp_path)) == limit
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
+    assert available_cores(str(tmp_path)) == expected
+    if limit == 1.0:  # under this machine's cores: the quota, not the mask, sets the threads
+        assert available_cores(str(tmp_path)) == 1 and local_cpu_threads(1, torch_threads=64) == 1
 
 
 def test_a_local_ray_has_room_for_every_replica_the_app_reserves():
