@@ -89,6 +89,10 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
         # Handles report their ongoing requests to the autoscaler every second (Serve's default
         # 10 s), so that a test of scaling up and down under load takes seconds, not minutes.
         os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+        # Serve says why a replica is not placed (the resources it needs, those there are) after
+        # 2 s rather than 30: test_serve_app's /health test reads it from the router.
+        os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "2")
+        os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "2")
         if as_on_kubernetes:
             for variable in LOCAL_SERVE_SETTINGS:
                 os.environ.pop(variable, None)

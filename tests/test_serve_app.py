@@ -906,8 +906,13 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
         response = wait_until(loading, timeout=60, interval=0.2, what="the late router")
         assert response.status_code == 503
         assert response.json()["status"] == "loading" and response.json()["models"]["late"]["ready"] is False
-        time.sleep(2)
-        assert httpx.get(f"{base_url}/late/health", timeout=30).status_code == 503
+        # Why it is not loading: Serve's own words, the resources it needs against those there are.
+        response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 503
+                              and "Serve cannot place" in r.json()["models"]["late"]["detail"]
+                              and r, timeout=60, interval=0.5, what="Serve's placement message in /health")
+        detail = response.json()["models"]["late"]["detail"]
+        assert 'Serve cannot place a pipeline yet: each needs [{"CPU": 1.5}, {"CPU": 0.5}]' in detail, detail
+        assert "node:" not in detail  # not the cluster's resources (node addresses): /health needs no key
         remove_placement_group(blocker)
         blocker = None
         response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 200 and r,
@@ -926,8 +931,10 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
         response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 503 and r,
                               timeout=60, interval=0.5, what="/health 503 with the pipeline gone")
         assert response.json()["models"]["late"]["ready"] is False
-        time.sleep(3)
-        assert httpx.get(f"{base_url}/late/health", timeout=30).status_code == 503
+        response = wait_until(lambda: (r := httpx.get(f"{base_url}/late/health", timeout=30)).status_code == 503
+                              and "Serve could not start" in r.json()["models"]["late"]["detail"] and r,
+                              timeout=90, interval=0.5, what="Serve's start failure in /health")
+        assert "Traceback" not in response.text and "hidden" not in response.text  # no paths, no traceback
         hidden.rename(checkpoint)
         wait_until(lambda: httpx.get(f"{base_url}/late/health", timeout=30).status_code == 200, timeout=120,
                    interval=0.5, what="/health 200 with a new pipeline")

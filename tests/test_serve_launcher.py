@@ -278,11 +278,21 @@ def test_up_on_a_joined_cluster_removes_only_its_app():
             assert httpx.get(f"{base}/keeper", timeout=30).text == "kept"
 
 
+def test_gpu_on_a_machine_without_one_is_one_line_not_a_wait():
+    """Serve would wait for ever for GPUs a local cluster never gains, printing nothing."""
+    with neo_serve_up("--gpu", "--stages", "2", "--port", str(free_port()), "--no-playground",
+                      env=_user_environ()) as up:
+        assert up.process.wait(timeout=120) == 2, up.text()
+        up.read_until("neo-serve up: models[0] (neo-demo) needs 2 GPU(s) per pipeline (--gpu, one per stage: "
+                      "--stages 2) and Ray sees no GPU on this machine", timeout=10)
+        assert "neo-serve: deploying" not in up.text()
+
+
 def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
-    """`--gpu` on a machine without one: Serve waits for ever for GPUs to place the pipeline, and
-    a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
+    """Too few CPUs for the pipeline (`--num-cpus 1`: the router takes it): Serve waits for ever to
+    place the pipeline, and a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
     env = {**_user_environ(), "RAY_DEDUP_LOGS": "0"}
-    with neo_serve_up("--gpu", "--port", str(free_port()), "--num-cpus", "4", "--no-playground", "--verbose",
+    with neo_serve_up("--stages", "2", "--port", str(free_port()), "--num-cpus", "1", "--no-playground", "--verbose",
                       env=env) as up:
         # --verbose: Serve's controller tells its steps (the pipeline's deployment is started, then waits).
         up.read_until("Deploying new version of Deployment(name='Pipeline-neo-demo'", timeout=120)

@@ -268,6 +268,19 @@ def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int 
     return reserved if reserved > cores else None
 
 
+def gpu_shortfall(app_args: AppArgs, cluster_gpus: float) -> str | None:
+    """Why a local cluster with `cluster_gpus` GPUs cannot place one pipeline of some model, or
+    None. Serve would wait for the GPUs for ever (a local cluster gains none), printing nothing."""
+    for index, model in enumerate(app_args.models):
+        needed = sum(bundle.get("GPU", 0) for bundle in model.placement_bundles())
+        if needed > cluster_gpus:
+            seen = f"Ray sees {cluster_gpus:g} on this machine" if cluster_gpus else "Ray sees no GPU on this machine"
+            return (f"models[{index}] ({model.served_name}) needs {needed:g} GPU(s) per pipeline (--gpu, one per "
+                    f"stage: --stages {model.num_stages}) and {seen} (CUDA_VISIBLE_DEVICES, the NVIDIA driver): "
+                    "fewer --stages, or leave out --gpu to serve on the CPU")
+    return None
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray and Serve, deploy the app, print its URLs and block until Ctrl-C / SIGTERM.
     Returns the process exit code."""
@@ -335,6 +348,9 @@ def run_up(args: argparse.Namespace) -> int:
         # SIGTERM (`docker stop`, a Pod's end) shuts down as Ctrl-C does.
         for sig in previous:
             signal.signal(sig, on_signal)
+        if not address and (problem := gpu_shortfall(app_args, ray.cluster_resources().get("GPU", 0))):
+            print(f"neo-serve up: {problem}", file=sys.stderr)
+            return 2
         # Serve's controller, proxy and HAProxy manager log each step of a start at INFO (40 lines
         # before the banner); keep their warnings and errors. The replicas' logs are the app's.
         system_log_level = "INFO" if args.verbose else "WARNING"

@@ -15,6 +15,7 @@ stream's chunks (dicts).
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -145,6 +146,23 @@ def not_ready(model: str, exc: BaseException) -> dict[str, Any]:
             "detail": f"not ready ({error_name(exc)}); the router's log has the details"}
 
 
+# Serve's status message for a replica it cannot place: "... Resources required for each replica:
+# [{'CPU': 3.0}, {'CPU': 1.0}], total resources available: {...}. Use `ray status` ...".
+_UNPLACED = re.compile(r"Resources required for each replica: (?P<required>.*?), total resources available")
+
+
+def serve_status_detail(message: str) -> str | None:
+    """Why Serve has no replica of a pipeline running, for /health, from its deployment status
+    message. /health needs no API key: only what the app's own config says (the bundles one
+    pipeline needs), never the cluster's resources (node addresses) or a failed start's traceback."""
+    if match := _UNPLACED.search(message):
+        return (f"Serve cannot place a pipeline yet: each needs {match['required']} "
+                "(`ray status` shows what the cluster has; an autoscaling cluster may be adding a node)")
+    if "failed to start" in message or "constructor" in message:
+        return "Serve could not start a pipeline (`serve status` and the Serve controller's log have the error)"
+    return None
+
+
 def _check_content_type(request: Request) -> None:
     """JSON bodies only, as FastAPI's own body parsing has it: a web page on another site can POST
     text/plain, form or multipart bodies without the browser asking first (no CORS preflight),
@@ -215,6 +233,9 @@ class Router:
         # /health sees the same fields whether its call asked the pipeline or not.
         self._loaded: dict[str, dict[str, Any]] = {}
         self._without: set[str] = set()  # models with no pipeline running, as last counted
+        # Serve's status message of such a model's deployment (a replica it cannot place, one that
+        # fails to start), for /health's detail (serve_status_detail).
+        self._serve_messages: dict[str, str] = {}
         self._status_at = -float("inf")
         self._status_call: asyncio.Future[Any] | None = None
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
@@ -303,6 +324,10 @@ class Router:
         self._loaded.update((name, state) for name, state in zip(pending, states) if state.get("ready"))
         answers = dict(zip(pending, states))
         models = {name: answers.get(name) or self._loaded[name] for name in self.service.pipelines}
+        for name, state in models.items():
+            # Why a probe has been failing for minutes (no GPU node yet, a checkpoint that fails to load).
+            if not state.get("ready") and (reason := serve_status_detail(self._serve_messages.get(name, ""))):
+                models[name] = {**state, "detail": f"{state.get('detail', 'loading')}; {reason}"}
         ready = all(state.get("ready") for state in models.values())
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
@@ -321,6 +346,7 @@ class Router:
                 states = {name: deployments[handle.deployment_name] for name, handle in self.service.pipelines.items()}
                 self._without = {name for name, state in states.items()
                                  if not state.replica_states.get("RUNNING") and state.status != "HEALTHY"}
+                self._serve_messages = {name: states[name].message for name in self._without if states[name].message}
                 self._status_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - without the controller, trust what `ready` said
                 logger.warning("neo-serve router: no deployment status from Serve: %r", exc)
