@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,24 @@ def _plan(args: argparse.Namespace) -> int:
     if args.stages is not None and args.stages != args.gpus:
         raise ValueError(f"--stages {args.stages} with --gpus {args.gpus}: a plan puts one stage on each GPU, "
                          "so leave --stages out (it defaults to --gpus)")
+    if not os.path.exists(args.config):
+        raise ValueError(f"--config {args.config}: no such file or directory (a checkpoint's config.json, or "
+                         "the checkpoint directory holding it)")
     config = load_model_config(args.config)
-    plan = plan_pipeline(config, num_stages=args.gpus, gpu_memory=args.gpu_memory, dtype=args.dtype,
-                         memory_utilization=args.memory_utilization)
+    if args.gpus > config.num_layers:
+        raise ValueError(f"--gpus {args.gpus}: the model has {config.num_layers} layers, and a pipeline puts at "
+                         "least one on each GPU")
+
+    def plan_for(gpus: int):
+        return plan_pipeline(config, num_stages=gpus, gpu_memory=args.gpu_memory, dtype=args.dtype,
+                             memory_utilization=args.memory_utilization)
+
+    plan = plan_for(args.gpus)
     print(format_plan(plan, f"{config.architecture} ({args.config})"))
+    if not plan.fits:  # the fewest GPUs of this size that hold it (meta device: no weights are read)
+        fewest = next((gpus for gpus in range(args.gpus + 1, config.num_layers + 1) if plan_for(gpus).fits), None)
+        print(f"fits on --gpus {fewest} of these GPUs" if fewest else
+              f"no pipeline of up to {config.num_layers} of these GPUs holds it: use bigger GPUs")
     return 0 if plan.fits else 1
 
 

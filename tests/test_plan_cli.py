@@ -27,7 +27,8 @@ def test_plan_gpt_neox_20b_on_gpus(reference_dir, capsys):
     assert "33-43" in printed and "pipeline KV capacity" in printed
     assert main(["plan", "--config", str(reference_dir / "gpt-neox-20b.config.json"), "--gpus", "1",
                  "--gpu-memory", "24GiB"]) == 1
-    assert "DOES NOT FIT" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "DOES NOT FIT" in printed and printed.endswith("fits on --gpus 2 of these GPUs\n")  # the fewest
     # The weights fit two 23 GiB GPUs, but beside them not one 2048-token context: the engine
     # would refuse such a kv_cache_tokens, so the plan must not say it fits.
     tight = plan_pipeline(config, num_stages=2, gpu_memory="23GiB", dtype="float16")
@@ -115,8 +116,8 @@ def test_generate_takes_an_unquoted_prompt_as_one_prompt(capsys):
 def test_bad_cli_input_is_one_line_naming_it(reference_dir, tmp_path, capsys):
     neox = str(reference_dir / "gpt-neox-20b.config.json")
     cases = [
-        (["plan", "--config", str(tmp_path / "nowhere"), "--gpus", "2"], "neo-serve plan: ", "nowhere"),
-        (["plan", "--config", neox, "--gpus", "45"], "neo-serve plan: ", "44 layers"),
+        (["plan", "--config", str(tmp_path / "nowhere"), "--gpus", "2"], "neo-serve plan: --config ", "nowhere"),
+        (["plan", "--config", neox, "--gpus", "45"], "neo-serve plan: --gpus 45: ", "44 layers"),
         (["plan", "--config", neox, "--gpus", "2", "--gpu-memory", "24XB"], "neo-serve plan: ", "24XB"),
         # --stages must not quietly plan 4 GPUs' memory on 2.
         (["plan", "--config", neox, "--gpus", "2", "--stages", "4"], "neo-serve plan: ", "one stage on each GPU"),
