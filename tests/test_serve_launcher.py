@@ -299,9 +299,11 @@ def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
         time.sleep(5)  # inside serve.run's wait for the app
         assert up.process.poll() is None, up.text()
         up.process.send_signal(signal.SIGINT)
+        up.read_until("interrupted before the app was up", timeout=30)
+        up.process.send_signal(signal.SIGINT)  # again, while Ray stops (as `timeout -s INT` signals twice)
         assert up.process.wait(timeout=60) == 130
-        up.read_until("interrupted before the app was up", timeout=10)
         assert "neo-serve: deploying 'neo-serve'" in up.text()
+        assert "Traceback" not in up.text() and "KeyboardInterrupt" not in up.text(), up.text()
         # Its Ray went down with it (raylet, GCS, Serve's controller: all in up's session).
         deadline = time.monotonic() + 15
         while left := _session_processes(up.process.pid):

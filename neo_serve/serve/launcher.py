@@ -406,6 +406,11 @@ def run_up(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if ray.is_initialized():
+            if not address:
+                # Our own Ray stops in a few seconds: another Ctrl-C meanwhile (or `timeout -s INT`,
+                # which signals twice) would only leave a KeyboardInterrupt traceback.
+                for sig in previous:
+                    signal.signal(sig, signal.SIG_IGN)
             try:
                 if address:  # someone else's cluster: remove only our application
                     if not deleting:
@@ -414,8 +419,12 @@ def run_up(args: argparse.Namespace) -> int:
                     serve.shutdown()
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
                 # it never placed; our own Ray goes down whole below, Serve with it.
+            except KeyboardInterrupt:  # a joined cluster's app deleting (its drain): leave it to Serve
+                print(f"neo-serve: left {args.app_name!r} to Serve to delete", file=sys.stderr, flush=True)
             finally:
                 ray.shutdown()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             if up.is_set():
                 # Serve's controller ends itself while its own shutdown call is still open, and Ray
                 # prints "ServeController.graceful_shutdown failed ... killed by `ray.kill`" for it:
