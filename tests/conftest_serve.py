@@ -90,7 +90,9 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
         # 10 s), so that a test of scaling up and down under load takes seconds, not minutes.
         os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
         # Serve says why a replica is not placed (the resources it needs, those there are) after
-        # 2 s rather than 30: test_serve_app's /health test reads it from the router.
+        # 2 s rather than 30: test_serve_app's /health test reads it from the router. (The same
+        # setting bounds how long Serve lets a RECOVERING replica take after a controller restart;
+        # no test restarts the controller.)
         os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "2")
         os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "2")
         if as_on_kubernetes:

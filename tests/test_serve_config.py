@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -23,8 +22,9 @@ from neo_serve.models.attention import FlashAttentionBackend
 from neo_serve.plan import plan_pipeline
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     deployment_name, parse_app_args)
-from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, available_cores, cgroup_cpu_limit,
-                                      local_cpu_threads, local_num_cpus, threads_per_stage)
+from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, gpu_shortfall, local_cpu_threads,
+                                      local_num_cpus, threads_per_stage)
+from neo_serve.serve.machine import available_cores, cgroup_cpu_limit
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # ../shared beside the clone
@@ -163,10 +163,10 @@ def test_deploy_configs_are_valid(path):
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_scaling_edits_of_the_shipped_configs_keep_the_app_running(path):
     """Each pipeline and autoscaled router is scaled by a `deployments:` entry, not by args: Serve
-    applies an edit there to the running replicas, while an edit of args (or adding the first
-    autoscaling_config entry, which changes the app's code version in Serve 2.60) replaces every
-    replica of the app, reloading every model's weights (checked live on a cluster: 0 of 5 replica
-    processes survived adding such an entry to the demo's RayService)."""
+    applies an edit of its values to the running replicas, while an edit of args (or an entry with
+    an autoscaling_config added or removed, which changes the app's code version in Serve 2.60)
+    replaces every replica of the app, reloading every model's weights (checked live on a cluster:
+    0 of 5 replica processes survived adding such an entry to the demo's RayService)."""
     from ray.serve._private.deploy_utils import get_app_code_version
     from ray.serve.schema import ServeApplicationSchema
 
@@ -192,6 +192,15 @@ def test_scaling_edits_of_the_shipped_configs_keep_the_app_running(path):
                 bounds.update(min_replicas=bounds.get("min_replicas", 1) + 1, max_replicas=bounds["max_replicas"] + 1,
                               target_ongoing_requests=bounds.get("target_ongoing_requests", 2) / 2)
         assert version(rescaled) == version(app), f"{path.name}: a scaling edit would replace every replica"
+        # Adding an entry with an autoscaling_config (here the playground's, or a second router
+        # entry's), or switching one to num_replicas, would restart everything: Serve hashes the
+        # list of them (k8s/README.md says so).
+        added = copy.deepcopy(app)
+        added["deployments"].append({"name": "Playground", "autoscaling_config": {"max_replicas": 1}})
+        assert version(added) != version(app)
+        switched = copy.deepcopy(app)
+        switched["deployments"][0] = {"name": switched["deployments"][0]["name"], "num_replicas": 1}
+        assert version(switched) != version(app)
         # The same edit made in args would restart everything: Serve hashes args whole.
         moved = copy.deepcopy(app)
         pipeline = deployment_name(args.models[0], args.models)
@@ -260,26 +269,42 @@ def test_up_on_a_local_cpu_cluster_gives_the_stages_the_machines_threads():
     assert local_cpu_threads(3, torch_threads=1) == 1  # OMP_NUM_THREADS=1
 
 
-@pytest.mark.parametrize("files, limit", [
-    ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2: `docker run --cpus 2`, a Pod's limit of 2
-    ({"cpu.max": "150000 100000\n"}, 1.5),  # 2 threads, as Ray rounds it
-    ({"cpu.max": "100000 100000\n"}, 1.0),
-    ({"cpu.max": "max 100000\n"}, None),  # no quota
-    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # cgroup v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({"cpu.max": "garbled\n"}, None),
-    ({}, None),  # no cgroup files at all (macOS, a host without the controller)
+@pytest.mark.parametrize("files, limit, cores", [
+    ({"cpu.max": "100000 100000\n"}, 1.0, 1),  # cgroup v2: `docker run --cpus 1`, a Pod's limit of 1
+    ({"cpu.max": "150000 100000\n"}, 1.5, 1),  # whole cores, as Ray counts a quota (truncated)
+    ({"cpu.max": "50000 100000\n"}, 0.5, 1),  # at least one
+    ({"cpu.max": "max 100000\n"}, None, None),  # no quota: the affinity mask
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, None),
+    ({"cpu.max": "garbled\n"}, None, None),
+    ({}, None, None),  # no cgroup files at all (macOS, a host without the controller)
 ])
-def test_a_containers_cpu_quota_caps_the_threads_of_neo_serve_up(tmp_path, files, limit):
+def test_a_containers_cpu_quota_caps_the_cores_neo_serve_up_uses(tmp_path, files, limit, cores):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_limit(str(tmp_path)) == limit
-    affinity = len(os.sched_getaffinity(0))
-    expected = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
-    assert available_cores(str(tmp_path)) == expected
-    if limit == 1.0:  # under this machine's cores: the quota, not the mask, sets the threads
-        assert available_cores(str(tmp_path)) == 1 and local_cpu_threads(1, torch_threads=64) == 1
+    mask = len(os.sched_getaffinity(0))
+    assert mask >= 2  # these machines have 2 cores: a quota of 1 is below the mask
+    # Under a quota the stages take the quota's cores, not the machine's (a 2-CPU quota on a
+    # 64-core host: 2 threads, not 63).
+    assert available_cores(str(tmp_path)) == (mask if cores is None else cores)
+
+
+def test_up_refuses_gpu_pipelines_a_local_ray_cannot_place():
+    two_models = parse_app_args({"models": [
+        {"name": "a", "use_gpu": True, "num_stages": 2, "num_replicas": 2},
+        {"name": "b", "use_gpu": True, "autoscaling": {"min_replicas": 1, "max_replicas": 4}},
+        {"name": "cpu"}]})
+    assert gpu_shortfall(two_models, 5) is None  # 2 x 2 + 1 (autoscaling starts at min_replicas)
+    problem = gpu_shortfall(two_models, 4)
+    assert problem.startswith("the app starts with pipelines needing 5 GPU(s) (a: 2 pipeline(s) x 2 (--stages 2), "
+                              "b: 1 pipeline(s) x 1 (--stages 1);") and "Ray sees 4 on this machine" in problem
+    assert "Ray sees no GPU" in gpu_shortfall(two_models, 0)
+    scaled_to_zero = parse_app_args({"models": [{"use_gpu": True, "autoscaling": {"min_replicas": 0,
+                                                                                  "max_replicas": 2}}]})
+    assert gpu_shortfall(scaled_to_zero, 0) is None  # nothing to place until a request comes
+    assert gpu_shortfall(parse_app_args({}), 0) is None  # the CPU demo
 
 
 def test_a_local_ray_has_room_for_every_replica_the_app_reserves():

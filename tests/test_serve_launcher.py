@@ -25,7 +25,8 @@ from checkpoints import build_tokenizer, make_neox
 from conftest_serve import free_port, ray_serve_on_loopback
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
-from neo_serve.serve.launcher import available_cores, failure_message, local_cpu_threads
+from neo_serve.serve.launcher import failure_message, local_cpu_threads
+from neo_serve.serve.machine import available_cores
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
 pytestmark = pytest.mark.timeout(300)
@@ -281,10 +282,10 @@ def test_up_on_a_joined_cluster_removes_only_its_app():
 def test_gpu_on_a_machine_without_one_is_one_line_not_a_wait():
     """Serve would wait for ever for GPUs a local cluster never gains, printing nothing."""
     with neo_serve_up("--gpu", "--stages", "2", "--port", str(free_port()), "--no-playground",
-                      env=_user_environ()) as up:
+                      env={**_user_environ(), "CUDA_VISIBLE_DEVICES": ""}) as up:  # no GPU, on any machine
         assert up.process.wait(timeout=120) == 2, up.text()
-        up.read_until("neo-serve up: models[0] (neo-demo) needs 2 GPU(s) per pipeline (--gpu, one per stage: "
-                      "--stages 2) and Ray sees no GPU on this machine", timeout=10)
+        up.read_until("neo-serve up: the app starts with pipelines needing 2 GPU(s) (neo-demo: 1 pipeline(s) x 2 "
+                      "(--stages 2); --gpu puts each stage on one) and Ray sees no GPU on this machine", timeout=10)
         assert "neo-serve: deploying" not in up.text()
 
 

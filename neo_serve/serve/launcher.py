@@ -24,6 +24,7 @@ from typing import Any
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
 from neo_serve.serve.local_cluster import configure_local_cluster
+from neo_serve.serve.machine import available_cores
 
 ALL_INTERFACES = ("0.0.0.0", "::")  # --host values that bind every interface (IPv4, IPv6)
 
@@ -198,43 +199,6 @@ def app_args_from_namespace(args: argparse.Namespace, cpu_threads: int | None = 
     return app_args
 
 
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def cgroup_cpu_limit(root: str = CGROUP_ROOT) -> float | None:
-    """The CPU quota of this process's cgroup in cores (`docker run --cpus 2`, a Pod's CPU limit),
-    or None without one: cgroup v2's `cpu.max` ("200000 100000"; "max ..." is no limit), else v1's
-    `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1 is no limit). Neither the affinity mask nor
-    torch's thread count sees a quota, and a 2-CPU quota on a 64-core host would otherwise get 63
-    threads per step, each descheduled in turn at the quota's end."""
-    def read(*parts: str) -> str | None:
-        try:
-            with open(os.path.join(root, *parts)) as file:
-                return file.read().strip()
-        except OSError:
-            return None
-
-    try:
-        v2 = read("cpu.max")
-        if v2 is not None:
-            quota, period = v2.split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
-        if quota is None or period is None or int(quota) < 0:
-            return None
-        return int(quota) / int(period)
-    except (ValueError, ZeroDivisionError):  # a file we cannot read as a quota: none
-        return None
-
-
-def available_cores(cgroup_root: str = CGROUP_ROOT) -> int:
-    """Cores this process may use: its affinity mask, capped by its cgroup's CPU quota (rounded
-    up: a 1.5-CPU quota runs 2 threads, as Ray counts it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit(cgroup_root)
-    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
-
-
 def local_cpu_threads(cores: int, torch_threads: int | None = None) -> int:
     """Threads the models of a local CPU cluster share: torch's own default (the physical cores,
     or OMP_NUM_THREADS), at most the cores this process may use, less one core for the router,
@@ -269,16 +233,26 @@ def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int 
 
 
 def gpu_shortfall(app_args: AppArgs, cluster_gpus: float) -> str | None:
-    """Why a local cluster with `cluster_gpus` GPUs cannot place one pipeline of some model, or
-    None. Serve would wait for the GPUs for ever (a local cluster gains none), printing nothing."""
-    for index, model in enumerate(app_args.models):
-        needed = sum(bundle.get("GPU", 0) for bundle in model.placement_bundles())
-        if needed > cluster_gpus:
-            seen = f"Ray sees {cluster_gpus:g} on this machine" if cluster_gpus else "Ray sees no GPU on this machine"
-            return (f"models[{index}] ({model.served_name}) needs {needed:g} GPU(s) per pipeline (--gpu, one per "
-                    f"stage: --stages {model.num_stages}) and {seen} (CUDA_VISIBLE_DEVICES, the NVIDIA driver): "
-                    "fewer --stages, or leave out --gpu to serve on the CPU")
-    return None
+    """Why a local cluster with `cluster_gpus` GPUs cannot place the pipelines the app starts
+    with (every model's, `--replicas` or the low end of `--autoscale` each), or None. Serve would
+    wait for the GPUs for ever (a local cluster gains none), printing nothing."""
+    needs = []
+    for model in app_args.models:
+        per_pipeline = sum(bundle.get("GPU", 0) for bundle in model.placement_bundles())
+        scaling = model.autoscaling
+        starting = (model.num_replicas or 1) if scaling is None else (
+            scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas)
+        if per_pipeline and starting:
+            needs.append((model, per_pipeline, starting))
+    needed = sum(per_pipeline * starting for _, per_pipeline, starting in needs)
+    if needed <= cluster_gpus:
+        return None
+    seen = f"Ray sees {cluster_gpus:g} on this machine" if cluster_gpus else "Ray sees no GPU on this machine"
+    parts = ", ".join(f"{model.served_name}: {starting} pipeline(s) x {per_pipeline:g} (--stages {model.num_stages})"
+                      for model, per_pipeline, starting in needs)
+    return (f"the app starts with pipelines needing {needed:g} GPU(s) ({parts}; --gpu puts each stage on one) and "
+            f"{seen} (CUDA_VISIBLE_DEVICES, the NVIDIA driver): fewer --stages or --replicas, or leave out --gpu "
+            "to serve on the CPU")
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -333,10 +307,20 @@ def run_up(args: argparse.Namespace) -> int:
 
     def on_signal(*_: Any) -> None:
         if not up.is_set():
-            # Still starting: Serve waits for an app it cannot place (no GPU, too few CPUs) for
-            # ever, in a polling loop only an exception leaves.
+            # Still starting: Serve waits for an app it cannot place (too few CPUs) for ever, in a
+            # polling loop only an exception leaves. Further signals (`timeout -s INT` sends two)
+            # would only interrupt the shutdown below with a traceback.
+            ignore_signals()
             raise KeyboardInterrupt
         stop.set()
+
+    def ignore_signals() -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore_signals() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -403,30 +387,25 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"neo-serve up: {failure_message(exc, args.host, args.port)}", file=sys.stderr)
         return 1
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if ray.is_initialized():
-            if not address:
-                # Our own Ray stops in a few seconds: another Ctrl-C meanwhile (or `timeout -s INT`,
-                # which signals twice) would only leave a KeyboardInterrupt traceback.
-                for sig in previous:
-                    signal.signal(sig, signal.SIG_IGN)
             try:
-                if address:  # someone else's cluster: remove only our application
-                    if not deleting:
-                        serve.delete(args.app_name)
-                elif up.is_set():
+                if address and not deleting:  # someone else's cluster: remove only our application
+                    restore_signals()  # Ctrl-C may cut Serve's wait for its replicas short
+                    serve.delete(args.app_name)
+                elif not address and up.is_set():
+                    restore_signals()
                     serve.shutdown()
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
                 # it never placed; our own Ray goes down whole below, Serve with it.
-            except KeyboardInterrupt:  # a joined cluster's app deleting (its drain): leave it to Serve
-                print(f"neo-serve: left {args.app_name!r} to Serve to delete", file=sys.stderr, flush=True)
+            except KeyboardInterrupt:
+                print("neo-serve: stopping at once" if not address else
+                      f"neo-serve: left {args.app_name!r} to Serve to delete", file=sys.stderr, flush=True)
             finally:
+                ignore_signals()  # a few seconds; another Ctrl-C would only print a traceback
                 ray.shutdown()
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
             if up.is_set():
                 # Serve's controller ends itself while its own shutdown call is still open, and Ray
                 # prints "ServeController.graceful_shutdown failed ... killed by `ray.kill`" for it:
                 # say that the stop went as it should.
                 print("neo-serve: stopped", flush=True)
+        restore_signals()

@@ -7,12 +7,15 @@ Ray prefixes every name with `ray_`, so Prometheus shows e.g. `ray_neo_serve_tim
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 import ray
 from ray.serve import metrics
 
 from neo_serve.engine.outputs import RequestMetrics
+
+logger = logging.getLogger("ray.serve")
 
 # Bucket bounds wide enough for a tiny model on a CPU and GPT-NeoX-20B under load alike:
 # histogram_quantile reports anything past the last bound as that bound, and everything under
@@ -52,8 +55,12 @@ def start_at_zero(counter: metrics.Counter, tags: dict[str, str] | None = None) 
     the first one. Ray's `Counter.inc` refuses 0; `_record` is the path it takes after that check
     (ray[serve] is pinned to 2.60.x), skipped if a Ray lacks it."""
     record = getattr(counter, "_record", None)
-    if record is not None:
+    if record is None:
+        return
+    try:
         record(0, tags=tags)
+    except (TypeError, ValueError) as exc:  # a cosmetic zero must not keep a replica from starting
+        logger.warning("neo-serve metrics: cannot export %s at 0: %r", getattr(counter, "_name", "a counter"), exc)
 
 
 class PipelineMetrics:

@@ -147,7 +147,7 @@ def not_ready(model: str, exc: BaseException) -> dict[str, Any]:
 
 
 # Serve's status message for a replica it cannot place: "... Resources required for each replica:
-# [{'CPU': 3.0}, {'CPU': 1.0}], total resources available: {...}. Use `ray status` ...".
+# [{"CPU": 3.0}, {"CPU": 1.0}], total resources available: {...}. Use `ray status` ..." (JSON).
 _UNPLACED = re.compile(r"Resources required for each replica: (?P<required>.*?), total resources available")
 
 
