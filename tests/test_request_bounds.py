@@ -23,9 +23,9 @@ def refusal(bounds: RequestBounds, body: dict) -> APIError:
 def test_a_million_token_ids_are_refused_by_the_named_models_window():
     error = refusal(BOUNDS, {"model": "small", "prompt": [1] * 1_000_000})
     assert str(error) == "prompt has 1000000 tokens; the context window is 64" and error.param == "prompt"
-    # Each prompt of a batch is bounded too.
+    # Each prompt of a batch is bounded too, and named by its place, as the pipeline names them.
     error = refusal(BOUNDS, {"model": "small", "prompt": [[1, 2], [1] * 65]})
-    assert str(error) == "prompt has 65 tokens; the context window is 64"
+    assert str(error) == "prompt 1: prompt has 65 tokens; the context window is 64"
     BOUNDS.check_raw({"model": "small", "prompt": [[1] * 64] * 8})  # at the limits: the full checks decide
 
 

@@ -281,9 +281,10 @@ class RequestBounds:
         batch = prompt_kind(prompt) in ("texts", "id_lists")
         if batch:
             self.check_prompt_count(known, len(prompt))
-        for ids in prompt if batch else [prompt]:
+        for index, ids in enumerate(prompt if batch else [prompt]):
             if isinstance(ids, list):
-                self.check_prompt_len(known, len(ids))
+                # Named by its place in a batch, as the pipeline names the prompts it refuses.
+                self.check_prompt_len(known, len(ids), label=f"prompt {index}: prompt" if batch else "prompt")
 
     def _largest(self, model: str | None, name: str) -> int | None:
         """`model`'s limit `name`, or with no model the largest of the served models' (None: no
@@ -293,12 +294,12 @@ class RequestBounds:
             return None
         return max(values)
 
-    def check_prompt_len(self, model: str | None, num_ids: int) -> None:
+    def check_prompt_len(self, model: str | None, num_ids: int, label: str = "prompt") -> None:
         """Refuse a token-id prompt longer than the context window. The pipeline checks every
         prompt exactly (text too); this bounds the router's work on ids."""
         window = self._largest(model, "max_model_len")
         if window is not None and num_ids > window:
-            raise APIError(f"prompt has {num_ids} tokens; the context window is {window}", param="prompt")
+            raise APIError(f"{label} has {num_ids} tokens; the context window is {window}", param="prompt")
 
     @staticmethod
     def _response_size_bounded(request: CompletionRequest) -> bool:
