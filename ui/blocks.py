@@ -65,9 +65,32 @@ CSS = """
 .run-served { margin-top: 8px; color: var(--body-text-color-subdued); font-size: var(--text-sm); }
 .run-served code { font-size: var(--text-sm); }
 /* Gradio's red "Error" badge sits on the middle of an output whose event failed: on the figures it
-   covered the status line that says what failed. The toast and the status line say it. */
-#figures span.error { display: none; }
+   covered the status line that says what failed, on the output the text generated before. The
+   toast and the status line say it. */
+#figures span.error, #output span.error { display: none; }
 """
+
+# With API keys on, a page whose sign-in ended (signed out in another tab, the server restarted
+# with other keys) got 401s from Gradio's queue, which Gradio shows as a bare "Error" badge and
+# nothing else: Generate and Stop seemed dead. Any 401 from the playground's own routes sends the
+# browser to the sign-in page, which brings it back here. (No 401 can come without keys.)
+HEAD = """<script>
+(() => {
+  const mount = (location.pathname.match(/^(.*?\\/ui)(\\/|$)/) || [])[1];
+  if (!mount) return;
+  const fetchFirst = window.fetch.bind(window);
+  window.fetch = async (...args) => {
+    const response = await fetchFirst(...args);
+    if (response.status === 401) {
+      const url = new URL(response.url || String(args[0] && args[0].url || args[0]), location.href);
+      if (url.origin === location.origin && url.pathname.startsWith(mount + "/")) {
+        location.assign(mount + "/login?next=" + encodeURIComponent(location.pathname + location.search));
+      }
+    }
+    return response;
+  };
+})();
+</script>"""
 
 
 def render_figures(run: Run | None) -> str:
@@ -117,9 +140,12 @@ def finish_reason(run: Run) -> str:
     return "–"
 
 
+ERROR_POPUP_S = 10  # the figures keep saying what failed; pop-ups kept for good piled up over the controls
+
+
 def shown(error: PlaygroundError) -> gr.Error:
-    """The pop-up for a failed run: its title and sentence, until closed."""
-    return gr.Error(error.message, title=error.title, duration=None, print_exception=False)
+    """The pop-up for a failed run: its title and sentence, for ERROR_POPUP_S."""
+    return gr.Error(error.message, title=error.title, duration=ERROR_POPUP_S, print_exception=False)
 
 
 class RunLog:
@@ -265,5 +291,5 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
 def build_asgi_app(backend: PlaygroundBackend, settings: PlaygroundArgs) -> FastAPI:
     """A FastAPI app with the playground mounted at /ui (the router forwards /ui/... to it)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    return gr.mount_gradio_app(app, build_blocks(backend, settings), path=MOUNT_PATH, theme=THEME, css=CSS,
+    return gr.mount_gradio_app(app, build_blocks(backend, settings), path=MOUNT_PATH, theme=THEME, css=CSS, head=HEAD,
                                footer_links=["api", "settings"], run_history=False, show_error=True)
