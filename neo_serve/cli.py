@@ -100,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neo-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="serve checkpoints (default: the bundled demo) with Ray Serve")
+    up = sub.add_parser(
+        "up", help="serve checkpoints (default: the bundled demo) with Ray Serve",
+        description="Start a local Ray + Serve (or join one with --address), deploy the OpenAI-compatible API "
+                    "and the playground, print their URLs and serve until Ctrl-C or SIGTERM (the first lets "
+                    "requests in flight finish; a second stops at once).",
+        epilog="API keys: set NEO_SERVE_API_KEYS=key1,key2 in the environment; every route but /health, / and the "
+               "API's description pages then wants Authorization: Bearer <key>, and the playground asks for one.")
     try:
         from neo_serve.serve.launcher import add_up_arguments, run_up
     except ImportError as exc:  # ray[serve] is not installed

@@ -22,8 +22,8 @@ from neo_serve.models.attention import FlashAttentionBackend
 from neo_serve.plan import plan_pipeline
 from neo_serve.serve.config import (DEMO_CHECKPOINT, AppArgs, AppConfigError, AutoscalingArgs, ModelArgs, RouterArgs,
                                     deployment_name, parse_app_args)
-from neo_serve.serve.launcher import (add_up_arguments, app_args_from_namespace, gpu_shortfall, local_cpu_threads,
-                                      local_num_cpus, threads_per_stage)
+from neo_serve.serve.launcher import (add_up_arguments, api_keys_line, app_args_from_namespace, gpu_shortfall,
+                                      local_cpu_threads, local_num_cpus, threads_per_stage)
 from neo_serve.serve.machine import available_cores, cgroup_cpu_limit
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -289,6 +289,14 @@ def test_a_containers_cpu_quota_caps_the_cores_neo_serve_up_uses(tmp_path, files
     # Under a quota the stages take the quota's cores, not the machine's (a 2-CPU quota on a
     # 64-core host: 2 threads, not 63).
     assert available_cores(str(tmp_path)) == (mask if cores is None else cores)
+
+
+def test_up_says_when_the_api_wants_keys(monkeypatch):
+    monkeypatch.delenv("NEO_SERVE_API_KEYS", raising=False)
+    assert api_keys_line(RouterArgs()) is None
+    monkeypatch.setenv("NEO_SERVE_API_KEYS", "k1,k2")
+    assert api_keys_line(RouterArgs()) == ("  api keys     on (NEO_SERVE_API_KEYS): send Authorization: Bearer <key>; "
+                                           "the playground asks for one")
 
 
 def test_up_refuses_gpu_pipelines_a_local_ray_cannot_place():

@@ -21,7 +21,8 @@ import sys
 import threading
 from typing import Any
 
-from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, parse_app_args
+from neo_serve.serve.access import load_api_keys
+from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, RouterArgs, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
 from neo_serve.serve.local_cluster import configure_local_cluster
 from neo_serve.serve.machine import available_cores
@@ -232,6 +233,15 @@ def local_num_cpus(app_args: AppArgs, requested: int | None, cores: int) -> int 
     return reserved if reserved > cores else None
 
 
+def api_keys_line(router: RouterArgs) -> str | None:
+    """The banner's line when the router will want API keys (it reads the same variable, which
+    its local Ray inherits): without it the printed URLs answer 401 with no word of why."""
+    if not load_api_keys(router.api_keys_env, router.api_keys_file):
+        return None
+    where = router.api_keys_env or "router.api_keys_file"
+    return f"  api keys     on ({where}): send Authorization: Bearer <key>; the playground asks for one"
+
+
 def gpu_shortfall(app_args: AppArgs, cluster_gpus: float) -> str | None:
     """Why a local cluster with `cluster_gpus` GPUs cannot place the pipelines the app starts
     with (every model's, `--replicas` or the low end of `--autoscale` each), or None. Serve would
@@ -350,6 +360,8 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  OpenAI API   {base}/v1  (POST /v1/completions, GET /v1/models)", flush=True)
         print(f"  health       {base}/health", flush=True)
         print(f"  API docs     {base}/docs", flush=True)
+        if not address and (keys_line := api_keys_line(app_args.router)):
+            print(keys_line, flush=True)
         # Where other processes' `ray.init` find this cluster, for Serve handles: "auto" takes the
         # first Ray on the machine, which with two `neo-serve up` may be the other's.
         gcs_address = ray.get_runtime_context().gcs_address
