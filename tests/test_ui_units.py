@@ -375,3 +375,24 @@ def test_an_idle_page_holds_no_event_stream():
 
     blocks = build_blocks(PlaygroundBackend({}, [MODEL], app_name=None), PlaygroundArgs())
     assert blocks.get_config_file()["connect_heartbeat"] is False
+
+
+def test_the_routers_access_log_leaves_out_the_playgrounds_page_assets():
+    """A page load fetches ~65 files through the router: each was an INFO line in the `neo-serve up`
+    terminal. Successful GETs under /ui go; a run's POST, failures and the API keep their lines."""
+    from neo_serve.serve.error_logs import QuietPlaygroundAssets
+
+    def access(message: str, route: str) -> logging.LogRecord:
+        record = logging.LogRecord("ray.serve", logging.INFO, __file__, 1, message, None, None)
+        record.serve_access_log, record.route = True, route
+        return record
+
+    quiet = QuietPlaygroundAssets()
+    assert not quiet.filter(access("GET /ui/{path:path} 200 29.0ms", "/ui/{path:path}"))
+    assert not quiet.filter(access("127.0.0.1:5000 GET /ui 307 1.0ms", "/ui"))  # with the client's address
+    assert quiet.filter(access("POST /ui/{path:path} 200 12.0ms", "/ui/{path:path}"))  # a run starts
+    assert quiet.filter(access("GET /ui/{path:path} 401 1.0ms", "/ui/{path:path}"))  # refused
+    assert quiet.filter(access("GET /ui/{path:path} 500 3.0ms", "/ui/{path:path}"))
+    assert quiet.filter(access("POST /v1/completions 200 95.0ms", "/v1/completions"))
+    assert quiet.filter(access("GET /uix 200 1.0ms", "/uix"))  # not the playground's prefix
+    assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "GET /ui/x 200", None, None))

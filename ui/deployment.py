@@ -70,4 +70,7 @@ def playground_deployment(settings: PlaygroundArgs, runs_timeout_s: float) -> se
         # at 5 s, as before, a redeploy showed "Connection errored out" in every running page.
         graceful_shutdown_timeout_s=runs_timeout_s,
         graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+        # Each request already has the router's access-log line (a page load is ~65 of them);
+        # this replica's "CALL asgi OK" twin only doubled them. Its errors are still logged.
+        logging_config={"enable_access_log": False},
     )

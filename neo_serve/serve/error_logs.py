@@ -66,3 +66,31 @@ def log_client_errors_as_one_line() -> None:
     logger = logging.getLogger(SERVE_LOGGER)
     if not any(isinstance(f, ClientErrorsAsOneLine) for f in logger.filters):
         logger.addFilter(ClientErrorsAsOneLine())
+
+
+PLAYGROUND_ROUTE = "/ui"  # the router's route prefix for the playground's pages and Gradio's API
+
+
+class QuietPlaygroundAssets(logging.Filter):
+    """Drops Serve's access-log lines for the playground's successful GETs: a page load fetches
+    about 65 files, each an INFO line in the `neo-serve up` terminal. Its failed requests, its
+    POSTs (a run's start) and every API request keep their lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if not getattr(record, "serve_access_log", False):
+                return True
+            route = str(getattr(record, "route", "") or "")
+            if route != PLAYGROUND_ROUTE and not route.startswith(PLAYGROUND_ROUTE + "/"):
+                return True
+            words = record.getMessage().split()  # "[client] GET /ui/{path:path} 200 29.0ms"
+            return not (len(words) >= 4 and words[-4] == "GET" and words[-2][:1] in ("2", "3"))
+        except Exception:  # noqa: BLE001 - a logging filter must never fail the request it logs
+            return True
+
+
+def quiet_playground_asset_logs() -> None:
+    """Install the filter on Serve's logger in this process (the router's), once."""
+    logger = logging.getLogger(SERVE_LOGGER)
+    if not any(isinstance(f, QuietPlaygroundAssets) for f in logger.filters):
+        logger.addFilter(QuietPlaygroundAssets())

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neo_serve.serve.access import OPEN_PATHS, AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found, parse_body
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
-from neo_serve.serve.error_logs import log_client_errors_as_one_line
+from neo_serve.serve.error_logs import log_client_errors_as_one_line, quiet_playground_asset_logs
 from neo_serve.serve.protocol import (APIError, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                                       TokenizeRequest, error_name)
 from neo_serve.serve.transport import transport_name, with_cluster_transport
@@ -216,6 +216,8 @@ class Router:
                  settings: RouterArgs, playground: DeploymentHandle | None = None,
                  limits: dict[str, RouteLimits] | None = None) -> None:
         log_client_errors_as_one_line()  # a handle caller's bad parameter: a line, not a traceback
+        if playground is not None:
+            quiet_playground_asset_logs()  # not a line per page asset in the terminal
         pipelines = {name: with_cluster_transport(handle) for name, handle in pipelines.items()}
         if playground is not None:
             playground = with_cluster_transport(playground)
