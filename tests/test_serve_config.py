@@ -177,7 +177,8 @@ def test_scaling_edits_of_the_shipped_configs_keep_the_app_running(path):
         for model in args.models:
             name = deployment_name(model, args.models)
             assert model.autoscaling is None, f"{path.name}: {model.served_name}'s autoscaling belongs in deployments:"
-            assert overrides.get(name, {}).get("autoscaling_config"), f"{path.name}: no deployments: entry scales {name}"
+            assert overrides.get(name, {}).get("autoscaling_config"), \
+                f"{path.name}: no deployments: entry scales {name}"
         assert args.router.autoscaling is None, f"{path.name}: the router's autoscaling belongs in deployments:"
         scaled = scaled_app_args(app)  # the bounds are valid as the args' own (target under max_ongoing_requests)
         assert all(model.autoscaling is not None for model in scaled.models)
