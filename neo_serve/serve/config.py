@@ -110,6 +110,13 @@ class _Scaling(_Strict):
         """The most replicas this deployment can have."""
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas or 1
 
+    def starting_replicas(self) -> int:
+        """The replicas Serve starts this deployment with (autoscaling: initial, else min)."""
+        if self.autoscaling is None:
+            return self.num_replicas or 1
+        initial = self.autoscaling.initial_replicas
+        return initial if initial is not None else self.autoscaling.min_replicas
+
     def scaling_options(self) -> dict[str, Any]:
         """The Serve deployment options for replica count."""
         if self.autoscaling is not None:

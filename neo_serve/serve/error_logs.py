@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from neo_serve.serve.access import UI_PREFIX
 from neo_serve.serve.completions import as_api_error
 from neo_serve.serve.protocol import CompletionRequest
 
@@ -68,9 +69,6 @@ def log_client_errors_as_one_line() -> None:
         logger.addFilter(ClientErrorsAsOneLine())
 
 
-PLAYGROUND_ROUTE = "/ui"  # the router's route prefix for the playground's pages and Gradio's API
-
-
 class QuietPlaygroundAssets(logging.Filter):
     """Drops Serve's access-log lines for the playground's successful GETs: a page load fetches
     about 65 files, each an INFO line in the `neo-serve up` terminal. Its failed requests, its
@@ -81,7 +79,7 @@ class QuietPlaygroundAssets(logging.Filter):
             if not getattr(record, "serve_access_log", False):
                 return True
             route = str(getattr(record, "route", "") or "")
-            if route != PLAYGROUND_ROUTE and not route.startswith(PLAYGROUND_ROUTE + "/"):
+            if route != UI_PREFIX and not route.startswith(UI_PREFIX + "/"):  # not the playground's
                 return True
             words = record.getMessage().split()  # "[client] GET /ui/{path:path} 200 29.0ms"
             return not (len(words) >= 4 and words[-4] == "GET" and words[-2][:1] in ("2", "3"))

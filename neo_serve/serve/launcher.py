@@ -249,9 +249,7 @@ def gpu_shortfall(app_args: AppArgs, cluster_gpus: float) -> str | None:
     needs = []
     for model in app_args.models:
         per_pipeline = sum(bundle.get("GPU", 0) for bundle in model.placement_bundles())
-        scaling = model.autoscaling
-        starting = (model.num_replicas or 1) if scaling is None else (
-            scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas)
+        starting = model.starting_replicas()
         if per_pipeline and starting:
             needs.append((model, per_pipeline, starting))
     needed = sum(per_pipeline * starting for _, per_pipeline, starting in needs)

@@ -107,10 +107,11 @@ class PipelineMetrics:
                        self.finished_sequences, self.prompt_tokens, self.generation_tokens, self.running,
                        self.waiting, self.preemptions):
             metric.set_default_tags(dict(tags))  # Serve adds its tags into the dict it is given
-        for counter, reasons in ((self.preemptions, [None]), (self.prompt_tokens, [None]),
-                                 (self.generation_tokens, [None]), (self.finished_sequences, FINISH_REASONS)):
-            for reason in reasons:
-                start_at_zero(counter, None if reason is None else {"finished_reason": reason})
+        for counter, counter_tags in [(self.preemptions, None), (self.prompt_tokens, None),
+                                      (self.generation_tokens, None),
+                                      *((self.finished_sequences, {"finished_reason": reason})
+                                        for reason in FINISH_REASONS)]:
+            start_at_zero(counter, counter_tags)
         self._stage_tags = [{"model": model, "stage": str(stage)} for stage in range(num_stages)]
         self._last_gauges = 0.0
         self._preemptions_seen = 0

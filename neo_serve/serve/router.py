@@ -234,10 +234,9 @@ class Router:
         # Each such model's answer, given again while it stays loaded: a probe that parses
         # /health sees the same fields whether its call asked the pipeline or not.
         self._loaded: dict[str, dict[str, Any]] = {}
-        self._without: set[str] = set()  # models with no pipeline running, as last counted
-        # Serve's status message of such a model's deployment (a replica it cannot place, one that
-        # fails to start), for /health's detail (serve_status_detail).
-        self._serve_messages: dict[str, str] = {}
+        # Models with no pipeline running, as last counted, each with Serve's status message of its
+        # deployment (a replica it cannot place, one that fails to start; "" if none), for /health.
+        self._without: dict[str, str] = {}
         self._status_at = -float("inf")
         self._status_call: asyncio.Future[Any] | None = None
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
@@ -319,7 +318,8 @@ class Router:
         """200 once every stage of every model's pipeline is loaded, else 503."""
         # A model whose pipelines are all gone (a lost node, a failed recovery, an override that
         # restarts them) is loading again: asked `ready` again, as at the start, until one answers.
-        for name in await self._without_pipelines():
+        without = await self._without_pipelines()
+        for name in without:
             self._loaded.pop(name, None)
         pending = [name for name in self.service.pipelines if name not in self._loaded]
         states = await asyncio.gather(*(self._ready(name, self.service.pipelines[name]) for name in pending))
@@ -328,15 +328,16 @@ class Router:
         models = {name: answers.get(name) or self._loaded[name] for name in self.service.pipelines}
         for name, state in models.items():
             # Why a probe has been failing for minutes (no GPU node yet, a checkpoint that fails to load).
-            if not state.get("ready") and (reason := serve_status_detail(self._serve_messages.get(name, ""))):
+            if not state.get("ready") and (reason := serve_status_detail(without.get(name, ""))):
                 models[name] = {**state, "detail": f"{state.get('detail', 'loading')}; {reason}"}
         ready = all(state.get("ready") for state in models.values())
         return JSONResponse({"status": "ok" if ready else "loading", "models": models},
                             status_code=200 if ready else 503)
 
-    async def _without_pipelines(self) -> set[str]:
+    async def _without_pipelines(self) -> dict[str, str]:
         """Models that Serve's controller counts no RUNNING pipeline replica of while it wants
-        some (not HEALTHY: a model scaled to zero on purpose is not loading). Asked at most once a
+        some (not HEALTHY: a model scaled to zero on purpose is not loading), each with the
+        status message Serve gives its deployment ("" if none). Asked at most once a
         second and for at most health_timeout_s, one question shared by concurrent probes; when
         the controller does not answer, the last answer stands."""
         if time.monotonic() - self._status_at > 1.0:
@@ -346,9 +347,8 @@ class Router:
                 status = await asyncio.wait_for(asyncio.shield(self._status_call), self.settings.health_timeout_s)
                 deployments = status.applications[serve.get_replica_context().app_name].deployments
                 states = {name: deployments[handle.deployment_name] for name, handle in self.service.pipelines.items()}
-                self._without = {name for name, state in states.items()
+                self._without = {name: state.message or "" for name, state in states.items()
                                  if not state.replica_states.get("RUNNING") and state.status != "HEALTHY"}
-                self._serve_messages = {name: states[name].message for name in self._without if states[name].message}
                 self._status_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - without the controller, trust what `ready` said
                 logger.warning("neo-serve router: no deployment status from Serve: %r", exc)
