@@ -97,6 +97,53 @@ def test_flash_backend_matches_the_reference_op_by_op(dtype, flash_standin):
         assert torch.equal(flash_k.transpose(0, 1), ref_k)  # the new keys written to the same slots
 
 
+@pytest.fixture(scope="module")
+def neo_checkpoint_past_float16(neo_checkpoint, tmp_path_factory):
+    """The GPT-Neo checkpoint with q_proj and k_proj scaled by 60: its unscaled attention logits
+    reach ~9e4, past float16's largest value (65504), as real GPT-Neo checkpoints' do."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path_factory.mktemp("neo-past-float16")
+    shutil.copytree(neo_checkpoint, directory, dirs_exist_ok=True)
+    weights = load_file(directory / "model.safetensors")
+    for name in weights:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] = weights[name] * 60.0
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def test_gpt_neo_in_float16_scores_attention_logits_past_its_range(neo_checkpoint_past_float16):
+    """GPT-Neo does not scale q.k; in float16 its logits overflow unless attention reduces in
+    float32 (transformers upcasts). The SDPA backend, per sequence and with decodes batched as on a
+    GPU, must score prompts and decode as the float32 reference backend does on the same model."""
+    path = str(neo_checkpoint_past_float16)
+    prompts = [list(range(10, 60)), list(range(100, 121))]  # past the local layers' window of 16
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+
+    def scored(llm) -> list[tuple[list[int], torch.Tensor]]:
+        """Per prompt: the tokens decoded, and the logprobs of the prompt's and decoded tokens."""
+        results = []
+        for output in llm.generate(prompts, params):
+            completion = output.outputs[0]
+            chosen = [next(iter(entry.values())) for entry in output.prompt_logprobs[1:] + completion.logprobs]
+            results.append((completion.token_ids, torch.tensor(chosen)))
+        return results
+
+    # A float16 cache, so that attention's inputs are float16 (a CPU may otherwise keep it in float32).
+    reference = scored(LLM(path, dtype="float16", kv_cache_dtype="float16", attention_backend="reference"))
+    batched_llm = LLM(path, dtype="float16", kv_cache_dtype="float16", attention_backend="sdpa")
+    batched_llm.engine.executor.workers[0].backend.batch_decodes = True  # what make_backend sets for CUDA
+    for llm in (LLM(path, dtype="float16", kv_cache_dtype="float16", attention_backend="sdpa"), batched_llm):
+        assert llm.engine.executor.workers[0].kv.tensor.dtype == torch.float16
+        for (tokens, logprobs), (reference_tokens, reference_logprobs) in zip(scored(llm), reference):
+            assert reference_logprobs.isfinite().all()
+            assert tokens == reference_tokens
+            assert torch.allclose(logprobs, reference_logprobs, atol=1e-2), logprobs - reference_logprobs
+
+
 def test_the_flash_standin_refuses_float32_as_the_kernels_do(flash_standin):
     q = torch.randn(4, 2, 8)
     cu_seqlens = torch.tensor([0, 4], dtype=torch.int32)

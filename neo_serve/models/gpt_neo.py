@@ -32,7 +32,12 @@ class GPTNeoSelfAttention(nn.Module):
         q = self.q_proj(hidden).view(shape)
         k = self.k_proj(hidden).view(shape)
         v = self.v_proj(hidden).view(shape)
-        # NOTE: GPT-Neo does not scale attention logits by 1/sqrt(head_dim): scale is 1.0.
+        # NOTE: GPT-Neo does not scale attention logits by 1/sqrt(head_dim): scale is 1.0. Its
+        # logits reach ~1e5, past float16's 65504; transformers computes q.k in float32 for it.
+        # Every backend here reduces in float32 too: flash-attn and SDPA's fused kernels always,
+        # SDPA's math fallback since torch 2.5 (unless a caller turns on
+        # torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp), the CPU's math path upcasts
+        # (tests/test_attention_backends.py checks a float16 cache against the reference).
         out = self.backend(q, k, v, k_cache, v_cache, meta, scale=1.0, window=self.window)
         return self.out_proj(out.reshape(hidden.shape[0], -1))
 
