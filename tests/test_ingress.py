@@ -7,13 +7,16 @@ clusters through `configure_local_ingress("auto")`, and test_serve_launcher chec
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS,
                                      IngressUnavailable, configure_local_ingress, ephemeral_port_range, free_port,
-                                     haproxy_binary)
+                                     haproxy_binary, remove_abandoned_haproxy_dirs)
 
 
 def test_haproxy_comes_with_ray_serve():
@@ -59,6 +62,29 @@ def test_haproxys_files_and_admin_socket_are_kept_from_other_users():
     assert mine["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == "/srv/haproxy"
     assert mine["RAY_SERVE_HAPROXY_SOCKET_PATH"] == env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
     assert not any(variable in configure_and_return("proxy") for variable in HAPROXY_PATH_VARS)
+
+
+def test_a_killed_processs_haproxy_directory_goes_with_the_next_start(tmp_path):
+    # A process killed with SIGKILL runs no atexit: its directory stayed in /tmp for good.
+    made = subprocess.run([sys.executable, "-c", (
+        "import os, signal\n"
+        "from neo_serve.serve.ingress import configure_local_ingress\n"
+        "env = {}\n"
+        "configure_local_ingress('haproxy', env)\n"
+        "print(env['RAY_SERVE_HAPROXY_SERVER_STATE_BASE'], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == -signal.SIGKILL, made.stderr
+    abandoned = made.stdout.strip()
+    assert abandoned.startswith("/tmp/neo-hap-") and os.path.isdir(abandoned)
+    # Another process's directory, and one whose owner is unknown, are left alone.
+    alive = tmp_path / "neo-hap-alive"
+    alive.mkdir()
+    (alive / "owner.pid").write_text(str(os.getppid()))
+    unknown = tmp_path / "neo-hap-unknown"
+    unknown.mkdir()
+    assert remove_abandoned_haproxy_dirs(str(tmp_path)) == [] and alive.is_dir() and unknown.is_dir()
+    configure_local_ingress("haproxy", {})  # this process's cluster: the sweep runs as it makes its own
+    assert not os.path.exists(abandoned)
 
 
 def configure_and_return(choice: str) -> dict[str, str]:

@@ -97,6 +97,7 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             # HAProxy binds these on all interfaces, so they are checked there.
             if variable not in env or env[variable] == _chosen_ports.get(variable):
                 env[variable] = _chosen_ports[variable] = str(free_port(""))
+        remove_abandoned_haproxy_dirs(HAPROXY_DIR_PARENT or tempfile.gettempdir())
         for variable, name in HAPROXY_PATH_VARS.items():  # each path a user set is kept
             if variable not in env or env[variable] == _private_files.get(variable):
                 directory = haproxy_private_dir()
@@ -106,15 +107,53 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
 
 def haproxy_private_dir() -> str:
     """This process's directory for its clusters' HAProxy files (mode 700, as `mkdtemp` makes
-    it), made once and removed when the process exits (after `ray.shutdown`, which stops HAProxy)."""
+    it), made once and removed when the process exits (after `ray.shutdown`, which stops HAProxy),
+    or, if it was killed, by the next process that starts a cluster."""
     global _private_dir
     if _private_dir is None or not os.path.isdir(_private_dir):
         # In /tmp as Serve's own default, whatever TMPDIR says, and short: Serve adds a 56-character
         # node id, and HAProxy takes socket paths of at most 97 bytes (/tmp/neo-hap-XXXXXXXX/<node
         # id>/metrics.sock is 91; "neo-serve-haproxy-" made 99 and HAProxy refused to start).
-        _private_dir = tempfile.mkdtemp(prefix="neo-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        _private_dir = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir=HAPROXY_DIR_PARENT)
+        with open(os.path.join(_private_dir, HAPROXY_DIR_OWNER), "w") as owner:
+            owner.write(str(os.getpid()))
         atexit.register(remove_haproxy_private_dir)
     return _private_dir
+
+
+HAPROXY_DIR_PARENT = "/tmp" if os.path.isdir("/tmp") else None  # None: tempfile's choice
+HAPROXY_DIR_PREFIX = "neo-hap-"
+HAPROXY_DIR_OWNER = "owner.pid"  # the process that made the directory, which removes it at exit
+
+
+def remove_abandoned_haproxy_dirs(parent: str) -> list[str]:
+    """Remove this user's HAProxy directories whose owner process is gone (killed, so no atexit
+    ran); returns them. A directory without an owner file, or of a process alive, is kept."""
+    removed = []
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(HAPROXY_DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, HAPROXY_DIR_OWNER)) as owner:
+                pid = int(owner.read())
+        except (OSError, ValueError):
+            continue
+        if not _process_alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process has that pid now
+        return True
+    return True
 
 
 def remove_haproxy_private_dir() -> None:
