@@ -298,6 +298,22 @@ def test_a_request_id_is_not_reused_while_its_stream_is_open(neox_checkpoint, of
     assert token_ids(chunks) == offline_tokens[0] and token_ids(again) == offline_tokens[1]
 
 
+def test_a_request_finished_at_once_keeps_its_id_until_its_stream_closes(neox_checkpoint, offline_tokens):
+    """max_tokens=0 finishes a request as it is added, so it was never among the open streams:
+    a second request could take its id, and the first stream's cleanup then aborted the second
+    by id and removed its mailbox, leaving it waiting forever (review, reproduced)."""
+    async def main():
+        async with started_core(neox_checkpoint) as core:
+            scored = core.generate(PROMPTS[0], SamplingParams(max_tokens=0), "mine")
+            await scored.__anext__()  # accepted and finished; the consumer has not closed it yet
+            with pytest.raises(InvalidRequestError, match="still streaming"):
+                await collect(core, PROMPTS[1], GREEDY, "mine")
+            await scored.aclose()
+            return await asyncio.wait_for(collect(core, PROMPTS[1], GREEDY, "mine"), 30)  # closed: free
+
+    assert token_ids(asyncio.run(main())) == offline_tokens[1]
+
+
 def test_prompt_logprobs_streamed_first_do_not_hold_back_the_first_token(neox_checkpoint):
     # A prompt scored over several steps (longer than the step budget) streams its logprobs as
     # they come; the pause between a stream's chunks starts at its first token, not at them.

@@ -179,7 +179,7 @@ class PipelineCore:
             prompt_token_ids = await self.encode(prompt)  # else the engine encodes it, inline
         if self.failure is not None:
             raise PipelineFailed(f"pipeline failed: {self.failure!r}")
-        if request_id in self._streams:  # finished in the engine, its stream not yet closed
+        if request_id in self._streams:  # e.g. finished in the engine, its stream not yet closed
             raise InvalidRequestError(f"request id {request_id!r} is still streaming", field="request_id")
         request = self.engine.add_request(prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids)
         tracker = DeltaTracker(request_id, self.decode_token, skip_special_tokens=params.skip_special_tokens)
@@ -193,8 +193,9 @@ class PipelineCore:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         mailbox = _Mailbox()
+        # Also a request finished at once (max_tokens=0): its id stays taken until its stream closes.
+        self._streams[request_id] = mailbox
         if not request.finished:
-            self._streams[request_id] = mailbox
             self._wake.set()
         try:
             yield tracker.first_chunk(request.to_output(), prompt_text)
@@ -227,8 +228,10 @@ class PipelineCore:
                     return
         finally:
             # Reached on completion, on error and on cancellation (CancelledError / GeneratorExit).
-            self._streams.pop(request_id, None)
-            if request_id in self.engine.requests:
+            # Only this request's own state: never another's that has taken the id since.
+            if self._streams.get(request_id) is mailbox:
+                del self._streams[request_id]
+            if self.engine.requests.get(request_id) is request:
                 self.engine.abort_request(request_id)  # frees its KV blocks now
                 self._wake.set()
             timer.ended(request.metrics, [seq.finish_reason for seq in request.sequences])
