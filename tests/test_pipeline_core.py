@@ -706,6 +706,10 @@ def test_a_stage_whose_gpu_faulted_is_replaced_and_the_streams_complete(neox_che
     (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), True),
     (RuntimeError("a step's own error"), False),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # CUDA recovers
+    # Allocations outside the caching allocator (pinned host memory, cuBLAS's workspace) fail as
+    # a CUDA error in torch 2.8+, and CUDA recovers from them too.
+    (torch.AcceleratorError("CUDA error: out of memory"), False),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
 ])
 def test_a_gpu_fault_in_the_replicas_own_process_takes_the_replica_out(neox_checkpoint, error, device_fault):
     # One stage runs in the replica's process, which cannot replace its CUDA context: after a

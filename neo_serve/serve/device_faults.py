@@ -8,6 +8,8 @@ healthy. Such a fault is handled like a dead stage: the stages are replaced (or,
 in the replica's own process, the replica reports itself unhealthy and Serve replaces it).
 
 Out-of-memory is not one of them: CUDA recovers from it, and it belongs to the step's size.
+That includes allocations outside torch's caching allocator (pinned host memory, cuBLAS's
+workspace), which torch 2.8+ raises as an AcceleratorError ("CUDA error: out of memory").
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import torch
 DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "unhandled cuda error",
                         "device-side assert", "illegal memory access")
 _ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
+# Allocation failures, which leave the device usable: CUDA's and cuBLAS's own words for them.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation, an AcceleratorError's `error_code`
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
@@ -43,10 +48,16 @@ def is_device_fault(error: BaseException) -> bool:
     """Whether `error` (as a step raised it, possibly wrapped by Ray) is a CUDA fault that leaves
     its process's device unusable."""
     for cause in _causes(error):
-        if isinstance(cause, torch.OutOfMemoryError):
+        if _is_out_of_memory(cause):
             return False
         if _ACCELERATOR_ERROR is not None and isinstance(cause, _ACCELERATOR_ERROR):
             return True
         if isinstance(cause, RuntimeError) and any(marker in str(cause) for marker in DEVICE_FAULT_MARKERS):
             return True
     return False
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return (isinstance(error, torch.OutOfMemoryError)
+            or getattr(error, "error_code", None) == CUDA_ERROR_MEMORY_ALLOCATION
+            or any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS))
