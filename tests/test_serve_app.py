@@ -652,6 +652,48 @@ def test_http_disconnect_frees_the_sequence(client):
     _assert_freed_soon(running["num_steps"])
 
 
+def test_a_client_gone_before_the_stream_body_began_cancels_the_pipeline_calls():
+    """A streamed completion's pipeline calls start before its response does. A client that hangs
+    up before the body begins: Starlette cancels the body's generator unstarted, so no `finally`
+    in it ran and the sequences generated to max_tokens for no one (review). The response itself
+    closes the events, which cancels the calls. Starlette's real response, fed an ASGI disconnect."""
+    from neo_serve.serve.completions import CompletionEvents
+    from neo_serve.serve.router import _EventStreamResponse
+
+    class Call:  # a pipeline call as the run holds it: it can be cancelled
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Run:  # a started run: its calls, and its events (whose body records that it started)
+        streams = [Call(), Call()]
+        began = False
+
+        async def events(self):
+            Run.began = True
+            yield {"choices": []}
+
+    async def hang_up_at_once(scope):
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        sent = []
+
+        async def send(message):
+            await asyncio.sleep(0.05)  # a slow client: the disconnect is seen first
+            sent.append(message)
+
+        run = Run()
+        await _EventStreamResponse(CompletionEvents(run))(scope, receive, send)
+        return run, sent
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "path": "/"}
+    run, sent = asyncio.run(hang_up_at_once(scope))
+    assert not run.began and not any(message.get("body") for message in sent), sent
+    assert all(call.cancelled for call in run.streams)
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 def test_request_deadline_ends_the_request_and_frees_it(client, base_url):
     """Past its `timeout`, a request ends with a 408 `request_timeout` error (an error event after

@@ -420,11 +420,31 @@ class CompletionService:
                                       usage=run.usage())
         return response.model_dump(exclude=dump_exclude(request, stream=False))
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: CompletionRequest) -> "CompletionEvents":
         """Start a streamed completion. Awaiting this raises for invalid requests; the returned
-        iterator yields the events (then a usage event with `stream_options.include_usage`)."""
-        run = await _Run.start(self, request)
-        return run.events()
+        iterator yields the events (then a usage event with `stream_options.include_usage`), and
+        its `aclose()` must be awaited when the caller is done with it, read or not."""
+        return CompletionEvents(await _Run.start(self, request))
+
+
+class CompletionEvents:
+    """A started streamed completion's events. Its pipeline calls run from the start, so `aclose`
+    cancels them, also when no event was read: an async generator that never started runs no
+    `finally` (a client gone between the response's headers and its body)."""
+
+    def __init__(self, run: "_Run") -> None:
+        self._run = run
+        self._events = run.events()
+
+    def __aiter__(self) -> "CompletionEvents":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        _cancel(self._run.streams)  # a no-op for finished calls
 
 
 class _Run:

@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neo_serve.serve.access import OPEN_PATHS, AccessMiddleware, load_api_keys
-from neo_serve.serve.completions import CompletionService, as_api_error, model_not_found, parse_body
+from neo_serve.serve.completions import CompletionEvents, CompletionService, as_api_error, model_not_found, parse_body
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line, quiet_playground_asset_logs
 from neo_serve.serve.protocol import (APIError, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
@@ -204,6 +204,22 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events of a started completion, whose pipeline calls are cancelled when the
+    response ends however it ends: also if the client went away before the body began, when
+    `_sse` never runs (Starlette cancels it unstarted once it sees the disconnect)."""
+
+    def __init__(self, events: CompletionEvents) -> None:
+        super().__init__(_sse(events), media_type="text/event-stream")
+        self.events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+
+
 async def _await(response: Any) -> Any:
     return await response
 
@@ -250,8 +266,7 @@ class Router:
         """OpenAI completions; `stream: true` answers with server-sent events ending in `[DONE]`."""
         completion_request = self.service.parse(await _json_body(request))
         if completion_request.stream:
-            events = await self.service.stream(completion_request)
-            return StreamingResponse(_sse(events), media_type="text/event-stream")
+            return _EventStreamResponse(await self.service.stream(completion_request))
         return JSONResponse(await self.service.complete(completion_request))
 
     @api.get("/", include_in_schema=False)
