@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +29,12 @@ class Tokenizer:
         # The most characters one token stands for: a byte-level entry has one character per
         # byte, at least as many as its decoded text; an added token is its own text.
         self.max_token_chars = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=1)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the tokenizer as it encodes (its full serialization, settings applied): two
+        models with the same digest give the same ids for every text."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":

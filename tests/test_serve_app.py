@@ -296,10 +296,15 @@ def test_tokenizer_routes_give_the_ids_completions_use(client, offline):
     # lm-eval reads the end token's id by encoding its text; special tokens are decoded too.
     assert client.post("/tokenize", json={"model": "neox", "prompt": "<|endoftext|>"}).json()["tokens"] == [0]
     assert client.post("/detokenize", json={"model": "neox", "tokens": [0]}).json() == {"prompt": "<|endoftext|>"}
-    # The other model's tokenizer is asked by name; with two served, a name is needed.
+    # The other model's tokenizer is asked by name. Both models here share one tokenizer and window,
+    # so the routes also answer without a name, as lm-eval asks them (it sends none): with two
+    # served that was a 400, and lm-eval then tried to download a tokenizer named after the model.
     assert client.get("/tokenizer_info", params={"model": "neo"}).json()["model"] == "neo"
+    unnamed = client.get("/tokenizer_info")
+    assert unnamed.status_code == 200 and unnamed.json() == {**info, "model": unnamed.json()["model"]}, unnamed.text
+    assert client.post("/tokenize", json={"prompt": PROMPTS[3]}).json()["tokens"] == tokenizer.encode(PROMPTS[3])
+    assert client.post("/detokenize", json={"tokens": [0]}).json() == {"prompt": "<|endoftext|>"}
     for response, status, param in [
-            (client.get("/tokenizer_info"), 400, "model"),
             (client.get("/tokenizer_info", params={"model": "gpt-4"}), 404, "model"),
             (client.post("/tokenize", json={"model": "neox"}), 400, "prompt"),
             (client.post("/tokenize", json={"model": "neox", "prompt": [1, 2]}), 400, "prompt"),
@@ -307,6 +312,15 @@ def test_tokenizer_routes_give_the_ids_completions_use(client, offline):
             (client.post("/detokenize", json={"model": "neox", "tokens": [-1]}), 400, "tokens")]:
         assert response.status_code == status, response.text
         assert response.json()["error"]["param"] == param, response.text
+
+
+def test_models_share_a_tokenizer_only_with_the_same_ids_and_window():
+    from neo_serve.serve.router import share_a_tokenizer
+
+    info = {"model": "a", "eos_token": "<|endoftext|>", "tokenizer_sha256": "1f" * 32, "model_max_length": 2048}
+    assert share_a_tokenizer([info, {**info, "model": "b"}])
+    assert not share_a_tokenizer([info, {**info, "tokenizer_sha256": "2e" * 32}])  # other ids for a text
+    assert not share_a_tokenizer([info, {**info, "model_max_length": 512}])  # lm-eval's truncation differs
 
 
 def test_handle_generate_matches_offline(app, offline):

@@ -123,7 +123,8 @@ class PipelineServer:
         return {"model": self.model.served_name, "eos_token": token(config.eos_token_id),
                 "eos_token_id": config.eos_token_id, "bos_token": token(config.bos_token_id),
                 "bos_token_id": config.bos_token_id, "pad_token": None, "model_max_length": engine.max_model_len,
-                "vocab_size": tokenizer.vocab_size, "add_bos_token": False, "add_eos_token": False}
+                "vocab_size": tokenizer.vocab_size, "add_bos_token": False, "add_eos_token": False,
+                "tokenizer_sha256": tokenizer.digest}
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a dead stage makes the replica unhealthy (replaced)."""

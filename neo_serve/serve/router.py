@@ -204,6 +204,11 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def share_a_tokenizer(tokenizer_infos: list[dict[str, Any]]) -> bool:
+    """Whether models with these /tokenizer_info answers encode and bound a text alike."""
+    return len({(info["tokenizer_sha256"], info["model_max_length"]) for info in tokenizer_infos}) == 1
+
+
 class _EventStreamResponse(StreamingResponse):
     """Server-sent events of a started completion, whose pipeline calls are cancelled when the
     response ends however it ends: also if the client went away before the body began, when
@@ -254,6 +259,9 @@ class Router:
         # deployment (a replica it cannot place, one that fails to start; "" if none), for /health.
         self._without: dict[str, str] = {}
         self._status_at = -float("inf")
+        # The model that answers the tokenizer routes without a `model` when several share one
+        # tokenizer ("" if they do not; None until asked).
+        self._shared_tokenizer: str | None = None
         self._status_call: asyncio.Future[Any] | None = None
         _access.api_keys = load_api_keys(settings.api_keys_env, settings.api_keys_file)
         _access.max_body_bytes = settings.max_body_bytes
@@ -297,21 +305,39 @@ class Router:
     async def tokenize(self, request: Request) -> dict[str, Any]:
         """`prompt` as token ids, as /v1/completions encodes it: {"tokens", "count", "max_model_len"}."""
         body = parse_body(TokenizeRequest, await _json_body(request))
-        model = self.service.resolve_model(body.model)
+        model = await self._tokenizer_model(body.model)
         return await self._pipeline_call(self.service.pipelines[model].tokenize.remote(body.prompt))
 
     @api.post("/detokenize", openapi_extra=json_body(DetokenizeRequest, {"tokens": [1, 2, 3]}))
     async def detokenize(self, request: Request) -> dict[str, Any]:
         """The text of `tokens`: {"prompt"}."""
         body = parse_body(DetokenizeRequest, await _json_body(request))
-        model = self.service.resolve_model(body.model)
+        model = await self._tokenizer_model(body.model)
         return {"prompt": await self._pipeline_call(self.service.pipelines[model].detokenize.remote(body.tokens))}
 
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, model: str | None = None) -> dict[str, Any]:
-        """The model's special tokens (`eos_token` ...) and context window (`?model=` with several)."""
-        name = self.service.resolve_model(model)
+        """The model's special tokens (`eos_token` ...) and context window (`?model=` with several
+        whose tokenizers or windows differ)."""
+        name = await self._tokenizer_model(model)
         return await self._pipeline_call(self.service.pipelines[name].tokenizer_info.remote())
+
+    async def _tokenizer_model(self, model: str | None) -> str:
+        """The model whose tokenizer answers a tokenizer route: the one named, the only one, or,
+        with several served and none named, the first if they all share one tokenizer and context
+        window. lm-evaluation-harness's remote tokenizer names no model; without this it fell back
+        to a Hub download of the served name, which fails offline."""
+        pipelines = self.service.pipelines
+        if model is not None or len(pipelines) == 1:
+            return self.service.resolve_model(model)
+        if self._shared_tokenizer is None:  # asked once: a router lives as long as its app's models
+            infos = await asyncio.gather(*(self._pipeline_call(handle.tokenizer_info.remote())
+                                           for handle in pipelines.values()))
+            self._shared_tokenizer = next(iter(pipelines)) if share_a_tokenizer(infos) else ""
+        if not self._shared_tokenizer:
+            raise APIError(f"model is required: the served models ({', '.join(pipelines)}) differ in tokenizer or "
+                           "context window", param="model")
+        return self._shared_tokenizer
 
     async def _pipeline_call(self, response: Any) -> Any:
         try:
