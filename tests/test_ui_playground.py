@@ -544,8 +544,8 @@ def test_browser_too_long_prompt_shows_a_readable_error(browser, page, app):
 
 
 def test_browser_a_refused_setting_replaces_the_last_runs_figures(browser, page, app):
-    """A seed past what the page can send exactly is refused by the playground itself, which
-    says so in the figures: Gradio's own range check left the previous run's figures standing
+    """A seed past what the page can send exactly, or not whole, is refused by the playground
+    itself, which says so in the figures: Gradio's own range check left the previous run's figures standing
     under its error, as if that run had failed."""
     pick_example(page, "def hello_world():")
     set_number(page, "max-new-tokens", 8)
@@ -558,6 +558,10 @@ def test_browser_a_refused_setting_replaces_the_last_runs_figures(browser, page,
                            timeout=30_000)
     shown = page.locator("#figures").inner_text()
     assert "Seed must be at most 9007199254740991" in shown and "Finished in" not in shown, shown
+    set_number(page, "seed", 42.7)  # refused, not run as 43 under a field that shows 42.7
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#figures').innerText.includes('whole number')", timeout=30_000)
+    assert page.locator("#seed input[type=number]").input_value() == "42.7"
     set_number(page, "seed", -5)  # any negative seed: a random one, as the field's note says
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#figures').innerText.includes('Finished in')", timeout=30_000)

@@ -223,7 +223,9 @@ def test_stop_strings_and_seed():
     with pytest.raises(PlaygroundError, match="At most 4 stop strings"):
         parse_stop("a\nb\nc\nd\ne")
     assert parse_seed(-1) is None and parse_seed(None) is None and parse_seed("") is None
-    assert parse_seed(42.0) == 42
+    assert parse_seed(42.0) == 42 and parse_seed("42") == 42
+    with pytest.raises(PlaygroundError, match="Seed must be a whole number, got 42.7"):
+        parse_seed(42.7)  # was run as 43 while the page showed 42.7
     assert parse_seed(2.0**53 - 1) == 2**53 - 1
     # Above what a browser's number holds exactly the page would send a rounded seed, and past
     # 2**64 torch's generator raised inside the engine ("Internal error").
@@ -236,6 +238,8 @@ def test_sampling_params_from_controls():
     params = sampling_params(max_new_tokens=64.0, temperature=0.0, top_p=1.0, top_k=0.0, repetition_penalty=1.1,
                              seed=7.0, stop="\\n\\n")
     assert (params.max_tokens, params.greedy, params.top_k, params.seed, params.stop) == (64, True, 0, 7, ["\n\n"])
+    with pytest.raises(PlaygroundError, match="Top-k must be a whole number, got 10.5"):
+        sampling_params(max_new_tokens=8, temperature=1, top_p=1, top_k=10.5, repetition_penalty=1, seed=-1, stop="")
     with pytest.raises(PlaygroundError, match="Top-p must be in"):
         sampling_params(max_new_tokens=8, temperature=1, top_p=0, top_k=0, repetition_penalty=1, seed=-1, stop="")
     # The /generate API takes any JSON number, NaN and Infinity included: refused naming the control.

@@ -139,7 +139,11 @@ def control_number(label: str, value: Any, *, whole: bool = False) -> float | in
         raise PlaygroundError("Invalid setting", f"{label} must be a number, got {value!r}.") from None
     if not math.isfinite(number):
         raise PlaygroundError("Invalid setting", f"{label} must be a finite number, got {value!r}.")
-    return int(number) if whole else number
+    if not whole:
+        return number
+    if not number.is_integer():  # refused, not rounded: a run must use the value the page shows
+        raise PlaygroundError("Invalid setting", f"{label} must be a whole number, got {value!r}.")
+    return int(number)
 
 
 # The largest seed a browser's number field holds exactly (JavaScript's Number.MAX_SAFE_INTEGER;
@@ -156,7 +160,7 @@ def parse_seed(seed: float | str | None) -> int | None:
         return None
     if number > MAX_SEED:
         raise PlaygroundError("Invalid setting", f"Seed must be at most {MAX_SEED}, got {number:.0f}.")
-    return int(number)
+    return control_number("Seed", number, whole=True)
 
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API

@@ -269,8 +269,10 @@ def build_blocks(backend: PlaygroundBackend, settings: PlaygroundArgs) -> gr.Blo
                                                    elem_id="repetition-penalty")
                     # No minimum / maximum here: Gradio would refuse such a value before the run
                     # starts, and the last run's figures would stay as if they were this one's;
-                    # `parse_seed` takes any negative as random and says what is too large.
-                    seed = gr.Number(Defaults.seed, label="Seed", precision=0, elem_id="seed",
+                    # `parse_seed` takes any negative as random and says what is too large or
+                    # not whole (no `precision=0` either: Gradio would run 42.7 as 43 while the
+                    # field still shows 42.7).
+                    seed = gr.Number(Defaults.seed, label="Seed", elem_id="seed",
                                      info="-1 = random; any other value repeats a sampled run")
                     stop_strings = gr.Textbox(label="Stop strings", lines=2, elem_id="stop-strings",
                                               info=r"one per line (at most 4); \n is a newline",
