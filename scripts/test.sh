@@ -27,4 +27,5 @@ export RAY_AUTH_MODE=disabled
 export RAY_USAGE_STATS_ENABLED=0
 # -X faulthandler: a crash anywhere, even in a native library at interpreter exit after pytest
 # has reported, prints every thread's Python stack instead of a bare "Segmentation fault".
-python -X faulthandler -m pytest -ra "$@"
+# --durations: the slowest tests in every log, to keep the suite within its 20 minutes on slower machines.
+python -X faulthandler -m pytest -ra --durations=30 "$@"
