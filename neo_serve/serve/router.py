@@ -320,7 +320,10 @@ class Router:
         """The model's special tokens (`eos_token` ...) and context window (`?model=` with several
         whose tokenizers or windows differ)."""
         name = await self._tokenizer_model(model)
-        return await self._pipeline_call(self.service.pipelines[name].tokenizer_info.remote())
+        info = await self._pipeline_call(self.service.pipelines[name].tokenizer_info.remote())
+        if model is None and len(self.service.pipelines) > 1:
+            info["model"] = None  # the answer of every model served, not only the one that gave it
+        return info
 
     async def _tokenizer_model(self, model: str | None) -> str:
         """The model whose tokenizer answers a tokenizer route: the one named, the only one, or,
