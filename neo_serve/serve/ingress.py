@@ -26,6 +26,8 @@ import socket
 import tempfile
 from collections.abc import Mapping, MutableMapping
 
+import psutil
+
 INGRESS_CHOICES: tuple[str, ...] = ("auto", "haproxy", "proxy")
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -140,20 +142,10 @@ def remove_abandoned_haproxy_dirs(parent: str) -> list[str]:
                 pid = int(owner.read())
         except (OSError, ValueError):
             continue
-        if not _process_alive(pid):
+        if not psutil.pid_exists(pid):  # a pid of another user's process counts as alive
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process has that pid now
-        return True
-    return True
 
 
 def remove_haproxy_private_dir() -> None:
