@@ -381,6 +381,41 @@ def test_an_idle_page_holds_no_event_stream():
     assert blocks.get_config_file()["connect_heartbeat"] is False
 
 
+def test_an_idle_playground_queue_looks_for_events_every_10_ms_not_every_1(monkeypatch):
+    """Gradio's queue polls for events every 1 ms on Linux even with nothing to do, which kept an
+    idle playground replica at 11% of a core; the playground's queue looks every 10 ms."""
+    import time
+
+    import gradio.queueing
+
+    from neo_serve.serve.config import PlaygroundArgs
+    from neo_serve.ui.blocks import build_asgi_app
+
+    looks = {"count": 0}
+    queue_length = gradio.queueing.Queue.__len__
+
+    def counted_length(queue) -> int:  # the queue's loop asks its length on every look
+        looks["count"] += 1
+        return queue_length(queue)
+
+    monkeypatch.setattr(gradio.queueing.Queue, "__len__", counted_length)
+    app = build_asgi_app(PlaygroundBackend({}, [MODEL], app_name=None), PlaygroundArgs())
+
+    async def idle_for(seconds: float) -> tuple[int, float]:
+        lifespan = bridge.LifespanManager(app)
+        await lifespan.startup()  # Gradio's queue starts polling
+        try:
+            await asyncio.sleep(0.1)
+            before, started = looks["count"], time.monotonic()
+            await asyncio.sleep(seconds)
+            return looks["count"] - before, time.monotonic() - started
+        finally:
+            await lifespan.shutdown()
+
+    count, elapsed = asyncio.run(idle_for(1.0))
+    assert 0 < count <= elapsed / 0.01 + 5, f"{count} looks in {elapsed:.2f} s"
+
+
 def test_the_routers_access_log_leaves_out_the_playgrounds_page_assets():
     """A page load fetches ~65 files through the router: each was an INFO line in the `neo-serve up`
     terminal. Successful GETs under /ui go; a run's POST, failures and the API keep their lines."""
