@@ -19,6 +19,11 @@ class CheckpointError(NeoServeError):
     """A checkpoint directory is incomplete, corrupted or in a refused format."""
 
 
+class PipelineFailed(RuntimeError):
+    """The pipeline cannot run steps any more (a stage died); the replica must be replaced.
+    (Here rather than beside the pipeline's loop: the router catches it without loading torch.)"""
+
+
 class InvalidRequestError(NeoServeError, ValueError):
     """A request (prompt or sampling parameters) is invalid; `field` names the culprit."""
 

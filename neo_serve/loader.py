@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from neo_serve.config import ModelConfig, load_model_config
+from neo_serve.engine.config import DTYPE_NAMES
 from neo_serve.errors import CheckpointError
 from neo_serve.models import build_stage_model
 from neo_serve.models.attention import AttentionBackend, SdpaBackend
@@ -28,7 +29,7 @@ from neo_serve.tokenizer import Tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names engine configs accept
 # Buffers old checkpoints carry that the model recomputes (rotary tables, causal masks).
 LEGACY_TENSOR = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
 # Other names a tensor is saved under, per architecture: transformers 5 calls GPT-NeoX's output

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from neo_serve.loader import DTYPES
+# No torch at import: the router builds these configs (neo_serve.serve.config) and needs no torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # neo_serve.loader.DTYPES maps them to torch dtypes
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference", "flash")
 
@@ -31,10 +30,10 @@ class EngineConfig:
     seed: int = 0  # for unseeded requests' draws
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPE_NAMES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         for name in ("num_stages", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -47,5 +46,7 @@ class EngineConfig:
     @property
     def resolved_device(self) -> str:
         if self.device == "auto":
+            import torch
+
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device

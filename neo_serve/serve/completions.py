@@ -23,9 +23,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from neo_serve.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
-from neo_serve.errors import InvalidRequestError
+from neo_serve.errors import InvalidRequestError, PipelineFailed
 from neo_serve.serve.config import RouteLimits
-from neo_serve.serve.engine_loop import PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta, TokenLogprob
 from neo_serve.serve.protocol import (MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, APIError, CompletionChoice,
                                       CompletionLogprobs, CompletionRequest, CompletionResponse,
