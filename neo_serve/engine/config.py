@@ -33,7 +33,8 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPE_NAMES:
-            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPE_NAMES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         for name in ("num_stages", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
