@@ -628,7 +628,7 @@ def run_with_faults(checkpoint, faults, request_ids, *, depth=None, after=None, 
 def test_a_fault_that_comes_back_with_every_recompute_gives_up_the_replica(neox_checkpoint):
     # A fault no recompute avoids (a kernel this GPU cannot run) would restart the stages forever,
     # reloading the weights each time (minutes for GPT-NeoX-20B) while no request progresses.
-    from neo_serve.serve.engine_loop import PipelineFailed
+    from neo_serve.errors import PipelineFailed
     from neo_serve.serve.protocol import APIError
 
     results, core = run_with_faults(neox_checkpoint, lambda call, prepared: call >= 3,
@@ -715,7 +715,7 @@ def test_a_gpu_fault_in_the_replicas_own_process_takes_the_replica_out(neox_chec
     # One stage runs in the replica's process, which cannot replace its CUDA context: after a
     # device fault the replica reports itself failed (its health check raises, so Serve replaces
     # it). Any other step error fails that step's requests only, and the next request is served.
-    from neo_serve.serve.engine_loop import PipelineFailed
+    from neo_serve.errors import PipelineFailed
 
     async def main():
         core = await start_faulting_core(neox_checkpoint, error, restartable=False)
@@ -743,7 +743,8 @@ def test_a_request_that_finished_before_the_pipeline_failed_still_gets_its_outpu
     # The loop fails every open stream when the pipeline is lost; a stream whose request already
     # finished, its last output not yet read, keeps that output.
     from neo_serve.engine.outputs import CompletionOutput, RequestOutput
-    from neo_serve.serve.engine_loop import PipelineFailed, _Mailbox
+    from neo_serve.errors import PipelineFailed
+    from neo_serve.serve.engine_loop import _Mailbox
 
     async def main():
         mailbox = _Mailbox()

@@ -12,8 +12,7 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 
-from neo_serve.errors import InvalidRequestError
-from neo_serve.serve.engine_loop import PipelineFailed
+from neo_serve.errors import InvalidRequestError, PipelineFailed
 from neo_serve.serve.outputs import GenerationChunk, SequenceDelta
 from neo_serve.ui import bridge
 from neo_serve.ui.backend import (PlaygroundBackend, PlaygroundError, PlaygroundModel, Run, describe_error, parse_seed,

@@ -57,7 +57,7 @@ from neo_serve.engine.llm_engine import LLMEngine, PreparedStep, SampledStep
 from neo_serve.engine.outputs import RequestOutput
 from neo_serve.engine.sampling_params import SamplingParams
 from neo_serve.engine.sequence import Sequence
-from neo_serve.errors import InvalidRequestError, PipelineFailed  # noqa: F401 - PipelineFailed: this module's API too
+from neo_serve.errors import InvalidRequestError, PipelineFailed
 from neo_serve.serve.device_faults import is_device_fault
 from neo_serve.serve.metrics import PipelineMetrics, RequestTimer, gauge_refresh_period_s
 from neo_serve.serve.outputs import DeltaTracker, GenerationChunk, TokenDecoder

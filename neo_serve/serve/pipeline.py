@@ -20,10 +20,10 @@ from ray.serve.config import BackpressureConfig
 
 from neo_serve.engine.llm_engine import LLMEngine
 from neo_serve.engine.sampling_params import SamplingParams
-from neo_serve.errors import InvalidRequestError
+from neo_serve.errors import InvalidRequestError, PipelineFailed
 from neo_serve.serve.caller_watch import CallerWatch
 from neo_serve.serve.config import SHUTDOWN_POLL_S, ModelArgs
-from neo_serve.serve.engine_loop import PipelineCore, PipelineFailed
+from neo_serve.serve.engine_loop import PipelineCore
 from neo_serve.serve.error_logs import log_client_errors_as_one_line
 from neo_serve.serve.metrics import PipelineMetrics
 from neo_serve.serve.outputs import GenerationChunk
