@@ -12,7 +12,10 @@ replaced by K, 0 = off).
 Limits: weight bytes per decode step over the measured memory bandwidth (single), and the
 workload's FLOPs over the measured matmul rate (batch).
 
-transformers is needed here (it is the baseline) but never by the engine itself.
+transformers is needed here (it is the baseline) but never by the engine itself. torch and the
+model code are imported inside the functions that measure: `neo-serve` builds every command's
+options, these among them, so `neo-serve drain` (a Kubernetes preStop hook, on a deadline) and
+`neo-serve --help` start without them.
 """
 
 from __future__ import annotations
@@ -27,15 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.config import load_model_config
 from neo_serve.errors import InvalidRequestError
-from neo_serve.models.stages import head_param_count, layer_param_count
 
 REPO_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "pythia-160m.config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # the dtypes measured, as torch names them
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ def build_checkpoint(config_path: Path, out: Path) -> Path:
     """A random-weight checkpoint of the reference config's shape, with the demo's tokenizer."""
     if (out / "model.safetensors").is_file():
         return out
+    import torch
     from transformers import AutoConfig, GPTNeoXForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +152,8 @@ def _train_tokenizer(file: Path, vocab_size: int = 8192) -> None:
 # ---- machine limits ---------------------------------------------------------------------------
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Read bandwidth in bytes/s: summing a large float32 tensor reads each byte once."""
+    import torch
+
     x = torch.ones(int(gib * 2**30 / 4))
     x.sum()
     start = time.perf_counter()
@@ -159,8 +162,11 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return repeats * x.numel() * 4 / (time.perf_counter() - start)
 
 
-def measure_matmul_rate(dtype: torch.dtype, rows: int = 256, repeats: int = 30) -> float:
-    """FLOP/s of a Pythia-160M-sized linear layer (768 -> 3072) on `rows` tokens."""
+def measure_matmul_rate(dtype: str, rows: int = 256, repeats: int = 30) -> float:
+    """FLOP/s of a Pythia-160M-sized linear layer (768 -> 3072) on `rows` tokens of `dtype`."""
+    import torch
+
+    dtype = getattr(torch, dtype)
     a = torch.randn(rows, 768, dtype=dtype)
     w = torch.randn(3072, 768, dtype=dtype)
     for _ in range(3):
@@ -173,10 +179,14 @@ def measure_matmul_rate(dtype: torch.dtype, rows: int = 256, repeats: int = 30) 
 
 def decode_weight_bytes(config, element: int) -> int:
     """Bytes of weights read per decode step (every layer and the head; one embedding row)."""
+    from neo_serve.models.stages import head_param_count, layer_param_count
+
     return (config.num_layers * layer_param_count(config) + head_param_count(config)) * element
 
 
 def flops_per_token(config, *, with_head: bool) -> int:
+    from neo_serve.models.stages import head_param_count, layer_param_count
+
     params = config.num_layers * layer_param_count(config)
     if with_head:
         params += head_param_count(config)
@@ -217,10 +227,11 @@ def run_neo_serve(path: Path, dtype: str, workload: Workload, *, max_num_batched
 
 def run_transformers(path: Path, dtype: str, workload: Workload, *, batch_size: int,
                      sampling: Sampling | None = None) -> dict:
+    import torch
     from transformers import GPTNeoXForCausalLM
 
     sampling = sampling or Sampling()
-    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None  # generate exactly the requested tokens
     model.generation_config.pad_token_id = 0
 
@@ -269,9 +280,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
+    import torch
+
     config_path = Path(args.config)
     if not config_path.is_file():
         raise SystemExit(f"{config_path} not found: pass --config with a Pythia-160M-like config.json")
+    dtypes = args.dtypes.split(",")
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        raise SystemExit(f"--dtypes: {', '.join(unknown)} not measured here; choose from {', '.join(DTYPES)}")
     path = build_checkpoint(config_path, Path(args.checkpoint_dir))
     config = load_model_config(path)
     single, batch = make_workloads(config.vocab_size, args.seed, args.requests)
@@ -281,9 +297,9 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     print(f"machine: {machine}")
     sampling = Sampling.from_args(args)
     results = {"machine": machine, "sampling": dataclasses.asdict(sampling), "runs": []}
-    for dtype in args.dtypes.split(","):
-        element = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        rate = measure_matmul_rate(DTYPES[dtype])
+    for dtype in dtypes:
+        element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        rate = measure_matmul_rate(dtype)
         single_limit = bandwidth / decode_weight_bytes(config, element)
         batch_flops = (batch.prompt_tokens * flops_per_token(config, with_head=False)
                        + batch.generated * flops_per_token(config, with_head=True))
