@@ -266,22 +266,9 @@ def gpu_shortfall(app_args: AppArgs, cluster_gpus: float) -> str | None:
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray and Serve, deploy the app, print its URLs and block until Ctrl-C / SIGTERM.
     Returns the process exit code."""
-    from neo_serve.app import build_app  # imports Ray: keep `neo-serve --help` fast
-
     address = args.address or os.environ.get("RAY_ADDRESS")
-    cores = available_cores()
-    # A joined cluster's nodes are not this machine: there a stage keeps the app's 1 CPU.
-    cpu_threads = None if address else local_cpu_threads(cores)
-    try:
-        app_args = parse_app_args(app_args_from_namespace(args, cpu_threads))
-        app = build_app(app_args)
-    except AppConfigError as exc:
-        print(f"neo-serve up: {exc}", file=sys.stderr)
-        return 2
-
-    import ray
-    from ray import serve
-
+    # First what a mistyped flag gets wrong (a second or less), then the app's arguments (torch's
+    # thread count), then the app's modules (Ray, torch and the model code: seconds).
     if address:
         ingress = "the cluster's own"
         if args.ingress != "auto":
@@ -308,6 +295,21 @@ def run_up(args: argparse.Namespace) -> int:
         except IngressUnavailable as exc:
             print(f"neo-serve up: {exc}", file=sys.stderr)
             return 2
+
+    cores = available_cores()
+    # A joined cluster's nodes are not this machine: there a stage keeps the app's 1 CPU.
+    cpu_threads = None if address else local_cpu_threads(cores)
+    from neo_serve.app import build_app
+
+    try:
+        app_args = parse_app_args(app_args_from_namespace(args, cpu_threads))
+        app = build_app(app_args)
+    except AppConfigError as exc:
+        print(f"neo-serve up: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
 
     num_cpus = None if address else local_num_cpus(app_args, args.num_cpus, cores)
     up, stop = threading.Event(), threading.Event()
