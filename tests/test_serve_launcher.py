@@ -82,6 +82,14 @@ class UpProcess:
                 pass
         return next(line for line in self.output if text in line)
 
+    def read_to_end(self, timeout: float) -> str:
+        """Everything printed, once the process has closed its output."""
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), self.text()
+        while not self._lines.empty():
+            self.output.append(self._lines.get())
+        return self.text()
+
     def text(self) -> str:
         return "".join(self.output)
 
@@ -243,6 +251,9 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert up.process.wait(timeout=90) == 0
         up.read_until("neo-serve: shutting down; requests in flight finish first", timeout=10)
         up.read_until("neo-serve: stopped", timeout=10)
+        # Serve's controller went without Ray calling its shutdown a failed task (which it did at
+        # every stop: "Task ServeController.graceful_shutdown failed ... killed by `ray.kill`").
+        assert "failed" not in up.read_to_end(timeout=10).split("neo-serve: shutting down")[1], up.text()
         assert streams.finished() == [("length", 400, True)] * 8
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{base}/health", timeout=5)

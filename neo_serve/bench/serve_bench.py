@@ -55,7 +55,7 @@ from typing import Any
 from neo_serve.bench.engine_bench import REPO_REFERENCE, Sampling, _cpu_name, add_sampling_arguments, build_checkpoint
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
-from neo_serve.serve.local_cluster import configure_local_cluster
+from neo_serve.serve.local_cluster import configure_local_cluster, shut_down_serve
 from neo_serve.serve.launcher import threads_per_stage
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
@@ -443,7 +443,7 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
         with _uninterruptible():  # a second Ctrl-C must not leave Ray running
             try:
                 if ray.is_initialized():
-                    serve.shutdown()
+                    shut_down_serve()
             finally:
                 ray.shutdown()
 

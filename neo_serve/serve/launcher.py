@@ -24,7 +24,7 @@ from typing import Any
 from neo_serve.serve.access import load_api_keys
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, RouterArgs, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
-from neo_serve.serve.local_cluster import configure_local_cluster
+from neo_serve.serve.local_cluster import configure_local_cluster, shut_down_serve
 from neo_serve.serve.machine import available_cores
 
 ALL_INTERFACES = ("0.0.0.0", "::")  # --host values that bind every interface (IPv4, IPv6)
@@ -406,7 +406,7 @@ def run_up(args: argparse.Namespace) -> int:
                     serve.delete(args.app_name)
                 elif not address and up.is_set():
                     restore_signals()
-                    serve.shutdown()
+                    shut_down_serve()
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
                 # it never placed; our own Ray goes down whole below, Serve with it.
             except KeyboardInterrupt:
@@ -416,8 +416,5 @@ def run_up(args: argparse.Namespace) -> int:
                 ignore_signals()  # a few seconds; another Ctrl-C would only print a traceback
                 ray.shutdown()
             if up.is_set():
-                # Serve's controller ends itself while its own shutdown call is still open, and Ray
-                # prints "ServeController.graceful_shutdown failed ... killed by `ray.kill`" for it:
-                # say that the stop went as it should.
                 print("neo-serve: stopped", flush=True)
         restore_signals()

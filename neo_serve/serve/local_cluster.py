@@ -61,3 +61,33 @@ def configure_local_cluster(ingress: str) -> str:
     used = configure_local_ingress(ingress)
     apply_local_serve_settings()
     return used
+
+
+def shut_down_serve(timeout_s: float = 30.0) -> None:
+    """`serve.shutdown()` without Ray's "Task ServeController.graceful_shutdown failed ... killed
+    by `ray.kill`" on the console at every stop: Serve's own call waits on its controller until
+    the controller kills itself, and Ray reports that open call as a failed task. Here the
+    controller is asked to shut down (its applications, proxies and HAProxy) by a call that
+    returns at once, and watched until it is gone (at most `timeout_s`); `serve.shutdown()` then
+    drops this process's handles, its call to the gone controller failing at once, unreported."""
+    import time
+
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def controller():
+        try:
+            return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no Serve here, or its controller is gone
+            return None
+
+    if (running := controller()) is not None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            ray.get(running.graceful_shutdown.remote(wait=False), timeout=timeout_s)
+            while controller() is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # gone meanwhile, or stuck: serve.shutdown() below says so
+    serve.shutdown()
