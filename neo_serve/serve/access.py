@@ -3,7 +3,8 @@
 - API keys (optional): `Authorization: Bearer <key>`, keys read when the router starts from an
   environment variable (comma-separated) and/or a file (one per line); each comparison is
   constant-time (`hmac.compare_digest`). `/health` stays open for load balancers and probes,
-  and so do the API's description (`/openapi.json`, `/docs`, `/redoc`), which holds no secret.
+  and so do the API's description (`/openapi.json`, `/docs`, `/redoc` and the pages' assets), which
+  holds no secret.
 - The playground (`/ui`) takes the same keys from a browser: a page that is not signed in is sent
   to `/ui/login`, whose form sets an HttpOnly, SameSite=Strict cookie scoped to `/ui`. The cookie
   holds a digest of the key, not the key, and opens only the playground (never `/v1`, so a
@@ -28,11 +29,20 @@ from urllib.parse import parse_qs, quote
 # Probes; the root only points on (router.py); the API's description and its pages (as vLLM
 # leaves them open), where a user then gives a key with the page's Authorize button.
 OPEN_PATHS = frozenset({"/health", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_ASSETS = "/docs/assets"  # those pages' scripts, styles and icon (open too)
 UI_PREFIX = "/ui"
 LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"
 SESSION_COOKIE = "neo_serve_ui"
 MAX_LOGIN_BODY = 4096
+
+
+def _is_open(relative: str) -> bool:
+    """Whether the app's path `relative` needs no key: probes, the API's description and pages."""
+    if relative in OPEN_PATHS:
+        return True
+    # Only a file under the pages' assets (no `..` out of them: ASGI paths come unnormalized).
+    return relative.startswith(DOCS_ASSETS + "/") and ".." not in relative.split("/")
 
 
 def session_token(key: bytes) -> bytes:
@@ -86,7 +96,7 @@ class AccessMiddleware:
         signs_in = settings.api_keys and settings.playground  # the playground's sign-in form
         if signs_in and scope["type"] == "http" and relative in (LOGIN_PATH, LOGOUT_PATH):
             return await self._login(scope, receive, send, settings.api_keys, root, logout=relative == LOGOUT_PATH)
-        if settings.api_keys and relative not in OPEN_PATHS and not self._authorized(scope, settings.api_keys, in_ui):
+        if settings.api_keys and not _is_open(relative) and not self._authorized(scope, settings.api_keys, in_ui):
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             if signs_in and in_ui and scope.get("method") == "GET" and "text/html" in (_header(scope, b"accept") or ""):

@@ -24,12 +24,13 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from neo_serve.serve.access import OPEN_PATHS, AccessMiddleware, load_api_keys
+from neo_serve.serve.access import DOCS_ASSETS, OPEN_PATHS, AccessMiddleware, load_api_keys
 from neo_serve.serve.completions import CompletionEvents, CompletionService, as_api_error, model_not_found, parse_body
 from neo_serve.serve.config import RouteLimits, RouterArgs, ingress_actor_options
 from neo_serve.serve.error_logs import log_client_errors_as_one_line, quiet_playground_asset_logs
@@ -40,8 +41,10 @@ from neo_serve.ui import bridge
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(title="neo-serve", description="OpenAI-compatible completions for GPT-NeoX / GPT-Neo models, "
-                                             "served as pipelines on Ray Serve.")
+# /docs and /redoc load Swagger UI's and ReDoc's scripts from the router (DOCS_ASSETS), not from
+# a CDN as FastAPI's own pages do: offline, or in an air-gapped cluster, those stayed blank.
+api = FastAPIOffline(title="neo-serve", description="OpenAI-compatible completions for GPT-NeoX / GPT-Neo models, "
+                                                    "served as pipelines on Ray Serve.", static_url=DOCS_ASSETS)
 
 
 class _AccessSettings:
