@@ -390,10 +390,9 @@ def browser():
             chromium.close()
 
 
-@pytest.fixture()
-def page(browser, base_url, ui_url):
-    """The playground in a fresh browser context; the page may load nothing from outside the app
-    (no CDN, no web fonts: clusters are often air-gapped)."""
+def app_only_context(browser, base_url: str):
+    """A fresh browser context whose requests outside the app are refused (as offline, or in an
+    air-gapped cluster) and listed: returns (context, the list)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     outside: list[str] = []
 
@@ -405,6 +404,14 @@ def page(browser, base_url, ui_url):
             route.abort()
 
     context.route("**/*", only_the_app)
+    return context, outside
+
+
+@pytest.fixture()
+def page(browser, base_url, ui_url):
+    """The playground in a fresh browser context; the page may load nothing from outside the app
+    (no CDN, no web fonts: clusters are often air-gapped)."""
+    context, outside = app_only_context(browser, base_url)
     page = context.new_page()
     page.goto(ui_url, wait_until="networkidle")  # loaded and connected: clicks now reach the app
     page.wait_for_selector("#generate", timeout=60_000)
@@ -646,17 +653,7 @@ def test_the_api_pages_draw_the_api_from_the_app_alone(browser, base_url, app, s
     the app. FastAPI's own pages fetch their scripts from a CDN, and stayed blank on an offline
     laptop or in an air-gapped cluster. Behind API keys (the pages and their assets are open, the
     API is not) and under a route prefix, too."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    outside: list[str] = []
-
-    def only_the_app(route):
-        if route.request.url.startswith(base_url):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    context.route("**/*", only_the_app)
+    context, outside = app_only_context(browser, base_url)
     try:
         page = context.new_page()
         page.goto(f"{base_url}{prefix}/docs")
