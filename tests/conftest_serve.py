@@ -101,7 +101,9 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
             configure_local_ingress("proxy")
         else:
             configure_local_cluster("auto")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
+        # "local": the test's own cluster, even on a machine where `ray start` runs or RAY_ADDRESS
+        # is set (plain ray.init() would join that one and refuse `num_cpus`).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_args)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             yield f"http://127.0.0.1:{port}"

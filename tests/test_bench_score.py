@@ -12,8 +12,11 @@ from neo_serve.cli import main as cli_main
 
 
 @pytest.mark.timeout(240)
-def test_tiny_scoring_run_checks_served_logprobs_against_offline(tmp_path, capsys):
+def test_tiny_scoring_run_checks_served_logprobs_against_offline(tmp_path, capsys, monkeypatch):
     out = tmp_path / "score.json"
+    # As in a KubeRay pod, where RAY_ADDRESS names the pod's cluster: the bench still starts a
+    # cluster of its own (its measurements, and its Serve shutdown, assume one).
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     # Two stages: the scoring plan goes to the last stage over Ray, and logprobs come back.
     assert cli_main(["bench", "score", "--models", "demo", "--stages", "2", "--prompts", "3", "--prompt-len", "24",
                      "--clients", "2", "--logprobs", "2", "--json", str(out)]) == 0

@@ -430,7 +430,11 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
     port = free_port()
     started = time.perf_counter()
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+        # "local": a cluster of the bench's own, as its measurements assume, even where
+        # RAY_ADDRESS is set (KubeRay sets it in every Ray pod) or `ray start` runs on this
+        # machine: plain ray.init() would join that cluster, refusing `num_cpus`, and the
+        # shutdown below would stop Serve there.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
         # ray.init replaces the SIGTERM handler (its core worker's aborts the process, leaving
         # no chance to write the results): SIGTERM is Ctrl-C again until Ray is down.
         with sigterm_as_interrupt():
