@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -138,3 +139,30 @@ def test_free_ports_are_never_handed_out_twice_when_the_kernel_chooses(tmp_path,
     monkeypatch.setattr(ingress, "_handed_out", set())
     ports = [free_port() for _ in range(1000)]
     assert len(set(ports)) == len(ports)
+
+
+def test_haproxy_left_running_from_a_directory_is_stopped_and_no_other(tmp_path):
+    """A HAProxy whose manager (a Ray actor) was killed before stopping it holds the HTTP port:
+    `neo-serve up` stops the ones that run from its own directory as it exits."""
+    from neo_serve.serve.ingress import stop_haproxy_of
+
+    def start_haproxy(directory) -> subprocess.Popen:
+        directory.mkdir()
+        config = directory / "haproxy.cfg"
+        config.write_text(f"defaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n"
+                          f"frontend web\n  bind 127.0.0.1:{free_port()}\n")
+        return subprocess.Popen([haproxy_binary({}), "-f", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    ours, theirs = start_haproxy(tmp_path / "ours"), start_haproxy(tmp_path / "theirs")
+    try:
+        time.sleep(0.5)
+        assert ours.poll() is None and theirs.poll() is None
+        assert stop_haproxy_of(str(tmp_path / "ours")) == [ours.pid]
+        assert ours.wait(timeout=10) is not None
+        assert theirs.poll() is None  # another directory's HAProxy runs on
+        assert stop_haproxy_of(str(tmp_path / "our")) == []  # a prefix of a name is not its directory
+    finally:
+        for process in (ours, theirs):
+            process.kill()
+            process.wait()

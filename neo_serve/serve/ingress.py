@@ -18,6 +18,7 @@ joined keeps its own setting (on Kubernetes: the pods' environment, see docs/ser
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import random
@@ -149,9 +150,32 @@ def remove_abandoned_haproxy_dirs(parent: str) -> list[str]:
 
 
 def remove_haproxy_private_dir() -> None:
-    """Remove this process's HAProxy directory (at exit; the tests' process ends by os._exit)."""
+    """Remove this process's HAProxy directory (at exit; the tests' process ends by os._exit),
+    and stop any HAProxy still running from it first."""
     if _private_dir is not None:
+        stop_haproxy_of(_private_dir)
         shutil.rmtree(_private_dir, ignore_errors=True)
+
+
+def stop_haproxy_of(directory: str) -> list[int]:
+    """Stop the HAProxy processes that run from files in `directory` (SIGTERM, then SIGKILL after
+    5 s); returns their pids. Serve's HAProxy manager, a Ray actor, stops its HAProxy when Serve
+    shuts down; killed first (a signal to the whole process group reaches it, but not HAProxy,
+    which Ray starts in a process group of its own), it left HAProxy holding the HTTP port."""
+    prefix = os.path.join(directory, "")
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if proc.info["name"] == "haproxy" and any(arg.startswith(prefix) for arg in proc.info["cmdline"] or []):
+                proc.terminate()
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or another user's
+            continue
+    _, alive = psutil.wait_procs(found, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [proc.pid for proc in found]
 
 
 # Ports a cluster's own processes take while it starts: Ray's workers listen on 10002-19999 (its
