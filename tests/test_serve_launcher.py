@@ -211,11 +211,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         assert stats.status_code == 200 and "http_frontend" in stats.text, stats.text[:500]
         # HAProxy's files, its admin socket among them, are in a directory only this user may
         # enter, not in Serve's shared /tmp/haproxy-serve (where the socket is anyone's).
-        haproxy_files = {os.path.dirname(os.path.dirname(arg)) for proc in psutil.process_iter(["name", "cmdline"])
-                         if proc.info["name"] == "haproxy" for arg in proc.info["cmdline"] or []
-                         if arg.endswith("haproxy.cfg") and "/tmp/neo-hap-" in arg}
-        assert len(haproxy_files) == 1, [p.info for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
-        [private] = haproxy_files
+        private = _haproxy_private_dir()
         assert os.stat(private).st_mode & 0o777 == 0o700
         assert glob.glob(os.path.join(private, "*", "admin.sock"))
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
@@ -321,6 +317,37 @@ def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
         while left := _session_processes(up.process.pid):
             assert time.monotonic() < deadline, left
             time.sleep(0.5)
+
+
+def test_a_signal_to_the_whole_process_group_stops_up_at_once():
+    """`timeout`, `kill -TERM -<pgid>` and systemd stopping a service signal Ray's processes
+    along with `neo-serve up`: its raylet went with them, and the drain's Serve calls waited on it
+    for ever ("Failed to push error to driver" every second) until SIGKILL, which left HAProxy's
+    private files behind."""
+    haproxy_before = _haproxy_pids()
+    with neo_serve_up("--no-playground", "--port", str(free_port()), env=_user_environ()) as up:
+        up.read_until("Ctrl-C to stop", timeout=180)
+        private = _haproxy_private_dir()
+        os.killpg(up.process.pid, signal.SIGTERM)
+        assert up.process.wait(timeout=60) == 0, up.text()
+        said = up.read_to_end(timeout=10).split("neo-serve: shutting down")[1]
+        assert "stopped as well (the signal went to the whole process group)" in said, said
+        assert "neo-serve: stopped" in said and "Traceback" not in said, said
+        deadline = time.monotonic() + 15
+        # Its Ray, and HAProxy (which Ray starts outside the process group), went with it.
+        while left := _session_processes(up.process.pid) + sorted(_haproxy_pids() - haproxy_before):
+            assert time.monotonic() < deadline, left
+            time.sleep(0.5)
+        assert not os.path.exists(private)
+
+
+def _haproxy_private_dir() -> str:
+    """The directory of the one HAProxy `neo-serve up` runs (its config, admin socket)."""
+    dirs = {os.path.dirname(os.path.dirname(arg)) for proc in psutil.process_iter(["name", "cmdline"])
+            if proc.info["name"] == "haproxy" for arg in proc.info["cmdline"] or []
+            if arg.endswith("haproxy.cfg") and "/tmp/neo-hap-" in arg}
+    assert len(dirs) == 1, [p.info for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
+    return dirs.pop()
 
 
 def _session_processes(session_id: int) -> list[str]:

@@ -10,7 +10,7 @@ cluster that neo-serve joins (KubeRay, `--address`) keeps its own settings.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 
 from neo_serve.serve.ingress import configure_local_ingress
 
@@ -61,6 +61,24 @@ def configure_local_cluster(ingress: str) -> str:
     used = configure_local_ingress(ingress)
     apply_local_serve_settings()
     return used
+
+
+ESSENTIAL_RAY_PROCESSES = ("gcs_server", "raylet")  # a cluster runs nothing without them
+
+
+def stopped_ray_processes(kinds: Collection[str] | None = ESSENTIAL_RAY_PROCESSES) -> list[str]:
+    """Which Ray processes of `kinds` (None: any, Ray's log monitor and dashboard too) that this
+    process started for its own local cluster have exited since: [] while they run, and for a
+    process that joined a cluster (it started none). A signal to the whole process group
+    (`timeout`, `kill -TERM -<pgid>`, systemd stopping a service) reaches them as well as this
+    process; Serve's calls then wait for ever on a controller whose raylet is gone."""
+    try:
+        import ray._private.worker as ray_worker
+
+        dead = ray_worker.global_worker.node.dead_processes()
+        return sorted({kind for kind, _ in dead if kinds is None or kind in kinds})
+    except Exception:  # noqa: BLE001 - Ray not started here, or a private API gone: no check
+        return []
 
 
 def shut_down_serve(timeout_s: float = 30.0) -> None:
