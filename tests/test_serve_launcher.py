@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from checkpoints import build_tokenizer, make_neox
-from conftest_serve import free_port, ray_serve_on_loopback
+from conftest_serve import abandoned_haproxy_dir, free_port, ray_serve_on_loopback, start_haproxy
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
 from neo_serve.serve.launcher import failure_message, local_cpu_threads
@@ -379,6 +379,30 @@ def test_a_port_in_use_is_one_line_before_any_ray():
     ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", "99999"], capture_output=True,
                          text=True, timeout=120, env=_user_environ())
     assert ran.returncode == 2 and "argument --port: 99999 is not a port number (1-65535)" in ran.stderr
+
+
+def test_the_haproxy_of_a_killed_up_does_not_keep_its_port_from_the_next_one():
+    """`neo-serve up` killed outright (SIGKILL, the OOM killer) left its HAProxy listening on the
+    port: the same command again said the port was in use, by nothing the user had started."""
+    import shutil
+    import socket
+
+    directory = abandoned_haproxy_dir()
+    port = free_port()
+    left_running = start_haproxy(os.path.join(directory, "node"), port)
+    try:
+        with socket.socket() as metrics:  # a busy --metrics-port: refused right after the HTTP port's check
+            metrics.bind(("0.0.0.0", 0))
+            metrics.listen()
+            ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(port), "--metrics-port",
+                                  str(metrics.getsockname()[1])], capture_output=True, text=True, timeout=120,
+                                 env=_user_environ())
+        assert ran.returncode == 2 and "--metrics-port" in ran.stderr, ran.stdout + ran.stderr
+        assert left_running.wait(timeout=10) is not None and not os.path.exists(directory)
+    finally:
+        left_running.kill()
+        left_running.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_port_taken_after_the_check_is_one_line_too():

@@ -100,7 +100,7 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             # HAProxy binds these on all interfaces, so they are checked there.
             if variable not in env or env[variable] == _chosen_ports.get(variable):
                 env[variable] = _chosen_ports[variable] = str(free_port(""))
-        remove_abandoned_haproxy_dirs(HAPROXY_DIR_PARENT or tempfile.gettempdir())
+        remove_abandoned_haproxy()
         for variable, name in HAPROXY_PATH_VARS.items():  # each path a user set is kept
             if variable not in env or env[variable] == _private_files.get(variable):
                 directory = haproxy_private_dir()
@@ -129,9 +129,15 @@ HAPROXY_DIR_PREFIX = "neo-hap-"
 HAPROXY_DIR_OWNER = "owner.pid"  # the process that made the directory, which removes it at exit
 
 
+def remove_abandoned_haproxy() -> list[str]:
+    """`remove_abandoned_haproxy_dirs` where this process's own directory would be made."""
+    return remove_abandoned_haproxy_dirs(HAPROXY_DIR_PARENT or tempfile.gettempdir())
+
+
 def remove_abandoned_haproxy_dirs(parent: str) -> list[str]:
     """Remove this user's HAProxy directories whose owner process is gone (killed, so no atexit
-    ran); returns them. A directory without an owner file, or of a process alive, is kept."""
+    ran), stopping any HAProxy still running from one (it would hold its cluster's HTTP port);
+    returns them. A directory without an owner file, or of a process alive, is kept."""
     removed = []
     for entry in os.scandir(parent):
         if not entry.name.startswith(HAPROXY_DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
@@ -144,6 +150,7 @@ def remove_abandoned_haproxy_dirs(parent: str) -> list[str]:
         except (OSError, ValueError):
             continue
         if not psutil.pid_exists(pid):  # a pid of another user's process counts as alive
+            stop_haproxy_of(entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed

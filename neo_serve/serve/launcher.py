@@ -25,7 +25,7 @@ from typing import Any
 
 from neo_serve.serve.access import load_api_keys
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, RouterArgs, parse_app_args
-from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable
+from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, remove_abandoned_haproxy
 from neo_serve.serve.local_cluster import configure_local_cluster, shut_down_serve, stopped_ray_processes
 from neo_serve.serve.machine import available_cores
 
@@ -307,6 +307,9 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"neo-serve up: --metrics-port {args.metrics_port} ignored: a joined cluster's nodes export "
                   "metrics where they were started to (ray start --metrics-export-port)", file=sys.stderr)
     else:
+        # A `neo-serve up` killed outright (SIGKILL, the OOM killer) left its HAProxy holding its
+        # port: stopped first, so that the same command works again.
+        remove_abandoned_haproxy()
         if problem := host_problem(args.host, args.port):
             print(f"neo-serve up: {problem}", file=sys.stderr)
             return 2
