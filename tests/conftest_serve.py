@@ -53,6 +53,17 @@ def _environment_restored() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def user_environ() -> dict[str, str]:
+    """This process's environment as a user's shell would have it, for a `neo-serve` command run
+    from a test: without what earlier tests' clusters set in it (the ingress choice, its HAProxy
+    ports and files, the local Serve settings)."""
+    from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
+    from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
+
+    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *LOCAL_SERVE_SETTINGS}
+    return {k: v for k, v in os.environ.items() if k not in set_by_tests}
+
+
 def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while True:

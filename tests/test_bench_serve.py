@@ -20,6 +20,7 @@ from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_
                                          chunk_stats, cpus_per_stage, format_markdown, inter_token_gaps,
                                          make_requests, percentile, ray_cpus, requests_per_point, run_serve_bench,
                                          served_configs, served_system)
+from conftest_serve import user_environ
 from neo_serve.cli import main as cli_main
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
@@ -137,6 +138,58 @@ def report_input(points: list[dict], **workload) -> dict:
     return {"machine": machine, "points": points,
             "workload": {"seed": 0, "rounds": 2, "min_requests": 4, "prompt_len": [1, 2], "max_tokens": [1, 2],
                          "dtype": "float32", "baseline_batch_size": 8, "ingress": "haproxy", **workload}}
+
+
+@pytest.mark.timeout(180)
+def test_a_signal_to_the_whole_process_group_ends_the_run_with_what_was_measured(tmp_path):
+    """A CI job's time limit (`timeout`) signals Ray's processes along with the bench: Serve's
+    calls then waited on a gone raylet until Ray ended the process 60 s later, writing nothing
+    and leaving HAProxy running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "serve.json"
+    bench = subprocess.Popen([sys.executable, "-m", "neo_serve.cli", "bench", "serve", *ARGV, "--skip-baseline",
+                              "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env=user_environ())
+    try:
+        output = []
+        for line in bench.stdout:  # until the app is deployed, mid-run
+            output.append(line)
+            if "neo-serve 1 stage: deployed in" in line:
+                break
+        os.killpg(bench.pid, signal.SIGTERM)
+        output.append(bench.communicate(timeout=60)[0])
+        said = "".join(output)
+        assert bench.returncode == 130 and "interrupted: Serve and Ray are shut down" in said, said
+        assert json.loads(out.read_text())["interrupted"] is True
+        deadline = time.monotonic() + 15  # Ray and HAProxy went with it
+        while left := session_processes(bench.pid):
+            assert time.monotonic() < deadline, left
+            time.sleep(0.5)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+
+
+def session_processes(session_id: int) -> list[str]:
+    """The names of the live processes in session `session_id`."""
+    import os
+
+    import psutil
+
+    names = []
+    for process in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getsid(process.pid) == session_id and process.info["status"] != psutil.STATUS_ZOMBIE:
+                names.append(process.info["name"])
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return names
 
 
 def test_cpu_steal_is_read_from_proc_stat_and_flagged_in_the_report():

@@ -22,9 +22,8 @@ import psutil
 import pytest
 
 from checkpoints import build_tokenizer, make_neox
-from conftest_serve import abandoned_haproxy_dir, free_port, ray_serve_on_loopback, start_haproxy
+from conftest_serve import abandoned_haproxy_dir, free_port, ray_serve_on_loopback, start_haproxy, user_environ
 from neo_serve.serve.config import DEMO_CHECKPOINT
-from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
 from neo_serve.serve.launcher import failure_message, local_cpu_threads
 from neo_serve.serve.machine import available_cores
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
@@ -47,13 +46,6 @@ def _controller_environ(session_id: int) -> dict[str, str]:
         except (psutil.Error, ProcessLookupError):
             continue
     raise AssertionError(f"no Serve controller in session {session_id}")
-
-
-def _user_environ() -> dict[str, str]:
-    """This process's environment as a user's shell would have it: without what earlier tests'
-    clusters set in it (the ingress choice, its HAProxy ports and files, the local Serve settings)."""
-    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *LOCAL_SERVE_SETTINGS}
-    return {k: v for k, v in os.environ.items() if k not in set_by_tests}
 
 
 def _haproxy_pids() -> set[int]:
@@ -179,7 +171,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
     # No ingress asked for: `auto`, which is HAProxy where ray[serve] brought its binary (Linux);
     # nor the local Serve settings (earlier tests' clusters put them in this process's environment).
     # API keys from the environment, as a container sets them: the router's replica reads them.
-    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port),
+    env = {**user_environ(), "RAY_DEDUP_LOGS": "0", "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats_port),
            "NEO_SERVE_API_KEYS": "first-key, second-key"}
     auth = {"Authorization": "Bearer second-key"}
     with neo_serve_up(*checkpoint, "--dtype", "float32", "--port", str(port), "--num-cpus", "4",
@@ -231,7 +223,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
         # address the banner printed (the test session may have a Ray of its own on this machine).
         example = readme_python_example()
         ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120,
-                             env={**_user_environ(), "RAY_ADDRESS": ray_address})
+                             env={**user_environ(), "RAY_ADDRESS": ray_address})
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "'object': 'text_completion'" in ran.stdout and "'finish_reason': 'length'" in ran.stdout, ran.stdout
         # The banner's metrics URL serves the model's metrics (once Ray has exported them).
@@ -273,7 +265,7 @@ def test_up_on_a_joined_cluster_removes_only_its_app():
         serve.run(Keeper.bind(), name="keeper", route_prefix="/keeper")
         address = ray.get_runtime_context().gcs_address
         with neo_serve_up("--address", address, "--app-name", "joined", "--no-playground", "--port", str(free_port()),
-                          env=_user_environ()) as up:
+                          env=user_environ()) as up:
             up.read_until("Ctrl-C to stop", timeout=180)
             answer = httpx.post(f"{base}/v1/completions", json={"prompt": "def f(", "max_tokens": 4}, timeout=60)
             assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
@@ -289,7 +281,7 @@ def test_up_on_a_joined_cluster_removes_only_its_app():
 def test_gpu_on_a_machine_without_one_is_one_line_not_a_wait():
     """Serve would wait for ever for GPUs a local cluster never gains, printing nothing."""
     with neo_serve_up("--gpu", "--stages", "2", "--port", str(free_port()), "--no-playground",
-                      env={**_user_environ(), "CUDA_VISIBLE_DEVICES": ""}) as up:  # no GPU, on any machine
+                      env={**user_environ(), "CUDA_VISIBLE_DEVICES": ""}) as up:  # no GPU, on any machine
         assert up.process.wait(timeout=120) == 2, up.text()
         up.read_until("neo-serve up: the app starts with pipelines needing 2 GPU(s) (neo-demo: 1 pipeline(s) x 2 "
                       "(--stages 2); --gpu puts each stage on one) and Ray sees no GPU on this machine", timeout=10)
@@ -299,7 +291,7 @@ def test_gpu_on_a_machine_without_one_is_one_line_not_a_wait():
 def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
     """Too few CPUs for the pipeline (`--num-cpus 1`: the router takes it): Serve waits for ever to
     place the pipeline, and a Ctrl-C that only set a flag left `neo-serve up` hanging until killed."""
-    env = {**_user_environ(), "RAY_DEDUP_LOGS": "0"}
+    env = {**user_environ(), "RAY_DEDUP_LOGS": "0"}
     with neo_serve_up("--stages", "2", "--port", str(free_port()), "--num-cpus", "1", "--no-playground", "--verbose",
                       env=env) as up:
         # --verbose: Serve's controller tells its steps (the pipeline's deployment is started, then waits).
@@ -325,7 +317,7 @@ def test_a_signal_to_the_whole_process_group_stops_up_at_once():
     for ever ("Failed to push error to driver" every second) until SIGKILL, which left HAProxy's
     private files behind."""
     haproxy_before = _haproxy_pids()
-    with neo_serve_up("--no-playground", "--port", str(free_port()), env=_user_environ()) as up:
+    with neo_serve_up("--no-playground", "--port", str(free_port()), env=user_environ()) as up:
         up.read_until("Ctrl-C to stop", timeout=180)
         private = _haproxy_private_dir()
         os.killpg(up.process.pid, signal.SIGTERM)
@@ -371,13 +363,13 @@ def test_a_port_in_use_is_one_line_before_any_ray():
         held.listen()
         port = held.getsockname()[1]
         ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(port)], capture_output=True,
-                             text=True, timeout=120, env=_user_environ())
+                             text=True, timeout=120, env=user_environ())
     assert ran.returncode == 2, ran.stdout + ran.stderr
     assert ran.stderr.strip() == (f"neo-serve up: 127.0.0.1:{port} is already in use (another `neo-serve up`, or "
                                   "another server): stop it, or serve on another port with --port")
     assert "Ray" not in ran.stdout + ran.stderr  # refused before Ray started
     ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", "99999"], capture_output=True,
-                         text=True, timeout=120, env=_user_environ())
+                         text=True, timeout=120, env=user_environ())
     assert ran.returncode == 2 and "argument --port: 99999 is not a port number (1-65535)" in ran.stderr
 
 
@@ -396,7 +388,7 @@ def test_the_haproxy_of_a_killed_up_does_not_keep_its_port_from_the_next_one():
             metrics.listen()
             ran = subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(port), "--metrics-port",
                                   str(metrics.getsockname()[1])], capture_output=True, text=True, timeout=120,
-                                 env=_user_environ())
+                                 env=user_environ())
         assert ran.returncode == 2 and "--metrics-port" in ran.stderr, ran.stdout + ran.stderr
         assert left_running.wait(timeout=10) is not None and not os.path.exists(directory)
     finally:
@@ -428,7 +420,7 @@ def test_a_bad_host_metrics_port_or_app_name_is_one_line_before_any_ray():
 
     def up(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "neo_serve.cli", "up", "--port", str(free_port()), *args],
-                              capture_output=True, text=True, timeout=120, env=_user_environ())
+                              capture_output=True, text=True, timeout=120, env=user_environ())
 
     ran = up("--host", "bogus.invalid")
     assert ran.returncode == 2 and ran.stderr.startswith("neo-serve up: --host bogus.invalid: cannot be resolved")

@@ -55,7 +55,8 @@ from typing import Any
 from neo_serve.bench.engine_bench import REPO_REFERENCE, Sampling, _cpu_name, add_sampling_arguments, build_checkpoint
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
-from neo_serve.serve.local_cluster import configure_local_cluster, shut_down_serve
+from neo_serve.serve.local_cluster import (RayProcessesStopped, configure_local_cluster, run_while_ray_runs,
+                                           shut_down_serve, stopped_ray_processes)
 from neo_serve.serve.launcher import threads_per_stage
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
@@ -446,8 +447,10 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
     finally:
         with _uninterruptible():  # a second Ctrl-C must not leave Ray running
             try:
-                if ray.is_initialized():
-                    shut_down_serve()
+                if ray.is_initialized() and not stopped_ray_processes(kinds=None):
+                    run_while_ray_runs(shut_down_serve)
+            except RayProcessesStopped:
+                pass  # a signal to the whole process group took them: the rest goes down below
             finally:
                 ray.shutdown()
 
@@ -474,7 +477,9 @@ def deployed(app: Any, name: str, *, timeout: float) -> Iterator[Any]:
     finally:
         with _uninterruptible():
             try:
-                serve.delete(name)
+                run_while_ray_runs(lambda: serve.delete(name))
+            except RayProcessesStopped as gone:  # a signal to the whole process group took them too
+                print(f"Ray's {gone} stopped: {name!r} goes down with the rest of Ray", file=sys.stderr)
             except Exception as exc:  # noqa: BLE001 - Serve and Ray are shut down at the end anyway
                 print(f"warning: could not delete Serve app {name!r}: {exc!r}", file=sys.stderr)
 

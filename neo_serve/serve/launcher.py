@@ -20,13 +20,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from neo_serve.serve.access import load_api_keys
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, RouterArgs, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, remove_abandoned_haproxy
-from neo_serve.serve.local_cluster import configure_local_cluster, shut_down_serve, stopped_ray_processes
+from neo_serve.serve.local_cluster import (RayProcessesStopped, configure_local_cluster, run_while_ray_runs,
+                                           shut_down_serve, stopped_ray_processes)
 from neo_serve.serve.machine import available_cores
 
 ALL_INTERFACES = ("0.0.0.0", "::")  # --host values that bind every interface (IPv4, IPv6)
@@ -62,44 +62,27 @@ def host_problem(host: str, port: int) -> str | None:
     return address_in_use(host, port) if port_in_use(host, port) else None
 
 
-def drain_application(app_name: str, stop: threading.Event,
-                      ray_processes_gone: Callable[[], list[str]] = list) -> None:
+def drain_application(app_name: str, stop: threading.Event) -> None:
     """Delete the application as Serve deletes one, and wait: no new request reaches it, and
     each replica stops once its requests in flight are done (up to its
     graceful_shutdown_timeout_s), so their streams end whole, not cut by the shutdown. Another
     signal (`stop` set again) ends the wait, and the shutdown cuts what still runs; so does the
-    end of Ray's own processes (`ray_processes_gone()` names some: the signal went to the whole
-    process group), whose raylet's end Serve's calls would wait on for ever."""
+    end of any of our own Ray's processes (the signal reached the whole process group)."""
     from ray import serve
+
+    def delete_and_wait() -> None:
+        serve.delete(app_name, _blocking=False)
+        while app_name in serve.status().applications:
+            time.sleep(0.5)
 
     print("neo-serve: shutting down; requests in flight finish first (Ctrl-C again to stop now)", flush=True)
     stop.clear()
-    deleted = threading.Event()
-    failures: list[Exception] = []
-
-    def delete_and_wait() -> None:
-        try:
-            serve.delete(app_name, _blocking=False)
-            while app_name in serve.status().applications:
-                time.sleep(0.5)
-        except Exception as exc:  # noqa: BLE001 - raised again below
-            failures.append(exc)
-        finally:
-            deleted.set()
-
-    # Serve's calls wait on its controller without a timeout: on a thread of their own, so that
-    # this one can watch for a second signal and for Ray's processes.
-    threading.Thread(target=delete_and_wait, name="neo-serve-drain", daemon=True).start()
-    while not deleted.wait(0.5):
-        if stop.is_set():
+    try:
+        if not run_while_ray_runs(delete_and_wait, stop=stop):
             print("neo-serve: stopping now; requests still in flight are cut", flush=True)
-            return
-        if gone := ray_processes_gone():
-            print(f"neo-serve: Ray's {', '.join(gone)} stopped as well (the signal went to the whole process "
-                  "group); requests still in flight are cut", flush=True)
-            return
-    if failures:
-        raise failures[0]
+    except RayProcessesStopped as gone:
+        print(f"neo-serve: Ray's {gone} stopped as well (the signal went to the whole process group); requests "
+              "still in flight are cut", flush=True)
 
 
 def failure_message(exc: BaseException, host: str, port: int) -> str:
@@ -344,11 +327,6 @@ def run_up(args: argparse.Namespace) -> int:
     up, stop = threading.Event(), threading.Event()
     deleting = False
 
-    def any_ray_process_gone() -> list[str]:
-        # Our own Ray's processes stopping once we are asked to stop (any of them) got the signal
-        # too: nothing in flight will finish, and Serve's calls would wait on a gone raylet.
-        return stopped_ray_processes(kinds=None)
-
     def on_signal(*_: Any) -> None:
         if not up.is_set():
             # Still starting: Serve waits for an app it cannot place (too few CPUs) for ever, in a
@@ -422,7 +400,7 @@ def run_up(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         deleting = True  # on a joined cluster Serve goes on deleting it after a second Ctrl-C
-        drain_application(args.app_name, stop, list if address else any_ray_process_gone)
+        drain_application(args.app_name, stop)
         return 0
     except KeyboardInterrupt:
         if up.is_set():
@@ -438,11 +416,13 @@ def run_up(args: argparse.Namespace) -> int:
                 if address and not deleting:  # someone else's cluster: remove only our application
                     restore_signals()  # Ctrl-C may cut Serve's wait for its replicas short
                     serve.delete(args.app_name)
-                elif not address and up.is_set() and not any_ray_process_gone():
+                elif not address and up.is_set() and not stopped_ray_processes(kinds=None):
                     restore_signals()
-                    shut_down_serve()
+                    run_while_ray_runs(shut_down_serve)
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas
                 # it never placed; our own Ray goes down whole below, Serve with it.
+            except RayProcessesStopped:
+                pass  # the signal reached them too: what is left of Ray goes down below
             except KeyboardInterrupt:
                 print("neo-serve: stopping at once" if not address else
                       f"neo-serve: left {args.app_name!r} to Serve to delete", file=sys.stderr, flush=True)

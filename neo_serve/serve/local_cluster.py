@@ -10,7 +10,8 @@ cluster that neo-serve joins (KubeRay, `--address`) keeps its own settings.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, MutableMapping
+import threading
+from collections.abc import Callable, Collection, MutableMapping
 
 from neo_serve.serve.ingress import configure_local_ingress
 
@@ -79,6 +80,38 @@ def stopped_ray_processes(kinds: Collection[str] | None = ESSENTIAL_RAY_PROCESSE
         return sorted({kind for kind, _ in dead if kinds is None or kind in kinds})
     except Exception:  # noqa: BLE001 - Ray not started here, or a private API gone: no check
         return []
+
+
+class RayProcessesStopped(Exception):
+    """Ray processes this process started for its own cluster stopped (the message names them)."""
+
+
+def run_while_ray_runs(call: Callable[[], object], *, stop: threading.Event | None = None,
+                       poll_s: float = 0.5) -> bool:
+    """Run `call()` on a thread of its own and wait until it returns (True), or `stop` is set
+    (False: `call` is left to Ray's shutdown), or any of this process's own Ray processes stops
+    (raises RayProcessesStopped): Serve's calls wait on its controller without a timeout, for ever
+    once a signal to the whole process group has taken its raylet. Raises what `call()` raised."""
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="neo-serve-serve-call", daemon=True).start()
+    while not done.wait(poll_s):
+        if stop is not None and stop.is_set():
+            return False
+        if gone := stopped_ray_processes(kinds=None):
+            raise RayProcessesStopped(", ".join(gone))
+    if failures:
+        raise failures[0]
+    return True
 
 
 def shut_down_serve(timeout_s: float = 30.0) -> None:
