@@ -447,7 +447,7 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
     finally:
         with _uninterruptible():  # a second Ctrl-C must not leave Ray running
             try:
-                if ray.is_initialized() and not stopped_ray_processes(kinds=None):
+                if ray.is_initialized() and not stopped_ray_processes():
                     run_while_ray_runs(shut_down_serve)
             except RayProcessesStopped:
                 pass  # a signal to the whole process group took them: the rest goes down below

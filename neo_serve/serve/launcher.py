@@ -416,7 +416,7 @@ def run_up(args: argparse.Namespace) -> int:
                 if address and not deleting:  # someone else's cluster: remove only our application
                     restore_signals()  # Ctrl-C may cut Serve's wait for its replicas short
                     serve.delete(args.app_name)
-                elif not address and up.is_set() and not stopped_ray_processes(kinds=None):
+                elif not address and up.is_set() and not stopped_ray_processes():
                     restore_signals()
                     run_while_ray_runs(shut_down_serve)
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Collection, MutableMapping
+from collections.abc import Callable, MutableMapping
 
 from neo_serve.serve.ingress import configure_local_ingress
 
@@ -64,20 +64,16 @@ def configure_local_cluster(ingress: str) -> str:
     return used
 
 
-ESSENTIAL_RAY_PROCESSES = ("gcs_server", "raylet")  # a cluster runs nothing without them
-
-
-def stopped_ray_processes(kinds: Collection[str] | None = ESSENTIAL_RAY_PROCESSES) -> list[str]:
-    """Which Ray processes of `kinds` (None: any, Ray's log monitor and dashboard too) that this
-    process started for its own local cluster have exited since: [] while they run, and for a
-    process that joined a cluster (it started none). A signal to the whole process group
-    (`timeout`, `kill -TERM -<pgid>`, systemd stopping a service) reaches them as well as this
-    process; Serve's calls then wait for ever on a controller whose raylet is gone."""
+def stopped_ray_processes() -> list[str]:
+    """Which Ray processes ("raylet", "gcs_server", "log_monitor", ...) that this process started
+    for its own local cluster have exited since: [] while they run, and for a process that joined
+    a cluster (it started none). A signal to the whole process group (`timeout`, `kill -TERM
+    -<pgid>`, systemd stopping a service) reaches them as well as this process; Serve's calls then
+    wait for ever on a controller whose raylet is gone."""
     try:
         import ray._private.worker as ray_worker
 
-        dead = ray_worker.global_worker.node.dead_processes()
-        return sorted({kind for kind, _ in dead if kinds is None or kind in kinds})
+        return sorted({kind for kind, _ in ray_worker.global_worker.node.dead_processes()})
     except Exception:  # noqa: BLE001 - Ray not started here, or a private API gone: no check
         return []
 
@@ -107,7 +103,7 @@ def run_while_ray_runs(call: Callable[[], object], *, stop: threading.Event | No
     while not done.wait(poll_s):
         if stop is not None and stop.is_set():
             return False
-        if gone := stopped_ray_processes(kinds=None):
+        if gone := stopped_ray_processes():
             raise RayProcessesStopped(", ".join(gone))
     if failures:
         raise failures[0]
