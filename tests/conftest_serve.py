@@ -64,6 +64,21 @@ def user_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in set_by_tests}
 
 
+def session_processes(session_id: int) -> list[str]:
+    """The live processes of session `session_id` (a command started with start_new_session=True
+    and what it started), as the start of their command lines."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getsid(proc.pid) == session_id and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(proc.info["cmdline"] or [])[:80])
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
 def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while True:

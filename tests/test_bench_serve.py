@@ -20,7 +20,7 @@ from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_
                                          chunk_stats, cpus_per_stage, format_markdown, inter_token_gaps,
                                          make_requests, percentile, ray_cpus, requests_per_point, run_serve_bench,
                                          served_configs, served_system)
-from conftest_serve import user_environ
+from conftest_serve import session_processes, user_environ
 from neo_serve.cli import main as cli_main
 
 ARGV = ["--models", "demo", "--clients", "1,2", "--stages", "1", "--prompt-len", "8:24", "--max-tokens", "3:6",
@@ -174,22 +174,6 @@ def test_a_signal_to_the_whole_process_group_ends_the_run_with_what_was_measured
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
-
-
-def session_processes(session_id: int) -> list[str]:
-    """The names of the live processes in session `session_id`."""
-    import os
-
-    import psutil
-
-    names = []
-    for process in psutil.process_iter(["name", "status"]):
-        try:
-            if os.getsid(process.pid) == session_id and process.info["status"] != psutil.STATUS_ZOMBIE:
-                names.append(process.info["name"])
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return names
 
 
 def test_cpu_steal_is_read_from_proc_stat_and_flagged_in_the_report():

@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from checkpoints import build_tokenizer, make_neox
-from conftest_serve import abandoned_haproxy_dir, free_port, ray_serve_on_loopback, start_haproxy, user_environ
+from conftest_serve import (abandoned_haproxy_dir, free_port, ray_serve_on_loopback, session_processes, start_haproxy,
+                            user_environ)
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.launcher import failure_message, local_cpu_threads
 from neo_serve.serve.machine import available_cores
@@ -306,7 +307,7 @@ def test_ctrl_c_stops_up_while_its_app_cannot_be_placed():
         assert "Traceback" not in up.text() and "KeyboardInterrupt" not in up.text(), up.text()
         # Its Ray went down with it (raylet, GCS, Serve's controller: all in up's session).
         deadline = time.monotonic() + 15
-        while left := _session_processes(up.process.pid):
+        while left := session_processes(up.process.pid):
             assert time.monotonic() < deadline, left
             time.sleep(0.5)
 
@@ -327,7 +328,7 @@ def test_a_signal_to_the_whole_process_group_stops_up_at_once():
         assert "neo-serve: stopped" in said and "Traceback" not in said, said
         deadline = time.monotonic() + 15
         # Its Ray, and HAProxy (which Ray starts outside the process group), went with it.
-        while left := _session_processes(up.process.pid) + sorted(_haproxy_pids() - haproxy_before):
+        while left := session_processes(up.process.pid) + sorted(_haproxy_pids() - haproxy_before):
             assert time.monotonic() < deadline, left
             time.sleep(0.5)
         assert not os.path.exists(private)
@@ -340,17 +341,6 @@ def _haproxy_private_dir() -> str:
             if arg.endswith("haproxy.cfg") and "/tmp/neo-hap-" in arg}
     assert len(dirs) == 1, [p.info for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"]
     return dirs.pop()
-
-
-def _session_processes(session_id: int) -> list[str]:
-    names = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if os.getsid(proc.pid) == session_id:
-                names.append(" ".join(proc.info["cmdline"] or [])[:80])
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return names
 
 
 def test_a_port_in_use_is_one_line_before_any_ray():
