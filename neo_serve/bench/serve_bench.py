@@ -56,7 +56,7 @@ from neo_serve.bench.engine_bench import REPO_REFERENCE, Sampling, _cpu_name, ad
 from neo_serve.bench.machine import STEAL_WARNING, StealMeter, format_steal
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, configure_local_ingress, free_port
 from neo_serve.serve.local_cluster import (RayProcessesStopped, configure_local_cluster, run_while_ray_runs,
-                                           shut_down_serve, stopped_ray_processes)
+                                           shut_down_serve)
 from neo_serve.serve.launcher import threads_per_stage
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
@@ -447,7 +447,7 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
     finally:
         with _uninterruptible():  # a second Ctrl-C must not leave Ray running
             try:
-                if ray.is_initialized() and not stopped_ray_processes():
+                if ray.is_initialized():
                     run_while_ray_runs(shut_down_serve)
             except RayProcessesStopped:
                 pass  # a signal to the whole process group took them: the rest goes down below

@@ -26,7 +26,7 @@ from neo_serve.serve.access import load_api_keys
 from neo_serve.serve.config import DEFAULT_APP_NAME, AppArgs, AppConfigError, RouterArgs, parse_app_args
 from neo_serve.serve.ingress import INGRESS_CHOICES, IngressUnavailable, remove_abandoned_haproxy
 from neo_serve.serve.local_cluster import (RayProcessesStopped, configure_local_cluster, run_while_ray_runs,
-                                           shut_down_serve, stopped_ray_processes)
+                                           shut_down_serve)
 from neo_serve.serve.machine import available_cores
 
 ALL_INTERFACES = ("0.0.0.0", "::")  # --host values that bind every interface (IPv4, IPv6)
@@ -416,7 +416,7 @@ def run_up(args: argparse.Namespace) -> int:
                 if address and not deleting:  # someone else's cluster: remove only our application
                     restore_signals()  # Ctrl-C may cut Serve's wait for its replicas short
                     serve.delete(args.app_name)
-                elif not address and up.is_set() and not stopped_ray_processes():
+                elif not address and up.is_set():
                     restore_signals()
                     run_while_ray_runs(shut_down_serve)
                 # Else interrupted while deploying: Serve's controller would wait 30 s for replicas

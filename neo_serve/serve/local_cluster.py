@@ -88,6 +88,8 @@ def run_while_ray_runs(call: Callable[[], object], *, stop: threading.Event | No
     (False: `call` is left to Ray's shutdown), or any of this process's own Ray processes stops
     (raises RayProcessesStopped): Serve's calls wait on its controller without a timeout, for ever
     once a signal to the whole process group has taken its raylet. Raises what `call()` raised."""
+    if gone := stopped_ray_processes():  # already: no Serve call at all
+        raise RayProcessesStopped(", ".join(gone))
     done = threading.Event()
     failures: list[BaseException] = []
 
