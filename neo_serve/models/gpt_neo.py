@@ -11,7 +11,7 @@ from torch import nn
 
 from neo_serve.config import GPTNeoConfig
 from neo_serve.models.attention import AttentionBackend, AttentionMetadata
-from neo_serve.models.layers import ACTIVATIONS
+from neo_serve.models.layers import ACTIVATIONS, Embedding
 from neo_serve.models.stages import StageSpec
 
 
@@ -83,8 +83,8 @@ class GPTNeoModel(nn.Module):
     def __init__(self, config: GPTNeoConfig, stage: StageSpec, backend: AttentionBackend) -> None:
         super().__init__()
         # NOTE: learned absolute positions, added to the token embedding on the first stage.
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size) if stage.is_first else None
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size) if stage.is_first else None
+        self.wte = Embedding(config.vocab_size, config.hidden_size) if stage.is_first else None
+        self.wpe = Embedding(config.max_position_embeddings, config.hidden_size) if stage.is_first else None
         self.h = nn.ModuleDict({str(i): GPTNeoBlock(config, i, backend) for i in stage.layer_indices})
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if stage.is_last else None
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from neo_serve.config import GPTNeoXConfig
 from neo_serve.models.attention import AttentionBackend, AttentionMetadata
-from neo_serve.models.layers import ACTIVATIONS, RotaryEmbedding, default_scale
+from neo_serve.models.layers import ACTIVATIONS, Embedding, RotaryEmbedding, default_scale
 from neo_serve.models.stages import StageSpec
 
 
@@ -72,7 +72,7 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, config: GPTNeoXConfig, stage: StageSpec, backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size) if stage.is_first else None
+        self.embed_in = Embedding(config.vocab_size, config.hidden_size) if stage.is_first else None
         rotary = RotaryEmbedding(config.rotary_dim, config.context_window, config.rotary_base,
                                  config.rotary_position_scale)
         # Keyed by the global layer index so parameter names match the checkpoint's.

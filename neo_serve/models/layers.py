@@ -1,4 +1,4 @@
-"""Building blocks shared by the model files: activations and rotary embeddings."""
+"""Building blocks shared by the model files: activations, embeddings and rotary embeddings."""
 
 from __future__ import annotations
 
@@ -34,6 +34,21 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "quick_gelu": _quick_gelu,
 }
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` that leaves a weight on the meta device uninitialised.
+
+    Models are built on the meta device and filled from the checkpoint, so initial values are
+    never used; but torch's `normal_` on a meta tensor runs a Python decomposition whose first
+    call imports `torch._dynamo`: 2-3 s of CPU in every stage and pipeline process, the most
+    expensive step of loading a small stage (Linear's and LayerNorm's initialisers have native
+    meta kernels)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        super().reset_parameters()
 
 
 class RotaryEmbedding(nn.Module):
