@@ -761,6 +761,13 @@ def _engine_args(model: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
             "max_num_seqs": max(256, max(args.clients))}
 
 
+def client_rounds(clients: list[int], *, paired: bool) -> list[list[int]]:
+    """The N of each round of a model's systems (each served system, then the baseline). Paired:
+    one N a round, so that every "vs baseline" compares points minutes apart rather than a
+    model's whole run apart."""
+    return [[n] for n in clients] if paired else [clients]
+
+
 def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], args: argparse.Namespace,
              results: dict[str, Any]) -> None:
     def attempt(what: str, run: Callable[[], Any]) -> Any:
@@ -787,9 +794,7 @@ def _run_all(models: list[ModelSpec], workloads: dict[str, list[BenchRequest]], 
             if paired:  # the engine is loaded once per model and measured beside each served point
                 offline = attempt(f"{model.name} offline", lambda m=model: load_offline(
                     m, workloads[m.name], args, _engine_args(m, args)))
-            # Paired: one N at a time, each served system then the baseline, so that every "vs
-            # baseline" compares points minutes apart rather than a model's whole run apart.
-            for clients in [[n] for n in args.clients] if paired else [args.clients]:
+            for clients in client_rounds(args.clients, paired=paired):
                 at = f" N={clients[0]}" if paired else ""
                 for stages, replicas in served_configs(args):
                     measure(f"{model.name} {served_system(stages, replicas)}{at}",
