@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from checkpoints import build_tokenizer, make_neo, make_neox  # noqa: E402
+from conftest_serve import SHARED_CLUSTER_MODULES, SharedCluster, shared_cluster  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -52,6 +53,23 @@ def neox_hub_checkpoint(tmp_path_factory, tokenizer) -> Path:
 def neo_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """GPT-Neo with vocab.json + merges.txt only, global/local layers, window 16."""
     return make_neo(tmp_path_factory.mktemp("neo"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shared_serve() -> SharedCluster:
+    """One local Ray cluster with Serve for the modules in SHARED_CLUSTER_MODULES (see there)."""
+    with shared_cluster() as cluster:
+        yield cluster
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules sharing a cluster run last, one after another: it stays up from the first of
+    them to the session's end, and no other module may start a Ray of its own in this process
+    meanwhile."""
+    def shares_the_cluster(item: pytest.Item) -> bool:
+        return item.module is not None and item.module.__name__.rpartition(".")[2] in SHARED_CLUSTER_MODULES
+
+    items.sort(key=shares_the_cluster)  # stable: the order within each part is kept
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,10 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import pytest
 
 from neo_serve.serve.ingress import free_port  # noqa: F401 - the tests' ports come from here too
 
@@ -137,6 +140,55 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+# ---- one cluster for several modules ------------------------------------------------------------
+# A local cluster takes ~15 s and ~18 s of CPU to start (GCS, raylet, agents, Serve's controller,
+# proxy and HAProxy manager); these modules share one (`shared_serve` in conftest.py), each
+# removing the applications it deployed when it ends. They run last (conftest.py orders them), as
+# no other module may start a Ray of its own in this process while the shared one runs. The
+# launcher's module is not among them: `neo-serve up` subprocesses kill the HAProxy processes that
+# appeared while they ran, which would include the shared cluster's reloaded ones.
+SHARED_CLUSTER_MODULES = ("test_fuzz_http", "test_load", "test_reliability", "test_serve_app", "test_ui_playground")
+INGRESS_RESOURCE = "neo-serve-ingress"  # what the k8s manifests give the head for the routers
+
+
+@dataclass(frozen=True)
+class SharedCluster:
+    url: str  # Serve's HTTP front door on loopback
+    metrics_port: int  # Ray's Prometheus endpoint
+
+
+@contextlib.contextmanager
+def shared_cluster() -> Iterator[SharedCluster]:
+    """What the modules sharing it need: room for several apps at once (12 logical CPUs), the
+    routers' custom resource, metrics exported every second on a known port; and
+    OMP_NUM_THREADS=1 in the environment Ray's processes inherit (the raylet's, taken at start),
+    as some container images set it: a stage still runs as many torch threads as it has CPUs."""
+    metrics_port = free_port()
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as env:  # this process's own environment is restored at once
+            env.setenv("OMP_NUM_THREADS", "1")
+            url = stack.enter_context(ray_serve_on_loopback(
+                num_cpus=12, resources={INGRESS_RESOURCE: 8}, _metrics_export_port=metrics_port,
+                _system_config={"metrics_report_interval_ms": 1000}))
+        yield SharedCluster(url=url, metrics_port=metrics_port)
+
+
+@contextlib.contextmanager
+def apps_removed_afterwards(*, timeout: float = 120) -> Iterator[None]:
+    """Delete the Serve applications deployed meanwhile, all at once, for the next module."""
+    from ray import serve
+
+    before = set(serve.status().applications)
+    try:
+        yield
+    finally:
+        added = set(serve.status().applications) - before
+        for name in added:
+            serve.delete(name, _blocking=False)
+        wait_until(lambda: not added & set(serve.status().applications), timeout=timeout, interval=0.2,
+                   what=f"applications {sorted(added)} deleted")
 
 
 def replica_actor(app_name: str, deployment: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
-from conftest_serve import parse_sse, ray_serve_on_loopback, wait_until
+from conftest_serve import apps_removed_afterwards, parse_sse, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.serve.protocol import APIError, CompletionRequest, is_encodable
@@ -71,9 +71,9 @@ TOKENIZER = Tokenizer.from_dir(DEMO_CHECKPOINT)
 
 # ---- the application ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base_url():
-    with ray_serve_on_loopback(num_cpus=8) as url:
-        yield url
+def base_url(shared_serve):
+    with apps_removed_afterwards():
+        yield shared_serve.url
 
 
 @pytest.fixture(scope="module")

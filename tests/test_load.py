@@ -19,7 +19,7 @@ import httpx
 import pytest
 from ray import serve
 
-from conftest_serve import ray_serve_on_loopback
+from conftest_serve import apps_removed_afterwards
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.bench.load_test import (LoadResult, _classify_refusal, _read_stream, add_load_arguments,
@@ -47,9 +47,9 @@ def deploy(args: argparse.Namespace, name: str, prefix: str, base_url: str) -> s
 
 
 @pytest.fixture(scope="module")
-def base_url():
-    with ray_serve_on_loopback(num_cpus=8) as url:
-        yield url
+def base_url(shared_serve):
+    with apps_removed_afterwards():
+        yield shared_serve.url
 
 
 def assert_round_clean(summary: dict) -> None:

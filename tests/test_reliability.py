@@ -21,7 +21,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest_serve import join_stream, parse_sse, ray_serve_on_loopback, wait_until
+from conftest_serve import apps_removed_afterwards, join_stream, parse_sse, wait_until
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
@@ -34,9 +34,9 @@ STEP_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def base_url():
-    with ray_serve_on_loopback(num_cpus=12) as url:
-        yield url
+def base_url(shared_serve):
+    with apps_removed_afterwards():
+        yield shared_serve.url
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ import torch
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo, make_neox
-from conftest_serve import (free_port, join_stream, kill, kill_router_mid_streams, parse_sse,
-                            ray_serve_on_loopback, replica_actor, wait_until)
+from conftest_serve import (INGRESS_RESOURCE, apps_removed_afterwards, join_stream, kill,
+                            kill_router_mid_streams, parse_sse, replica_actor, wait_until)
 from neo_serve import LLM, SamplingParams
 from neo_serve.app import build_app
 from neo_serve.config import load_model_config
@@ -54,23 +54,18 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def metrics_port():
-    return free_port()
-
-
-INGRESS_RESOURCE = "neo-serve-ingress"  # what the k8s manifests give the head for the routers
+def metrics_port(shared_serve):
+    return shared_serve.metrics_port
 
 
 @pytest.fixture(scope="module")
-def base_url(metrics_port):
-    # OMP_NUM_THREADS=1 in the environment Ray's processes inherit, as some container images set
-    # it: Ray then leaves it alone, and a stage still runs as many torch threads as it has CPUs.
-    # (Not a runtime_env: workers with one cannot come from Ray's prestarted pool.)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")
-        with ray_serve_on_loopback(num_cpus=12, resources={INGRESS_RESOURCE: 8}, _metrics_export_port=metrics_port,
-                                   _system_config={"metrics_report_interval_ms": 1000}) as url:
-            yield url
+def base_url(shared_serve):
+    # The shared cluster's Ray processes have OMP_NUM_THREADS=1 in their environment, as some
+    # container images set it: Ray then leaves it alone, and a stage still runs as many torch
+    # threads as it has CPUs. (Not a runtime_env: workers with one cannot come from Ray's
+    # prestarted pool.)
+    with apps_removed_afterwards():
+        yield shared_serve.url
 
 
 @pytest.fixture(scope="module")
@@ -924,11 +919,14 @@ def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, 
 
     try:
         assert running() == 1 and len(stage_actors()) == 1
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client, index) for index in range(4)]
+        # Two clients keep two requests in flight (target 1 a replica: two pipelines wanted);
+        # more only slowed the second pipeline's start on a 2-core machine.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            clients = [pool.submit(client, index) for index in range(2)]
             try:
-                # Serve's autoscaling metrics come every 10 s, and a 2 GHz Zen 2 core took over a
-                # minute to decide, start the replica and load its two stages (a CI failure at 60 s).
+                # The router's handle reports to the autoscaler every 10 s (the deprecated
+                # metrics_interval_s, which Serve 2.60 still uses there), and a 2 GHz Zen 2 core took
+                # over a minute to decide, start the replica and load its two stages (a CI failure at 60 s).
                 wait_until(lambda: running() == 2, timeout=180, what="a second pipeline replica under load")
                 pipelines = stage_actors()
                 assert len(pipelines) == 2 and all(stages == {"0", "1"} for stages in pipelines.values()), pipelines
@@ -940,7 +938,7 @@ def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, 
         wait_until(lambda: running() == 1 and len(stage_actors()) == 1, timeout=120,
                    what="back to one pipeline, its stages included, once the load stopped")
         assert not wrong, wrong[:2]
-        assert sum(answered.values()) >= 8 and len(answered) == 4
+        assert sum(answered.values()) >= 8 and len(answered) == 2
     finally:
         stop.set()
         serve.delete(name)
@@ -972,7 +970,7 @@ def test_health_is_503_until_stages_load(base_url, app, checkpoints, tmp_path):
         serve.run_many([serve.RunTarget(build_app({
             "models": [{"name": "late", "checkpoint": str(checkpoint), "num_stages": 2, "dtype": "float32",
                         "cpus_per_stage": 0.5}],
-            "router": {"num_cpus": router_cpus}}), name=name, route_prefix="/late")],
+            "router": {"num_cpus": router_cpus}, "playground": False}), name=name, route_prefix="/late")],
             wait_for_applications_running=False)
 
         def loading():

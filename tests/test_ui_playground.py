@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from checkpoints import build_tokenizer, make_neo
-from conftest_serve import free_port, ray_serve_on_loopback, wait_until
+from conftest_serve import apps_removed_afterwards, wait_until
 from neo_serve.app import build_app
 from neo_serve.serve.config import DEMO_CHECKPOINT
 from neo_serve.ui.backend import parse_stop
@@ -45,15 +45,14 @@ API_PARAMS = ["prompt", "model", "max_new_tokens", "temperature", "top_p", "top_
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
+def metrics_port(shared_serve) -> int:
+    return shared_serve.metrics_port
 
 
 @pytest.fixture(scope="module")
-def base_url(metrics_port):
-    with ray_serve_on_loopback(num_cpus=8, _metrics_export_port=metrics_port,
-                               _system_config={"metrics_report_interval_ms": 1000}) as url:
-        yield url
+def base_url(shared_serve):
+    with apps_removed_afterwards():
+        yield shared_serve.url
 
 
 @pytest.fixture(scope="module")
@@ -286,15 +285,17 @@ def test_a_number_that_is_not_finite_is_refused_naming_the_control(ui_url, app):
     assert pipeline_stats()["requests"] == 0
 
 
-def queued_requests(metrics_port: int, deployment: str) -> float | None:
-    """Serve's `serve_deployment_queued_queries` for `deployment` on Ray's Prometheus endpoint:
-    requests its callers' handles hold, not yet given to a replica (None: not exported yet)."""
+def queued_requests(metrics_port: int, application: str, deployment: str) -> float | None:
+    """Serve's `serve_deployment_queued_queries` for `deployment` of `application` on Ray's
+    Prometheus endpoint: requests its callers' handles hold, not yet given to a replica (None: not
+    exported yet). The cluster is shared: other modules' apps may have had a deployment so named."""
     try:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     except httpx.HTTPError:
         return None
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("ray_serve_deployment_queued_queries{") and f'deployment="{deployment}"' in line]
+              if line.startswith("ray_serve_deployment_queued_queries{") and f'deployment="{deployment}"' in line
+              and f'application="{application}"' in line]
     return sum(values) if values else None
 
 
@@ -329,9 +330,9 @@ def test_model_not_loaded_is_reported(base_url, app, metrics_port):
             late.predict("def f():", "late", *GREEDY.values(), api_name="/generate")
 
         def none_queued():  # in two exports (1 s apart) three seconds apart
-            first = queued_requests(metrics_port, "Pipeline-late")
+            first = queued_requests(metrics_port, name, "Pipeline-late")
             time.sleep(3)
-            return first == 0 and queued_requests(metrics_port, "Pipeline-late") == 0
+            return first == 0 and queued_requests(metrics_port, name, "Pipeline-late") == 0
 
         wait_until(none_queued, timeout=30, interval=0, what="no playground request left queued for `late`")
     finally:
