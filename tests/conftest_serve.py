@@ -162,13 +162,20 @@ class SharedCluster:
 @contextlib.contextmanager
 def shared_cluster() -> Iterator[SharedCluster]:
     """What the modules sharing it need: room for several apps at once (12 logical CPUs), the
-    routers' custom resource, metrics exported every second on a known port; and
-    OMP_NUM_THREADS=1 in the environment Ray's processes inherit (the raylet's, taken at start),
-    as some container images set it: a stage still runs as many torch threads as it has CPUs."""
+    routers' custom resource, metrics exported every second on a known port; and in the
+    environment Ray's processes inherit (the raylet's, taken at start):
+    - OMP_NUM_THREADS=1, as some container images set it: a stage still runs as many torch
+      threads as it has CPUs;
+    - a router replica that Serve stops stays reachable behind HAProxy for 0.5 s, not the 2 s
+      `neo-serve up` gives HAProxy to take it out of its backends: the modules delete ~25 apps,
+      with no request in flight (test_serve_launcher runs `up` with its own setting)."""
+    from neo_serve.serve.ingress import DRAINING_PERIOD_VAR
+
     metrics_port = free_port()
     with contextlib.ExitStack() as stack:
         with pytest.MonkeyPatch.context() as env:  # this process's own environment is restored at once
             env.setenv("OMP_NUM_THREADS", "1")
+            env.setenv(DRAINING_PERIOD_VAR, "0.5")
             url = stack.enter_context(ray_serve_on_loopback(
                 num_cpus=12, resources={INGRESS_RESOURCE: 8}, _metrics_export_port=metrics_port,
                 _system_config={"metrics_report_interval_ms": 1000}))

@@ -1048,7 +1048,7 @@ def fragile_app(base_url, app, checkpoints):
                     "cpus_per_stage": 0.5, "health_check_period_s": 1},
                    {"name": "doomed", "checkpoint": checkpoints["neox"], "num_stages": 2, "dtype": "float32",
                     "cpus_per_stage": 0.5, "health_check_period_s": 1, "recovery_timeout_s": 0.05}],
-        "router": {"num_cpus": 0.5}}), name=name, route_prefix="/recover")
+        "router": {"num_cpus": 0.5}, "playground": False}), name=name, route_prefix="/recover")
     yield handle, f"{base_url}/recover/v1/completions"
     serve.delete(name)
 
