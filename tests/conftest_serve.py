@@ -164,8 +164,9 @@ def shared_cluster() -> Iterator[SharedCluster]:
     """What the modules sharing it need: room for several apps at once (12 logical CPUs), the
     routers' custom resource, metrics exported every second on a known port; and in the
     environment Ray's processes inherit (the raylet's, taken at start):
-    - OMP_NUM_THREADS=1, as some container images set it: a stage still runs as many torch
-      threads as it has CPUs;
+    - OMP_NUM_THREADS=1, as some container images set it: Ray then leaves it alone, and a stage
+      still runs as many torch threads as it has CPUs (not a runtime_env: workers with one
+      cannot come from Ray's prestarted pool);
     - a router replica that Serve stops stays reachable behind HAProxy for 0.5 s, not the 2 s
       `neo-serve up` gives HAProxy to take it out of its backends: the modules delete ~25 apps,
       with no request in flight (test_serve_launcher runs `up` with its own setting)."""

@@ -17,8 +17,7 @@ import ray
 
 from neo_serve.bench.machine import StealMeter
 from neo_serve.bench.serve_bench import (BenchRequest, RequestRecord, add_serve_bench_arguments, chunk_gaps,
-                                         client_rounds,
-                                         chunk_stats, cpus_per_stage, format_markdown, inter_token_gaps,
+                                         chunk_stats, client_rounds, cpus_per_stage, format_markdown, inter_token_gaps,
                                          make_requests, percentile, ray_cpus, requests_per_point, run_serve_bench,
                                          served_configs, served_system)
 from conftest_serve import session_processes, user_environ

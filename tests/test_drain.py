@@ -23,9 +23,8 @@ from neo_serve.serve.drain import ClusterState
 from neo_serve.serve.ingress import configure_local_ingress
 from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 from tests.checkpoints import build_tokenizer, make_neox
-from tests.conftest_serve import _environment_restored, free_port, join_stream, wait_until
+from tests.conftest_serve import INGRESS_RESOURCE, _environment_restored, free_port, join_stream, wait_until
 
-INGRESS = "neo-serve-ingress"
 PIPELINE = "ServeReplica:drain:Pipeline-neox"
 PROMPT = "def drain(node):"
 MAX_TOKENS = 48
@@ -42,7 +41,7 @@ def cluster():
             os.environ.pop(variable, None)
         configure_local_ingress("proxy")
         os.environ["RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"] = "5"
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {INGRESS: 4}})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {INGRESS_RESOURCE: 4}})
         first = cluster.add_node(num_cpus=3)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
@@ -67,7 +66,8 @@ def test_drain_moves_the_pipeline_and_finishes_its_streams(cluster, tmp_path):
     router = serve.run(build_app({
         "models": [{"name": "neox", "checkpoint": str(checkpoint), "num_stages": 2, "dtype": "float32",
                     "cpus_per_stage": 1, "kv_cache_tokens": 2048, "graceful_shutdown_timeout_s": 20}],
-        "router": {"num_cpus": 0.5, "resources": {INGRESS: 1}}, "playground": False}), name="drain", route_prefix="/")
+        "router": {"num_cpus": 0.5, "resources": {INGRESS_RESOURCE: 1}}, "playground": False}),
+        name="drain", route_prefix="/")
     on_first = wait_until(lambda: (a := state.serving_actors_on(first.node_id)) and "ProxyActor" in a and a,
                           timeout=30, what="the first node's proxy")
     assert on_first == ["ProxyActor", PIPELINE, "StageActor", "StageActor"], on_first

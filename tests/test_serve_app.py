@@ -60,10 +60,8 @@ def metrics_port(shared_serve):
 
 @pytest.fixture(scope="module")
 def base_url(shared_serve):
-    # The shared cluster's Ray processes have OMP_NUM_THREADS=1 in their environment, as some
-    # container images set it: Ray then leaves it alone, and a stage still runs as many torch
-    # threads as it has CPUs. (Not a runtime_env: workers with one cannot come from Ray's
-    # prestarted pool.)
+    # Its Ray processes have OMP_NUM_THREADS=1 (conftest_serve.shared_cluster): test_health_and_models
+    # checks that stages still run as many torch threads as they have CPUs.
     with apps_removed_afterwards():
         yield shared_serve.url
 
