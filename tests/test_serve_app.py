@@ -842,7 +842,8 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
     name = "neo-autoscale"
     serve.run(build_app({"models": [{"name": "scaled", "checkpoint": checkpoints["neo"], "dtype": "float32",
                                      "autoscaling": {"min_replicas": 2, "max_replicas": 3,
-                                                     "target_ongoing_requests": 4, "look_back_period_s": 5}}],
+                                                     "target_ongoing_requests": 4, "look_back_period_s": 5,
+                                                     "metrics_interval_s": 2}}],
                          "router": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2},
                                     "resources": {INGRESS_RESOURCE: 1}},
                          "playground": {"resources": {INGRESS_RESOURCE: 2}}}),
@@ -855,7 +856,7 @@ def test_autoscaling_config_reaches_serve(app, checkpoints):
         deployments = details.applications[name].deployments
         config = deployments["Pipeline-scaled"].deployment_config.autoscaling_config
         assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"],
-                config["look_back_period_s"]) == (2, 3, 4, 5)
+                config["look_back_period_s"], config["metrics_interval_s"]) == (2, 3, 4, 5, 2)
         # Scaling down lets a long generation finish (Serve's own default would stop it at 20 s).
         assert deployments["Pipeline-scaled"].deployment_config.graceful_shutdown_timeout_s == 300
         # Nor may a router replica that relays it, or the playground whose run it is: the router
@@ -884,7 +885,8 @@ def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, 
                                      "dtype": "float32", "cpus_per_stage": 0.5, "kv_cache_tokens": 2048,
                                      "autoscaling": {"min_replicas": 1, "max_replicas": 2,
                                                      "target_ongoing_requests": 1, "upscale_delay_s": 0,
-                                                     "downscale_delay_s": 2, "look_back_period_s": 2}}],
+                                                     "downscale_delay_s": 2, "look_back_period_s": 2,
+                                                     "metrics_interval_s": 0.5}}],
                          "router": {"num_cpus": 0.5}, "playground": {"enabled": False}}),
               name=name, route_prefix="/elastic")
 
@@ -922,9 +924,9 @@ def test_autoscaling_adds_and_removes_whole_pipelines_under_load(base_url, app, 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             clients = [pool.submit(client, index) for index in range(2)]
             try:
-                # The router's handle reports to the autoscaler every 10 s (the deprecated
-                # metrics_interval_s, which Serve 2.60 still uses there), and a 2 GHz Zen 2 core took
-                # over a minute to decide, start the replica and load its two stages (a CI failure at 60 s).
+                # The router's handle reports to the autoscaler every 0.5 s (metrics_interval_s; at
+                # Serve's 10 s the decision alone took up to 10 s), and a 2 GHz Zen 2 core took over a
+                # minute to decide, start the replica and load its two stages (a CI failure at 60 s).
                 wait_until(lambda: running() == 2, timeout=180, what="a second pipeline replica under load")
                 pipelines = stage_actors()
                 assert len(pipelines) == 2 and all(stages == {"0", "1"} for stages in pipelines.values()), pipelines

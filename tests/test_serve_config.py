@@ -42,6 +42,10 @@ def checkpoint(tmp_path_factory) -> str:
     ({"models": [{"kv_cache_tokens": -5}]}, "models[0].kv_cache_tokens"),
     ({"models": [{"num_replicas": 2, "autoscaling": {"max_replicas": 3}}]}, "models[0]"),
     ({"models": [{"autoscaling": {"min_replicas": 4, "max_replicas": 2}}]}, "models[0].autoscaling"),
+    # Reports as far apart as the period averaged over leave nothing to average.
+    ({"models": [{"autoscaling": {"max_replicas": 2, "metrics_interval_s": 5, "look_back_period_s": 5}}]},
+     "models[0].autoscaling"),
+    ({"router": {"autoscaling": {"max_replicas": 2, "metrics_interval_s": 30}}}, "router.autoscaling"),
     ({"models": [{"unknown_option": 1}]}, "models[0].unknown_option"),
     ({"router": {"num_replicas": 0}}, "router.num_replicas"),
     ({"num_stages": "two"}, "models[0].num_stages"),

@@ -61,6 +61,9 @@ def ingress_actor_options(num_cpus: float, resources: dict[str, float]) -> dict[
     return {"num_cpus": num_cpus, **({"resources": dict(resources)} if resources else {})}
 
 
+SERVE_LOOK_BACK_PERIOD_S = 30.0  # Serve's default look_back_period_s
+
+
 class AutoscalingArgs(_Strict):
     """Serve autoscaling bounds of a deployment (passed through as its `autoscaling_config`)."""
 
@@ -74,6 +77,14 @@ class AutoscalingArgs(_Strict):
     downscale_delay_s: float | None = Field(None, ge=0, description="Seconds of low load before scaling down.")
     look_back_period_s: float | None = Field(None, gt=0, description="Seconds of ongoing-request counts the "
                                              "autoscaler averages (Serve's default 30).")
+    # Serve 2.60 decides on what the callers' handles (for a pipeline: the routers') report, and they
+    # report every metrics_interval_s, so a decision comes up to that long after the delays above
+    # allow it. Serve marks the field deprecated in favour of environment variables it does not read
+    # yet (RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S); it is still the one that counts.
+    metrics_interval_s: float | None = Field(
+        None, gt=0, description="Seconds between the ongoing-request reports Serve's autoscaler decides on "
+                                "(Serve's default 10): a scale-up or -down comes up to this long after the "
+                                "delays allow it. Must be below look_back_period_s.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingArgs":
@@ -81,6 +92,12 @@ class AutoscalingArgs(_Strict):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.metrics_interval_s is not None:
+            look_back, whose = ((self.look_back_period_s, "") if self.look_back_period_s is not None
+                                else (SERVE_LOOK_BACK_PERIOD_S, ", Serve's default"))
+            if self.metrics_interval_s >= look_back:  # Serve only warns, then averages a single report
+                raise ValueError(f"metrics_interval_s ({self.metrics_interval_s:g}) must be below "
+                                 f"look_back_period_s ({look_back:g}{whose})")
         return self
 
     def to_serve(self) -> dict[str, Any]:
