@@ -1,13 +1,14 @@
 """The baseline of `neo-serve bench serve`: what a Ray Serve user gets by wrapping transformers'
 `generate` in `@serve.batch(max_batch_size=8)`.
 
-One deployment, one HTTP route (`POST /` with `{"prompt": [token ids], "max_tokens": n}` and,
-to sample, `temperature`, `top_p`, `top_k`, `repetition_penalty` as in a completions request,
-answered with `{"token_ids": [...], "usage": {...}}` once the whole completion is done; no
-streaming). Requests that arrive together are generated as one left-padded static batch that
-runs for the batch's largest `max_tokens`; each request gets back exactly its own `max_tokens`
-tokens (`eos_token_id=None`: no early stop, as `ignore_eos` in neo-serve). A batch samples as its
-first request asks (the benchmark samples every request alike).
+One deployment, one HTTP route (`POST` to its route prefix, `/baseline` in the benchmark, with
+`{"prompt": [token ids], "max_tokens": n}` and, to sample, `temperature`, `top_p`, `top_k`,
+`repetition_penalty` as in a completions request, answered with `{"token_ids": [...], "usage":
+{...}}` once the whole completion is done; no streaming). Requests that arrive together are
+generated as one left-padded static batch that runs for the batch's largest `max_tokens`; each
+request gets back exactly its own `max_tokens` tokens (`eos_token_id=None`: no early stop, as
+`ignore_eos` in neo-serve). A batch samples as its first request asks (the benchmark samples every
+request alike).
 
 It is given a fair chance: `generate` runs on a worker thread so the replica keeps queueing
 requests into the next batch meanwhile, the replica accepts many requests at once (Serve's

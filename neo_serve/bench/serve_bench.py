@@ -63,6 +63,9 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_model"
 PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
 NEO_APP = "neo-serve-bench"
 BASELINE_APP = "hf-baseline-bench"
+# Not the neo-serve app's "/": behind HAProxy a deleted app's router stays reachable for its
+# draining period, and the baseline deployed right after it got its first requests (405s).
+BASELINE_ROUTE = "/baseline"
 GREEDY = Sampling()
 
 
@@ -456,14 +459,14 @@ def ray_serve(num_cpus: int, ingress: str = "auto") -> Iterator[str]:
 
 
 @contextmanager
-def deployed(app: Any, name: str, *, timeout: float) -> Iterator[Any]:
+def deployed(app: Any, name: str, *, timeout: float, route_prefix: str = "/") -> Iterator[Any]:
     """One Serve application, running within `timeout` seconds (else TimeoutError), deleted on
     exit (also when deploying fails or on Ctrl-C). Yields the ingress handle."""
     from ray import serve
 
     try:
         # `serve.run` would wait forever for, e.g., a placement group that never fits.
-        handle = serve._run(app, _blocking=False, name=name, route_prefix="/",
+        handle = serve._run(app, _blocking=False, name=name, route_prefix=route_prefix,
                             logging_config={"log_level": "WARNING", "enable_access_log": False})
         deadline = time.monotonic() + timeout
         while (status := serve.status().applications.get(name)) is None or status.status != "RUNNING":
@@ -546,10 +549,10 @@ def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
 
     app = build_baseline_app(str(model.path), dtype=args.dtype, num_threads=args.threads,
                              max_batch_size=args.baseline_batch_size)
-    url = f"{base_url}/"
+    url = f"{base_url}{BASELINE_ROUTE}"
     points = []
     started = time.perf_counter()
-    with deployed(app, BASELINE_APP, timeout=args.deploy_timeout) as handle:
+    with deployed(app, BASELINE_APP, timeout=args.deploy_timeout, route_prefix=BASELINE_ROUTE) as handle:
         print(f"[{model.name}] baseline: deployed in {time.perf_counter() - started:.1f} s", flush=True)
         _http_warmup(lambda http: full_sender(http, url, args.sampling), requests, args)
         for n in clients or args.clients:
