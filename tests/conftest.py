@@ -62,14 +62,27 @@ def shared_serve() -> SharedCluster:
         yield cluster
 
 
+SHARED_CLUSTER_GROUP, OTHER_GROUP = "shared-cluster", "the-rest"  # pytest-xdist groups, one worker each
+
+
+# Before pytest-xdist's own hook, which reads the groups this one gives.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """The modules sharing a cluster run last, one after another: it stays up from the first of
     them to the session's end, and no other module may start a Ray of its own in this process
-    meanwhile."""
+    meanwhile.
+
+    Under `pytest -n 2 --dist loadgroup` (scripts/test.sh) they are one group, run by one worker
+    process, and every other test is the other group, run by the other worker at the same time:
+    the suite's Ray tests leave a third of the two cores idle (waiting on Serve's control loop,
+    on start-ups and shutdowns), and the two groups take about as long. Each worker starts its
+    own Ray clusters; nothing in a test may assume it is the only one on the machine."""
     def shares_the_cluster(item: pytest.Item) -> bool:
         return item.module is not None and item.module.__name__.rpartition(".")[2] in SHARED_CLUSTER_MODULES
 
     items.sort(key=shares_the_cluster)  # stable: the order within each part is kept
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_CLUSTER_GROUP if shares_the_cluster(item) else OTHER_GROUP))
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +146,10 @@ def _process_is_pytest() -> bool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _session_exit_status is None or not _process_is_pytest():
+    # A pytest-xdist worker has sent its results ("workerfinished") by now; the main process then
+    # takes its end as expected, whatever the exit.
+    is_xdist_worker = hasattr(config, "workerinput")
+    if _session_exit_status is None or not (_process_is_pytest() or is_xdist_worker):
         return
     # os._exit skips Ray's own atexit shutdown: a session a test left up (outside the module
     # fixtures, which always tear down) would otherwise leave its GCS and raylet running.
@@ -143,7 +159,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     ingress = sys.modules.get("neo_serve.serve.ingress")
     if ingress is not None:  # its atexit hook would remove it
         ingress.remove_haproxy_private_dir()
-    print(f"conftest: tests reported; ending the process with exit status {_session_exit_status} "
+    who = f" (pytest-xdist worker {config.workerinput['workerid']})" if is_xdist_worker else ""
+    print(f"conftest{who}: tests reported; ending the process with exit status {_session_exit_status} "
           "without the interpreter's teardown", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -151,6 +151,11 @@ def ray_serve_on_loopback(*, num_cpus: int, as_on_kubernetes: bool = False, **ra
 # appeared while they ran, which would include the shared cluster's reloaded ones.
 SHARED_CLUSTER_MODULES = ("test_fuzz_http", "test_load", "test_reliability", "test_serve_app", "test_ui_playground")
 INGRESS_RESOURCE = "neo-serve-ingress"  # what the k8s manifests give the head for the routers
+# Serve's defaults: HTTP 30000-31000, gRPC 40000-41000.
+SHARED_CLUSTER_ROUTER_PORTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "31100",
+                               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "31999",
+                               "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "41100",
+                               "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "41999"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,11 @@ def shared_cluster() -> Iterator[SharedCluster]:
       cannot come from Ray's prestarted pool);
     - a router replica that Serve stops stays reachable behind HAProxy for 0.5 s, not the 2 s
       `neo-serve up` gives HAProxy to take it out of its backends: the modules delete ~25 apps,
-      with no request in flight (test_serve_launcher runs `up` with its own setting)."""
+      with no request in flight (test_serve_launcher runs `up` with its own setting);
+    - the ports Serve gives the routers for HAProxy to reach them are not Serve's defaults, which
+      every other cluster of the suite takes from: run side by side (scripts/test.sh), two
+      clusters' routers took the same port and HAProxy sent one cluster's requests to the other's
+      router (404s, a request that hung)."""
     from neo_serve.serve.ingress import DRAINING_PERIOD_VAR
 
     metrics_port = free_port()
@@ -177,6 +186,8 @@ def shared_cluster() -> Iterator[SharedCluster]:
         with pytest.MonkeyPatch.context() as env:  # this process's own environment is restored at once
             env.setenv("OMP_NUM_THREADS", "1")
             env.setenv(DRAINING_PERIOD_VAR, "0.5")
+            for variable, value in SHARED_CLUSTER_ROUTER_PORTS.items():
+                env.setenv(variable, value)
             url = stack.enter_context(ray_serve_on_loopback(
                 num_cpus=12, resources={INGRESS_RESOURCE: 8}, _metrics_export_port=metrics_port,
                 _system_config={"metrics_report_interval_ms": 1000}))

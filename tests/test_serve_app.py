@@ -11,6 +11,7 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -472,10 +473,17 @@ def test_the_router_and_playground_replicas_run_without_torch(client):
     assert client.post("/tokenize", json={"model": "neox", "prompt": PROMPTS[0]}).status_code == 200
     assert client.get("/ui/", follow_redirects=True).status_code == 200
 
+    def program(process: psutil.Process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return (process.cmdline() or [""])[0]
+        return ""  # gone meanwhile
+
     def loads_torch(deployment: str) -> bool:
         title = f"ray::ServeReplica:{APP}:{deployment}"  # the replica process's title (its argv[0])
-        [process] = [p for p in psutil.process_iter(["cmdline"])
-                     if re.fullmatch(re.escape(title) + r"(\..*)?", (p.info["cmdline"] or [""])[0])]
+        # Among this cluster's processes (this test process started its raylet, which started them):
+        # the suite's other tests run `neo-serve up` side by side, with an app of the same name.
+        [process] = [p for p in psutil.Process().children(recursive=True)
+                     if re.fullmatch(re.escape(title) + r"(\..*)?", program(p))]
         return any("libtorch" in os.path.basename(m.path) for m in process.memory_maps())
 
     assert not loads_torch("Router") and not loads_torch("Playground")
