@@ -59,11 +59,13 @@ def _environment_restored() -> Iterator[None]:
 def user_environ() -> dict[str, str]:
     """This process's environment as a user's shell would have it, for a `neo-serve` command run
     from a test: without what earlier tests' clusters set in it (the ingress choice, its HAProxy
-    ports and files, the local Serve settings)."""
-    from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS
+    ports, files and router ports, the local Serve settings)."""
+    from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS, ROUTER_PORT_RANGES
     from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
-    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *LOCAL_SERVE_SETTINGS}
+    router_ports = {variable for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)}
+    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *router_ports,
+                    *LOCAL_SERVE_SETTINGS}
     return {k: v for k, v in os.environ.items() if k not in set_by_tests}
 
 
@@ -175,10 +177,11 @@ def shared_cluster() -> Iterator[SharedCluster]:
     - a router replica that Serve stops stays reachable behind HAProxy for 0.5 s, not the 2 s
       `neo-serve up` gives HAProxy to take it out of its backends: the modules delete ~25 apps,
       with no request in flight (test_serve_launcher runs `up` with its own setting);
-    - the ports Serve gives the routers for HAProxy to reach them are not Serve's defaults, which
-      every other cluster of the suite takes from: run side by side (scripts/test.sh), two
-      clusters' routers took the same port and HAProxy sent one cluster's requests to the other's
-      router (404s, a request that hung)."""
+    - the ports Serve gives the routers for HAProxy to reach them lie outside Serve's default
+      range, from which every other cluster of the suite takes a block of its own
+      (configure_local_ingress): run side by side (scripts/test.sh), two clusters' routers took
+      the same port and HAProxy sent one cluster's requests to the other's router (404s, a
+      request that hung)."""
     from neo_serve.serve.ingress import DRAINING_PERIOD_VAR
 
     metrics_port = free_port()

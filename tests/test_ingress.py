@@ -6,6 +6,7 @@ clusters through `configure_local_ingress("auto")`, and test_serve_launcher chec
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -16,8 +17,8 @@ import pytest
 
 from conftest_serve import start_haproxy
 from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS,
-                                     IngressUnavailable, configure_local_ingress, ephemeral_port_range, free_port,
-                                     haproxy_binary, remove_abandoned_haproxy_dirs)
+                                     ROUTER_PORT_RANGES, IngressUnavailable, configure_local_ingress,
+                                     ephemeral_port_range, free_port, haproxy_binary, remove_abandoned_haproxy_dirs)
 
 
 def test_haproxy_comes_with_ray_serve():
@@ -44,6 +45,35 @@ def test_a_second_cluster_gets_fresh_haproxy_ports_but_a_users_own_are_kept():
     mine = {HAPROXY_PORT_VARS[0]: "18404", DRAINING_PERIOD_VAR: "30"}
     configure_local_ingress("haproxy", mine)
     assert mine[HAPROXY_PORT_VARS[0]] == "18404" and mine[DRAINING_PERIOD_VAR] == "30"
+
+
+def test_each_process_gives_its_clusters_routers_ports_no_other_process_took():
+    # Serve's routers take their ports from one range per machine: two clusters' routers on one
+    # port had HAProxy send one cluster's requests to the other's router.
+    env: dict[str, str] = {}
+    configure_local_ingress("haproxy", env)
+    mine = {variable: env[variable] for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)}
+    for low, high, serves_first in ROUTER_PORT_RANGES.values():  # a block inside Serve's own range
+        assert serves_first <= int(env[low]) < int(env[high]) < serves_first + 1000
+        assert int(env[high]) - int(env[low]) + 1 == 100
+    again: dict[str, str] = {}
+    configure_local_ingress("haproxy", again)  # this process's next cluster: the same block
+    assert {variable: again[variable] for variable in mine} == mine
+    # Another process, while this one lives, takes another block.
+    other = subprocess.run([sys.executable, "-c", (
+        "import json\n"
+        "from neo_serve.serve.ingress import configure_local_ingress\n"
+        "env = {}\n"
+        "configure_local_ingress('haproxy', env)\n"
+        "print(json.dumps(env))\n")], capture_output=True, text=True, timeout=120, check=True)
+    theirs = json.loads(other.stdout)
+    for low, high, _ in ROUTER_PORT_RANGES.values():
+        assert int(theirs[high]) < int(mine[low]) or int(theirs[low]) > int(mine[high]), (mine, theirs)
+    # A range the user set is kept, and then Serve's others too (theirs to choose).
+    users = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "30500"}
+    configure_local_ingress("haproxy", users)
+    assert users["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30500"
+    assert not any(variable in users for variable in mine if variable != "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
 
 
 def test_haproxys_files_and_admin_socket_are_kept_from_other_users():

@@ -53,6 +53,19 @@ HAPROXY_PATH_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
                      "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": ""}  # a directory
 _private_dir: str | None = None  # this process's directory for them (see haproxy_private_dir)
 _private_files: dict[str, str] = {}  # the paths this process chose (a user's own are kept)
+# Serve gives each router replica a port of its own for HAProxy to reach it, from the same ranges
+# on every cluster (HTTP 30000-31000, gRPC 40000-41000). Two clusters on one machine (`neo-serve
+# up` and a benchmark, the test suite's two halves) took the same ports, and the HAProxy of one
+# sent requests to the other's router (404s, a request that hung). Each process that starts
+# clusters takes a block of ROUTER_PORT_BLOCK ports of each range that no other live process has
+# taken, recorded in its private directory (ROUTER_BLOCK_FILE). A user's own ranges are kept.
+ROUTER_PORT_RANGES = {  # protocol: (its lowest port's variable, its highest's, Serve's lowest)
+    "HTTP": ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", 30000),
+    "GRPC": ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 40000)}
+ROUTER_PORT_BLOCK = 100
+ROUTER_PORT_BLOCKS = 10  # Serve's ranges hold 1000 ports each
+ROUTER_BLOCK_FILE = "router-port-block"
+_chosen_router_ports: dict[str, str] = {}
 
 
 def haproxy_binary(environ: Mapping[str, str] | None = None) -> str | None:
@@ -105,7 +118,40 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             if variable not in env or env[variable] == _private_files.get(variable):
                 directory = haproxy_private_dir()
                 env[variable] = _private_files[variable] = os.path.join(directory, name) if name else directory
+        router_port_vars = [variable for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)]
+        if all(variable not in env or env[variable] == _chosen_router_ports.get(variable)
+               for variable in router_port_vars):  # any range the user set: theirs, all of them
+            env.update(router_port_ranges(router_port_block()))
+            _chosen_router_ports.update({variable: env[variable] for variable in router_port_vars})
     return "haproxy" if use_haproxy else "proxy"
+
+
+def router_port_ranges(block: int) -> dict[str, str]:
+    """Serve's router-port range variables for block `block` of each of its ranges."""
+    ranges = {}
+    for low, high, start in ROUTER_PORT_RANGES.values():
+        first = start + block * ROUTER_PORT_BLOCK
+        ranges[low], ranges[high] = str(first), str(first + ROUTER_PORT_BLOCK - 1)
+    return ranges
+
+
+def router_port_block() -> int:
+    """This process's block of Serve's router ports: the one it took before, else the first that
+    no other live process recorded in its private directory (abandoned ones are swept before)."""
+    own = os.path.join(haproxy_private_dir(), ROUTER_BLOCK_FILE)
+    with contextlib.suppress(OSError, ValueError), open(own) as recorded:
+        return int(recorded.read())
+    taken = set()
+    parent = os.path.dirname(haproxy_private_dir())
+    for entry in os.scandir(parent):
+        if entry.name.startswith(HAPROXY_DIR_PREFIX) and entry.path != _private_dir:
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(entry.path, ROUTER_BLOCK_FILE)) as other:
+                taken.add(int(other.read()))
+    free = [block for block in range(ROUTER_PORT_BLOCKS) if block not in taken]
+    block = free[0] if free else os.getpid() % ROUTER_PORT_BLOCKS  # all taken: spread at random
+    with open(own, "w") as recorded:
+        recorded.write(str(block))
+    return block
 
 
 def haproxy_private_dir() -> str:
