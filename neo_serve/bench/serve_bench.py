@@ -64,7 +64,8 @@ PYTHIA_DIR = Path.home() / ".cache" / "neo-serve" / "bench-pythia-160m"
 NEO_APP = "neo-serve-bench"
 BASELINE_APP = "hf-baseline-bench"
 # Not the neo-serve app's "/": behind HAProxy a deleted app's router stays reachable for its
-# draining period, and the baseline deployed right after it got its first requests (405s).
+# draining period, and the baseline deployed right after it got its first requests (405s; see
+# also _http_warmup).
 BASELINE_ROUTE = "/baseline"
 GREEDY = Sampling()
 
@@ -570,12 +571,24 @@ def run_baseline(model: ModelSpec, requests: list[BenchRequest], base_url: str,
 
 def _http_warmup(make_send: Callable[[Any], Callable[[BenchRequest], Awaitable[RequestRecord]]],
                  requests: list[BenchRequest], args: argparse.Namespace) -> None:
-    """Two short requests at once: first-call costs (connections, kernels) stay out of the points."""
+    """Two short requests at once: first-call costs (connections, kernels) stay out of the points.
+
+    Serve calls an app RUNNING before HAProxy routes its path to it: meanwhile the path answers
+    from an app deleted just before (its router still draining), from the app at "/", or not at
+    all. So a failed warm-up is tried again, for up to WARMUP_ROUTE_WAIT_S."""
     warm = [BenchRequest(r.prompt[:16], min(8, r.max_tokens)) for r in requests[:2]]
-    records, _ = run_http(make_send, warm, clients=2, timeout=args.request_timeout)
-    failed = [r.error for r in records if not r.ok]
-    if failed:
-        raise RuntimeError(f"warm-up request failed: {failed[0]}")
+    deadline = time.monotonic() + WARMUP_ROUTE_WAIT_S
+    while True:
+        records, _ = run_http(make_send, warm, clients=2, timeout=args.request_timeout)
+        failed = [r.error for r in records if not r.ok]
+        if not failed:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        time.sleep(0.5)
+
+
+WARMUP_ROUTE_WAIT_S = 30.0
 
 
 def _print_point(point: dict[str, Any]) -> None:
