@@ -25,16 +25,11 @@ fi
 # Ray: no token auth for the throwaway local clusters the tests start.
 export RAY_AUTH_MODE=disabled
 export RAY_USAGE_STATS_ENABLED=0
-# Faulthandler (here and in pytest-xdist's workers, which inherit the variable): a crash anywhere,
-# even in a native library at interpreter exit after pytest has reported, prints every thread's
-# Python stack instead of a bare "Segmentation fault".
-export PYTHONFAULTHANDLER=1
-# -n 2 --dist loadgroup: two worker processes side by side, one for the modules that share a Ray
-# cluster and one for the rest (tests/conftest.py gives the groups).
-# OMP_WAIT_POLICY=PASSIVE (every torch process of the run inherits it): torch's OpenMP threads
-# sleep between parallel regions instead of spinning, which with two halves of the suite on two
-# cores took the core the other half needed (two halves side by side: 20:47 spinning, 17:12 and
-# 17:35 passive, against 24:30 one after the other, the same day on the same machine).
-export OMP_WAIT_POLICY=PASSIVE
+# -X faulthandler: a crash anywhere, even in a native library at interpreter exit after pytest
+# has reported, prints every thread's Python stack instead of a bare "Segmentation fault".
+# One process, one test after another: `-n 2 --dist loadgroup` (the two groups tests/conftest.py
+# gives, side by side) took 17-18 min instead of 20-25 here, but on 2 cores the contention failed
+# a different timing-bound test in most runs (a Ray start-up timeout, a stop that took too many
+# steps), so it stays a developer's option, not the CI's.
 # --durations: the slowest tests in every log, to keep the suite within its 20 minutes on slower machines.
-python -m pytest -n 2 --dist loadgroup -ra --durations=30 "$@"
+python -X faulthandler -m pytest -ra --durations=30 "$@"

@@ -72,11 +72,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     them to the session's end, and no other module may start a Ray of its own in this process
     meanwhile.
 
-    Under `pytest -n 2 --dist loadgroup` (scripts/test.sh) they are one group, run by one worker
-    process, and every other test is the other group, run by the other worker at the same time:
-    the suite's Ray tests leave a third of the two cores idle (waiting on Serve's control loop,
-    on start-ups and shutdowns), and the two groups take about as long. Each worker starts its
-    own Ray clusters; nothing in a test may assume it is the only one on the machine."""
+    Under `pytest -n 2 --dist loadgroup` they are one group, run by one worker process, and every
+    other test is the other group, run by the other worker at the same time: the suite's Ray tests
+    leave a third of two cores idle (Serve's control loop, start-ups, shutdowns), and the two
+    groups take about as long (17-18 min against 20-25 on 2 cores, with OMP_WAIT_POLICY=PASSIVE;
+    scripts/test.sh does not, see there). Each worker starts its own Ray clusters; nothing in a
+    test may assume it is the only one on the machine."""
     def shares_the_cluster(item: pytest.Item) -> bool:
         return item.module is not None and item.module.__name__.rpartition(".")[2] in SHARED_CLUSTER_MODULES
 
