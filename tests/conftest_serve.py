@@ -60,11 +60,10 @@ def user_environ() -> dict[str, str]:
     """This process's environment as a user's shell would have it, for a `neo-serve` command run
     from a test: without what earlier tests' clusters set in it (the ingress choice, its HAProxy
     ports, files and router ports, the local Serve settings)."""
-    from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS, ROUTER_PORT_RANGES
+    from neo_serve.serve.ingress import HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS, ROUTER_PORT_VARS
     from neo_serve.serve.local_cluster import LOCAL_SERVE_SETTINGS
 
-    router_ports = {variable for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)}
-    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *router_ports,
+    set_by_tests = {HAPROXY_FLAG, "RAY_ADDRESS", *HAPROXY_PORT_VARS, *HAPROXY_PATH_VARS, *ROUTER_PORT_VARS,
                     *LOCAL_SERVE_SETTINGS}
     return {k: v for k, v in os.environ.items() if k not in set_by_tests}
 
@@ -179,7 +178,7 @@ def shared_cluster() -> Iterator[SharedCluster]:
       with no request in flight (test_serve_launcher runs `up` with its own setting);
     - the ports Serve gives the routers for HAProxy to reach them lie outside Serve's default
       range, from which every other cluster of the suite takes a block of its own
-      (configure_local_ingress): run side by side (scripts/test.sh), two clusters' routers took
+      (configure_local_ingress): run side by side (`pytest -n 2`), two clusters' routers took
       the same port and HAProxy sent one cluster's requests to the other's router (404s, a
       request that hung)."""
     from neo_serve.serve.ingress import DRAINING_PERIOD_VAR

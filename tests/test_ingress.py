@@ -17,7 +17,7 @@ import pytest
 
 from conftest_serve import start_haproxy
 from neo_serve.serve.ingress import (DRAINING_PERIOD_VAR, HAPROXY_FLAG, HAPROXY_PATH_VARS, HAPROXY_PORT_VARS,
-                                     ROUTER_PORT_RANGES, IngressUnavailable, configure_local_ingress,
+                                     ROUTER_PORT_RANGES, ROUTER_PORT_VARS, IngressUnavailable, configure_local_ingress,
                                      ephemeral_port_range, free_port, haproxy_binary, remove_abandoned_haproxy_dirs)
 
 
@@ -52,7 +52,7 @@ def test_each_process_gives_its_clusters_routers_ports_no_other_process_took():
     # port had HAProxy send one cluster's requests to the other's router.
     env: dict[str, str] = {}
     configure_local_ingress("haproxy", env)
-    mine = {variable: env[variable] for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)}
+    mine = {variable: env[variable] for variable in ROUTER_PORT_VARS}
     for low, high, serves_first in ROUTER_PORT_RANGES.values():  # a block inside Serve's own range
         assert serves_first <= int(env[low]) < int(env[high]) < serves_first + 1000
         assert int(env[high]) - int(env[low]) + 1 == 100

@@ -62,6 +62,7 @@ _private_files: dict[str, str] = {}  # the paths this process chose (a user's ow
 ROUTER_PORT_RANGES = {  # protocol: (its lowest port's variable, its highest's, Serve's lowest)
     "HTTP": ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", 30000),
     "GRPC": ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", 40000)}
+ROUTER_PORT_VARS = tuple(variable for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high))
 ROUTER_PORT_BLOCK = 100
 ROUTER_PORT_BLOCKS = 10  # Serve's ranges hold 1000 ports each
 ROUTER_BLOCK_FILE = "router-port-block"
@@ -118,11 +119,10 @@ def configure_local_ingress(choice: str, environ: MutableMapping[str, str] | Non
             if variable not in env or env[variable] == _private_files.get(variable):
                 directory = haproxy_private_dir()
                 env[variable] = _private_files[variable] = os.path.join(directory, name) if name else directory
-        router_port_vars = [variable for low, high, _ in ROUTER_PORT_RANGES.values() for variable in (low, high)]
         if all(variable not in env or env[variable] == _chosen_router_ports.get(variable)
-               for variable in router_port_vars):  # any range the user set: theirs, all of them
+               for variable in ROUTER_PORT_VARS):  # any range the user set: theirs, all of them
             env.update(router_port_ranges(router_port_block()))
-            _chosen_router_ports.update({variable: env[variable] for variable in router_port_vars})
+            _chosen_router_ports.update({variable: env[variable] for variable in ROUTER_PORT_VARS})
     return "haproxy" if use_haproxy else "proxy"
 
 
@@ -138,13 +138,13 @@ def router_port_ranges(block: int) -> dict[str, str]:
 def router_port_block() -> int:
     """This process's block of Serve's router ports: the one it took before, else the first that
     no other live process recorded in its private directory (abandoned ones are swept before)."""
-    own = os.path.join(haproxy_private_dir(), ROUTER_BLOCK_FILE)
+    directory = haproxy_private_dir()
+    own = os.path.join(directory, ROUTER_BLOCK_FILE)
     with contextlib.suppress(OSError, ValueError), open(own) as recorded:
         return int(recorded.read())
     taken = set()
-    parent = os.path.dirname(haproxy_private_dir())
-    for entry in os.scandir(parent):
-        if entry.name.startswith(HAPROXY_DIR_PREFIX) and entry.path != _private_dir:
+    for entry in os.scandir(os.path.dirname(directory)):
+        if entry.name.startswith(HAPROXY_DIR_PREFIX) and entry.path != directory:
             with contextlib.suppress(OSError, ValueError), open(os.path.join(entry.path, ROUTER_BLOCK_FILE)) as other:
                 taken.add(int(other.read()))
     free = [block for block in range(ROUTER_PORT_BLOCKS) if block not in taken]
